@@ -1,0 +1,53 @@
+"""Bridges the cache API to the Pallas kernels in kvjax.pallas_kernels."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def _kernels():
+  try:
+    from kvjax import pallas_kernels
+  except ImportError as e:  # pragma: no cover - the package ships with kvjax
+    raise RuntimeError("impl='pallas' needs kvjax.pallas_kernels, which failed to import") from e
+  return pallas_kernels
+
+
+def quantize_heads(x, rotation, lam, *, bits, group_size, scale_dtype):
+  """Fused rotate+quantize+pack of x [B, T, H, D] with per-head params [Hr, D, D], [Hr, D]."""
+  pk = _kernels()
+  b, t, h, d = x.shape
+  hr = rotation.shape[0]
+  if hr == 1:
+    codes, scales = pk.quantize_pack(x.reshape(b * t * h, d), rotation[0], lam[0], bits=bits,
+                                     group_size=group_size, scale_dtype=scale_dtype)
+    return codes.reshape(b, t, h, -1), scales.reshape(b, t, h, -1)
+  outs = [pk.quantize_pack(x[:, :, i].reshape(b * t, d), rotation[i], lam[i], bits=bits,
+                           group_size=group_size, scale_dtype=scale_dtype) for i in range(h)]
+  codes = jnp.stack([c.reshape(b, t, -1) for c, _ in outs], axis=2)
+  scales = jnp.stack([s.reshape(b, t, -1) for _, s in outs], axis=2)
+  return codes, scales
+
+
+def decode(q, cache, *, scale, softcap, window):
+  """Single-token decode over a QuantizedKVCache with the fused kernel. q: [B, 1, Hq, D]."""
+  pk = _kernels()
+  b, _, hq, d = q.shape
+  h = cache.num_kv_heads
+  r = hq // h
+  qg = q[:, 0].astype(jnp.float32).reshape(b, h, r, d)
+  lam_k = jnp.broadcast_to(cache.k_lambda, (h, d))[None, :, None, :]
+  rot_k = jnp.broadcast_to(cache.k_rotation, (h, d, d))
+  q_rot = jnp.einsum("bhrd,hed->bhre", qg * lam_k, rot_k,
+                     precision=jax.lax.Precision.HIGHEST).reshape(b, hq, d)
+  cfg = cache.config
+  o_rot = pk.decode_attention(
+      q_rot, cache.k_codes, cache.k_scales, cache.v_codes, cache.v_scales, cache.lengths,
+      key_bits=cfg.key_bits, value_bits=cfg.value_bits, group_size=cfg.group_size,
+      ring=cache.ring, window=window, scale=scale, softcap=softcap)
+  rot_v = jnp.broadcast_to(cache.v_rotation, (h, d, d))
+  lam_v = jnp.broadcast_to(cache.v_lambda, (h, d))[None, :, None, :]
+  o = jnp.einsum("bhre,hed->bhrd", o_rot.reshape(b, h, r, d), rot_v,
+                 precision=jax.lax.Precision.HIGHEST) * lam_v
+  return o.reshape(b, 1, hq, d).astype(q.dtype)

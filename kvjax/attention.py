@@ -1,0 +1,256 @@
+"""Attention over a KV cache: decode (one query token) and chunks, dense or quantized.
+
+Over a quantized cache the XLA path never forms dequantized keys or values per
+token. With q~ = R_k (lam_k * q) computed once per query,
+
+    score_t = q . k_t = sum_groups s_{t,g} (q~_g . codes_{t,g})
+    out     = lam_v * R_v^T (sum_t p_t s_{t,g} codes_{t,g})
+
+so the rotation costs O(D^2) per query, not per cached token, and the codes
+are only ever multiplied by one scale per group.
+
+impl:
+  "auto"      Pallas kernels on TPU/GPU for single-token decode over a quantized
+              cache, the XLA path otherwise (and always on the CPU);
+  "xla"       the quantized-domain jnp path above (or plain attention for dense);
+  "reference" dequantize every cached vector, then plain attention (the oracle);
+  "pallas"    the fused decode kernel (interpret mode on the CPU).
+
+Query heads are grouped as in Hugging Face `repeat_kv`: query head j reads
+KV head j // (q_heads // kv_heads).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from kvjax import cache as cache_lib
+from kvjax import quantizer
+from kvjax.cache import DenseKVCache, QuantizedKVCache
+
+_HI = jax.lax.Precision.HIGHEST
+_IMPLS = ("auto", "xla", "reference", "pallas")
+
+
+def _check_q(q, c):
+  if not hasattr(q, "shape") or q.ndim != 4:
+    raise ValueError(f"q must be [batch, q_seq, q_heads, head_dim], got "
+                     f"{getattr(q, 'shape', type(q).__name__)}")
+  if not jnp.issubdtype(q.dtype, jnp.floating):
+    raise TypeError(f"q must be a floating dtype, got {q.dtype}")
+  b, _, hq, d = q.shape
+  if b != c.batch:
+    raise ValueError(f"q batch {b} does not match the cache batch {c.batch}")
+  if d != c.head_dim:
+    raise ValueError(f"q head_dim {d} does not match the cache head_dim {c.head_dim}")
+  if hq % c.num_kv_heads:
+    raise ValueError(f"q_heads={hq} must be a multiple of the cache's kv_heads={c.num_kv_heads}")
+
+
+def _check_impl(impl):
+  if impl not in _IMPLS:
+    raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
+
+
+def visibility_mask(q_pos: jax.Array, kv_pos: jax.Array, window: int | None) -> jax.Array:
+  """bool [B, Tq, N]: query at absolute position q_pos [B, Tq] sees key kv_pos [B, N]."""
+  qp = q_pos[:, :, None]
+  kp = kv_pos[:, None, :]
+  m = (kp >= 0) & (kp <= qp)
+  if window is not None:
+    m &= kp > qp - window
+  return m
+
+
+def _softmax_weights(scores, mask, softcap):
+  """Masked softmax over the last axis in float32; rows with no visible key give 0."""
+  if softcap is not None:
+    scores = softcap * jnp.tanh(scores / softcap)
+  scores = jnp.where(mask, scores, -jnp.inf)
+  m = jnp.max(scores, axis=-1, keepdims=True)
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  p = jnp.exp(scores - m)
+  denom = jnp.sum(p, axis=-1, keepdims=True)
+  return p / jnp.where(denom > 0, denom, 1.0)
+
+
+def _grouped_q(q, num_kv_heads):
+  """[B, T, Hq, D] -> [B, H, T, R, D] with R = Hq // H query heads per KV head."""
+  b, t, hq, d = q.shape
+  return q.reshape(b, t, num_kv_heads, hq // num_kv_heads, d).transpose(0, 2, 1, 3, 4)
+
+
+def _ungroup(o, dtype):
+  """[B, H, T, R, D] -> [B, T, H*R, D]."""
+  b, h, t, r, d = o.shape
+  return o.transpose(0, 2, 1, 3, 4).reshape(b, t, h * r, d).astype(dtype)
+
+
+def dense_attention(q, k, v, mask, *, scale, softcap=None):
+  """Plain softmax attention in float32.
+
+  q: [B, Tq, Hq, D]; k, v: [B, H, N, D]; mask: bool [B, Tq, N]. Returns [B, Tq, Hq, D].
+  """
+  qg = _grouped_q(q.astype(jnp.float32), k.shape[1])
+  s = jnp.einsum("bhtrd,bhnd->bhtrn", qg, k.astype(jnp.float32), precision=_HI) * scale
+  p = _softmax_weights(s, mask[:, None, :, None, :], softcap)
+  o = jnp.einsum("bhtrn,bhnd->bhtrd", p, v.astype(jnp.float32), precision=_HI)
+  return _ungroup(o, q.dtype)
+
+
+def _rotate_grouped_q(qg, rotation, lam):
+  """q~ = R (lam * q) for grouped queries [B, H, T, R, D]; rotation [Hr, D, D]."""
+  lam = lam[None, :, None, None, :]
+  return jnp.einsum("bhtrd,hed->bhtre", qg * lam, rotation, precision=_HI)
+
+
+def quantized_attention(q, view: dict, mask, *, config, scale, softcap=None):
+  """Attention in the rotated, quantized domain (no per-token dequantized K/V).
+
+  q: [B, Tq, Hq, D]; view: k_codes/k_scales/v_codes/v_scales [B, H, N, ...] and
+  the four rotation/lambda parameters; mask: bool [B, Tq, N].
+  """
+  g = config.group_size
+  kc = view["k_codes"]
+  h = kc.shape[1]
+  qg = _grouped_q(q.astype(jnp.float32), h)
+  b, _, t, r, d = qg.shape
+  n = kc.shape[2]
+  G = d // g
+  qr = _rotate_grouped_q(qg, view["k_rotation"], view["k_lambda"]).reshape(b, h, t, r, G, g)
+  k_int = quantizer.unpack_int4(kc) if config.key_bits == 4 else kc
+  k_int = k_int.reshape(b, h, n, G, g).astype(jnp.float32)
+  # Per-group partial dot products, then one multiply-add with the group scales.
+  part = jnp.einsum("bhtrGc,bhnGc->bhtrnG", qr, k_int, precision=_HI)
+  s = jnp.einsum("bhtrnG,bhnG->bhtrn", part, view["k_scales"].astype(jnp.float32),
+                 precision=_HI) * scale
+  p = _softmax_weights(s, mask[:, None, :, None, :], softcap)
+  v_int = quantizer.unpack_int4(view["v_codes"]) if config.value_bits == 4 else view["v_codes"]
+  v_int = v_int.reshape(b, h, n, G, g).astype(jnp.float32)
+  pw = p[..., None] * view["v_scales"].astype(jnp.float32)[:, :, None, None, :, :]
+  o_rot = jnp.einsum("bhtrnG,bhnGc->bhtrGc", pw, v_int, precision=_HI).reshape(b, h, t, r, d)
+  rot, lam = view["v_rotation"], view["v_lambda"]
+  o = jnp.einsum("bhtre,hed->bhtrd", o_rot, rot, precision=_HI) * lam[None, :, None, None, :]
+  return _ungroup(o, q.dtype)
+
+
+def _quant_view(c: QuantizedKVCache) -> dict:
+  return {f: getattr(c, f) for f in ("k_codes", "k_scales", "v_codes", "v_scales",
+                                     "k_rotation", "v_rotation", "k_lambda", "v_lambda")}
+
+
+def _dequantized_kv(c: QuantizedKVCache, view: dict):
+  cfg = c.config
+  g = cfg.group_size
+
+  def deq(codes, scales, rot, lam, bits):
+    y = quantizer.dequantize_rotated(codes, scales, bits=bits, group_size=g)  # [B,H,N,D]
+    x = jnp.einsum("bhne,hed->bhnd", y, rot, precision=_HI)
+    return x * lam[None, :, None, :]
+
+  k = deq(view["k_codes"], view["k_scales"], view["k_rotation"], view["k_lambda"], cfg.key_bits)
+  v = deq(view["v_codes"], view["v_scales"], view["v_rotation"], view["v_lambda"], cfg.value_bits)
+  return k, v
+
+
+def _attend_view(q, c, view, kv_pos, q_pos, *, scale, softcap, window, impl):
+  mask = visibility_mask(q_pos, kv_pos, window)
+  if isinstance(c, DenseKVCache):
+    return dense_attention(q, view["k"], view["v"], mask, scale=scale, softcap=softcap)
+  if impl == "reference":
+    k, v = _dequantized_kv(c, view)
+    return dense_attention(q, k, v, mask, scale=scale, softcap=softcap)
+  return quantized_attention(q, view, mask, config=c.config, scale=scale, softcap=softcap)
+
+
+def _resolve(q, c, scale, window, impl):
+  _check_impl(impl)
+  _check_q(q, c)
+  scale = 1.0 / math.sqrt(c.head_dim) if scale is None else float(scale)
+  window = c.window if window is None else window
+  if impl == "auto":
+    on_accel = jax.default_backend() in ("tpu", "gpu")
+    impl = "pallas" if (on_accel and isinstance(c, QuantizedKVCache) and q.shape[1] == 1) else "xla"
+  return scale, window, impl
+
+
+def attend(q: jax.Array, cache: cache_lib.KVCache, *, scale: float | None = None,
+           softcap: float | None = None, window: int | None = None,
+           q_positions: jax.Array | None = None, impl: str = "auto") -> jax.Array:
+  """Causal attention of q [B, Tq, Hq, D] over the cache's contents.
+
+  The queries are taken to be the last Tq tokens written to each sequence
+  (positions lengths - Tq .. lengths - 1) unless `q_positions` [B, Tq] says
+  otherwise. `window` overrides the cache's sliding window for the mask.
+  Over a ring-buffer cache Tq must be 1 (earlier queries of a chunk would need
+  keys the chunk itself overwrote): use `append_and_attend` for chunks.
+
+  Returns [B, Tq, Hq, D] in q's dtype; a query with no visible key gets zeros.
+  """
+  scale, window, impl = _resolve(q, cache, scale, window, impl)
+  tq = q.shape[1]
+  if cache.ring and tq > 1:
+    raise ValueError("attend over a ring-buffer (sliding-window) cache takes one query token; "
+                     f"got q_seq={tq}. Use kvjax.append_and_attend for chunks.")
+  if q_positions is None:
+    q_positions = cache.lengths[:, None] - tq + jnp.arange(tq, dtype=jnp.int32)[None, :]
+  if impl == "pallas":
+    if not isinstance(cache, QuantizedKVCache) or tq != 1:
+      raise ValueError("impl='pallas' is the single-token decode kernel over a quantized cache")
+    from kvjax import _pallas_dispatch
+    return _pallas_dispatch.decode(q, cache, scale=scale, softcap=softcap, window=window)
+  view = {"k": cache.k, "v": cache.v} if isinstance(cache, DenseKVCache) else _quant_view(cache)
+  return _attend_view(q, cache, view, cache_lib.positions(cache), q_positions, scale=scale,
+                      softcap=softcap, window=window, impl=impl)
+
+
+def append_and_attend(cache: cache_lib.KVCache, q: jax.Array, k: jax.Array, v: jax.Array, *,
+                      scale: float | None = None, softcap: float | None = None,
+                      num_tokens: jax.Array | None = None,
+                      impl: str = "auto") -> tuple[jax.Array, cache_lib.KVCache]:
+  """Writes k, v [B, T, H, D] and attends q [B, T, Hq, D] (the same T new tokens).
+
+  The call a model layer makes, for prefill chunks and decode steps alike. On a
+  ring-buffer cache a chunk attends over the slots as they were before the
+  write plus the chunk itself (in the cache's storage form, so quantization
+  error is exactly what later decode steps see), which keeps the window exact
+  for chunks of any length with a ring of only `window` slots.
+
+  num_tokens: optional int [B] for ragged chunks; tokens at index >= num_tokens[b]
+    are not written (their query outputs are unspecified).
+  Returns (out [B, T, Hq, D], new cache).
+  """
+  scale_, window, impl_ = _resolve(q, cache, scale, None, impl)
+  t = q.shape[1]
+  if k.shape[1] != t:
+    raise ValueError(f"q and k must cover the same new tokens, got q_seq={t}, k_seq={k.shape[1]}")
+  append_impl = "pallas" if impl_ == "pallas" else "xla"
+  if not cache.ring or t == 1:
+    new = cache_lib.append(cache, k, v, num_tokens=num_tokens, impl=append_impl)
+    q_pos = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    out = attend(q, new, scale=scale_, softcap=softcap, window=window, q_positions=q_pos,
+                 impl=impl_ if t == 1 else ("reference" if impl_ == "reference" else "xla"))
+    return out, new
+  chunk = cache_lib.encode(cache, k, v, num_tokens=num_tokens, impl=append_impl)
+  q_pos = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+  chunk_pos = jnp.where(chunk.valid, q_pos, -1)
+  kv_pos = jnp.concatenate([cache_lib.positions(cache), chunk_pos], axis=1)
+  if isinstance(cache, DenseKVCache):
+    view = {n: jnp.concatenate([getattr(cache, n), chunk.arrays[n].swapaxes(1, 2)], axis=2)
+            for n in ("k", "v")}
+  else:
+    view = _quant_view(cache)
+    for n in ("k_codes", "k_scales", "v_codes", "v_scales"):
+      view[n] = jnp.concatenate([view[n], chunk.arrays[n].swapaxes(1, 2)], axis=2)
+  out = _attend_view(q, cache, view, kv_pos, q_pos, scale=scale_, softcap=softcap,
+                     window=window, impl="reference" if impl_ == "reference" else "xla")
+  return out, cache_lib.write(cache, chunk)
+
+
+def attend_reference(q, cache, **kwargs):
+  """The oracle: dequantize-then-attend (dense caches: plain attention)."""
+  return attend(q, cache, impl="reference", **kwargs)

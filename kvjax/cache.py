@@ -1,0 +1,402 @@
+"""KV caches as JAX values: a dense cache and a rotated int4/int8 cache.
+
+Both are pytrees of arrays with their configuration as static metadata, so they
+pass through `jit` (donate them for in-place updates), `scan`, `vmap` (e.g. over
+a stacked layer axis) and checkpointing without adapters. `append` returns a new
+cache; nothing is mutated.
+
+Layout (docs/cache_layout.md): buffers are [batch, kv_heads, slots, ...];
+`lengths[b]` counts the tokens written to sequence b, which is also the
+absolute position of its next token. A cache made with `window=W` (W < max_len)
+is a ring buffer of W slots: slot s holds the newest position p with
+p % W == s.
+
+Overflow of a non-ring cache (appending past `max_len`) is never a silent wrap
+or overwrite:
+  * outside `jit` (concrete lengths) `append` raises ValueError;
+  * under `jit` the tokens that do not fit are dropped, `lengths` stops at
+    `max_len`, and `overflow[b]` becomes True and stays True. Call
+    `check_overflow(cache)` on the host (or read `cache.overflow`) after a
+    jitted step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax import quantizer
+from kvjax.config import QuantConfig
+from kvjax.rotations import rotation_matrix_np
+
+
+def _register(data_fields, meta_fields):
+  def wrap(cls):
+    return jax.tree_util.register_dataclass(
+        cls, data_fields=list(data_fields), meta_fields=list(meta_fields))
+  return wrap
+
+
+_COMMON_META = ("capacity", "window", "ring")
+
+
+@_register(("k", "v", "lengths", "overflow"), _COMMON_META)
+@dataclasses.dataclass(frozen=True)
+class DenseKVCache:
+  """Keys and values stored as they are.
+
+  k, v: [B, H, S, D] in the cache dtype; lengths: int32 [B]; overflow: bool [B].
+  capacity: S; window: sliding-window length for the mask (None = full causal);
+  ring: True if the buffer is a ring of `capacity` == window slots.
+  """
+
+  k: jax.Array
+  v: jax.Array
+  lengths: jax.Array
+  overflow: jax.Array
+  capacity: int
+  window: int | None
+  ring: bool
+
+  @property
+  def head_dim(self) -> int:
+    return self.k.shape[-1]
+
+  @property
+  def num_kv_heads(self) -> int:
+    return self.k.shape[-3]
+
+  @property
+  def batch(self) -> int:
+    return self.k.shape[-4]
+
+  @property
+  def dtype(self):
+    return self.k.dtype
+
+
+@_register(("k_codes", "k_scales", "v_codes", "v_scales", "k_rotation", "v_rotation",
+            "k_lambda", "v_lambda", "lengths", "overflow"), ("config",) + _COMMON_META)
+@dataclasses.dataclass(frozen=True)
+class QuantizedKVCache:
+  """Keys and values as rotated, per-group abs-max int4/int8 codes.
+
+  k_codes: uint8 [B, H, S, D//2] (4-bit, split-halves nibbles) or int8 [B, H, S, D];
+  k_scales: [B, H, S, D // group_size] (bfloat16 by default); v_* the same for
+  values; k_rotation, v_rotation: float32 [Hr, D, D]; k_lambda, v_lambda:
+  float32 [Hr, D] with Hr in {1, H}; lengths int32 [B]; overflow bool [B].
+  """
+
+  k_codes: jax.Array
+  k_scales: jax.Array
+  v_codes: jax.Array
+  v_scales: jax.Array
+  k_rotation: jax.Array
+  v_rotation: jax.Array
+  k_lambda: jax.Array
+  v_lambda: jax.Array
+  lengths: jax.Array
+  overflow: jax.Array
+  config: QuantConfig
+  capacity: int
+  window: int | None
+  ring: bool
+
+  @property
+  def head_dim(self) -> int:
+    return self.k_rotation.shape[-1]
+
+  @property
+  def num_kv_heads(self) -> int:
+    return self.k_codes.shape[-3]
+
+  @property
+  def batch(self) -> int:
+    return self.k_codes.shape[-4]
+
+
+KVCache = Union[DenseKVCache, QuantizedKVCache]
+
+_PARAM_FIELDS = ("k_rotation", "v_rotation", "k_lambda", "v_lambda")
+
+
+def _check_positive_int(value, name):
+  if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+    raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _per_head_param(value, default, shape, name):
+  """Broadcasts a rotation / lambda argument to [Hr, ...] float32, Hr in {1, H}."""
+  if value is None:
+    return jnp.asarray(default, jnp.float32)[None]
+  arr = jnp.asarray(value, jnp.float32)
+  if arr.shape == shape[1:]:
+    arr = arr[None]
+  if arr.ndim != len(shape) or arr.shape[1:] != shape[1:] or arr.shape[0] not in (1, shape[0]):
+    raise ValueError(f"{name} must have shape {shape[1:]}, [1, *{shape[1:]}] or {shape}, "
+                     f"got {arr.shape}")
+  return arr
+
+
+def init_cache(batch: int, num_kv_heads: int, max_len: int, head_dim: int, *,
+               quant: QuantConfig | None = None, window: int | None = None,
+               dtype=jnp.bfloat16, key_rotation=None, value_rotation=None,
+               key_lambda=None, value_lambda=None) -> KVCache:
+  """Creates an empty cache for one attention layer.
+
+  Args:
+    batch, num_kv_heads, max_len, head_dim: sizes. `max_len` is the longest
+      sequence the cache can hold (ignored beyond `window` for ring buffers).
+    quant: None for a dense cache in `dtype`; a `QuantConfig` for a quantized one.
+    window: sliding-window length. If window < max_len the cache is a ring
+      buffer of `window` slots; otherwise a full cache with a window mask.
+    dtype: storage dtype of the dense cache (bfloat16, float16 or float32).
+    key_rotation, value_rotation: optional rotation matrices [D, D] or
+      [Hr, D, D] (Hr in {1, num_kv_heads}) overriding the config's random ones,
+      e.g. from calibration.
+    key_lambda, value_lambda: optional per-channel scales [D] or [Hr, D].
+  """
+  for name, val in (("batch", batch), ("num_kv_heads", num_kv_heads), ("max_len", max_len),
+                    ("head_dim", head_dim)):
+    _check_positive_int(val, name)
+  if window is not None:
+    _check_positive_int(window, "window")
+  ring = window is not None and window < max_len
+  capacity = window if ring else max_len
+  lengths = jnp.zeros((batch,), jnp.int32)
+  overflow = jnp.zeros((batch,), bool)
+  if quant is None:
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16),
+                                jnp.dtype(jnp.float32)):
+      raise ValueError(f"dtype must be bfloat16, float16 or float32, got {dtype}")
+    shape = (batch, num_kv_heads, capacity, head_dim)
+    return DenseKVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=lengths,
+                        overflow=overflow, capacity=capacity, window=window, ring=ring)
+  if not isinstance(quant, QuantConfig):
+    raise TypeError(f"quant must be a kvjax.QuantConfig or None, got {type(quant).__name__}")
+  quant.check_head_dim(head_dim)
+  if quant.rotation == "learned" and key_rotation is None:
+    raise ValueError("rotation='learned' needs key_rotation/value_rotation matrices "
+                     "(from kvjax.calibrate); none were given")
+  g = quant.group_size
+
+  def codes(bits):
+    if bits == 4:
+      return jnp.zeros((batch, num_kv_heads, capacity, head_dim // 2), jnp.uint8)
+    return jnp.zeros((batch, num_kv_heads, capacity, head_dim), jnp.int8)
+
+  scales = jnp.zeros((batch, num_kv_heads, capacity, head_dim // g), quant.scale_jnp_dtype)
+  kind = "srft" if quant.rotation == "learned" else quant.rotation
+  hk = quant.householder_reflectors
+  rot_shape = (num_kv_heads, head_dim, head_dim)
+  lam_shape = (num_kv_heads, head_dim)
+  ones = np.ones((head_dim,), np.float32)
+  return QuantizedKVCache(
+      k_codes=codes(quant.key_bits), k_scales=scales,
+      v_codes=codes(quant.value_bits), v_scales=scales,
+      k_rotation=_per_head_param(key_rotation, rotation_matrix_np(kind, head_dim, quant.seed, hk),
+                                 rot_shape, "key_rotation"),
+      v_rotation=_per_head_param(value_rotation,
+                                 rotation_matrix_np(kind, head_dim, quant.seed + 1, hk),
+                                 rot_shape, "value_rotation"),
+      k_lambda=_per_head_param(key_lambda, ones, lam_shape, "key_lambda"),
+      v_lambda=_per_head_param(value_lambda, ones, lam_shape, "value_lambda"),
+      lengths=lengths, overflow=overflow, config=quant, capacity=capacity, window=window,
+      ring=ring)
+
+
+# ----------------------------------------------------------------------------- positions
+
+
+def slot_positions(lengths: jax.Array, capacity: int, ring: bool) -> jax.Array:
+  """Absolute position held by each slot, int32 [B, capacity]; -1 for empty slots."""
+  s = jnp.arange(capacity, dtype=jnp.int32)[None, :]
+  length = lengths.astype(jnp.int32)[:, None]
+  if ring:
+    last = length - 1
+    pos = last - jnp.mod(last - s, capacity)
+    return jnp.where(pos >= 0, pos, -1)
+  return jnp.where(s < length, s, -1)
+
+
+def positions(cache: KVCache) -> jax.Array:
+  """Absolute position of every slot of `cache`, int32 [B, S], -1 where empty."""
+  return slot_positions(cache.lengths, cache.capacity, cache.ring)
+
+
+# ----------------------------------------------------------------------------- append
+
+
+def _check_kv(cache: KVCache, k, v, num_tokens):
+  for name, x in (("k", k), ("v", v)):
+    if not hasattr(x, "shape") or x.ndim != 4:
+      raise ValueError(f"{name} must be [batch, seq, kv_heads, head_dim], got "
+                       f"{getattr(x, 'shape', type(x).__name__)}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise TypeError(f"{name} must be a floating dtype, got {x.dtype}")
+    want = (cache.batch, cache.num_kv_heads, cache.head_dim)
+    got = (x.shape[0], x.shape[2], x.shape[3])
+    if got != want:
+      raise ValueError(f"{name} has [batch, _, kv_heads, head_dim] = {list(got)}, the cache "
+                       f"expects {list(want)}")
+  if k.shape != v.shape:
+    raise ValueError(f"k and v must have the same shape, got {k.shape} and {v.shape}")
+  if num_tokens is not None:
+    nt = jnp.asarray(num_tokens)
+    if nt.shape != (cache.batch,) or not jnp.issubdtype(nt.dtype, jnp.integer):
+      raise ValueError(f"num_tokens must be integer [batch={cache.batch}], got "
+                       f"{nt.dtype}{list(nt.shape)}")
+
+
+def _concrete(x):
+  """x as a numpy array if it is concrete (outside jit), else None."""
+  try:
+    return np.asarray(x)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Chunk:
+  """New tokens in storage form: per-token arrays [B, T, H, ...] and their write plan."""
+
+  arrays: dict
+  slots: jax.Array        # int32 [B, T]; == capacity (out of range) for tokens not written
+  new_lengths: jax.Array  # int32 [B]
+  new_overflow: jax.Array  # bool [B]
+  valid: jax.Array        # bool [B, T]: token t of sequence b is real (t < num_tokens[b])
+
+
+def _plan(cache: KVCache, seq: int, num_tokens) -> tuple[jax.Array, ...]:
+  lengths = cache.lengths
+  n = (jnp.full_like(lengths, seq) if num_tokens is None
+       else jnp.clip(jnp.asarray(num_tokens, jnp.int32), 0, seq))
+  t = jnp.arange(seq, dtype=jnp.int32)[None, :]
+  valid = t < n[:, None]
+  pos = lengths[:, None] + t
+  cap = cache.capacity
+  if cache.ring:
+    # Of a chunk longer than the ring only the last `cap` tokens survive; writing
+    # just those keeps the scatter's slots unique.
+    keep = valid & (t >= n[:, None] - cap)
+    slots = jnp.where(keep, jnp.mod(pos, cap), cap)
+    return slots, lengths + n, cache.overflow, valid
+  fits = pos < cap
+  slots = jnp.where(valid & fits, pos, cap)
+  overflow = cache.overflow | (lengths + n > cap)
+  return slots, jnp.minimum(lengths + n, cap), overflow, valid
+
+
+def encode(cache: KVCache, k: jax.Array, v: jax.Array, *, num_tokens=None,
+           impl: str = "xla") -> _Chunk:
+  """Turns new keys/values [B, T, H, D] into the cache's storage form (no write)."""
+  _check_kv(cache, k, v, num_tokens)
+  slots, new_lengths, new_overflow, valid = _plan(cache, k.shape[1], num_tokens)
+  if not cache.ring:
+    concrete_len = _concrete(cache.lengths)
+    if concrete_len is not None:
+      n = k.shape[1] if num_tokens is None else np.asarray(num_tokens)
+      need = concrete_len + n
+      if np.any(need > cache.capacity):
+        raise ValueError(
+            f"append overflows the cache: lengths {concrete_len.tolist()} + {np.asarray(n).tolist()}"
+            f" new tokens > max_len={cache.capacity}. Create the cache with a larger max_len "
+            "(or a window for sliding-window layers).")
+  if isinstance(cache, DenseKVCache):
+    arrays = {"k": k.astype(cache.dtype), "v": v.astype(cache.dtype)}
+  else:
+    arrays = _quantize_chunk(cache, k, v, impl=impl)
+  return _Chunk(arrays, slots, new_lengths, new_overflow, valid)
+
+
+def _quantize_chunk(cache: QuantizedKVCache, k, v, *, impl: str):
+  cfg = cache.config
+  sd = cfg.scale_jnp_dtype
+  if impl == "pallas":
+    from kvjax import _pallas_dispatch
+    kc, ks = _pallas_dispatch.quantize_heads(k, cache.k_rotation, cache.k_lambda,
+                                             bits=cfg.key_bits, group_size=cfg.group_size,
+                                             scale_dtype=sd)
+    vc, vs = _pallas_dispatch.quantize_heads(v, cache.v_rotation, cache.v_lambda,
+                                             bits=cfg.value_bits, group_size=cfg.group_size,
+                                             scale_dtype=sd)
+  elif impl in ("xla", "reference"):
+    kc, ks = quantizer.quantize(k, cache.k_rotation, cache.k_lambda, bits=cfg.key_bits,
+                                group_size=cfg.group_size, scale_dtype=sd)
+    vc, vs = quantizer.quantize(v, cache.v_rotation, cache.v_lambda, bits=cfg.value_bits,
+                                group_size=cfg.group_size, scale_dtype=sd)
+  else:
+    raise ValueError(f"impl must be 'xla', 'reference' or 'pallas', got {impl!r}")
+  return {"k_codes": kc, "k_scales": ks, "v_codes": vc, "v_scales": vs}
+
+
+def write(cache: KVCache, chunk: _Chunk) -> KVCache:
+  """Scatters an encoded chunk into the cache; returns the new cache."""
+  b_idx = jnp.arange(cache.batch, dtype=jnp.int32)[:, None]
+  updates = {}
+  for name, vals in chunk.arrays.items():
+    buf = getattr(cache, name)
+    # buf[b, :, slot] has shape [B, T, H, ...] (advanced indices split by a slice
+    # go first), which is exactly the chunk's layout: no transpose needed.
+    updates[name] = buf.at[b_idx, :, chunk.slots].set(vals, mode="drop")
+  return dataclasses.replace(cache, lengths=chunk.new_lengths, overflow=chunk.new_overflow,
+                             **updates)
+
+
+def append(cache: KVCache, k: jax.Array, v: jax.Array, *, num_tokens=None,
+           impl: str = "auto") -> KVCache:
+  """Appends keys and values [B, T, H, D] to every sequence; returns the new cache.
+
+  num_tokens: optional int [B]; only the first num_tokens[b] tokens of sequence b
+    are written (ragged chunks, e.g. right-padded prompts).
+  impl: "auto"/"xla" (jnp), "pallas" (fused write kernel; interpret mode on CPU).
+  """
+  return write(cache, encode(cache, k, v, num_tokens=num_tokens, impl=_append_impl(impl)))
+
+
+def _append_impl(impl: str) -> str:
+  if impl == "auto":
+    return "pallas" if jax.default_backend() in ("tpu", "gpu") else "xla"
+  if impl not in ("xla", "reference", "pallas"):
+    raise ValueError(f"impl must be 'auto', 'xla', 'reference' or 'pallas', got {impl!r}")
+  return impl
+
+
+# ----------------------------------------------------------------------------- accounting
+
+
+def nbytes(cache: KVCache, *, include_params: bool = False) -> int:
+  """Bytes of real storage held by the cache's per-token buffers and lengths.
+
+  Packed int4 codes count half a byte per value, scales their storage dtype.
+  The quantizer's parameters (rotation matrices and lambda, O(head_dim^2) per
+  layer, independent of batch and length, shared by every sequence a server
+  holds) are excluded unless `include_params=True`.
+  """
+  total = 0
+  for field in dataclasses.fields(cache):
+    if field.name in ("config", "capacity", "window", "ring"):
+      continue
+    if field.name in _PARAM_FIELDS and not include_params:
+      continue
+    leaf = getattr(cache, field.name)
+    total += int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
+  return total
+
+
+def check_overflow(cache) -> None:
+  """Raises OverflowError on the host if any cache in the pytree `cache` overflowed."""
+  leaves = jax.tree_util.tree_leaves(
+      cache, is_leaf=lambda x: isinstance(x, (DenseKVCache, QuantizedKVCache)))
+  for i, c in enumerate(leaves):
+    if isinstance(c, (DenseKVCache, QuantizedKVCache)):
+      flags = np.asarray(c.overflow)
+      if flags.any():
+        raise OverflowError(
+            f"cache {i} overflowed for sequences {np.nonzero(flags.reshape(-1))[0].tolist()}: "
+            f"appends past max_len={c.capacity} were dropped")

@@ -1,0 +1,84 @@
+"""Configuration of a quantized KV cache, as data."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+ROTATIONS = ("none", "srht", "srft", "householder", "learned")
+GROUP_SIZES = (32, 64, 128)
+BITS = (4, 8)
+_SCALE_DTYPES = ("bfloat16", "float16", "float32")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+  """How keys and values are stored in a quantized cache.
+
+  Attributes:
+    key_bits: bits per key code, 4 or 8 (K8V4 keeps keys at 8 bits, values at 4).
+    value_bits: bits per value code, 4 or 8.
+    group_size: channels sharing one abs-max scale (32, 64 or 128). Bits per
+      value = bits + 16 / group_size with bfloat16 scales.
+    rotation: orthogonal rotation applied before quantization: "none", "srht"
+      (sign-randomized Walsh-Hadamard, power-of-two head_dim), "srft"
+      (sign-randomized real FFT, any even head_dim), "householder" (k random
+      reflectors) or "learned" (parameters supplied by calibration).
+    seed: seed of the random rotation (keys use `seed`, values `seed + 1`).
+    householder_reflectors: number of reflectors for "householder";
+      None means head_dim // 2.
+    scale_dtype: storage dtype of the per-group scales, by name.
+  """
+
+  key_bits: int = 4
+  value_bits: int = 4
+  group_size: int = 32
+  rotation: str = "srft"
+  seed: int = 0
+  householder_reflectors: int | None = None
+  scale_dtype: str = "bfloat16"
+
+  def __post_init__(self):
+    if self.key_bits not in BITS:
+      raise ValueError(f"QuantConfig.key_bits must be one of {BITS}, got {self.key_bits!r}")
+    if self.value_bits not in BITS:
+      raise ValueError(f"QuantConfig.value_bits must be one of {BITS}, got {self.value_bits!r}")
+    if self.group_size not in GROUP_SIZES:
+      raise ValueError(
+          f"QuantConfig.group_size must be one of {GROUP_SIZES}, got {self.group_size!r}")
+    if self.rotation not in ROTATIONS:
+      raise ValueError(f"QuantConfig.rotation must be one of {ROTATIONS}, got {self.rotation!r}")
+    if self.scale_dtype not in _SCALE_DTYPES:
+      raise ValueError(
+          f"QuantConfig.scale_dtype must be one of {_SCALE_DTYPES}, got {self.scale_dtype!r}")
+    if self.householder_reflectors is not None and self.householder_reflectors < 1:
+      raise ValueError("QuantConfig.householder_reflectors must be >= 1 or None, got "
+                       f"{self.householder_reflectors!r}")
+
+  @property
+  def scale_jnp_dtype(self):
+    return jnp.dtype(self.scale_dtype)
+
+  def bits_per_value(self, which: str = "mean") -> float:
+    """Storage bits per cached scalar, scales included ("key", "value" or "mean")."""
+    scale_bits = 8 * self.scale_jnp_dtype.itemsize / self.group_size
+    k = self.key_bits + scale_bits
+    v = self.value_bits + scale_bits
+    return {"key": k, "value": v, "mean": (k + v) / 2}[which]
+
+  def check_head_dim(self, head_dim: int, *, name: str = "head_dim") -> None:
+    """Raises ValueError if `head_dim` cannot be stored with this config."""
+    if head_dim % 2:
+      raise ValueError(f"{name} must be even to pack two 4-bit codes per byte, got {head_dim}")
+    if head_dim % self.group_size:
+      raise ValueError(
+          f"{name}={head_dim} is not divisible by QuantConfig.group_size={self.group_size}")
+    if self.rotation == "srht" and head_dim & (head_dim - 1):
+      raise ValueError(
+          f"rotation='srht' needs a power-of-two {name}, got {head_dim}; use 'srft' instead")
+
+  @property
+  def name(self) -> str:
+    """Short label such as 'K4V4-g32-srft'."""
+    return f"K{self.key_bits}V{self.value_bits}-g{self.group_size}-{self.rotation}"
