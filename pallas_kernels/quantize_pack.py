@@ -1,0 +1,236 @@
+"""Fused write kernel: rotate, scale, quantize and pack cached vectors in one pass.
+
+For each row x (one key or value vector of one KV head) the kernel computes
+
+    y = (x / lam) @ R.T                      (one MXU / tensor-core matmul)
+    s = bf16(max|y_group| / qmax)            (per group of `group_size` channels)
+    codes = clip(round_half_even(y / s), -qmax, qmax)   (s == 0 -> 1)
+
+and writes 4-bit codes as split-halves nibbles (byte j = channel j in the low
+nibble, channel j + D/2 in the high nibble) or 8-bit codes as int8, exactly as
+docs/cache_layout.md specifies. One HBM read of x, one write of codes + scales.
+
+Why the kernel is shaped the way it is (Mosaic TPU constraints, also fine on GPU):
+  * The rotation is split by columns into the two halves of the packed layout
+    (R.T[:, :D/2] and R.T[:, D/2:]), so the low- and high-nibble channels come
+    out of two matmuls already separated: no lane slicing at offset D/2, which
+    Mosaic only handles well when D/2 is a multiple of 128.
+  * Group maxima are computed with full-width masked reductions (one per group)
+    instead of a [N, G, g] reshape, which Mosaic cannot relayout for g < 128.
+  * Codes are widened to int32 before shifting and packing (Mosaic cannot shift
+    int8 vectors) and narrowed to uint8 / int8 once at the store.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from kvjax.pallas_kernels import _compat
+from kvjax.pallas_kernels import tuning
+
+_QMAX = {4: 7, 8: 127}
+# 8-bit outputs use (32, 128) tiles on TPU, so row blocks are multiples of 32.
+_ROW_ALIGN = 32
+
+
+def _validate(x, rotation, lam, bits, group_size, scale_dtype):
+  if x.ndim != 2:
+    raise ValueError(f"x must be [N, D], got shape {x.shape}")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"x must be a floating-point array, got dtype {x.dtype}")
+  n, d = x.shape
+  if rotation.shape != (d, d):
+    raise ValueError(f"rotation must be [D, D] = [{d}, {d}], got shape {rotation.shape}")
+  if lam.shape != (d,):
+    raise ValueError(f"lam must be [D] = [{d}], got shape {lam.shape}")
+  if bits not in _QMAX:
+    raise ValueError(f"bits must be 4 or 8, got {bits!r}")
+  if group_size not in (32, 64, 128):
+    raise ValueError(f"group_size must be 32, 64 or 128, got {group_size!r}")
+  if d % group_size:
+    raise ValueError(f"head_dim D={d} must be a multiple of group_size={group_size}")
+  if bits == 4 and d % 2:
+    raise ValueError(f"4-bit packing needs an even head_dim, got D={d}")
+  if jnp.dtype(scale_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16),
+                                    jnp.dtype(jnp.float32)):
+    raise TypeError(f"scale_dtype must be bfloat16, float16 or float32, got {scale_dtype}")
+
+
+def _lane_group_mask(shape, channel_offset, group_index, group_size):
+  """Boolean [rows, width] mask of lanes whose channel (lane + offset) is in the group."""
+  channel = lax.broadcasted_iota(jnp.int32, shape, 1) + channel_offset
+  start = group_index * group_size
+  return (channel >= start) & (channel < start + group_size)
+
+
+def round_half_even(v):
+  """Rounds to the nearest integer, ties to even, from floor and compares only.
+
+  Same result as `jnp.round` for |v| < 2**22; written out because Triton has no
+  lowering for `lax.round_p`, and the TPU and GPU kernels must agree bit for bit.
+  """
+  below = jnp.floor(v)
+  frac = v - below  # exact: below <= v < below + 1
+  below_is_odd = (below - 2.0 * jnp.floor(below * 0.5)) != 0.0
+  round_up = (frac > 0.5) | ((frac == 0.5) & below_is_odd)
+  return jnp.where(round_up, below + 1.0, below)
+
+
+def _quantize_pack_kernel(x_ref, lam_ref, *refs, bits, group_size, num_groups, part_offsets,
+                          scale_dtype):
+  """One block of rows.
+
+  Refs:
+    x_ref: [block_n, D] input vectors (any float dtype).
+    lam_ref: [1, D] float32 per-channel scale.
+    refs[:P]: [D, W] float32 column slices of R.T, one per output part (P = 2 halves
+      for 4-bit, 1 full part for 8-bit), W = D // P.
+    refs[P]: codes out, [block_n, D/2] uint8 (4-bit) or [block_n, D] int8 (8-bit).
+    refs[P+1]: scales out, [block_n, G] in `scale_dtype`.
+  """
+  num_parts = len(part_offsets)
+  rot_refs = refs[:num_parts]
+  codes_ref, scales_ref = refs[num_parts], refs[num_parts + 1]
+  qmax = float(_QMAX[bits])
+
+  x = x_ref[...].astype(jnp.float32) / lam_ref[...]
+  parts = [jnp.dot(x, r[...], precision=lax.Precision.HIGHEST,
+                   preferred_element_type=jnp.float32) for r in rot_refs]
+
+  block_n = x.shape[0]
+  scale_cols = lax.broadcasted_iota(jnp.int32, (block_n, num_groups), 1)
+  scales_out = jnp.zeros((block_n, num_groups), jnp.float32)
+  divisors = [jnp.zeros_like(p) for p in parts]
+  for gi in range(num_groups):
+    amax = None
+    for p, off in zip(parts, part_offsets):
+      in_group = _lane_group_mask(p.shape, off, gi, group_size)
+      part_max = jnp.max(jnp.where(in_group, jnp.abs(p), 0.0), axis=1, keepdims=True)
+      amax = part_max if amax is None else jnp.maximum(amax, part_max)
+    # The stored scale is the rounded one; codes are computed against it so that
+    # dequantization (codes * stored scale) is as accurate as the format allows.
+    stored = (amax / qmax).astype(scale_dtype).astype(jnp.float32)  # [block_n, 1]
+    scales_out = jnp.where(scale_cols == gi, stored, scales_out)
+    divisor = jnp.where(stored == 0.0, 1.0, stored)
+    divisors = [jnp.where(_lane_group_mask(p.shape, off, gi, group_size), divisor, dv)
+                for p, off, dv in zip(parts, part_offsets, divisors)]
+
+  codes = [jnp.clip(round_half_even(p / dv), -qmax, qmax).astype(jnp.int32)
+           for p, dv in zip(parts, divisors)]
+  if bits == 4:
+    low, high = codes
+    packed = (low & 0xF) | ((high & 0xF) << 4)  # int32 in [0, 255]
+    codes_ref[...] = packed.astype(jnp.uint8)
+  else:
+    codes_ref[...] = codes[0].astype(jnp.int8)
+  scales_ref[...] = scales_out.astype(scales_ref.dtype)
+
+
+def quantize_pack(x, rotation, lam, *, bits=4, group_size=32, scale_dtype=jnp.bfloat16,
+                  block_n=None, backend=None, interpret=None):
+  """Rotates, quantizes and packs rows of `x` into the cache layout, in one kernel.
+
+  Args:
+    x: [N, D] float array, N vectors (tokens x heads) of one rotation.
+    rotation: [D, D] float32 orthogonal R; the stored vector is y = R @ (x / lam).
+    lam: [D] float32 per-channel scale (ones unless calibrated).
+    bits: 4 (split-halves nibbles) or 8 (int8).
+    group_size: channels per scale, 32, 64 or 128.
+    scale_dtype: storage dtype of scales (bfloat16 by default).
+    block_n: rows per grid step (rounded up to a multiple of 32); None takes the
+      tuned default for (backend, D).
+    backend: "tpu" (Mosaic) or "gpu" (Triton); None picks from
+      `jax.default_backend()` (the TPU variant when interpreting on the CPU).
+    interpret: run the Pallas interpreter; None means "on CPU only". A
+      `pltpu.InterpretParams` object selects TPU-semantics interpretation.
+
+  Returns:
+    (codes, scales): codes [N, D//2] uint8 (4-bit) or [N, D] int8 (8-bit);
+    scales [N, D // group_size] in `scale_dtype`.
+  """
+  x = jnp.asarray(x)
+  rotation = jnp.asarray(rotation, jnp.float32)
+  lam = jnp.asarray(lam, jnp.float32)
+  _validate(x, rotation, lam, bits, group_size, scale_dtype)
+  n, d = x.shape
+  num_groups = d // group_size
+  interpret = _compat.resolve_interpret(interpret)
+  backend = tuning.resolve_backend(backend)
+  if block_n is None:
+    block_n = tuning.quantize_pack_block_n(backend, d)
+  if block_n < 1:
+    raise ValueError(f"block_n must be positive, got {block_n}")
+  # Small N (a decode step writes B*H rows) gets one block padded to the tile height.
+  block_n = min(block_n, n)
+  block_n = -(-block_n // _ROW_ALIGN) * _ROW_ALIGN
+  padded_n = -(-n // block_n) * block_n
+  if padded_n != n:
+    x = jnp.pad(x, ((0, padded_n - n), (0, 0)))
+
+  rot_t = rotation.T
+  if bits == 4:
+    half = d // 2
+    rot_parts = [rot_t[:, :half], rot_t[:, half:]]
+    part_offsets = (0, half)
+    codes_shape = jax.ShapeDtypeStruct((padded_n, half), jnp.uint8)
+  else:
+    rot_parts = [rot_t]
+    part_offsets = (0,)
+    codes_shape = jax.ShapeDtypeStruct((padded_n, d), jnp.int8)
+  width = d // len(rot_parts)
+
+  kernel = functools.partial(_quantize_pack_kernel, bits=bits, group_size=group_size,
+                             num_groups=num_groups, part_offsets=part_offsets,
+                             scale_dtype=jnp.dtype(scale_dtype))
+  rows = lambda i: (i, 0)
+  whole = lambda i: (0, 0)
+  codes, scales = pl.pallas_call(
+      kernel,
+      grid=(padded_n // block_n,),
+      in_specs=[pl.BlockSpec((block_n, d), rows),
+                pl.BlockSpec((1, d), whole)] +
+               [pl.BlockSpec((d, width), whole) for _ in rot_parts],
+      out_specs=[pl.BlockSpec((block_n, codes_shape.shape[1]), rows),
+                 pl.BlockSpec((block_n, num_groups), rows)],
+      out_shape=[codes_shape,
+                 jax.ShapeDtypeStruct((padded_n, num_groups), jnp.dtype(scale_dtype))],
+      compiler_params=_compiler_params(backend),
+      interpret=interpret,
+      name=f"quantize_pack_int{bits}_g{group_size}",
+  )(x, lam[None, :], *rot_parts)
+  if padded_n != n:
+    codes, scales = codes[:n], scales[:n]
+  return codes, scales
+
+
+def _compiler_params(backend):
+  if backend == "gpu":
+    return _compat.TritonCompilerParams(num_warps=4, num_stages=1)
+  return _compat.TPUCompilerParams(dimension_semantics=("parallel",))
+
+
+def quantize_pack_reference(x, rotation, lam, *, bits=4, group_size=32,
+                            scale_dtype=jnp.bfloat16):
+  """Plain-jnp version of `quantize_pack` (same arguments and outputs)."""
+  x = jnp.asarray(x)
+  rotation = jnp.asarray(rotation, jnp.float32)
+  lam = jnp.asarray(lam, jnp.float32)
+  _validate(x, rotation, lam, bits, group_size, scale_dtype)
+  n, d = x.shape
+  qmax = float(_QMAX[bits])
+  y = jnp.dot(x.astype(jnp.float32) / lam, rotation.T, precision=lax.Precision.HIGHEST)
+  groups = y.reshape(n, d // group_size, group_size)
+  stored = (jnp.max(jnp.abs(groups), axis=-1) / qmax).astype(scale_dtype)
+  divisor = jnp.where(stored == 0, 1.0, stored.astype(jnp.float32))
+  # jnp.round rounds half to even, as the layout specifies.
+  codes = jnp.clip(jnp.round(groups / divisor[..., None]), -qmax, qmax).astype(jnp.int32)
+  codes = codes.reshape(n, d)
+  if bits == 8:
+    return codes.astype(jnp.int8), stored
+  low, high = codes[:, : d // 2], codes[:, d // 2:]
+  return ((low & 0xF) | ((high & 0xF) << 4)).astype(jnp.uint8), stored
