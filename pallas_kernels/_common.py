@@ -1,0 +1,129 @@
+"""Pieces shared by the decode-attention kernels: input checks, slot ranges, split combine."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax.numpy as jnp
+
+# Running max before any valid score. Finite so that exp(m_old - m_new) never
+# sees (-inf) - (-inf); far below any real logit (|score| < 1e30 always).
+NO_SCORE_YET = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeShapes:
+  batch: int
+  q_heads: int
+  kv_heads: int
+  capacity: int  # S: slots per sequence (max_len, or the window of a ring buffer)
+  head_dim: int
+  n_rep: int  # query heads per KV head
+  key_groups: int  # G = D // group_size
+  value_groups: int
+
+
+def _code_width(bits, d):
+  return d // 2 if bits == 4 else d
+
+
+def _code_dtype(bits):
+  return jnp.dtype(jnp.uint8) if bits == 4 else jnp.dtype(jnp.int8)
+
+
+def validate_decode_inputs(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *, key_bits,
+                           value_bits, group_size, ring, window, softcap) -> DecodeShapes:
+  """Checks the cache layout (docs/cache_layout.md) and returns the problem sizes."""
+  if q_rot.ndim != 3:
+    raise ValueError(f"q_rot must be [B, Hq, D], got shape {q_rot.shape}")
+  b, hq, d = q_rot.shape
+  if key_bits not in (4, 8):
+    raise ValueError(f"key_bits must be 4 or 8, got {key_bits!r}")
+  if value_bits not in (4, 8):
+    raise ValueError(f"value_bits must be 4 or 8, got {value_bits!r}")
+  if group_size not in (32, 64, 128):
+    raise ValueError(f"group_size must be 32, 64 or 128, got {group_size!r}")
+  if d % group_size or d % 2:
+    raise ValueError(f"head_dim D={d} must be even and a multiple of group_size={group_size}")
+  if k_codes.ndim != 4:
+    raise ValueError(f"k_codes must be [B, H, S, D//2 or D], got shape {k_codes.shape}")
+  h, s = k_codes.shape[1], k_codes.shape[2]
+  g = d // group_size
+  for name, arr, bits in (("k_codes", k_codes, key_bits), ("v_codes", v_codes, value_bits)):
+    want = (b, h, s, _code_width(bits, d))
+    if arr.shape != want:
+      raise ValueError(f"{name} must be {want} for {bits}-bit codes of head_dim {d}, "
+                       f"got {arr.shape}")
+    if arr.dtype != _code_dtype(bits):
+      raise TypeError(f"{name} must be {_code_dtype(bits)} for {bits}-bit codes, got {arr.dtype}")
+  for name, arr in (("k_scales", k_scales), ("v_scales", v_scales)):
+    if arr.shape != (b, h, s, g):
+      raise ValueError(f"{name} must be [B, H, S, G] = {(b, h, s, g)}, got {arr.shape}")
+    if not jnp.issubdtype(arr.dtype, jnp.floating):
+      raise TypeError(f"{name} must be a float array (bfloat16 by default), got {arr.dtype}")
+  if lengths.shape != (b,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+    raise ValueError(f"lengths must be an int32 [B] = [{b}] array, got {lengths.shape} "
+                     f"{lengths.dtype}")
+  if h == 0 or hq % h:
+    raise ValueError(f"query heads Hq={hq} must be a multiple of KV heads H={h}")
+  if s == 0:
+    raise ValueError("the cache capacity S (axis 2 of k_codes) must be positive")
+  if window is not None and (not isinstance(window, int) or window < 1):
+    raise ValueError(f"window must be None or a positive int, got {window!r}")
+  if softcap is not None and not softcap > 0:
+    raise ValueError(f"softcap must be None or > 0, got {softcap!r}")
+  if not isinstance(ring, bool):
+    raise TypeError(f"ring must be a bool, got {ring!r}")
+  return DecodeShapes(b, hq, h, s, d, hq // h, g, g)
+
+
+def default_scale(head_dim, scale):
+  return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+
+
+def slot_bounds(lengths, capacity, *, ring, window):
+  """Per-sequence slot range [lo, hi) that can hold visible keys, plus ring bookkeeping.
+
+  Slots outside [lo, hi) are never read. Inside it the kernels still mask per slot
+  (ring buffers with a window shorter than the capacity).
+
+  Returns int32 [B] arrays (lo, hi, base, write): a ring slot s holds absolute
+  position base + s - S * (s >= write), i.e. L-1 - ((L-1-s) mod S); for a non-ring
+  cache base = 0 and write = S, so the position is s.
+  """
+  lengths = lengths.astype(jnp.int32)
+  hi = jnp.minimum(lengths, capacity)
+  if ring:
+    write = lengths % capacity
+    base = lengths - write
+    lo = jnp.zeros_like(lengths)
+  else:
+    write = jnp.full_like(lengths, capacity)
+    base = jnp.zeros_like(lengths)
+    lo = jnp.zeros_like(lengths) if window is None else jnp.clip(lengths - window, 0, capacity)
+  return lo, hi, base, write
+
+
+def slot_visible(slot, length, base, write, capacity, window):
+  """Mask of slots whose key the query at position length-1 attends to (any shape)."""
+  position = base + slot - jnp.where(slot >= write, capacity, 0)
+  visible = (position >= 0) & (position < length) & (slot < capacity)
+  if window is not None:
+    visible &= position > length - 1 - window
+  return visible
+
+
+def combine_splits(m, l, acc):
+  """Merges split-K partial softmax states.
+
+  m, l: [B, H, splits, R] running max and sum of exp; acc: [B, H, splits, R, D]
+  unnormalized outputs. Returns [B, H, R, D] float32; rows without any visible
+  key (l == 0 in every split) come out as zeros.
+  """
+  m_all = jnp.max(m, axis=2, keepdims=True)
+  weight = jnp.exp(m - m_all)
+  l_all = jnp.sum(weight * l, axis=2)
+  acc_all = jnp.sum(weight[..., None] * acc, axis=2)
+  safe_l = jnp.where(l_all > 0, l_all, 1.0)
+  return jnp.where((l_all > 0)[..., None], acc_all / safe_l[..., None], 0.0)

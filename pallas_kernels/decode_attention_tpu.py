@@ -1,0 +1,276 @@
+"""Fused int4/int8 decode attention for TPU (Pallas -> Mosaic).
+
+One decode step: every query head attends over its sequence's cached keys and
+values, read straight from the packed codes and bf16 scales. Nothing
+dequantized ever leaves VMEM.
+
+Grid: (batch, kv_head, split, block). Each (batch, kv_head, split) program owns
+a contiguous range of cache slots (split-K / flash decoding) and walks it one
+`block_s`-slot block at a time, keeping the online-softmax state (m, l, acc) of
+all n_rep query heads of that KV head in VMEM scratch. Partial states of the
+splits are merged by a small jnp combine step after the kernel.
+
+Scores from codes without dequantizing (per block, all on the MXU):
+  * q~ for the n_rep heads is laid out by the wrapper as a block-diagonal
+    [n_rep*G, D] matrix Q_bd (row r*G+j holds head r's channels of group j, zeros
+    elsewhere), so  P = Q_bd . codes^T  is [n_rep*G, block_s]: every per-group
+    partial dot product of every head in one matmul (one per nibble half).
+  * Scales [block_s, G] are tiled to [n_rep*G, block_s] by an exact 0/1 matmul,
+    multiplied into P, and the groups of each head are summed by another 0/1
+    matmul, giving scores [n_rep, block_s] with slots along the 128 lanes.
+  * Values are dequantized per block in VMEM (codes * scales expanded to channels
+    by a 0/1 matmul) and accumulated as p @ v_hat in the rotated value domain.
+All index arithmetic is 32-bit: codes are widened from uint8/int8 to int32
+before the nibble shifts (Mosaic cannot shift 8-bit vectors), and the two
+nibble halves of the split-halves layout come out as two contiguous
+[block_s, D/2] operands, so no lane shuffles are needed.
+
+Ragged lengths: the per-sequence slot range is scalar-prefetched into SMEM. The
+block index maps clamp to the last visible block, so blocks past a sequence's
+end repeat the previous block index and Pallas skips their DMA; their compute
+is skipped with `pl.when`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from kvjax.pallas_kernels import _common
+from kvjax.pallas_kernels import _compat
+from kvjax.pallas_kernels import tuning
+
+_HIGHEST = lax.Precision.HIGHEST
+
+
+def _unpack_parts(codes, bits):
+  """[block_s, W] uint8 / int8 codes -> list of float32 [block_s, W'] code parts.
+
+  4-bit: [low nibbles (channels 0..D/2), high nibbles (channels D/2..D)].
+  """
+  widened = codes.astype(jnp.int32)
+  if bits == 8:
+    return [widened.astype(jnp.float32)]
+  low = (widened << 28) >> 28
+  high = (widened << 24) >> 28
+  return [low.astype(jnp.float32), high.astype(jnp.float32)]
+
+
+def _group_expansion(num_groups, width, channel_offset, group_size):
+  """[G, width] 0/1 matrix: row j is 1 on the lanes whose channel is in group j."""
+  row = lax.broadcasted_iota(jnp.int32, (num_groups, width), 0)
+  channel = lax.broadcasted_iota(jnp.int32, (num_groups, width), 1) + channel_offset
+  start = row * group_size
+  return ((channel >= start) & (channel < start + group_size)).astype(jnp.float32)
+
+
+def _dot_nt(a, b):
+  """a [M, K] . b [N, K]^T -> [M, N] in float32."""
+  return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=_HIGHEST,
+                         preferred_element_type=jnp.float32)
+
+
+def _decode_kernel(
+    # scalar prefetch (SMEM), each [B] int32
+    lengths_ref, lo_ref, hi_ref, base_ref, write_ref,
+    # inputs
+    tile_ref,  # [n_rep*G, G] 0/1: row r*G+j selects group j
+    head_sum_ref,  # [n_rep, n_rep*G] 0/1: sums the G groups of head r
+    *refs,
+    key_bits, value_bits, group_size, block_s, blocks_per_split, capacity, window, softcap,
+    n_rep, head_dim):
+  num_key_parts = 2 if key_bits == 4 else 1
+  num_value_parts = 2 if value_bits == 4 else 1
+  q_refs = refs[:num_key_parts]  # each [n_rep*G, Wk]: block-diagonal scaled queries
+  (k_codes_ref,  # [block_s, D/2] uint8 | [block_s, D] int8
+   k_scales_ref,  # [block_s, G]
+   v_codes_ref,  # [block_s, D/2] uint8 | [block_s, D] int8
+   v_scales_ref,  # [block_s, G]
+  ) = refs[num_key_parts:num_key_parts + 4]
+  rest = refs[num_key_parts + 4:]
+  m_out_ref, l_out_ref = rest[0], rest[1]  # [n_rep, 1] each
+  acc_out_refs = rest[2:2 + num_value_parts]  # [n_rep, Wv] each
+  scratch = rest[2 + num_value_parts:]
+  m_ref, l_ref = scratch[0], scratch[1]  # [n_rep, 1] f32
+  acc_refs = scratch[2:]  # [n_rep, Wv] f32 each
+
+  b = pl.program_id(0)
+  split = pl.program_id(2)
+  step = pl.program_id(3)
+  num_groups = head_dim // group_size
+
+  @pl.when(step == 0)
+  def _init():
+    m_ref[...] = jnp.full(m_ref.shape, _common.NO_SCORE_YET, jnp.float32)
+    l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+    for acc_ref in acc_refs:
+      acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+  length = lengths_ref[b]
+  slot_lo, slot_hi = lo_ref[b], hi_ref[b]
+  block_start = (split * blocks_per_split + step) * block_s
+
+  @pl.when((block_start < slot_hi) & (block_start + block_s > slot_lo))
+  def _compute():
+    base, write = base_ref[b], write_ref[b]
+    # Scores [n_rep, block_s].
+    key_parts = _unpack_parts(k_codes_ref[...], key_bits)
+    partial = None
+    for q_ref, codes in zip(q_refs, key_parts):
+      term = _dot_nt(q_ref[...], codes)  # [n_rep*G, block_s]
+      partial = term if partial is None else partial + term
+    scales_t = _dot_nt(tile_ref[...], k_scales_ref[...].astype(jnp.float32))
+    scores = jnp.dot(head_sum_ref[...], partial * scales_t, precision=_HIGHEST,
+                     preferred_element_type=jnp.float32)
+    if softcap is not None:
+      scores = softcap * jnp.tanh(scores / softcap)
+
+    slots_row = block_start + lax.broadcasted_iota(jnp.int32, (1, block_s), 1)
+    visible_row = _common.slot_visible(slots_row, length, base, write, capacity, window)
+    scores = jnp.where(visible_row, scores, -jnp.inf)
+
+    m_prev = m_ref[...]
+    m_next = jnp.maximum(m_prev, jnp.max(scores, axis=1, keepdims=True))
+    probs = jnp.exp(scores - m_next)  # exactly 0 where masked (-inf)
+    correction = jnp.exp(m_prev - m_next)
+    m_ref[...] = m_next
+    l_ref[...] = correction * l_ref[...] + jnp.sum(probs, axis=1, keepdims=True)
+
+    # Invisible slots may hold stale or never-written scales (even NaN): zero them
+    # before they meet the zero probabilities.
+    slots_col = block_start + lax.broadcasted_iota(jnp.int32, (block_s, 1), 0)
+    visible_col = _common.slot_visible(slots_col, length, base, write, capacity, window)
+    v_scales = jnp.where(visible_col, v_scales_ref[...].astype(jnp.float32), 0.0)
+    value_parts = _unpack_parts(v_codes_ref[...], value_bits)
+    width = value_parts[0].shape[1]
+    for i, (acc_ref, codes) in enumerate(zip(acc_refs, value_parts)):
+      expand = _group_expansion(num_groups, width, i * width, group_size)
+      v_hat = codes * jnp.dot(v_scales, expand, precision=_HIGHEST,
+                              preferred_element_type=jnp.float32)  # [block_s, Wv]
+      acc_ref[...] = correction * acc_ref[...] + jnp.dot(
+          probs, v_hat, precision=_HIGHEST, preferred_element_type=jnp.float32)
+
+  @pl.when(step == blocks_per_split - 1)
+  def _store():
+    m_out_ref[...] = m_ref[...]
+    l_out_ref[...] = l_ref[...]
+    for acc_out_ref, acc_ref in zip(acc_out_refs, acc_refs):
+      acc_out_ref[...] = acc_ref[...]
+
+
+def block_diagonal_queries(q_rot, kv_heads, group_size, scale):
+  """[B, Hq, D] -> [B, H, n_rep*G, D]: row r*G+j = scale * q~ of head r on group j's channels."""
+  b, hq, d = q_rot.shape
+  n_rep, g = hq // kv_heads, d // group_size
+  q = q_rot.astype(jnp.float32).reshape(b, kv_heads, n_rep, 1, d) * scale
+  in_group = (jnp.arange(d)[None, :] // group_size) == jnp.arange(g)[:, None]  # [G, D]
+  return jnp.where(in_group, q, 0.0).reshape(b, kv_heads, n_rep * g, d)
+
+
+def decode_attention_tpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *, key_bits=4,
+                         value_bits=4, group_size=32, ring=False, window=None, scale=None,
+                         softcap=None, block_s=None, num_splits=None, interpret=None):
+  """Decode attention over a quantized cache with the Mosaic TPU kernel.
+
+  Arguments and result as `decode_attention_reference` ([B, Hq, D] float32 in the
+  rotated value domain). Tuning: `block_s` cached slots per grid step (a multiple
+  of 32, or S itself), `num_splits` split-K factor (None: `tuning` heuristics).
+  `interpret` may be a bool or a `pltpu.InterpretParams` (TPU-semantics
+  interpretation on the CPU).
+  """
+  shapes = _common.validate_decode_inputs(q_rot, k_codes, k_scales, v_codes, v_scales, lengths,
+                                          key_bits=key_bits, value_bits=value_bits,
+                                          group_size=group_size, ring=ring, window=window,
+                                          softcap=softcap)
+  interpret = _compat.resolve_interpret(interpret)
+  scale = _common.default_scale(shapes.head_dim, scale)
+  b, h, s, d = shapes.batch, shapes.kv_heads, shapes.capacity, shapes.head_dim
+  n_rep, g = shapes.n_rep, shapes.key_groups
+  if block_s is None:
+    block_s = tuning.decode_block_s("tpu", d)
+  block_s = min(block_s, s)
+  if block_s != s and block_s % 32:
+    raise ValueError(f"block_s must be a multiple of 32 (int8 tile height) or equal S={s}, "
+                     f"got {block_s}")
+  num_blocks = pl.cdiv(s, block_s)
+  if num_splits is None:
+    num_splits = tuning.default_num_splits("tpu", b, h, num_blocks)
+  if num_splits < 1:
+    raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+  num_splits = min(num_splits, num_blocks)
+  blocks_per_split = pl.cdiv(num_blocks, num_splits)
+
+  q_bd = block_diagonal_queries(q_rot, h, group_size, scale)
+  if key_bits == 4:
+    q_parts = [q_bd[..., : d // 2], q_bd[..., d // 2:]]
+  else:
+    q_parts = [q_bd]
+  rows = jnp.arange(n_rep * g)
+  tile = (rows[:, None] % g == jnp.arange(g)[None, :]).astype(jnp.float32)  # [nG, G]
+  head_sum = (rows[None, :] // g == jnp.arange(n_rep)[:, None]).astype(jnp.float32)  # [R, nG]
+  lo, hi, base, write = _common.slot_bounds(lengths, s, ring=ring, window=window)
+
+  def kv_index(bi, hi_, split, step, lengths_ref, lo_ref, hi_ref, base_ref, write_ref):
+    # Clamp into the sequence's visible blocks: repeated indices skip the DMA.
+    # lax.div (truncating) on non-negative ints: jnp's floor division lowers through
+    # lax.sign, which Mosaic can only lower when it knows the TPU generation.
+    first = lax.div(lo_ref[bi], block_s)
+    last = jnp.maximum(lax.div(hi_ref[bi] + block_s - 1, block_s) - 1, first)
+    return bi, hi_, jnp.clip(split * blocks_per_split + step, first, last), 0
+
+  def per_head(bi, hi_, split, step, *_):
+    return bi, hi_, 0, 0
+
+  def per_split(bi, hi_, split, step, *_):
+    return bi, hi_, split, 0, 0
+
+  def whole(*_):
+    return 0, 0
+
+  kw = d // 2 if key_bits == 4 else d
+  vw = d // 2 if value_bits == 4 else d
+  in_specs = [pl.BlockSpec(tile.shape, whole), pl.BlockSpec(head_sum.shape, whole)]
+  in_specs += [pl.BlockSpec((None, None, n_rep * g, qp.shape[-1]), per_head) for qp in q_parts]
+  in_specs += [
+      pl.BlockSpec((None, None, block_s, kw), kv_index),
+      pl.BlockSpec((None, None, block_s, g), kv_index),
+      pl.BlockSpec((None, None, block_s, vw), kv_index),
+      pl.BlockSpec((None, None, block_s, g), kv_index),
+  ]
+  num_value_parts = 2 if value_bits == 4 else 1
+  value_width = d // num_value_parts
+  out_shape = [jax.ShapeDtypeStruct((b, h, num_splits, n_rep, 1), jnp.float32)] * 2
+  out_shape += [jax.ShapeDtypeStruct((b, h, num_splits, n_rep, value_width), jnp.float32)
+                ] * num_value_parts
+  out_specs = [pl.BlockSpec((None, None, None, n_rep, o.shape[-1]), per_split)
+               for o in out_shape]
+  scratch = [_compat.VMEM((n_rep, 1), jnp.float32), _compat.VMEM((n_rep, 1), jnp.float32)]
+  scratch += [_compat.VMEM((n_rep, value_width), jnp.float32)] * num_value_parts
+
+  kernel = functools.partial(
+      _decode_kernel, key_bits=key_bits, value_bits=value_bits, group_size=group_size,
+      block_s=block_s, blocks_per_split=blocks_per_split, capacity=s, window=window,
+      softcap=None if softcap is None else float(softcap), n_rep=n_rep, head_dim=d)
+  outs = pl.pallas_call(
+      kernel,
+      grid_spec=_compat.PrefetchScalarGridSpec(
+          num_scalar_prefetch=5,
+          grid=(b, h, num_splits, blocks_per_split),
+          in_specs=in_specs,
+          out_specs=out_specs,
+          scratch_shapes=scratch),
+      out_shape=out_shape,
+      compiler_params=_compat.TPUCompilerParams(
+          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+      interpret=interpret,
+      name=f"decode_attention_k{key_bits}v{value_bits}_g{group_size}",
+  )(lengths.astype(jnp.int32), lo, hi, base, write, tile, head_sum, *q_parts,
+    k_codes, k_scales, v_codes, v_scales)
+  m, l = outs[0][..., 0], outs[1][..., 0]
+  acc = jnp.concatenate(outs[2:], axis=-1) if num_value_parts == 2 else outs[2]
+  out = _common.combine_splits(m, l, acc)  # [B, H, R, D]
+  return out.reshape(b, shapes.q_heads, d)

@@ -1,0 +1,79 @@
+"""Plain-jnp decode attention over a quantized cache: the oracle the kernels are tested against.
+
+It dequantizes the whole cache (which the kernels never do) and runs a masked
+softmax in float32, following docs/cache_layout.md step by step.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+
+from kvjax.pallas_kernels import _common
+
+
+def unpack_codes(codes, bits):
+  """uint8 [..., D/2] split-halves nibbles -> int32 [..., D]; int8 [..., D] -> int32."""
+  widened = codes.astype(jnp.int32)
+  if bits == 8:
+    return widened
+  low = (widened << 28) >> 28  # arithmetic shift sign-extends the nibble
+  high = (widened << 24) >> 28
+  return jnp.concatenate([low, high], axis=-1)
+
+
+def dequantize_codes(codes, scales, *, bits, group_size):
+  """[B, H, S, D/2 or D] codes and [B, H, S, G] scales -> float32 [B, H, S, D] (rotated domain)."""
+  values = unpack_codes(codes, bits).astype(jnp.float32)
+  *lead, d = values.shape
+  grouped = values.reshape(*lead, d // group_size, group_size)
+  return (grouped * scales.astype(jnp.float32)[..., None]).reshape(*lead, d)
+
+
+def decode_attention_reference(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *,
+                               key_bits=4, value_bits=4, group_size=32, ring=False, window=None,
+                               scale=None, softcap=None):
+  """One decode step of attention in the rotated domain.
+
+  Args:
+    q_rot: [B, Hq, D] float32 rotated, lambda-scaled queries (q~ = R_k(lam_k * q)).
+    k_codes, v_codes: [B, H, S, D/2] uint8 (4-bit) or [B, H, S, D] int8 (8-bit).
+    k_scales, v_scales: [B, H, S, D // group_size] float (bfloat16 in the cache).
+    lengths: [B] int32 tokens written; the query sits at absolute position L - 1.
+    ring: the cache is a ring buffer of capacity S.
+    window: sliding window (keys at positions > L - 1 - window are visible).
+    scale: logit scale, default D ** -0.5. softcap: c * tanh(logit / c) if set.
+
+  Returns:
+    [B, Hq, D] float32 output in the rotated value domain; zeros for rows that see
+    no key (length 0).
+  """
+  shapes = _common.validate_decode_inputs(q_rot, k_codes, k_scales, v_codes, v_scales, lengths,
+                                          key_bits=key_bits, value_bits=value_bits,
+                                          group_size=group_size, ring=ring, window=window,
+                                          softcap=softcap)
+  scale = _common.default_scale(shapes.head_dim, scale)
+  b, hq, d = q_rot.shape
+  h, s = shapes.kv_heads, shapes.capacity
+  keys = dequantize_codes(k_codes, k_scales, bits=key_bits, group_size=group_size)
+  values = dequantize_codes(v_codes, v_scales, bits=value_bits, group_size=group_size)
+  q = q_rot.astype(jnp.float32).reshape(b, h, shapes.n_rep, d)
+  logits = jnp.einsum("bhrd,bhsd->bhrs", q, keys, precision=lax.Precision.HIGHEST) * scale
+  if softcap is not None:
+    logits = softcap * jnp.tanh(logits / softcap)
+  _, _, base, write = _common.slot_bounds(lengths, s, ring=ring, window=window)
+  slots = jnp.arange(s, dtype=jnp.int32)[None, :]
+  visible = _common.slot_visible(slots, lengths.astype(jnp.int32)[:, None], base[:, None],
+                                 write[:, None], s, window)  # [B, S]
+  # Slots that are not visible may hold anything (stale or never-written scales);
+  # zero them so that 0 * garbage cannot reach the output.
+  values = jnp.where(visible[:, None, :, None], values, 0.0)
+  visible = visible[:, None, None, :]
+  logits = jnp.where(visible, logits, -jnp.inf)
+  row_max = jnp.max(logits, axis=-1, keepdims=True)
+  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+  weights = jnp.where(visible, jnp.exp(logits - row_max), 0.0)
+  total = jnp.sum(weights, axis=-1, keepdims=True)
+  probs = weights / jnp.where(total > 0, total, 1.0)
+  out = jnp.einsum("bhrs,bhsd->bhrd", probs, values, precision=lax.Precision.HIGHEST)
+  return out.reshape(b, hq, d)
