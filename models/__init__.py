@@ -1,0 +1,30 @@
+"""Flax NNX decoders (Gemma-3, Qwen2/2.5, Llama) running on kvjax caches, with checkpoint loading
+and batched generation.
+
+    model, tokenizer = kvjax.models.load("gemma3-270m")
+    texts = kvjax.generate(model, tokenizer, ["Once upon a time"], max_new_tokens=32)
+"""
+
+from kvjax.models.config import ModelConfig, RopeScaling, PRESETS
+from kvjax.models.decoder import CausalLM, cache_lengths
+from kvjax.models.gemma3 import Gemma3ForCausalLM
+from kvjax.models.qwen2 import LlamaForCausalLM, Qwen2ForCausalLM
+from kvjax.models.params import model_class, build_model, params_from_hf, params_from_gguf
+
+
+def __getattr__(name):
+  # load / generate pull in tokenizers and checkpoint download code: import on first use.
+  if name == "load":
+    from kvjax.models.loading import load
+    return load
+  if name == "generate":
+    from kvjax.models.generate import generate
+    return generate
+  raise AttributeError(f"module 'kvjax.models' has no attribute {name!r}")
+
+
+__all__ = [
+    "ModelConfig", "RopeScaling", "PRESETS", "CausalLM", "Gemma3ForCausalLM", "Qwen2ForCausalLM",
+    "LlamaForCausalLM", "cache_lengths", "model_class", "build_model", "params_from_hf",
+    "params_from_gguf", "load", "generate",
+]

@@ -1,0 +1,236 @@
+"""A decoder-only language model whose layers are scanned, not unrolled.
+
+Layers are grouped by the repeating pattern of their types (`ModelConfig.layer_pattern`): Gemma-3
+repeats (5 local, 1 global), Qwen2 and Llama repeat (1 global). Parameters of each run of equal
+layer types are stacked on leading axes [groups, run_length, ...], and the forward pass is one
+`jax.lax.scan` over groups with a nested scan per run, so XLA compiles one local and one global
+layer body however deep the model is. Layers left over when the depth is not a multiple of the
+pattern (Gemma-3 1B: 26 = 4 x 6 + 2) form a "tail", scanned the same way without the group axis.
+
+The caches mirror that structure: `{"groups": (one stacked kvjax cache per run), "tail": (...)}`,
+each leaf with the same leading axes as the parameters. Local layers get ring-buffer caches of
+capacity `sliding_window`, global layers full-length caches.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import kvjax
+from kvjax.models.config import LOCAL, ModelConfig
+from kvjax.models.layers import DecoderLayer, Linear, RMSNorm
+
+Caches = dict[str, tuple[Any, ...]]
+
+
+def layer_runs(types: tuple[str, ...]) -> tuple[tuple[str, int], ...]:
+  """Consecutive runs of equal layer types: ("local",)*5 + ("global",) -> (("local", 5), ("global", 1))."""
+  runs: list[list] = []
+  for t in types:
+    if runs and runs[-1][0] == t:
+      runs[-1][1] += 1
+    else:
+      runs.append([t, 1])
+  return tuple((t, n) for t, n in runs)
+
+
+def layer_layout(cfg: ModelConfig):
+  """(num_groups, group runs, tail runs); each run is (type, count, index of its first layer).
+
+  Layer `l` of the checkpoint is, for a group run starting at offset o in the pattern,
+  group l // len(pattern) and slot (l % len(pattern)) - o; tail runs count from the first tail layer.
+  """
+  pattern = cfg.layer_pattern
+  num_groups = cfg.num_layers // len(pattern)
+  tail_len = cfg.num_layers % len(pattern)
+
+  def with_offsets(types):
+    out, offset = [], 0
+    for t, n in layer_runs(types):
+      out.append((t, n, offset))
+      offset += n
+    return tuple(out)
+
+  group_runs = with_offsets(pattern) if num_groups else ()
+  return num_groups, group_runs, with_offsets(pattern[:tail_len])
+
+
+def layer_index(cfg: ModelConfig, part: str, run: int, *index: int) -> int:
+  """Checkpoint layer number of stacked slot `index` ((group, slot) or (slot,)) of a run."""
+  num_groups, group_runs, tail_runs = layer_layout(cfg)
+  p = len(cfg.layer_pattern)
+  if part == "groups":
+    group, slot = index
+    return group * p + group_runs[run][2] + slot
+  (slot,) = index
+  return num_groups * p + tail_runs[run][2] + slot
+
+
+def _stacked_layers(cfg: ModelConfig, layer_type: str, lead: tuple[int, ...], *, dtype,
+                    rngs: nnx.Rngs) -> DecoderLayer:
+  """A DecoderLayer whose every parameter has the extra leading axes `lead`."""
+  count = math.prod(lead)
+  graphdef = None
+  states = []
+  for _ in range(count):
+    graphdef, state = nnx.split(DecoderLayer(cfg, layer_type, dtype=dtype, rngs=rngs))
+    states.append(state)
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs).reshape(lead + xs[0].shape), *states)
+  return nnx.merge(graphdef, stacked)
+
+
+def _scan_run(run: DecoderLayer, caches, x: jax.Array, positions: jax.Array, num_tokens):
+  """Applies the stacked layers of one run in order; caches have the same leading axis."""
+  graphdef, state = nnx.split(run)
+
+  def body(h, layer_and_cache):
+    layer_state, cache = layer_and_cache
+    h, cache = nnx.merge(graphdef, layer_state)(h, cache, positions, num_tokens)
+    return h, cache
+
+  return jax.lax.scan(body, x, (state, caches))
+
+
+class CausalLM(nnx.Module):
+  """Decoder-only LM over kvjax caches.
+
+  Call: `model(tokens [B, T] int32, caches, *, positions=None) -> (logits [B, T, V] float32,
+  new caches)`. Positions default to each sequence's cache length plus 0..T-1, so a batch whose
+  sequences have different lengths gets each sequence's own RoPE positions.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+    if not isinstance(cfg, ModelConfig):
+      raise TypeError(f"cfg must be a ModelConfig, got {type(cfg).__name__}")
+    rngs = rngs if rngs is not None else nnx.Rngs(0)
+    self.config = cfg
+    self.dtype = jnp.dtype(dtype)
+    e = cfg.hidden_size
+    self.embedding = nnx.Param(
+        jax.random.normal(rngs.params(), (cfg.vocab_size, e)).astype(self.dtype))
+    num_groups, group_runs, tail_runs = layer_layout(cfg)
+    self.group_runs = nnx.List([
+        _stacked_layers(cfg, t, (num_groups, n), dtype=self.dtype, rngs=rngs)
+        for t, n, _ in group_runs])
+    self.tail_runs = nnx.List([
+        _stacked_layers(cfg, t, (n,), dtype=self.dtype, rngs=rngs) for t, n, _ in tail_runs])
+    self.final_norm = RMSNorm(e, eps=cfg.rms_norm_eps, dtype=self.dtype)
+    self.lm_head = (None if cfg.tie_word_embeddings else
+                    Linear(e, cfg.vocab_size, use_bias=False, dtype=self.dtype, rngs=rngs))
+
+  # ----------------------------------------------------------------------------------------------
+
+  def init_cache(self, batch: int, max_len: int, *, quant: kvjax.QuantConfig | None = None,
+                 dtype=None) -> Caches:
+    """Empty caches for `batch` sequences of up to `max_len` tokens.
+
+    Args:
+      quant: None for a dense cache, or a `kvjax.QuantConfig` for a quantized one.
+      dtype: dtype of the dense K/V (default: the model's parameter dtype).
+    Returns:
+      {"groups": (...), "tail": (...)}: one kvjax cache per run of equal layer types, stacked on
+      the leading axes [groups, run_length] (or [run_length] for the tail). Local layers use
+      ring buffers of capacity `sliding_window` when `max_len` exceeds the window.
+    """
+    if not isinstance(batch, int) or batch < 1:
+      raise ValueError(f"batch must be a positive int, got {batch!r}")
+    if not isinstance(max_len, int) or max_len < 1:
+      raise ValueError(f"max_len must be a positive int, got {max_len!r}")
+    cfg = self.config
+    dtype = self.dtype if dtype is None else jnp.dtype(dtype)
+    num_groups, group_runs, tail_runs = layer_layout(cfg)
+
+    def one(layer_type, lead):
+      window = cfg.sliding_window if layer_type == LOCAL else None
+      if window is not None and max_len <= window:
+        window = None  # every cached position is inside the window: a plain cache is exact
+      cache = kvjax.init_cache(batch, cfg.num_kv_heads, max_len, cfg.head_dim, quant=quant,
+                               window=window, dtype=dtype)
+      return jax.tree.map(lambda a: jnp.broadcast_to(a, lead + a.shape).copy(), cache)
+
+    return {"groups": tuple(one(t, (num_groups, n)) for t, n, _ in group_runs),
+            "tail": tuple(one(t, (n,)) for t, n, _ in tail_runs)}
+
+  def __call__(self, tokens: jax.Array, caches: Caches, *, positions: jax.Array | None = None,
+               num_tokens: jax.Array | None = None):
+    """tokens [B, T] int -> (logits [B, T, V] float32, new caches).
+
+    Args:
+      tokens: [B, T] integer token ids.
+      caches: from `init_cache` (or a previous call).
+      positions: optional [B, T] RoPE positions; default: cache length + 0..T-1 per sequence.
+      num_tokens: optional int [B] for right-padded ragged chunks: only the first num_tokens[b]
+        tokens of sequence b enter its cache; logits at the padded tokens are unspecified.
+    """
+    cfg = self.config
+    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+      raise ValueError(f"tokens must be a [batch, seq] integer array, got shape {tokens.shape} "
+                       f"dtype {tokens.dtype}")
+    _check_caches(caches, len(self.group_runs), len(self.tail_runs))
+    batch, seq = tokens.shape
+    if positions is None:
+      positions = cache_lengths(caches)[:, None] + jnp.arange(seq, dtype=jnp.int32)[None, :]
+    elif positions.shape != (batch, seq):
+      raise ValueError(f"positions must have shape {(batch, seq)} like tokens, got {positions.shape}")
+
+    embedding = self.embedding[...]
+    x = jnp.take(embedding, tokens, axis=0)
+    if cfg.scale_embeddings:
+      # The multiplier is rounded to the parameter dtype first, as the reference does
+      # (sqrt(640) in bfloat16 is 25.25, not 25.298).
+      x = x * jnp.asarray(math.sqrt(cfg.hidden_size), dtype=embedding.dtype)
+
+    new_group_caches: tuple = ()
+    if len(self.group_runs):
+      runs = tuple(self.group_runs)
+      graphdefs, states = zip(*(nnx.split(r) for r in runs))
+
+      def group_body(h, group_xs):
+        run_states, run_caches = group_xs
+        out = []
+        for graphdef, state, cache in zip(graphdefs, run_states, run_caches):
+          h, cache = _scan_run(nnx.merge(graphdef, state), cache, h, positions, num_tokens)
+          out.append(cache)
+        return h, tuple(out)
+
+      x, new_group_caches = jax.lax.scan(group_body, x, (tuple(states), caches["groups"]))
+    new_tail_caches = []
+    for run, cache in zip(self.tail_runs, caches["tail"]):
+      x, cache = _scan_run(run, cache, x, positions, num_tokens)
+      new_tail_caches.append(cache)
+
+    x = self.final_norm(x)
+    if self.lm_head is None:
+      logits = jnp.dot(x, embedding.T)
+    else:
+      logits = self.lm_head(x)
+    logits = logits.astype(jnp.float32)
+    if cfg.final_logit_softcap is not None:
+      cap = jnp.float32(cfg.final_logit_softcap)
+      logits = cap * jnp.tanh(logits / cap)
+    return logits, {"groups": tuple(new_group_caches), "tail": tuple(new_tail_caches)}
+
+
+def cache_lengths(caches: Caches) -> jax.Array:
+  """[B] int32: tokens written so far per sequence (the same in every layer)."""
+  first = (caches["groups"] + caches["tail"])[0]
+  lengths = first.lengths
+  return lengths.reshape(-1, lengths.shape[-1])[0]
+
+
+def _check_caches(caches, num_group_runs: int, num_tail_runs: int) -> None:
+  if (not isinstance(caches, dict) or set(caches) != {"groups", "tail"}
+      or len(caches["groups"]) != num_group_runs or len(caches["tail"]) != num_tail_runs):
+    raise ValueError("caches must be the structure returned by model.init_cache(...): "
+                     f"{{'groups': {num_group_runs} caches, 'tail': {num_tail_runs} caches}}")
+
+
+def param_count(model: CausalLM) -> int:
+  """Number of parameters (embedding counted once when tied)."""
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
