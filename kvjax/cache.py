@@ -190,15 +190,18 @@ def init_cache(batch: int, num_kv_heads: int, max_len: int, head_dim: int, *,
       return jnp.zeros((batch, num_kv_heads, capacity, head_dim // 2), jnp.uint8)
     return jnp.zeros((batch, num_kv_heads, capacity, head_dim), jnp.int8)
 
-  scales = jnp.zeros((batch, num_kv_heads, capacity, head_dim // g), quant.scale_jnp_dtype)
+  def scales():
+    # A fresh buffer per field: a shared one could not be donated twice under jit.
+    return jnp.zeros((batch, num_kv_heads, capacity, head_dim // g), quant.scale_jnp_dtype)
+
   kind = "srft" if quant.rotation == "learned" else quant.rotation
   hk = quant.householder_reflectors
   rot_shape = (num_kv_heads, head_dim, head_dim)
   lam_shape = (num_kv_heads, head_dim)
   ones = np.ones((head_dim,), np.float32)
   return QuantizedKVCache(
-      k_codes=codes(quant.key_bits), k_scales=scales,
-      v_codes=codes(quant.value_bits), v_scales=scales,
+      k_codes=codes(quant.key_bits), k_scales=scales(),
+      v_codes=codes(quant.value_bits), v_scales=scales(),
       k_rotation=_per_head_param(key_rotation, rotation_matrix_np(kind, head_dim, quant.seed, hk),
                                  rot_shape, "key_rotation"),
       v_rotation=_per_head_param(value_rotation,

@@ -1,0 +1,113 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from kvjax import quantizer
+from kvjax.rotations import rotation_matrix_np
+
+
+def _np_quant(y, bits, g):
+  """Independent numpy version of the quantizer contract (docs/cache_layout.md)."""
+  q = {4: 7, 8: 127}[bits]
+  yg = y.reshape(*y.shape[:-1], -1, g).astype(np.float32)
+  s = (np.abs(yg).max(-1) / q).astype(jnp.bfloat16).astype(np.float32)
+  safe = np.where(s > 0, s, 1.0)
+  codes = np.clip(np.round(yg / safe[..., None]), -q, q)
+  return codes.reshape(y.shape).astype(np.int8), s
+
+
+@pytest.mark.parametrize("bits", (4, 8))
+@pytest.mark.parametrize("g", (32, 64, 128))
+def test_error_at_most_half_a_step(bits, g):
+  rng = np.random.default_rng(bits * g)
+  y = (rng.standard_normal((50, 3, 256)) * rng.uniform(0.01, 30, (50, 3, 1))).astype(np.float32)
+  codes, scales = quantizer.quantize_rotated(jnp.asarray(y), bits=bits, group_size=g)
+  yh = np.asarray(quantizer.dequantize_rotated(codes, scales, bits=bits, group_size=g))
+  s = np.repeat(np.asarray(scales, np.float32), g, axis=-1)
+  err = np.abs(yh - y)
+  assert np.all(err <= 0.5 * s * (1 + 1e-6) + 1e-30)
+  ref_codes, ref_s = _np_quant(y, bits, g)
+  np.testing.assert_array_equal(np.asarray(scales, np.float32), ref_s)
+  got = np.asarray(quantizer.unpack_int4(codes) if bits == 4 else codes)
+  np.testing.assert_array_equal(got, ref_codes)
+
+
+def test_pack_unpack_exact_and_layout():
+  rng = np.random.default_rng(0)
+  codes = rng.integers(-8, 8, size=(5, 7, 64)).astype(np.int8)
+  packed = quantizer.pack_int4(jnp.asarray(codes))
+  assert packed.dtype == jnp.uint8 and packed.shape == (5, 7, 32)
+  np.testing.assert_array_equal(np.asarray(quantizer.unpack_int4(packed)), codes)
+  # Split halves: byte j = channel j (low nibble) | channel j + D/2 (high nibble).
+  p = np.asarray(packed).astype(np.int32)
+  np.testing.assert_array_equal(p & 0xF, codes[..., :32].astype(np.int32) & 0xF)
+  np.testing.assert_array_equal(p >> 4, codes[..., 32:].astype(np.int32) & 0xF)
+
+
+def test_zero_huge_and_subnormal_groups_stay_finite():
+  y = np.zeros((4, 64), np.float32)
+  y[1, :32] = 3e38            # near float32 max
+  y[1, 32:] = -3e38
+  y[2] = 1e-40                # subnormal
+  y[3, :3] = [1e-45, -1e-44, 0]
+  for bits in (4, 8):
+    codes, scales = quantizer.quantize_rotated(jnp.asarray(y), bits=bits, group_size=32)
+    yh = np.asarray(quantizer.dequantize_rotated(codes, scales, bits=bits, group_size=32))
+    assert np.all(np.isfinite(yh)) and np.all(np.isfinite(np.asarray(scales, np.float32)))
+    np.testing.assert_array_equal(yh[0], 0.0)
+    np.testing.assert_allclose(yh[1], y[1], rtol=0.01)
+    assert np.abs(yh[2:]).max() < 1e-30
+
+
+def test_rotate_unrotate_and_lambda_round_trip():
+  d, h = 96, 3
+  rot = jnp.asarray(np.stack([rotation_matrix_np("srft", d, s) for s in range(h)]))
+  lam = jnp.asarray(np.random.default_rng(1).uniform(0.5, 2.0, (h, d)).astype(np.float32))
+  x = jax.random.normal(jax.random.key(0), (4, 5, h, d))
+  back = quantizer.unrotate(quantizer.rotate(x, rot, lam), rot, lam)
+  np.testing.assert_allclose(np.asarray(back), np.asarray(x), atol=1e-5)
+
+
+def test_lambda_reduces_error_on_a_scaled_channel():
+  # A channel 50x larger than the rest: dividing it out with lambda first beats no lambda.
+  d = 64
+  rng = np.random.default_rng(2)
+  x = rng.standard_normal((512, 1, d)).astype(np.float32)
+  x[..., 3] *= 50
+  eye = jnp.eye(d)[None]
+  lam = np.ones((1, d), np.float32)
+  lam[0, 3] = 50
+  e_plain = np.abs(np.asarray(quantizer.fake_quantize(x, eye, jnp.ones((1, d)), bits=4, group_size=32)) - x)
+  e_lam = np.abs(np.asarray(quantizer.fake_quantize(x, eye, jnp.asarray(lam), bits=4, group_size=32)) - x)
+  same_group = (np.arange(d) < 32) & (np.arange(d) != 3)
+  assert e_lam[..., same_group].mean() < 0.2 * e_plain[..., same_group].mean()
+
+
+@settings(max_examples=30, deadline=None)
+@given(groups=st.integers(1, 4), g=st.sampled_from([32, 64, 128]), bits=st.sampled_from([4, 8]),
+       seed=st.integers(0, 2**20), dtype=st.sampled_from(["float32", "bfloat16", "float16"]),
+       lead=st.integers(1, 6))
+def test_property_quantize_bound_and_packing(groups, g, bits, seed, dtype, lead):
+  d = groups * g
+  rng = np.random.default_rng(seed)
+  y = (rng.standard_normal((lead, d)) * 10 ** rng.uniform(-3, 3)).astype(dtype)
+  codes, scales = quantizer.quantize_rotated(jnp.asarray(y), bits=bits, group_size=g)
+  assert codes.shape == ((lead, d // 2) if bits == 4 else (lead, d))
+  assert scales.shape == (lead, groups) and scales.dtype == jnp.bfloat16
+  yh = np.asarray(quantizer.dequantize_rotated(codes, scales, bits=bits, group_size=g))
+  s = np.repeat(np.asarray(scales, np.float32), g, axis=-1)
+  assert np.all(np.abs(yh - y.astype(np.float32)) <= 0.5 * s * (1 + 1e-6))
+  if bits == 4:
+    c = np.asarray(quantizer.unpack_int4(codes))
+    np.testing.assert_array_equal(np.asarray(quantizer.pack_int4(jnp.asarray(c))), np.asarray(codes))
+
+
+def test_bad_bits():
+  with pytest.raises(ValueError, match="bits"):
+    quantizer.quantize_rotated(jnp.ones((2, 64)), bits=3, group_size=32)
+  with pytest.raises(ValueError, match="group_size"):
+    quantizer.quantize_rotated(jnp.ones((2, 48)), bits=4, group_size=32)
+  with pytest.raises(TypeError, match="uint8"):
+    quantizer.unpack_int4(jnp.ones((2, 4), jnp.int8))
