@@ -1,3 +1,61 @@
-"""Pallas kernels of kvjax (imported as `kvjax.pallas_kernels`)."""
+"""Pallas kernels of kvjax (imported as `kvjax.pallas_kernels`).
 
+* `quantize_pack`: fused rotate + per-group scale + quantize + pack (the cache write).
+* `decode_attention`: fused decode attention straight from 4/8-bit codes and
+  scales, with split-K, GQA, ragged lengths, ring buffers and sliding windows.
+  Dispatches to the Mosaic TPU kernel (`decode_attention_tpu`) or the Triton GPU
+  kernel (`decode_attention_gpu`).
+* `*_reference`: plain-jnp versions of both, the oracles of the tests.
+
+On the CPU every kernel runs in the Pallas interpreter (`interpret=None` decides
+that from `jax.default_backend()`).
+"""
+
+from __future__ import annotations
+
+from kvjax.pallas_kernels import tuning
+from kvjax.pallas_kernels._compat import resolve_interpret
+from kvjax.pallas_kernels.decode_attention_gpu import decode_attention_gpu
+from kvjax.pallas_kernels.decode_attention_tpu import decode_attention_tpu
 from kvjax.pallas_kernels.quantize_pack import quantize_pack, quantize_pack_reference
+from kvjax.pallas_kernels.reference import decode_attention_reference
+
+
+def decode_attention(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *, key_bits=4,
+                     value_bits=4, group_size=32, ring=False, window=None, scale=None,
+                     softcap=None, backend=None, interpret=None, block_s=None, num_splits=None):
+  """One decode step of attention over a quantized cache, in the rotated domain.
+
+  Args:
+    q_rot: [B, Hq, D] float32 queries already rotated and lambda-scaled by the
+      caller (q~ = R_k (lam_k * q)).
+    k_codes, v_codes: [B, H, S, D/2] uint8 split-halves nibbles (4-bit) or
+      [B, H, S, D] int8 (8-bit), as in docs/cache_layout.md.
+    k_scales, v_scales: [B, H, S, D // group_size] bfloat16 per-group scales.
+    lengths: [B] int32 tokens written; the query is at absolute position L - 1.
+    key_bits, value_bits, group_size: the cache's quantization (static).
+    ring: the cache is a ring buffer of capacity S (sliding-window layer).
+    window: None or the sliding window in tokens.
+    scale: logit scale (default D ** -0.5); softcap: None or c for c * tanh(x / c).
+    backend: "tpu" (Mosaic), "gpu" (Triton) or None to follow
+      `jax.default_backend()` (the TPU kernel when interpreting on the CPU).
+    interpret: None (interpret on CPU only), a bool, or for the TPU kernel a
+      `pltpu.InterpretParams` for TPU-semantics interpretation.
+    block_s, num_splits: tuning overrides (defaults from `tuning`).
+
+  Returns:
+    [B, Hq, D] float32 output in the rotated value domain (the caller un-rotates
+    once: out = lam_v * R_v^T o~). Rows that see no key (length 0) are zeros.
+  """
+  backend = tuning.resolve_backend(backend)
+  kernel = decode_attention_gpu if backend == "gpu" else decode_attention_tpu
+  return kernel(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, key_bits=key_bits,
+                value_bits=value_bits, group_size=group_size, ring=ring, window=window,
+                scale=scale, softcap=softcap, block_s=block_s, num_splits=num_splits,
+                interpret=interpret)
+
+
+__all__ = [
+    "quantize_pack", "quantize_pack_reference", "decode_attention", "decode_attention_tpu",
+    "decode_attention_gpu", "decode_attention_reference", "resolve_interpret", "tuning",
+]
