@@ -158,7 +158,7 @@ class CausalLM(nnx.Module):
             "tail": tuple(one(t, (n,)) for t, n, _ in tail_runs)}
 
   def __call__(self, tokens: jax.Array, caches: Caches, *, positions: jax.Array | None = None,
-               num_tokens: jax.Array | None = None):
+               num_tokens: jax.Array | None = None, logits_at: jax.Array | None = None):
     """tokens [B, T] int -> (logits [B, T, V] float32, new caches).
 
     Args:
@@ -167,6 +167,9 @@ class CausalLM(nnx.Module):
       positions: optional [B, T] RoPE positions; default: cache length + 0..T-1 per sequence.
       num_tokens: optional int [B] for right-padded ragged chunks: only the first num_tokens[b]
         tokens of sequence b enter its cache; logits at the padded tokens are unspecified.
+      logits_at: optional int [B]; if given, logits are computed only at token index
+        logits_at[b] of each sequence and have shape [B, 1, V] (a prefill needs just the last
+        prompt token's; the full [B, T, V] of a 262K vocabulary is gigabytes).
     """
     cfg = self.config
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
@@ -205,6 +208,10 @@ class CausalLM(nnx.Module):
       x, cache = _scan_run(run, cache, x, positions, num_tokens)
       new_tail_caches.append(cache)
 
+    if logits_at is not None:
+      if logits_at.shape != (batch,):
+        raise ValueError(f"logits_at must have shape ({batch},), got {logits_at.shape}")
+      x = jnp.take_along_axis(x, logits_at.astype(jnp.int32)[:, None, None], axis=1)
     x = self.final_norm(x)
     if self.lm_head is None:
       logits = jnp.dot(x, embedding.T)
