@@ -1,0 +1,218 @@
+"""The fused write kernel against its jnp reference, and the reference against a float64 oracle.
+
+Kernels run in the Pallas interpreter on the CPU. The interpreter starts every
+float output and scratch buffer as NaN (jax's `uninitialized_value`), so a scale
+the kernel forgot to write shows up as NaN; `test_interpreter_poisons_outputs`
+checks that assumption instead of trusting it.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental import pallas as pl
+
+from kvjax.pallas_kernels import _compat, quantize_pack, quantize_pack_reference
+from kvjax.pallas_kernels.quantize_pack import round_half_even
+
+QMAX = {4: 7, 8: 127}
+BF16_EPS = 2.0 ** -8  # bfloat16 has an 8-bit significand: relative rounding error <= 2^-9
+
+
+def _orthogonal(rng, d):
+  q, r = np.linalg.qr(rng.normal(size=(d, d)))
+  return (q * np.sign(np.diag(r))).astype(np.float32)
+
+
+def _inputs(seed, n, d):
+  rng = np.random.default_rng(seed)
+  # Heavy-ish tails and a per-channel spread, like post-RoPE keys.
+  x = (rng.standard_t(df=5, size=(n, d)) * rng.uniform(0.2, 4.0, size=d)).astype(np.float32)
+  rotation = _orthogonal(rng, d)
+  lam = rng.uniform(0.5, 2.0, size=d).astype(np.float32)
+  return x, rotation, lam
+
+
+def _unpack(codes, bits):
+  c = np.asarray(codes)
+  if bits == 8:
+    return c.astype(np.int32)
+  b = c.view(np.int8).astype(np.int32)
+  low = ((b << 28) >> 28)
+  high = b >> 4
+  return np.concatenate([low, high], axis=-1)
+
+
+def _rotated64(x, rotation, lam):
+  return (x.astype(np.float64) / lam.astype(np.float64)) @ rotation.astype(np.float64).T
+
+
+def _check_half_step(codes, scales, y64, bits, group_size):
+  """Per row: every dequantized channel is within half a quantization step of y (float64).
+
+  Rounding to nearest costs at most half a step; the clip costs at most
+  qmax * 2^-9 steps (the bf16 scale may be rounded down), < 0.25 step; 1e-3 of a
+  step covers the float32 matmul of the kernel and reference.
+  """
+  n, d = y64.shape
+  c = _unpack(codes, bits).astype(np.float64)
+  s = np.repeat(np.asarray(scales, np.float64), group_size, axis=1)
+  assert np.all(np.abs(c) <= QMAX[bits])
+  steps = np.abs(c * s - y64) / np.where(s > 0, s, 1.0)
+  worst_per_row = steps.max(axis=1)
+  assert worst_per_row.max() <= 0.5 + 1e-3, f"worst row error {worst_per_row.max():.4f} steps"
+  return worst_per_row
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("d,group_size", [(64, 32), (128, 64), (256, 128), (128, 128)])
+def test_reference_matches_float64_oracle(bits, d, group_size):
+  x, rotation, lam = _inputs(1000 + d + group_size + bits, 37, d)
+  codes, scales = quantize_pack_reference(x, rotation, lam, bits=bits, group_size=group_size)
+  y64 = _rotated64(x, rotation, lam)
+  groups = y64.reshape(37, d // group_size, group_size)
+  scale64 = np.abs(groups).max(axis=-1) / QMAX[bits]
+  # Stored scales are the bf16 rounding of the exact abs-max scale.
+  np.testing.assert_allclose(np.asarray(scales, np.float64), scale64, rtol=BF16_EPS)
+  assert codes.dtype == (jnp.uint8 if bits == 4 else jnp.int8)
+  assert codes.shape == (37, d // 2 if bits == 4 else d)
+  _check_half_step(codes, scales, y64, bits, group_size)
+
+
+def test_reference_nibble_layout_is_split_halves():
+  # Channel j in the low nibble of byte j, channel j + D/2 in the high nibble.
+  d = 64
+  y = np.zeros((1, d), np.float32)
+  y[0, 3] = 7.0  # group 0 max -> scale 1, code 7 at channel 3
+  y[0, 3 + d // 2] = -7.0  # code -7 (0x9) at channel 35, high nibble of byte 3
+  codes, scales = quantize_pack_reference(y, np.eye(d, dtype=np.float32), np.ones(d, np.float32),
+                                          bits=4, group_size=32)
+  assert np.asarray(scales, np.float32).tolist() == [[1.0, 1.0]]
+  assert int(codes[0, 3]) == 0x97
+  assert int(np.asarray(codes).astype(np.int64).sum()) == 0x97
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("d,group_size", [(64, 32), (128, 64), (256, 128), (128, 128), (256, 32)])
+def test_kernel_matches_reference(bits, d, group_size):
+  n = 45  # not a multiple of the 32-row block: exercises the padded tail
+  x, rotation, lam = _inputs(d * 7 + group_size + bits, n, d)
+  x[5] = 0.0  # an all-zero row: scale 0, codes 0, no 0/0
+  codes, scales = quantize_pack(x, rotation, lam, bits=bits, group_size=group_size, block_n=32,
+                                interpret=True)
+  ref_codes, ref_scales = quantize_pack_reference(x, rotation, lam, bits=bits,
+                                                  group_size=group_size)
+  assert codes.shape == ref_codes.shape and codes.dtype == ref_codes.dtype
+  assert scales.shape == ref_scales.shape and scales.dtype == ref_scales.dtype
+  s, rs = np.asarray(scales, np.float32), np.asarray(ref_scales, np.float32)
+  assert not np.isnan(s).any()
+  # Both compute the rotation in float32; a different summation order can move
+  # an abs-max by an ulp, which changes the bf16 scale only at a rounding tie.
+  np.testing.assert_allclose(s, rs, rtol=BF16_EPS, atol=0)
+  assert np.mean(s == rs) >= 0.99
+  c, rc = _unpack(codes, bits), _unpack(ref_codes, bits)
+  assert np.abs(c - rc).max() <= 1
+  assert np.mean(c != rc) <= 1e-3
+  assert np.all(c[5] == 0) and np.all(s[5] == 0)
+  _check_half_step(codes, scales, _rotated64(x, rotation, lam), bits, group_size)
+
+
+def test_kernel_matches_core_quantizer_layout():
+  # The write kernel must produce exactly what kvjax.quantizer stores (the cache contract).
+  from kvjax import quantizer
+  d, g = 128, 32
+  x, rotation, lam = _inputs(7, 40, d)
+  for bits in (4, 8):
+    codes, scales = quantize_pack(x, rotation, lam, bits=bits, group_size=g, interpret=True)
+    core_codes, core_scales = quantizer.quantize(x[:, None], rotation[None], lam[None],
+                                                 bits=bits, group_size=g)
+    c, cc = _unpack(codes, bits), _unpack(np.asarray(core_codes)[:, 0], bits)
+    assert np.abs(c - cc).max() <= 1 and np.mean(c != cc) <= 1e-3
+    np.testing.assert_allclose(np.asarray(scales, np.float32),
+                               np.asarray(core_scales, np.float32)[:, 0], rtol=BF16_EPS)
+
+
+def test_kernel_tpu_semantics_interpreter():
+  params = _compat.tpu_interpret_params()
+  if params is None:
+    pytest.skip("this jax has no pltpu.InterpretParams")
+  d, g = 128, 64
+  x, rotation, lam = _inputs(11, 40, d)
+  codes, scales = quantize_pack(x, rotation, lam, bits=4, group_size=g, block_n=32,
+                                interpret=params)
+  ref_codes, ref_scales = quantize_pack_reference(x, rotation, lam, bits=4, group_size=g)
+  assert np.mean(_unpack(codes, 4) != _unpack(ref_codes, 4)) <= 1e-3
+  np.testing.assert_allclose(np.asarray(scales, np.float32), np.asarray(ref_scales, np.float32),
+                             rtol=BF16_EPS)
+
+
+def test_ties_round_half_to_even():
+  # Exact ties only happen for special inputs; random data would not catch round-half-up.
+  d = 64
+  x = np.zeros((32, d), np.float32)
+  x[:, 0] = 7.0  # group 0 scale: exactly 1.0
+  x[:, 32] = -7.0  # group 1 scale: exactly 1.0
+  ties = np.array([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.5, -3.5, 6.5, -6.5], np.float32)
+  x[:, 1:11] = ties
+  x[:, 40:50] = ties
+  expected = np.round(ties).astype(np.int32)  # numpy also rounds half to even
+  assert expected.tolist() == [0, 2, 2, 0, -2, -2, 4, -4, 6, -6]
+  eye, ones = np.eye(d, dtype=np.float32), np.ones(d, np.float32)
+  for fn in (quantize_pack_reference,
+             lambda *a, **k: quantize_pack(*a, interpret=True, **k)):
+    codes, scales = fn(x, eye, ones, bits=4, group_size=32)
+    c = _unpack(codes, 4)
+    assert np.all(np.asarray(scales, np.float32) == 1.0)
+    assert np.all(c[:, 1:11] == expected) and np.all(c[:, 40:50] == expected)
+
+
+def test_round_half_even_helper_matches_jnp_round():
+  values = np.concatenate([np.arange(-200, 200) * 0.25,
+                           np.random.default_rng(0).normal(scale=50, size=2000)])
+  values = values.astype(np.float32)
+  np.testing.assert_array_equal(np.asarray(round_half_even(jnp.asarray(values))),
+                                np.round(values))
+
+
+def test_kernel_accepts_bf16_input_and_float32_scales():
+  d, g = 64, 32
+  x, rotation, lam = _inputs(3, 20, d)
+  xb = jnp.asarray(x, jnp.bfloat16)
+  codes, scales = quantize_pack(xb, rotation, lam, bits=4, group_size=g,
+                                scale_dtype=jnp.float32, interpret=True)
+  ref_codes, ref_scales = quantize_pack_reference(xb, rotation, lam, bits=4, group_size=g,
+                                                  scale_dtype=jnp.float32)
+  assert scales.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(scales), np.asarray(ref_scales), rtol=1e-6)
+  assert np.mean(_unpack(codes, 4) != _unpack(ref_codes, 4)) <= 1e-3
+
+
+def test_interpreter_poisons_outputs():
+  # The poisoning the kernel tests rely on: unwritten float outputs read back as NaN.
+  def writes_nothing(x_ref, o_ref):
+    del x_ref, o_ref
+
+  out = pl.pallas_call(writes_nothing, out_shape=jax.ShapeDtypeStruct((8, 128), jnp.float32),
+                       interpret=True)(jnp.ones((8, 128), jnp.float32))
+  assert np.isnan(np.asarray(out)).all()
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(x=np.ones((4, 64, 1), np.float32)), "x must be"),
+    (dict(rotation=np.eye(32, dtype=np.float32)), "rotation must be"),
+    (dict(lam=np.ones(32, np.float32)), "lam must be"),
+    (dict(bits=3), "bits must be"),
+    (dict(group_size=48), "group_size must be"),
+    (dict(x=np.ones((4, 96), np.float32), rotation=np.eye(96, dtype=np.float32),
+          lam=np.ones(96, np.float32), group_size=64), "multiple of group_size"),
+])
+def test_bad_arguments_raise(kwargs, match):
+  args = dict(x=np.ones((4, 64), np.float32), rotation=np.eye(64, dtype=np.float32),
+              lam=np.ones(64, np.float32), bits=4, group_size=32)
+  args.update(kwargs)
+  with pytest.raises(ValueError, match=match):
+    quantize_pack(args.pop("x"), args.pop("rotation"), args.pop("lam"), interpret=True, **args)
+  with pytest.raises(TypeError, match="floating"):
+    quantize_pack(np.ones((4, 64), np.int32), np.eye(64), np.ones(64), interpret=True)
