@@ -291,11 +291,14 @@ def cache_partition_specs(cache, batch_axes, head_axis):
   return jax.tree_util.tree_map_with_path(spec, cache)
 
 
-def make_foe_block(cfg: FoEConfig, mesh: Mesh, *, with_cache: bool = False):
+def make_foe_block(cfg: FoEConfig, mesh: Mesh, *, with_cache: bool = False,
+                   with_aux: bool = True):
   """Builds the jitted `shard_map` FoE block for `mesh`.
 
   Returns `block(params, residual, cache=None) -> (residual', cache', aux)` with shapes as
-  in `foe_block_reference`. Place inputs first with `shard_foe_inputs` (shard_map checks the
+  in `foe_block_reference`. With `with_aux=False` (inference) aux is {} and the router
+  statistics are not averaged across devices, so the block's only collectives are the
+  expert all-to-alls and the residual all-reduce. Place inputs first with `shard_foe_inputs` (shard_map checks the
   inputs' shardings): residual [C, B, T, D] is split as P(cluster, expert) (clusters x
   batch shards).
 
@@ -330,9 +333,14 @@ def make_foe_block(cfg: FoEConfig, mesh: Mesh, *, with_cache: bool = False):
                                       top_k=cfg.top_k, capacity=capacity,
                                       expert_axis=EXPERT_AXIS)
       outputs.append(out.reshape(local_batch, seq, width))
-      stats.append(jax.tree.map(lambda s: jax.lax.pmean(s, EXPERT_AXIS), st))
-    aux = jax.tree.map(lambda s: jax.lax.pmean(s, CLUSTER_AXIS),
-                       _aux_dict(_stack_stats(stats)))
+      stats.append(st)
+    aux = {}
+    if with_aux:
+      # Means of the statistics over all token groups first, then the losses (a mean of
+      # per-group products would not be the batch's load-balancing loss).
+      stats = [jax.tree.map(lambda s: jax.lax.pmean(s, EXPERT_AXIS), st) for st in stats]
+      aux = jax.tree.map(lambda s: jax.lax.pmean(s, CLUSTER_AXIS),
+                         _aux_dict(_stack_stats(stats)))
     return synced[None] + jnp.stack(outputs), cache, aux
 
   def block(params, residual, cache=None):
@@ -354,11 +362,13 @@ def make_foe_block(cfg: FoEConfig, mesh: Mesh, *, with_cache: bool = False):
   return jax.jit(block)
 
 
-def make_moe_block(cfg: MoEConfig, mesh: Mesh, *, with_cache: bool = False):
+def make_moe_block(cfg: MoEConfig, mesh: Mesh, *, with_cache: bool = False,
+                   with_aux: bool = True):
   """Builds the jitted `shard_map` baseline block for `mesh`.
 
   Returns `block(params, x, cache=None) -> (x', cache', aux)`; x [B, T, D] is split over
   the batch on both mesh axes, experts over both axes (global expert parallelism).
+  `with_aux` as in `make_foe_block`.
 
   Raises:
     ValueError: if the device count does not divide num_experts.
@@ -382,8 +392,10 @@ def make_moe_block(cfg: MoEConfig, mesh: Mesh, *, with_cache: bool = False):
     out, stats = routing_lib.moe_layer(normed, params["router"], params["w_gate"],
                                        params["w_up"], params["w_down"], top_k=cfg.top_k,
                                        capacity=capacity, expert_axis=token_axes)
-    stats = jax.tree.map(lambda s: jax.lax.pmean(s, token_axes), stats)
-    return hidden + out.reshape(local_batch, seq, width), cache, _aux_dict(stats)
+    aux = {}
+    if with_aux:
+      aux = _aux_dict(jax.tree.map(lambda s: jax.lax.pmean(s, token_axes), stats))
+    return hidden + out.reshape(local_batch, seq, width), cache, aux
 
   def block(params, x, cache=None):
     if x.ndim != 3 or x.shape[0] % num_devices:
