@@ -328,6 +328,10 @@ class ModelConfig:
                   pad_token_id=_maybe_int(meta.get("tokenizer.ggml.padding_token_id")),
                   max_position_embeddings=int(meta.get(f"{arch}.context_length") or 32_768))
     scaling = _gguf_rope_scaling(meta, arch)
+    if "rope_freqs.weight" in meta.tensor_names:
+      # llama.cpp stores Llama-3 RoPE scaling as per-frequency divisors in this tensor.
+      raise ValueError("unsupported GGUF: per-frequency RoPE factors (tensor 'rope_freqs.weight'); "
+                       "load the Hugging Face checkpoint instead")
     if arch == "gemma3":
       window = int(meta.get("gemma3.attention.sliding_window") or 512)
       # llama.cpp hard-codes this Gemma-3 layout: every sixth layer is global, local layers use

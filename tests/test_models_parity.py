@@ -122,3 +122,146 @@ def test_llama_matches_transformers(tmp_path):
       attn_implementation="eager")
   model, _ = _check(transformers.LlamaForCausalLM(cfg), tmp_path, seed=2)
   assert model.config.rope_scaling.kind == "llama3" and not model.config.tie_word_embeddings
+
+
+# ------------------------------------------------------------------------------------------------
+# GGUF: the same random checkpoints written with gguf.GGUFWriter under llama.cpp's conventions.
+
+gguf = pytest.importorskip("gguf")
+
+
+def _llama_cpp_permute(w, heads):
+  """llama.cpp's converter permutation of Q/K rows ([out, in] weights or [out] biases)."""
+  return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _write_gguf(hf_model, arch, path):
+  cfg = hf_model.config
+  sd = {k: v.float().numpy() for k, v in hf_model.state_dict().items()}
+  w = gguf.GGUFWriter(path, arch)
+  head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+  w.add_block_count(cfg.num_hidden_layers)
+  w.add_context_length(1024)
+  w.add_embedding_length(cfg.hidden_size)
+  w.add_feed_forward_length(cfg.intermediate_size)
+  w.add_head_count(cfg.num_attention_heads)
+  w.add_head_count_kv(cfg.num_key_value_heads)
+  w.add_key_length(head_dim)
+  w.add_value_length(head_dim)
+  w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+  rope = cfg.rope_parameters
+  w.add_rope_freq_base((rope.get("full_attention") or rope)["rope_theta"])
+  w.add_vocab_size(cfg.vocab_size)
+  w.add_bos_token_id(2)
+  w.add_eos_token_id(1)
+  if arch == "gemma3":
+    w.add_sliding_window(cfg.sliding_window)
+  names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q",
+           "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+           "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+           "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate",
+           "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+           "post_feedforward_layernorm": "post_ffw_norm",
+           "pre_feedforward_layernorm": "ffn_norm",
+           "post_attention_layernorm": "post_attention_norm" if arch == "gemma3" else "ffn_norm"}
+  for key, value in sd.items():
+    if key == "model.embed_tokens.weight":
+      name = "token_embd.weight"
+    elif key == "model.norm.weight":
+      name = "output_norm.weight"
+    elif key == "lm_head.weight":
+      if cfg.tie_word_embeddings:
+        continue
+      name = "output.weight"
+    else:
+      _, _, layer, rest = key.split(".", 3)
+      module, kind = rest.rsplit(".", 1)
+      name = f"blk.{layer}.{names[module]}.{kind}"
+      if arch == "llama" and module in ("self_attn.q_proj", "self_attn.k_proj"):
+        heads = cfg.num_attention_heads if "q_proj" in module else cfg.num_key_value_heads
+        value = _llama_cpp_permute(value, heads)
+    if arch == "gemma3" and key.endswith("norm.weight"):
+      value = value + 1.0  # llama.cpp's Gemma converter folds the +1 into the stored weight
+    w.add_tensor(name, np.ascontiguousarray(value, np.float32))
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "qwen2", "llama"])
+def test_gguf_matches_transformers(tmp_path, arch):
+  if arch == "gemma3":
+    hf_model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, sliding_window=16,
+        query_pre_attn_scalar=32, attn_implementation="eager"))
+  elif arch == "qwen2":
+    hf_model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, rope_theta=1_000_000.0,
+        tie_word_embeddings=False, attn_implementation="eager"))
+  else:
+    # 8 query heads over 2 KV heads: the Q and K permutations differ (heads vs kv heads).
+    hf_model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+        num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True,
+        rope_theta=10_000.0, attn_implementation="eager"))
+  hf_model = _randomize(hf_model.eval(), seed=4)
+  path = os.fspath(tmp_path / f"{arch}.gguf")
+  _write_gguf(hf_model, arch, path)
+  cfg, pure = kvjax.models.params_from_gguf(path)
+  assert cfg.arch == arch
+  model = kvjax.models.build_model(cfg, pure)
+  tokens = _tokens(hf_model.config.vocab_size, seed=4)
+  err = _worst_row_error(_run_ours(model, tokens), _run_hf(hf_model, tokens))
+  assert err < TOLERANCE, f"worst row relative error {err:.3g}"
+
+
+def test_missing_and_misshaped_tensors_are_named(tmp_path):
+  from safetensors.numpy import load_file, save_file
+  cfg = transformers.Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2)
+  path = _save(transformers.Qwen2ForCausalLM(cfg), tmp_path)
+  tensors = load_file(os.path.join(path, "model.safetensors"))
+  name = "model.layers.1.self_attn.k_proj.bias"
+  missing = dict(tensors)
+  del missing[name]
+  save_file(missing, os.path.join(path, "model.safetensors"))
+  with pytest.raises(ValueError, match=r"missing tensor 'model\.layers\.1\.self_attn\.k_proj\.bias'"):
+    load(path)
+  bad = dict(tensors)
+  bad[name] = np.zeros((7,), np.float32)
+  save_file(bad, os.path.join(path, "model.safetensors"))
+  with pytest.raises(ValueError, match=r"'model\.layers\.1\.self_attn\.k_proj\.bias' has shape \(7,\), expected \(16,\)"):
+    load(path)
+
+
+def test_unknown_architecture_is_rejected(tmp_path):
+  import json
+  (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba", "hidden_size": 8}))
+  with pytest.raises(ValueError, match="unsupported architecture.*mamba"):
+    load(os.fspath(tmp_path))
+  w = gguf.GGUFWriter(os.fspath(tmp_path / "x.gguf"), "rwkv6")
+  w.add_block_count(1)
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  with pytest.raises(ValueError, match="unsupported architecture.*rwkv6"):
+    load(os.fspath(tmp_path / "x.gguf"))
+
+
+def test_sharded_safetensors_directory(tmp_path):
+  cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                                 num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=4, attn_implementation="eager")
+  hf_model = _randomize(transformers.LlamaForCausalLM(cfg).eval(), seed=5)
+  path = os.fspath(tmp_path / "sharded")
+  hf_model.save_pretrained(path, max_shard_size="40KB")
+  assert os.path.isfile(os.path.join(path, "model.safetensors.index.json"))
+  model, _ = load(path)
+  tokens = _tokens(cfg.vocab_size, seed=5)
+  err = _worst_row_error(_run_ours(model, tokens), _run_hf(hf_model, tokens))
+  assert err < TOLERANCE, f"worst row relative error {err:.3g}"
