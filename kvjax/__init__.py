@@ -11,8 +11,8 @@ The core surface:
 """
 
 from kvjax.config import QuantConfig
-from kvjax.cache import (DenseKVCache, QuantizedKVCache, KVCache, init_cache, append, nbytes,
-                         positions, check_overflow)
+from kvjax.cache import (DenseKVCache, QuantizedKVCache, StatsKVCache, KVCache, init_cache,
+                         append, nbytes, positions, check_overflow, with_stats)
 from kvjax.attention import attend, append_and_attend, attend_reference
 from kvjax import rotations, quantizer
 
@@ -31,7 +31,7 @@ def __getattr__(name):
 
 
 __all__ = [
-    "QuantConfig", "DenseKVCache", "QuantizedKVCache", "KVCache", "init_cache", "append",
+    "QuantConfig", "DenseKVCache", "QuantizedKVCache", "StatsKVCache", "with_stats", "KVCache", "init_cache", "append",
     "attend", "append_and_attend", "attend_reference", "nbytes", "positions", "check_overflow",
     "rotations", "quantizer", "generate",
 ]

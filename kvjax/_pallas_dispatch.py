@@ -42,6 +42,9 @@ def decode(q, cache, *, scale, softcap, window):
   q_rot = jnp.einsum("bhrd,hed->bhre", qg * lam_k, rot_k,
                      precision=jax.lax.Precision.HIGHEST).reshape(b, hq, d)
   cfg = cache.config
+  # Keys are stored minus k_mean, so the kernel's logits miss the constant
+  # q . k_mean per query; softmax does not see a per-query constant (attend
+  # does not send soft-capped attention here, where it would matter).
   o_rot = pk.decode_attention(
       q_rot, cache.k_codes, cache.k_scales, cache.v_codes, cache.v_scales, cache.lengths,
       key_bits=cfg.key_bits, value_bits=cfg.value_bits, group_size=cfg.group_size,

@@ -127,7 +127,9 @@ def quantized_attention(q, view: dict, mask, *, config, scale, softcap=None):
   # Per-group partial dot products, then one multiply-add with the group scales.
   part = jnp.einsum("bhtrGc,bhnGc->bhtrnG", qr, k_int, precision=_HI)
   s = jnp.einsum("bhtrnG,bhnG->bhtrn", part, view["k_scales"].astype(jnp.float32),
-                 precision=_HI) * scale
+                 precision=_HI)
+  # Keys were stored minus k_mean: add q . k_mean back, once per query (exact).
+  s = (s + jnp.einsum("bhtrd,hd->bhtr", qg, view["k_mean"], precision=_HI)[..., None]) * scale
   p = _softmax_weights(s, mask[:, None, :, None, :], softcap)
   v_int = quantizer.unpack_int4(view["v_codes"]) if config.value_bits == 4 else view["v_codes"]
   v_int = v_int.reshape(b, h, n, G, g).astype(jnp.float32)
@@ -140,7 +142,8 @@ def quantized_attention(q, view: dict, mask, *, config, scale, softcap=None):
 
 def _quant_view(c: QuantizedKVCache) -> dict:
   return {f: getattr(c, f) for f in ("k_codes", "k_scales", "v_codes", "v_scales",
-                                     "k_rotation", "v_rotation", "k_lambda", "v_lambda")}
+                                     "k_rotation", "v_rotation", "k_lambda", "v_lambda",
+                                     "k_mean")}
 
 
 def _dequantized_kv(c: QuantizedKVCache, view: dict):
@@ -153,6 +156,7 @@ def _dequantized_kv(c: QuantizedKVCache, view: dict):
     return x * lam[None, :, None, :]
 
   k = deq(view["k_codes"], view["k_scales"], view["k_rotation"], view["k_lambda"], cfg.key_bits)
+  k = k + view["k_mean"][None, :, None, :]
   v = deq(view["v_codes"], view["v_scales"], view["v_rotation"], view["v_lambda"], cfg.value_bits)
   return k, v
 
@@ -167,14 +171,19 @@ def _attend_view(q, c, view, kv_pos, q_pos, *, scale, softcap, window, impl):
   return quantized_attention(q, view, mask, config=c.config, scale=scale, softcap=softcap)
 
 
-def _resolve(q, c, scale, window, impl):
+def _resolve(q, c, scale, window, impl, softcap=None):
   _check_impl(impl)
   _check_q(q, c)
   scale = 1.0 / math.sqrt(c.head_dim) if scale is None else float(scale)
   window = c.window if window is None else window
   if impl == "auto":
     on_accel = jax.default_backend() in ("tpu", "gpu")
-    impl = "pallas" if (on_accel and isinstance(c, QuantizedKVCache) and q.shape[1] == 1) else "xla"
+    fused_ok = isinstance(c, QuantizedKVCache) and q.shape[1] == 1 and softcap is None
+    impl = "pallas" if (on_accel and fused_ok) else "xla"
+  elif impl == "pallas" and softcap is not None:
+    # The kernel drops the per-query constant q . k_mean from the logits, which
+    # only a soft-cap would notice.
+    raise ValueError("impl='pallas' does not support softcap; use impl='xla'")
   return scale, window, impl
 
 
@@ -191,7 +200,7 @@ def attend(q: jax.Array, cache: cache_lib.KVCache, *, scale: float | None = None
 
   Returns [B, Tq, Hq, D] in q's dtype; a query with no visible key gets zeros.
   """
-  scale, window, impl = _resolve(q, cache, scale, window, impl)
+  scale, window, impl = _resolve(q, cache, scale, window, impl, softcap)
   tq = q.shape[1]
   if cache.ring and tq > 1:
     raise ValueError("attend over a ring-buffer (sliding-window) cache takes one query token; "
@@ -224,10 +233,12 @@ def append_and_attend(cache: cache_lib.KVCache, q: jax.Array, k: jax.Array, v: j
     are not written (their query outputs are unspecified).
   Returns (out [B, T, Hq, D], new cache).
   """
-  scale_, window, impl_ = _resolve(q, cache, scale, None, impl)
+  scale_, window, impl_ = _resolve(q, cache, scale, None, impl, softcap)
   t = q.shape[1]
   if k.shape[1] != t:
     raise ValueError(f"q and k must cover the same new tokens, got q_seq={t}, k_seq={k.shape[1]}")
+  if isinstance(cache, cache_lib.StatsKVCache):
+    cache = cache_lib.accumulate_stats(cache, q, k, v, num_tokens)
   append_impl = "pallas" if impl_ == "pallas" else "xla"
   if not cache.ring or t == 1:
     new = cache_lib.append(cache, k, v, num_tokens=num_tokens, impl=append_impl)

@@ -81,7 +81,7 @@ class DenseKVCache:
 
 
 @_register(("k_codes", "k_scales", "v_codes", "v_scales", "k_rotation", "v_rotation",
-            "k_lambda", "v_lambda", "lengths", "overflow"), ("config",) + _COMMON_META)
+            "k_lambda", "v_lambda", "k_mean", "lengths", "overflow"), ("config",) + _COMMON_META)
 @dataclasses.dataclass(frozen=True)
 class QuantizedKVCache:
   """Keys and values as rotated, per-group abs-max int4/int8 codes.
@@ -89,7 +89,9 @@ class QuantizedKVCache:
   k_codes: uint8 [B, H, S, D//2] (4-bit, split-halves nibbles) or int8 [B, H, S, D];
   k_scales: [B, H, S, D // group_size] (bfloat16 by default); v_* the same for
   values; k_rotation, v_rotation: float32 [Hr, D, D]; k_lambda, v_lambda:
-  float32 [Hr, D] with Hr in {1, H}; lengths int32 [B]; overflow bool [B].
+  float32 [Hr, D] with Hr in {1, H}; k_mean: float32 [Hr, D], a per-channel key
+  offset removed before quantization (attention adds q . k_mean back, exactly);
+  lengths int32 [B]; overflow bool [B].
   """
 
   k_codes: jax.Array
@@ -100,6 +102,7 @@ class QuantizedKVCache:
   v_rotation: jax.Array
   k_lambda: jax.Array
   v_lambda: jax.Array
+  k_mean: jax.Array
   lengths: jax.Array
   overflow: jax.Array
   config: QuantConfig
@@ -120,9 +123,62 @@ class QuantizedKVCache:
     return self.k_codes.shape[-4]
 
 
+@_register(("k", "v", "lengths", "overflow", "q_sq", "k_sum", "k_sq", "v_sq", "count"),
+           _COMMON_META)
+@dataclasses.dataclass(frozen=True)
+class StatsKVCache(DenseKVCache):
+  """A dense cache that also accumulates per-channel statistics of what attention sees.
+
+  Every `append_and_attend` adds, over the tokens it writes: q_sq [H, D] = sum of
+  q^2 over the query heads of each KV head, k_sum / k_sq [H, D] = sum of k and
+  k^2, v_sq [H, D] = sum of v^2, and count = number of tokens (float32 scalar).
+  All are post-RoPE, as the cache receives them. Calibration (kvjax.smoothing)
+  turns them into a key offset and per-channel scales. Make one with
+  `with_stats(cache_or_pytree_of_caches)`.
+  """
+
+  q_sq: jax.Array = None
+  k_sum: jax.Array = None
+  k_sq: jax.Array = None
+  v_sq: jax.Array = None
+  count: jax.Array = None
+
+
+def with_stats(tree):
+  """Replaces every DenseKVCache in a pytree by a StatsKVCache with zeroed statistics."""
+  def convert(c):
+    if isinstance(c, DenseKVCache) and not isinstance(c, StatsKVCache):
+      lead = c.k.shape[:-4]
+      hd = lead + (c.k.shape[-3], c.k.shape[-1])
+      z = lambda shape: jnp.zeros(shape, jnp.float32)
+      return StatsKVCache(k=c.k, v=c.v, lengths=c.lengths, overflow=c.overflow,
+                          capacity=c.capacity, window=c.window, ring=c.ring, q_sq=z(hd),
+                          k_sum=z(hd), k_sq=z(hd), v_sq=z(hd), count=z(lead))
+    return c
+  return jax.tree_util.tree_map(
+      convert, tree, is_leaf=lambda x: isinstance(x, (DenseKVCache, QuantizedKVCache)))
+
+
+def accumulate_stats(cache: StatsKVCache, q, k, v, num_tokens=None) -> StatsKVCache:
+  """Adds the statistics of new tokens (q [B, T, Hq, D], k, v [B, T, H, D])."""
+  b, t, hq, d = q.shape
+  h = k.shape[2]
+  n = jnp.full((b,), t, jnp.int32) if num_tokens is None else jnp.asarray(num_tokens, jnp.int32)
+  valid = (jnp.arange(t)[None, :] < n[:, None]).astype(jnp.float32)[..., None, None]  # [B,T,1,1]
+  qf = q.astype(jnp.float32).reshape(b, t, h, hq // h, d)
+  kf, vf = k.astype(jnp.float32), v.astype(jnp.float32)
+  return dataclasses.replace(
+      cache,
+      q_sq=cache.q_sq + jnp.sum(qf ** 2 * valid[..., None], axis=(0, 1, 3)),
+      k_sum=cache.k_sum + jnp.sum(kf * valid, axis=(0, 1)),
+      k_sq=cache.k_sq + jnp.sum(kf ** 2 * valid, axis=(0, 1)),
+      v_sq=cache.v_sq + jnp.sum(vf ** 2 * valid, axis=(0, 1)),
+      count=cache.count + jnp.sum(valid))
+
+
 KVCache = Union[DenseKVCache, QuantizedKVCache]
 
-_PARAM_FIELDS = ("k_rotation", "v_rotation", "k_lambda", "v_lambda")
+_PARAM_FIELDS = ("k_rotation", "v_rotation", "k_lambda", "v_lambda", "k_mean")
 
 
 def _check_positive_int(value, name):
@@ -146,7 +202,7 @@ def _per_head_param(value, default, shape, name):
 def init_cache(batch: int, num_kv_heads: int, max_len: int, head_dim: int, *,
                quant: QuantConfig | None = None, window: int | None = None,
                dtype=jnp.bfloat16, key_rotation=None, value_rotation=None,
-               key_lambda=None, value_lambda=None) -> KVCache:
+               key_lambda=None, value_lambda=None, key_mean=None) -> KVCache:
   """Creates an empty cache for one attention layer.
 
   Args:
@@ -160,6 +216,10 @@ def init_cache(batch: int, num_kv_heads: int, max_len: int, head_dim: int, *,
       [Hr, D, D] (Hr in {1, num_kv_heads}) overriding the config's random ones,
       e.g. from calibration.
     key_lambda, value_lambda: optional per-channel scales [D] or [Hr, D].
+    key_mean: optional per-channel key offset [D] or [Hr, D] (post-RoPE), removed
+      from every key before quantization. Softmax is unchanged by a logit
+      constant per query, and attention adds q . key_mean back anyway, so this
+      is exact; it frees the 16 levels from a large shared offset.
   """
   for name, val in (("batch", batch), ("num_kv_heads", num_kv_heads), ("max_len", max_len),
                     ("head_dim", head_dim)):
@@ -209,6 +269,7 @@ def init_cache(batch: int, num_kv_heads: int, max_len: int, head_dim: int, *,
                                  rot_shape, "value_rotation"),
       k_lambda=_per_head_param(key_lambda, ones, lam_shape, "key_lambda"),
       v_lambda=_per_head_param(value_lambda, ones, lam_shape, "value_lambda"),
+      k_mean=_per_head_param(key_mean, np.zeros_like(ones), lam_shape, "key_mean"),
       lengths=lengths, overflow=overflow, config=quant, capacity=capacity, window=window,
       ring=ring)
 
@@ -322,6 +383,7 @@ def _quantize_chunk(cache: QuantizedKVCache, k, v, *, impl: str):
   sd = cfg.scale_jnp_dtype
   if impl == "pallas":
     from kvjax import _pallas_dispatch
+    k = k.astype(jnp.float32) - cache.k_mean
     kc, ks = _pallas_dispatch.quantize_heads(k, cache.k_rotation, cache.k_lambda,
                                              bits=cfg.key_bits, group_size=cfg.group_size,
                                              scale_dtype=sd)
@@ -329,6 +391,7 @@ def _quantize_chunk(cache: QuantizedKVCache, k, v, *, impl: str):
                                              bits=cfg.value_bits, group_size=cfg.group_size,
                                              scale_dtype=sd)
   elif impl in ("xla", "reference"):
+    k = k.astype(jnp.float32) - cache.k_mean
     kc, ks = quantizer.quantize(k, cache.k_rotation, cache.k_lambda, bits=cfg.key_bits,
                                 group_size=cfg.group_size, scale_dtype=sd)
     vc, vs = quantizer.quantize(v, cache.v_rotation, cache.v_lambda, bits=cfg.value_bits,
@@ -384,6 +447,8 @@ def nbytes(cache: KVCache, *, include_params: bool = False) -> int:
   total = 0
   for field in dataclasses.fields(cache):
     if field.name in ("config", "capacity", "window", "ring"):
+      continue
+    if field.name in ("q_sq", "k_sum", "k_sq", "v_sq", "count"):
       continue
     if field.name in _PARAM_FIELDS and not include_params:
       continue
