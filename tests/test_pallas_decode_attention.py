@@ -1,0 +1,245 @@
+"""Fused decode attention (TPU and GPU kernels, interpreted on the CPU) against the jnp
+reference, and the reference against a float64 numpy dequantize-then-softmax oracle.
+
+Every cache slot a query must not see (past the length, outside the window,
+overwritten ring slots) gets NaN scales, so a kernel that reads, or fails to
+mask, an invisible slot produces NaN. The Pallas interpreter starts outputs
+and scratch as NaN too (see test_pallas_quantize_pack.test_interpreter_poisons_outputs).
+Errors are measured per row (batch x query head) against that row's largest
+visible dequantized value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kvjax.pallas_kernels import (_compat, decode_attention, decode_attention_gpu,
+                                  decode_attention_reference, decode_attention_tpu)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  head_dim: int
+  group_size: int
+  n_rep: int
+  key_bits: int
+  value_bits: int
+  capacity: int
+  lengths: tuple
+  ring: bool = False
+  window: int | None = None
+  softcap: float | None = None
+  kv_heads: int = 2
+  block_s: int = 32
+  num_splits: int = 2
+
+
+CASES = [
+    # lengths: empty, a non-multiple of the block, full; S=80 leaves a partial last block
+    Case(64, 32, 4, 4, 4, 80, (0, 45, 80)),
+    Case(128, 64, 8, 8, 4, 96, (0, 33, 70), window=20, softcap=30.0, kv_heads=1, num_splits=3),
+    Case(256, 128, 1, 4, 4, 64, (0, 40, 150), ring=True),
+    Case(128, 32, 1, 4, 8, 64, (5, 64, 201), ring=True, window=48, num_splits=1),
+    # group_size == head_dim: one 4-bit group spans both nibble halves
+    Case(128, 128, 4, 4, 4, 128, (1, 77, 128), kv_heads=1, num_splits=4),
+    Case(64, 64, 8, 8, 8, 48, (0, 30, 100), ring=True, window=48, kv_heads=1),
+]
+
+
+def _case_id(c):
+  mode = "ring" if c.ring else "linear"
+  return (f"D{c.head_dim}-g{c.group_size}-rep{c.n_rep}-K{c.key_bits}V{c.value_bits}-{mode}"
+          f"-w{c.window}-cap{c.softcap}")
+
+
+def _unpack(codes, bits):
+  if bits == 8:
+    return codes.astype(np.int64)
+  b = codes.view(np.int8).astype(np.int64)
+  return np.concatenate([(b << 60) >> 60, b >> 4], axis=-1)
+
+
+def _visible(case, s):
+  """[B, S] bool from the definition in docs/cache_layout.md (independent of the kernels)."""
+  out = np.zeros((len(case.lengths), s), bool)
+  for bi, length in enumerate(case.lengths):
+    for slot in range(s):
+      if case.ring:
+        position = length - 1 - ((length - 1 - slot) % s)  # Python % is a floor modulo
+      else:
+        position = slot
+      ok = 0 <= position <= length - 1
+      if case.window is not None:
+        ok &= position > length - 1 - case.window
+      out[bi, slot] = ok
+  return out
+
+
+def _make_inputs(case, seed):
+  rng = np.random.default_rng(seed)
+  b, h, s, d = len(case.lengths), case.kv_heads, case.capacity, case.head_dim
+  g = d // case.group_size
+
+  def codes(bits):
+    if bits == 4:
+      return rng.integers(0, 256, size=(b, h, s, d // 2), dtype=np.uint8)
+    return rng.integers(-127, 128, size=(b, h, s, d), dtype=np.int8)
+
+  def scales(bits):
+    # Dequantized magnitudes of order 1 for both widths.
+    top = 0.3 if bits == 4 else 0.3 * 7 / 127
+    return rng.uniform(0.1 * top, top, size=(b, h, s, g)).astype(jnp.bfloat16)
+
+  inputs = dict(q_rot=(rng.normal(size=(b, h * case.n_rep, d)) * 3).astype(np.float32),
+                k_codes=codes(case.key_bits), k_scales=scales(case.key_bits),
+                v_codes=codes(case.value_bits), v_scales=scales(case.value_bits),
+                lengths=np.asarray(case.lengths, np.int32))
+  hidden = ~_visible(case, s)
+  for name in ("k_scales", "v_scales"):
+    poisoned = np.asarray(inputs[name], np.float32)
+    poisoned[np.broadcast_to(hidden[:, None, :, None], poisoned.shape)] = np.nan
+    inputs[name] = poisoned.astype(jnp.bfloat16)
+  return inputs
+
+
+def _static(case):
+  return dict(key_bits=case.key_bits, value_bits=case.value_bits, group_size=case.group_size,
+              ring=case.ring, window=case.window, softcap=case.softcap)
+
+
+def _oracle(case, inputs):
+  """float64 numpy: dequantize everything, mask, softmax, weighted sum."""
+  b, hq, d = inputs["q_rot"].shape
+  h, s, g = case.kv_heads, case.capacity, case.group_size
+
+  def dequant(codes, scales, bits):
+    c = _unpack(codes, bits).astype(np.float64)
+    return c * np.repeat(np.asarray(scales, np.float64), g, axis=-1)
+
+  keys = dequant(inputs["k_codes"], inputs["k_scales"], case.key_bits)
+  values = dequant(inputs["v_codes"], inputs["v_scales"], case.value_bits)
+  visible = _visible(case, s)
+  out = np.zeros((b, hq, d))
+  vmax = np.zeros((b, hq))
+  for bi in range(b):
+    idx = np.flatnonzero(visible[bi])
+    for head in range(hq):
+      kv = head // case.n_rep
+      if idx.size == 0:
+        continue
+      logits = keys[bi, kv, idx] @ inputs["q_rot"][bi, head].astype(np.float64) / np.sqrt(d)
+      if case.softcap is not None:
+        logits = case.softcap * np.tanh(logits / case.softcap)
+      p = np.exp(logits - logits.max())
+      out[bi, head] = (p / p.sum()) @ values[bi, kv, idx]
+      vmax[bi, head] = np.abs(values[bi, kv, idx]).max()
+  return out, vmax
+
+
+def _assert_rows_close(out, expected, vmax, rel_tol, lengths_visible):
+  out = np.asarray(out, np.float64)
+  assert out.shape == expected.shape
+  assert not np.isnan(out).any(), "NaN leaked from an invisible slot or an unwritten buffer"
+  row_err = np.abs(out - expected).max(axis=-1)  # [B, Hq]
+  empty = ~lengths_visible
+  assert np.all(out[empty] == 0.0), "rows that see no key must be exactly zero"
+  bound = rel_tol * np.maximum(vmax, 1e-30)
+  worst = (row_err / np.where(vmax > 0, vmax, 1.0))[~empty].max(initial=0.0)
+  assert np.all(row_err[~empty] <= bound[~empty]), f"worst row error {worst:.3g} x max|v|"
+  return worst
+
+
+def _rows_with_keys(case, hq):
+  any_visible = _visible(case, case.capacity).any(axis=1)
+  return np.repeat(any_visible[:, None], hq, axis=1)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_reference_matches_float64_oracle(case):
+  inputs = _make_inputs(case, seed=zlib.crc32(_case_id(case).encode()))
+  expected, vmax = _oracle(case, inputs)
+  out = decode_attention_reference(**inputs, **_static(case))
+  # float32 dequantization and accumulation over <= 128 slots: ~1e-6 of max|v|.
+  _assert_rows_close(out, expected, vmax, 1e-5, _rows_with_keys(case, expected.shape[1]))
+
+
+# TPU kernel: float32 matmuls at HIGHEST precision, so only the accumulation order
+# differs from the reference (~1e-7 of max|v|); 1e-5 leaves a wide margin.
+# GPU kernel: the f32 operand of each matmul is split into two bf16 parts
+# (relative error 2^-17 per product), giving logit errors ~1e-5 for |logit| ~ 10
+# and output errors ~1e-5 of max|v|; bounded at 1e-4.
+KERNELS = [("tpu", decode_attention_tpu, 1e-5), ("gpu", decode_attention_gpu, 1e-4)]
+
+
+@pytest.mark.parametrize("target,kernel,rel_tol", KERNELS, ids=[k[0] for k in KERNELS])
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_kernel_matches_reference(case, target, kernel, rel_tol):
+  inputs = _make_inputs(case, seed=7 + case.head_dim + case.capacity)
+  reference = np.asarray(decode_attention_reference(**inputs, **_static(case)), np.float64)
+  _, vmax = _oracle(case, inputs)
+  out = kernel(**inputs, **_static(case), block_s=case.block_s, num_splits=case.num_splits,
+               interpret=True)
+  assert out.dtype == jnp.float32
+  _assert_rows_close(out, reference, vmax, rel_tol, _rows_with_keys(case, reference.shape[1]))
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[3]], ids=_case_id)
+def test_tpu_kernel_tpu_semantics_interpreter(case):
+  params = _compat.tpu_interpret_params()
+  if params is None:
+    pytest.skip("this jax has no pltpu.InterpretParams")
+  inputs = _make_inputs(case, seed=99)
+  reference = np.asarray(decode_attention_reference(**inputs, **_static(case)), np.float64)
+  _, vmax = _oracle(case, inputs)
+  out = decode_attention_tpu(**inputs, **_static(case), block_s=case.block_s,
+                             num_splits=case.num_splits, interpret=params)
+  _assert_rows_close(out, reference, vmax, 1e-5, _rows_with_keys(case, reference.shape[1]))
+
+
+def test_dispatch_with_default_tuning():
+  # backend=None on the CPU picks the TPU kernel; block sizes come from the tuning table.
+  case = Case(128, 32, 4, 4, 4, 160, (0, 97, 160), kv_heads=2)
+  inputs = _make_inputs(case, seed=5)
+  reference = np.asarray(decode_attention_reference(**inputs, **_static(case)), np.float64)
+  _, vmax = _oracle(case, inputs)
+  for backend in (None, "gpu"):
+    out = decode_attention(**inputs, **_static(case), backend=backend)
+    _assert_rows_close(out, reference, vmax, 1e-4, _rows_with_keys(case, reference.shape[1]))
+
+
+def test_explicit_scale_matches_reference():
+  case = Case(64, 32, 2, 4, 4, 64, (64, 20, 3), kv_heads=1)
+  inputs = _make_inputs(case, seed=3)
+  ref = np.asarray(decode_attention_reference(**inputs, **_static(case), scale=0.05))
+  default = np.asarray(decode_attention_reference(**inputs, **_static(case)))
+  assert np.abs(ref - default).max() > 1e-3  # the scale really changes the result
+  _, vmax = _oracle(case, inputs)
+  for kernel in (decode_attention_tpu, decode_attention_gpu):
+    out = kernel(**inputs, **_static(case), scale=0.05, block_s=32, interpret=True)
+    _assert_rows_close(out, ref.astype(np.float64), vmax, 1e-4,
+                       _rows_with_keys(case, ref.shape[1]))
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (dict(q_rot=np.ones((3, 4, 64, 1), np.float32)), ValueError, "q_rot must be"),
+    (dict(k_codes=np.ones((3, 2, 64, 64), np.uint8)), ValueError, "k_codes must be"),
+    (dict(k_codes=np.ones((3, 2, 64, 32), np.int8)), TypeError, "k_codes must be uint8"),
+    (dict(v_scales=np.ones((3, 2, 64, 3), np.float32)), ValueError, "v_scales must be"),
+    (dict(lengths=np.ones((2,), np.int32)), ValueError, "lengths must be"),
+    (dict(q_rot=np.ones((3, 3, 64), np.float32)), ValueError, "multiple of KV heads"),
+    (dict(window=0), ValueError, "window must be"),
+])
+def test_bad_arguments_raise(change, error, match):
+  args = dict(q_rot=np.ones((3, 4, 64), np.float32),
+              k_codes=np.ones((3, 2, 64, 32), np.uint8), k_scales=np.ones((3, 2, 64, 2)),
+              v_codes=np.ones((3, 2, 64, 32), np.uint8), v_scales=np.ones((3, 2, 64, 2)),
+              lengths=np.ones((3,), np.int32), window=None)
+  args.update(change)
+  for kernel in (decode_attention_tpu, decode_attention_gpu):
+    with pytest.raises(error, match=match):
+      kernel(**args, key_bits=4, value_bits=4, group_size=32, interpret=True)
