@@ -1,0 +1,381 @@
+"""`kvjax eval`: quantized KV caches against the bf16 cache on a real model and real text.
+
+For each context length C and each cache, the first C tokens of the evaluation
+text (Pride and Prejudice unless `--text`) are scored:
+
+  hook         teacher-forced: the window goes through the model in chunks, every
+               key/value passing through the cache (stored, then read back in its
+               storage form), so each position sees exactly what decode would see;
+  incremental  true decode: the first C - m tokens are prefilled through the cache,
+               then the last m tokens are fed one at a time, as generation does.
+
+Reported per (context, cache, mode): perplexity, ΔPPL (absolute and %), mean
+per-token KL(bf16 ‖ cache) in nats, top-1 agreement with the bf16 cache, and the
+cache's real bytes. All caches run in lockstep chunk by chunk, so the bf16
+distribution is available for KL without storing [C, vocab] logits.
+
+JSON schema (`eval.json`): {"meta": {...}, "rows": [{model, corpus, context, cache,
+mode, ppl, delta_ppl, delta_ppl_pct, kl_mean, top1_agree, cache_bytes,
+bits_per_value, tokens_scored}]}. Rows of mode "incremental" score only the last
+m positions of each window, and carry `hook_ppl_same_positions` for comparison.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax.cache import nbytes, with_stats
+from kvjax.config import QuantConfig
+from kvjax.smoothing import KeyCalibration, calibrate_caches
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheSpec:
+  """A cache to evaluate. quant None = dense (bf16); calibrate = key offset + λ from statistics."""
+
+  name: str
+  quant: QuantConfig | None
+  calibrate: bool = False
+  description: str = ""
+
+
+def default_specs() -> list[CacheSpec]:
+  return [
+      CacheSpec("bf16", None, description="dense bfloat16 cache (baseline)"),
+      CacheSpec("int4-naive", QuantConfig(rotation="none"),
+                description="K4V4 g32, per-token abs-max, no rotation"),
+      CacheSpec("int4-srft", QuantConfig(rotation="srft"),
+                description="K4V4 g32, SRFT rotation only"),
+      CacheSpec("int4", QuantConfig(rotation="srft"), calibrate=True,
+                description="kvjax default: K4V4 g32, SRFT + calibrated key offset and λ"),
+      CacheSpec("K8V4", QuantConfig(key_bits=8, rotation="srft"), calibrate=True,
+                description="8-bit keys, 4-bit values, g32, SRFT + calibrated key offset and λ"),
+  ]
+
+
+SPEC_CHOICES = {s.name: s for s in default_specs()}
+
+
+def parse_spec(text: str) -> CacheSpec:
+  """Parses a cache name: a default ('bf16', 'int4', ...) or 'K4V4-g64-srht[-cal]'."""
+  if text in SPEC_CHOICES:
+    return SPEC_CHOICES[text]
+  parts = text.split("-")
+  try:
+    kv = parts[0].upper()
+    kb, vb = int(kv[1:kv.index("V")]), int(kv[kv.index("V") + 1:])
+    g = int(parts[1].lstrip("g"))
+    rot = parts[2] if len(parts) > 2 else "srft"
+    cal = len(parts) > 3 and parts[3] == "cal"
+  except (ValueError, IndexError):
+    raise ValueError(f"unknown cache {text!r}: use one of {sorted(SPEC_CHOICES)} or a "
+                     "description like K4V4-g32-srft or K4V4-g64-srht-cal") from None
+  return CacheSpec(text, QuantConfig(key_bits=kb, value_bits=vb, group_size=g, rotation=rot),
+                   calibrate=cal)
+
+
+# ------------------------------------------------------------------------------ model steps
+
+
+class _Runner:
+  """Jitted chunk and decode steps for one model (compiled once per cache structure)."""
+
+  def __init__(self, model):
+    from flax import nnx
+    self.model = model
+    self.graphdef, self.state = nnx.split(model)
+    graphdef = self.graphdef
+
+    def fwd(state, tokens, caches, num_tokens):
+      m = nnx.merge(graphdef, state)
+      return m(tokens, caches, num_tokens=num_tokens)
+
+    self.fwd = jax.jit(fwd, donate_argnums=(2,))
+
+  def __call__(self, tokens, caches, num_tokens=None):
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if num_tokens is None:
+      num_tokens = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
+    return self.fwd(self.state, tokens, caches, num_tokens)
+
+
+@jax.jit
+def _token_stats(ref_logits, logits, targets, valid):
+  """Per-token NLL of `logits`, KL(ref ‖ logits) and top-1 agreement; [T] each."""
+  lp_ref = jax.nn.log_softmax(ref_logits.astype(jnp.float32), axis=-1)
+  lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(lp, targets[:, None], axis=-1)[:, 0]
+  kl = jnp.sum(jnp.exp(lp_ref) * (lp_ref - lp), axis=-1)
+  agree = (jnp.argmax(lp_ref, -1) == jnp.argmax(lp, -1)).astype(jnp.float32)
+  z = jnp.zeros_like(nll)
+  return jnp.where(valid, nll, z), jnp.where(valid, kl, z), jnp.where(valid, agree, z)
+
+
+def _progress(total, desc, enabled):
+  if not enabled:
+    return None
+  from tqdm.auto import tqdm
+  return tqdm(total=total, desc=desc, unit="tok", leave=False)
+
+
+def collect_stats(runner: _Runner, tokens: Sequence[int], *, chunk: int = 512,
+                  progress: bool = True):
+  """Runs the model over calibration tokens with statistics caches; returns them."""
+  model = runner.model
+  n = len(tokens)
+  caches = with_stats(model.init_cache(1, n, dtype=jnp.float32))
+  bar = _progress(n, "calibration statistics", progress)
+  for lo in range(0, n, chunk):
+    piece = np.zeros((1, chunk), np.int32)
+    part = tokens[lo:lo + chunk]
+    piece[0, :len(part)] = part
+    _, caches = runner(piece, caches, jnp.asarray([len(part)], jnp.int32))
+    if bar is not None:
+      bar.update(len(part))
+  if bar is not None:
+    bar.close()
+  return caches
+
+
+def _make_caches(model, spec: CacheSpec, max_len: int, stats):
+  if spec.quant is None:
+    return model.init_cache(1, max_len, dtype=jnp.bfloat16)
+  caches = model.init_cache(1, max_len, quant=spec.quant)
+  if spec.calibrate:
+    if stats is None:
+      raise ValueError(f"cache {spec.name!r} needs calibration statistics")
+    caches = calibrate_caches(caches, stats, KeyCalibration())
+  return caches
+
+
+def cache_bytes(model, spec: CacheSpec, context: int) -> int:
+  caches = jax.eval_shape(lambda: _make_caches_shape(model, spec, context))
+  return _tree_nbytes(caches)
+
+
+def _make_caches_shape(model, spec, context):
+  if spec.quant is None:
+    return model.init_cache(1, context, dtype=jnp.bfloat16)
+  return model.init_cache(1, context, quant=spec.quant)
+
+
+def _tree_nbytes(caches) -> int:
+  from kvjax.cache import DenseKVCache, QuantizedKVCache
+  total = 0
+  for c in jax.tree_util.tree_leaves(caches, is_leaf=lambda x: isinstance(x, (DenseKVCache, QuantizedKVCache))):
+    if isinstance(c, (DenseKVCache, QuantizedKVCache)):
+      total += nbytes(c)
+  return total
+
+
+def evaluate_window(runner: _Runner, tokens: np.ndarray, specs: Sequence[CacheSpec], *,
+                    max_len: int, stats=None, chunk: int = 512, incremental_steps: int = 0,
+                    incremental_specs: Sequence[str] = (), progress: bool = True) -> dict:
+  """Scores one window of tokens under every cache, in lockstep with the first spec (the reference).
+
+  Returns {spec name: {"hook": (nll[T-1], kl, agree), "incremental": (...) or absent}}.
+  """
+  model = runner.model
+  n = len(tokens)
+  if n < 2:
+    raise ValueError("a window needs at least 2 tokens")
+  caches = {s.name: _make_caches(model, s, max_len, stats) for s in specs}
+  ref_name = specs[0].name
+  out = {s.name: [[], [], []] for s in specs}
+  bar = _progress(n * len(specs), f"hook C={n}", progress)
+  targets_all = np.asarray(tokens[1:], np.int32)
+  for lo in range(0, n, chunk):
+    part = tokens[lo:lo + chunk]
+    piece = np.zeros((1, chunk), np.int32)
+    piece[0, :len(part)] = part
+    num = jnp.asarray([len(part)], jnp.int32)
+    tgt = np.zeros((chunk,), np.int32)
+    t_part = targets_all[lo:lo + chunk]
+    tgt[:len(t_part)] = t_part
+    valid = jnp.arange(chunk) < len(t_part)
+    ref_logits = None
+    for s in specs:
+      logits, caches[s.name] = runner(piece, caches[s.name], num)
+      if ref_logits is None:
+        ref_logits = logits[0]
+      stats_ = _token_stats(ref_logits, logits[0], jnp.asarray(tgt), valid)
+      for acc, val in zip(out[s.name], stats_):
+        acc.append(np.asarray(val)[:len(t_part)])
+      if bar is not None:
+        bar.update(len(part))
+  if bar is not None:
+    bar.close()
+  result = {name: {"hook": tuple(np.concatenate(a) for a in accs)} for name, accs in out.items()}
+  del caches
+
+  if incremental_steps:
+    m = min(incremental_steps, n - 1)
+    inc_specs = [s for s in specs if s.name == ref_name or s.name in incremental_specs]
+    caches = {s.name: _make_caches(model, s, max_len, stats) for s in inc_specs}
+    prefix = tokens[:n - m]
+    for lo in range(0, len(prefix), chunk):
+      part = prefix[lo:lo + chunk]
+      piece = np.zeros((1, chunk), np.int32)
+      piece[0, :len(part)] = part
+      for s in inc_specs:
+        _, caches[s.name] = runner(piece, caches[s.name], jnp.asarray([len(part)], jnp.int32))
+    accs = {s.name: [[], [], []] for s in inc_specs}
+    bar = _progress(m * len(inc_specs), f"incremental C={n}", progress)
+    for i in range(n - m, n):
+      tok = np.asarray([[tokens[i]]], np.int32)
+      ref_logits = None
+      # Position i predicts token i + 1; the window's last token has no target.
+      has_target = i + 1 < n
+      tgt = jnp.asarray([tokens[i + 1] if has_target else 0], jnp.int32)
+      for s in inc_specs:
+        logits, caches[s.name] = runner(tok, caches[s.name])
+        if ref_logits is None:
+          ref_logits = logits[0]
+        vals = _token_stats(ref_logits, logits[0], tgt, jnp.asarray([has_target]))
+        if has_target:
+          for acc, val in zip(accs[s.name], vals):
+            acc.append(np.asarray(val))
+        if bar is not None:
+          bar.update(1)
+    if bar is not None:
+      bar.close()
+    for name, a in accs.items():
+      result[name]["incremental"] = tuple(np.concatenate(x) for x in a)
+      result[name]["incremental_start"] = n - m
+  return result
+
+
+def _summary(nll, kl, agree):
+  return {"ppl": float(math.exp(float(np.mean(nll)))), "kl_mean": float(np.mean(kl)),
+          "top1_agree": float(np.mean(agree)), "tokens_scored": int(len(nll))}
+
+
+def run(model_name: str = "gemma3-270m", *, text_file: str | None = None,
+        contexts: Sequence[int] = (1024, 4096), specs: Sequence[CacheSpec] | None = None,
+        incremental_steps: int = 32, incremental_specs: Sequence[str] = ("int4",),
+        calibration_tokens: int = 2048, chunk: int = 512, out_dir: str = "results/eval",
+        progress: bool = True, plot: bool = True, log=print) -> dict:
+  """The whole `kvjax eval` job; returns the JSON document it writes."""
+  from kvjax import corpus
+  from kvjax.models import load
+
+  specs = list(specs or default_specs())
+  if not specs or specs[0].quant is not None:
+    specs.insert(0, CacheSpec("bf16", None, description="dense bfloat16 cache (baseline)"))
+  contexts = sorted(int(c) for c in contexts)
+  if any(c < 2 for c in contexts):
+    raise ValueError(f"contexts must be >= 2 tokens, got {contexts}")
+  t0 = time.time()
+  log(f"loading {model_name} ...")
+  model, tokenizer = load(model_name)
+  if tokenizer is None:
+    raise ValueError(f"{model_name} has no tokenizer; kvjax eval needs one to read text")
+  cfg = model.config
+  if text_file is None:
+    text, corpus_name = corpus.eval_text(), "austen:pride-and-prejudice"
+  else:
+    text, corpus_name = corpus.load_text(text_file), str(text_file)
+  ids = tokenizer.encode(text, add_bos=cfg.add_bos)
+  if len(ids) < contexts[-1]:
+    raise ValueError(f"the text has {len(ids)} tokens, fewer than the longest context "
+                     f"{contexts[-1]}; give a longer --text or shorter --contexts")
+  runner = _Runner(model)
+  stats = None
+  if any(s.calibrate for s in specs):
+    cal_text = corpus.calibration_text()
+    cal_ids = tokenizer.encode(cal_text, add_bos=cfg.add_bos)[:calibration_tokens]
+    log(f"calibration statistics on {len(cal_ids)} tokens of {corpus.CALIBRATION_BOOK} "
+        "(disjoint from the evaluation text)")
+    stats = collect_stats(runner, cal_ids, chunk=chunk, progress=progress)
+  rows = []
+  max_len = contexts[-1]
+  for c in contexts:
+    window = np.asarray(ids[:c], np.int32)
+    res = evaluate_window(runner, window, specs, max_len=max_len, stats=stats, chunk=chunk,
+                          incremental_steps=incremental_steps,
+                          incremental_specs=incremental_specs, progress=progress)
+    base = {}
+    for s in specs:
+      r = res[s.name]
+      for mode in ("hook", "incremental"):
+        if mode not in r:
+          continue
+        summ = _summary(*r[mode])
+        if s.name == specs[0].name:
+          base[mode] = summ["ppl"]
+        row = {"model": model_name, "corpus": corpus_name, "context": c, "cache": s.name,
+               "mode": mode, **summ}
+        row["delta_ppl"] = row["ppl"] - base[mode]
+        row["delta_ppl_pct"] = 100.0 * row["delta_ppl"] / base[mode]
+        row["cache_bytes"] = cache_bytes(model, s, c)
+        row["bits_per_value"] = 16.0 if s.quant is None else s.quant.bits_per_value()
+        if mode == "incremental":
+          start = r["incremental_start"]
+          hook_same = _summary(*(x[start - 1:] for x in r["hook"]))
+          row["hook_ppl_same_positions"] = hook_same["ppl"]
+          row["incremental_vs_hook_pct"] = 100.0 * (row["ppl"] / hook_same["ppl"] - 1.0)
+        rows.append(row)
+  doc = {"meta": {"model": model_name, "corpus": corpus_name, "contexts": contexts,
+                  "caches": {s.name: s.description or (s.quant.name if s.quant else "dense")
+                             for s in specs},
+                  "incremental_steps": incremental_steps, "calibration_tokens": calibration_tokens,
+                  "seconds": round(time.time() - t0, 1), "jax": jax.__version__,
+                  "backend": jax.default_backend()},
+         "rows": rows}
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "eval.json").write_text(json.dumps(doc, indent=2))
+  log(format_table(rows))
+  if plot:
+    plot_rows(rows, out / "eval.png", title=f"{model_name} on {corpus_name}")
+  log(f"wrote {out / 'eval.json'}" + (f" and {out / 'eval.png'}" if plot else "")
+      + f" in {time.time() - t0:.0f} s")
+  return doc
+
+
+def format_table(rows) -> str:
+  head = (f"{'context':>7} {'cache':<12} {'mode':<11} {'ppl':>8} {'dPPL':>8} {'dPPL%':>7} "
+          f"{'KL':>7} {'top1':>6} {'bits':>5} {'MiB':>7}")
+  lines = [head, "-" * len(head)]
+  for r in rows:
+    lines.append(f"{r['context']:>7} {r['cache']:<12} {r['mode']:<11} {r['ppl']:8.3f} "
+                 f"{r['delta_ppl']:+8.3f} {r['delta_ppl_pct']:+6.2f}% {r['kl_mean']:7.4f} "
+                 f"{r['top1_agree']:6.3f} {r['bits_per_value']:5.2f} "
+                 f"{r['cache_bytes'] / 2**20:7.2f}")
+  return "\n".join(lines)
+
+
+def plot_rows(rows, path, *, title=""):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  hook = [r for r in rows if r["mode"] == "hook" and r["bits_per_value"] < 16]
+  contexts = sorted({r["context"] for r in hook})
+  caches = list(dict.fromkeys(r["cache"] for r in hook))
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  width = 0.8 / max(len(contexts), 1)
+  for i, c in enumerate(contexts):
+    vals = {r["cache"]: r for r in hook if r["context"] == c}
+    xs = np.arange(len(caches)) + i * width
+    axes[0].bar(xs, [vals[n]["delta_ppl_pct"] for n in caches], width, label=f"{c} tokens")
+    axes[1].bar(xs, [vals[n]["kl_mean"] for n in caches], width, label=f"{c} tokens")
+  for ax, lab in zip(axes, ("ΔPPL vs bf16 cache (%)", "mean KL(bf16 ‖ cache), nats/token")):
+    ax.set_xticks(np.arange(len(caches)) + 0.4 - width / 2)
+    ax.set_xticklabels(caches, rotation=20)
+    ax.set_ylabel(lab)
+    ax.set_yscale("symlog", linthresh=0.1 if "PPL" in lab else 0.001)
+    ax.axhline(0, color="k", lw=0.5)
+    ax.legend()
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
