@@ -320,7 +320,7 @@ def run(model_name: str = "gemma3-270m", *, text_file: str | None = None,
         row["bits_per_value"] = 16.0 if s.quant is None else s.quant.bits_per_value()
         if mode == "incremental":
           start = r["incremental_start"]
-          hook_same = _summary(*(x[start - 1:] for x in r["hook"]))
+          hook_same = _summary(*(x[start:] for x in r["hook"]))
           row["hook_ppl_same_positions"] = hook_same["ppl"]
           row["incremental_vs_hook_pct"] = 100.0 * (row["ppl"] / hook_same["ppl"] - 1.0)
         rows.append(row)
