@@ -98,16 +98,16 @@ def _dot_f32_codes(x_parts, codes, contract_codes_dim):
 
 
 def _decode_kernel(
-    q_ref,  # [R_pad, D] float32: scaled q~ of the KV head's query heads (zero padding rows)
+    q_ref,  # [R, D] float32: scaled q~ of the KV head's R query heads
     k_codes_ref,  # [S, D/2] uint8 | [S, D] int8
     k_scales_ref,  # [S, G]
     v_codes_ref,  # [S, D/2] uint8 | [S, D] int8
     v_scales_ref,  # [S, G]
     lengths_ref, lo_ref, hi_ref, base_ref, write_ref,  # [B] int32 each
-    acc_out_ref,  # [R_pad, D] float32
-    m_out_ref,  # [R_pad] float32
-    l_out_ref,  # [R_pad] float32
-    *, key_groups, value_groups, block_s, split_slots, capacity, window, softcap):
+    acc_out_ref,  # [R, D] float32
+    m_out_ref,  # [R] float32
+    l_out_ref,  # [R] float32
+    *, rows_pad, key_groups, value_groups, block_s, split_slots, capacity, window, softcap):
   b = pl.program_id(0)
   split = pl.program_id(2)
   length = lengths_ref[b]
@@ -117,11 +117,16 @@ def _decode_kernel(
   first_block = lax.div(slot_lo, block_s)
   end_block = jnp.where(slot_hi > slot_lo, lax.div(slot_hi + block_s - 1, block_s), first_block)
 
-  rows_pad = q_ref.shape[0]
+  # The R query heads are padded to rows_pad >= 16 matmul rows in registers only:
+  # masked loads and stores never touch memory for the padding rows.
+  n_rep = q_ref.shape[0]
+  real_rows = jnp.arange(rows_pad) < n_rep
   q_segments = {}
   for segments in key_groups:
     for _, _, width, channel in segments:
-      q_segments[channel] = _split_bf16(q_ref[:, pl.ds(channel, width)])
+      q_tile = _compat.pltriton.load(q_ref.at[pl.ds(0, rows_pad), pl.ds(channel, width)],
+                                     mask=real_rows[:, None], other=0.0)
+      q_segments[channel] = _split_bf16(q_tile)
 
   def body(block, carry):
     m_prev, l_prev, accs = carry
@@ -164,12 +169,14 @@ def _decode_kernel(
   m0 = jnp.full((rows_pad,), _common.NO_SCORE_YET, jnp.float32)
   l0 = jnp.zeros((rows_pad,), jnp.float32)
   m, l, accs = lax.fori_loop(first_block, end_block, body, (m0, l0, init_accs))
-  m_out_ref[...] = m
-  l_out_ref[...] = l
+  store = _compat.pltriton.store
+  store(m_out_ref.at[pl.ds(0, rows_pad)], m, mask=real_rows)
+  store(l_out_ref.at[pl.ds(0, rows_pad)], l, mask=real_rows)
   acc_iter = iter(accs)
   for segments in value_groups:
     for _, _, width, channel in segments:
-      acc_out_ref[:, pl.ds(channel, width)] = next(acc_iter)
+      store(acc_out_ref.at[pl.ds(0, rows_pad), pl.ds(channel, width)], next(acc_iter),
+            mask=real_rows[:, None])
 
 
 def decode_attention_gpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *, key_bits=4,
@@ -199,7 +206,7 @@ def decode_attention_gpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *
     raise ValueError(f"block_s must be a power of two >= {_MIN_DOT_DIM}, got {block_s}")
   num_blocks = pl.cdiv(s, block_s)
   if num_splits is None:
-    num_splits = tuning.default_num_splits("gpu", b, h, num_blocks)
+    num_splits = tuning.default_num_splits("gpu", b, h, num_blocks, block_s)
   if num_splits < 1:
     raise ValueError(f"num_splits must be >= 1, got {num_splits}")
   num_splits = min(num_splits, num_blocks)
@@ -207,11 +214,10 @@ def decode_attention_gpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *
 
   rows_pad = max(_MIN_DOT_DIM, pl.next_power_of_2(n_rep))
   q = (q_rot.astype(jnp.float32) * scale).reshape(b, h, n_rep, d)
-  q = jnp.pad(q, ((0, 0), (0, 0), (0, rows_pad - n_rep), (0, 0)))
   lo, hi, base, write = _common.slot_bounds(lengths, s, ring=ring, window=window)
 
   kernel = functools.partial(
-      _decode_kernel, key_groups=group_segments(d, group_size, key_bits),
+      _decode_kernel, rows_pad=rows_pad, key_groups=group_segments(d, group_size, key_bits),
       value_groups=group_segments(d, group_size, value_bits), block_s=block_s,
       split_slots=split_slots, capacity=s, window=window,
       softcap=None if softcap is None else float(softcap))
@@ -223,25 +229,25 @@ def decode_attention_gpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *
       kernel,
       grid=(b, h, num_splits),
       in_specs=[
-          pl.BlockSpec((None, None, rows_pad, d), per_head),
+          pl.BlockSpec((None, None, n_rep, d), per_head),
           pl.BlockSpec((None, None, s, k_codes.shape[-1]), per_head),
           pl.BlockSpec((None, None, s, g), per_head),
           pl.BlockSpec((None, None, s, v_codes.shape[-1]), per_head),
           pl.BlockSpec((None, None, s, g), per_head),
       ] + [pl.BlockSpec((b,), whole)] * 5,
       out_specs=[
-          pl.BlockSpec((None, None, None, rows_pad, d), lambda bi, hi_, sp: (bi, hi_, sp, 0, 0)),
-          pl.BlockSpec((None, None, None, rows_pad), per_split),
-          pl.BlockSpec((None, None, None, rows_pad), per_split),
+          pl.BlockSpec((None, None, None, n_rep, d), lambda bi, hi_, sp: (bi, hi_, sp, 0, 0)),
+          pl.BlockSpec((None, None, None, n_rep), per_split),
+          pl.BlockSpec((None, None, None, n_rep), per_split),
       ],
       out_shape=[
-          jax.ShapeDtypeStruct((b, h, num_splits, rows_pad, d), jnp.float32),
-          jax.ShapeDtypeStruct((b, h, num_splits, rows_pad), jnp.float32),
-          jax.ShapeDtypeStruct((b, h, num_splits, rows_pad), jnp.float32),
+          jax.ShapeDtypeStruct((b, h, num_splits, n_rep, d), jnp.float32),
+          jax.ShapeDtypeStruct((b, h, num_splits, n_rep), jnp.float32),
+          jax.ShapeDtypeStruct((b, h, num_splits, n_rep), jnp.float32),
       ],
       compiler_params=_compat.TritonCompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name=f"decode_attention_k{key_bits}v{value_bits}_g{group_size}",
   )(q, k_codes, k_scales, v_codes, v_scales, lengths.astype(jnp.int32), lo, hi, base, write)
-  out = _common.combine_splits(m[..., :n_rep], l[..., :n_rep], acc[..., :n_rep, :])
+  out = _common.combine_splits(m, l, acc)
   return out.reshape(b, shapes.q_heads, d)

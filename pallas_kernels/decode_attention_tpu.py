@@ -11,10 +11,12 @@ all n_rep query heads of that KV head in VMEM scratch. Partial states of the
 splits are merged by a small jnp combine step after the kernel.
 
 Scores from codes without dequantizing (per block, all on the MXU):
-  * q~ for the n_rep heads is laid out by the wrapper as a block-diagonal
-    [n_rep*G, D] matrix Q_bd (row r*G+j holds head r's channels of group j, zeros
-    elsewhere), so  P = Q_bd . codes^T  is [n_rep*G, block_s]: every per-group
-    partial dot product of every head in one matmul (one per nibble half).
+  * q~ of the n_rep heads is expanded once per (batch, head, split), in VMEM, to
+    a block-diagonal [n_rep*G, D] matrix Q_bd (row r*G+j holds head r's channels
+    of group j, zeros elsewhere), so  P = Q_bd . codes^T  is [n_rep*G, block_s]:
+    every per-group partial dot product of every head in one matmul (one per
+    nibble half). Only the [n_rep, D] queries come from HBM; the 0/1 expansion
+    matrices are shared by all grid points and fetched once.
   * Scales [block_s, G] are tiled to [n_rep*G, block_s] by an exact 0/1 matmul,
     multiplied into P, and the groups of each head are summed by another 0/1
     matmul, giving scores [n_rep, block_s] with slots along the 128 lanes.
@@ -80,23 +82,27 @@ def _decode_kernel(
     # inputs
     tile_ref,  # [n_rep*G, G] 0/1: row r*G+j selects group j
     head_sum_ref,  # [n_rep, n_rep*G] 0/1: sums the G groups of head r
+    replicate_ref,  # [n_rep*G, n_rep] 0/1: row r*G+j copies head r
     *refs,
     key_bits, value_bits, group_size, block_s, blocks_per_split, capacity, window, softcap,
     n_rep, head_dim):
   num_key_parts = 2 if key_bits == 4 else 1
   num_value_parts = 2 if value_bits == 4 else 1
-  q_refs = refs[:num_key_parts]  # each [n_rep*G, Wk]: block-diagonal scaled queries
+  group_mask_refs = refs[:num_key_parts]  # each [n_rep*G, Wk] 0/1: lane in row's group
+  q_refs = refs[num_key_parts:2 * num_key_parts]  # each [n_rep, Wk] scaled q~ channels
+  refs = refs[2 * num_key_parts:]
   (k_codes_ref,  # [block_s, D/2] uint8 | [block_s, D] int8
    k_scales_ref,  # [block_s, G]
    v_codes_ref,  # [block_s, D/2] uint8 | [block_s, D] int8
    v_scales_ref,  # [block_s, G]
-  ) = refs[num_key_parts:num_key_parts + 4]
-  rest = refs[num_key_parts + 4:]
+  ) = refs[:4]
+  rest = refs[4:]
   m_out_ref, l_out_ref = rest[0], rest[1]  # [n_rep, 1] each
   acc_out_refs = rest[2:2 + num_value_parts]  # [n_rep, Wv] each
   scratch = rest[2 + num_value_parts:]
   m_ref, l_ref = scratch[0], scratch[1]  # [n_rep, 1] f32
-  acc_refs = scratch[2:]  # [n_rep, Wv] f32 each
+  acc_refs = scratch[2:2 + num_value_parts]  # [n_rep, Wv] f32 each
+  q_bd_refs = scratch[2 + num_value_parts:]  # [n_rep*G, Wk] f32 each
 
   b = pl.program_id(0)
   split = pl.program_id(2)
@@ -109,6 +115,9 @@ def _decode_kernel(
     l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
     for acc_ref in acc_refs:
       acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+    for q_bd_ref, q_ref, mask_ref in zip(q_bd_refs, q_refs, group_mask_refs):
+      q_bd_ref[...] = jnp.dot(replicate_ref[...], q_ref[...], precision=_HIGHEST,
+                              preferred_element_type=jnp.float32) * mask_ref[...]
 
   length = lengths_ref[b]
   slot_lo, slot_hi = lo_ref[b], hi_ref[b]
@@ -120,8 +129,8 @@ def _decode_kernel(
     # Scores [n_rep, block_s].
     key_parts = _unpack_parts(k_codes_ref[...], key_bits)
     partial = None
-    for q_ref, codes in zip(q_refs, key_parts):
-      term = _dot_nt(q_ref[...], codes)  # [n_rep*G, block_s]
+    for q_bd_ref, codes in zip(q_bd_refs, key_parts):
+      term = _dot_nt(q_bd_ref[...], codes)  # [n_rep*G, block_s]
       partial = term if partial is None else partial + term
     scales_t = _dot_nt(tile_ref[...], k_scales_ref[...].astype(jnp.float32))
     scores = jnp.dot(head_sum_ref[...], partial * scales_t, precision=_HIGHEST,
@@ -162,15 +171,6 @@ def _decode_kernel(
       acc_out_ref[...] = acc_ref[...]
 
 
-def block_diagonal_queries(q_rot, kv_heads, group_size, scale):
-  """[B, Hq, D] -> [B, H, n_rep*G, D]: row r*G+j = scale * q~ of head r on group j's channels."""
-  b, hq, d = q_rot.shape
-  n_rep, g = hq // kv_heads, d // group_size
-  q = q_rot.astype(jnp.float32).reshape(b, kv_heads, n_rep, 1, d) * scale
-  in_group = (jnp.arange(d)[None, :] // group_size) == jnp.arange(g)[:, None]  # [G, D]
-  return jnp.where(in_group, q, 0.0).reshape(b, kv_heads, n_rep * g, d)
-
-
 def decode_attention_tpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *, key_bits=4,
                          value_bits=4, group_size=32, ring=False, window=None, scale=None,
                          softcap=None, block_s=None, num_splits=None, interpret=None):
@@ -198,20 +198,25 @@ def decode_attention_tpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *
                      f"got {block_s}")
   num_blocks = pl.cdiv(s, block_s)
   if num_splits is None:
-    num_splits = tuning.default_num_splits("tpu", b, h, num_blocks)
+    num_splits = tuning.default_num_splits("tpu", b, h, num_blocks, block_s)
   if num_splits < 1:
     raise ValueError(f"num_splits must be >= 1, got {num_splits}")
   num_splits = min(num_splits, num_blocks)
   blocks_per_split = pl.cdiv(num_blocks, num_splits)
 
-  q_bd = block_diagonal_queries(q_rot, h, group_size, scale)
-  if key_bits == 4:
-    q_parts = [q_bd[..., : d // 2], q_bd[..., d // 2:]]
-  else:
-    q_parts = [q_bd]
+  q = q_rot.astype(jnp.float32).reshape(b, h, n_rep, d) * scale
   rows = jnp.arange(n_rep * g)
-  tile = (rows[:, None] % g == jnp.arange(g)[None, :]).astype(jnp.float32)  # [nG, G]
+  row_group = rows % g
+  lane_group = jnp.arange(d) // group_size
+  group_mask = (row_group[:, None] == lane_group[None, :]).astype(jnp.float32)  # [nG, D]
+  if key_bits == 4:
+    q_parts = [q[..., : d // 2], q[..., d // 2:]]
+    mask_parts = [group_mask[:, : d // 2], group_mask[:, d // 2:]]
+  else:
+    q_parts, mask_parts = [q], [group_mask]
+  tile = (row_group[:, None] == jnp.arange(g)[None, :]).astype(jnp.float32)  # [nG, G]
   head_sum = (rows[None, :] // g == jnp.arange(n_rep)[:, None]).astype(jnp.float32)  # [R, nG]
+  replicate = head_sum.T  # [nG, R]
   lo, hi, base, write = _common.slot_bounds(lengths, s, ring=ring, window=window)
 
   def kv_index(bi, hi_, split, step, lengths_ref, lo_ref, hi_ref, base_ref, write_ref):
@@ -233,8 +238,9 @@ def decode_attention_tpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *
 
   kw = d // 2 if key_bits == 4 else d
   vw = d // 2 if value_bits == 4 else d
-  in_specs = [pl.BlockSpec(tile.shape, whole), pl.BlockSpec(head_sum.shape, whole)]
-  in_specs += [pl.BlockSpec((None, None, n_rep * g, qp.shape[-1]), per_head) for qp in q_parts]
+  constants = [tile, head_sum, replicate, *mask_parts]
+  in_specs = [pl.BlockSpec(c.shape, whole) for c in constants]
+  in_specs += [pl.BlockSpec((None, None, n_rep, qp.shape[-1]), per_head) for qp in q_parts]
   in_specs += [
       pl.BlockSpec((None, None, block_s, kw), kv_index),
       pl.BlockSpec((None, None, block_s, g), kv_index),
@@ -250,6 +256,7 @@ def decode_attention_tpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *
                for o in out_shape]
   scratch = [_compat.VMEM((n_rep, 1), jnp.float32), _compat.VMEM((n_rep, 1), jnp.float32)]
   scratch += [_compat.VMEM((n_rep, value_width), jnp.float32)] * num_value_parts
+  scratch += [_compat.VMEM((n_rep * g, qp.shape[-1]), jnp.float32) for qp in q_parts]
 
   kernel = functools.partial(
       _decode_kernel, key_bits=key_bits, value_bits=value_bits, group_size=group_size,
@@ -268,7 +275,7 @@ def decode_attention_tpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *
           dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
       interpret=interpret,
       name=f"decode_attention_k{key_bits}v{value_bits}_g{group_size}",
-  )(lengths.astype(jnp.int32), lo, hi, base, write, tile, head_sum, *q_parts,
+  )(lengths.astype(jnp.int32), lo, hi, base, write, *constants, *q_parts,
     k_codes, k_scales, v_codes, v_scales)
   m, l = outs[0][..., 0], outs[1][..., 0]
   acc = jnp.concatenate(outs[2:], axis=-1) if num_value_parts == 2 else outs[2]

@@ -76,10 +76,19 @@ def quantize_pack_block_n(target: str, head_dim: int) -> int:
                                                           head_dim))]
 
 
-def default_num_splits(target: str, batch: int, kv_heads: int, num_blocks: int) -> int:
+# Fewest cache slots worth a split of their own: every split writes and the
+# combine step reads back an [n_rep, D] float32 partial, which must stay small
+# next to the codes the split reads (512 int4 slots of D=128 are ~37 KB per K/V).
+MIN_SLOTS_PER_SPLIT = {"tpu": 1024, "gpu": 512}
+
+
+def default_num_splits(target: str, batch: int, kv_heads: int, num_blocks: int,
+                       block_s: int) -> int:
   """Split-K factor: enough (batch, head, split) programs to fill the chip.
 
-  Never more splits than blocks, so every split has work when the cache is full.
+  At most one split per MIN_SLOTS_PER_SPLIT slots of capacity and never more
+  splits than blocks, so every split has work when the cache is full.
   """
   wanted = -(-TARGET_PARALLEL_PROGRAMS[target] // max(batch * kv_heads, 1))
-  return max(1, min(wanted, num_blocks))
+  by_work = max(1, num_blocks * block_s // MIN_SLOTS_PER_SPLIT[target])
+  return max(1, min(wanted, by_work, num_blocks))
