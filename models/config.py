@@ -317,6 +317,11 @@ class ModelConfig:
     eot = meta.get("tokenizer.ggml.eot_token_id")
     if eot is not None and int(eot) not in eos_ids:
       eos_ids.append(int(eot))
+    # Chat models end a turn with a token the metadata does not always flag as EOS.
+    tokens = meta.get("tokenizer.ggml.tokens") or []
+    for i, text in enumerate(tokens):
+      if text in _END_OF_TURN_TOKENS and i not in eos_ids:
+        eos_ids.append(i)
     bos = meta.get("tokenizer.ggml.bos_token_id")
     add_bos = meta.get("tokenizer.ggml.add_bos_token")
     common = dict(vocab_size=int(vocab), hidden_size=hidden,
@@ -356,6 +361,9 @@ class ModelConfig:
                mlp_bias="blk.0.ffn_up.bias" in meta.tensor_names,
                tie_word_embeddings="output.weight" not in meta.tensor_names,
                add_bos=True if add_bos is None else bool(add_bos), **common)
+
+
+_END_OF_TURN_TOKENS = frozenset({"<end_of_turn>", "<|im_end|>", "<|endoftext|>", "<|eot_id|>"})
 
 
 def _gemma3(*, vocab, hidden, ffn, layers, heads, kv_heads, head_dim, query_pre_attn_scalar,
