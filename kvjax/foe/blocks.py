@@ -265,8 +265,8 @@ def cache_partition_specs(cache, batch_axes, head_axis):
   """PartitionSpecs for a kvjax cache: batch over `batch_axes`, KV heads over `head_axis`.
 
   Per docs/cache_layout.md: [B, H, ...] arrays (codes, scales, dense k/v) split on both;
-  [B] arrays (lengths, overflow, ring write index) on batch; per-head rotations and
-  lambdas [Hr, ...] split on heads when Hr is the head count, replicated when Hr == 1.
+  [B] arrays (lengths, overflow) on batch; per-head parameters [Hr, ...] (rotations,
+  lambdas, key means) split on heads when Hr is the head count, replicated when Hr == 1.
   """
   if cache is None:
     return None
@@ -280,13 +280,17 @@ def cache_partition_specs(cache, batch_axes, head_axis):
 
   def spec(path, leaf):
     name = getattr(path[-1], "name", getattr(path[-1], "key", str(path[-1])))
-    if name.endswith("_rotation") or name.endswith("_lambda"):
-      return P(head_axis) if leaf.shape[0] == num_heads and num_heads > 1 else P()
-    if leaf.ndim >= 2:
-      return P(batch_axes, head_axis)
-    if leaf.ndim == 1:
-      return P(batch_axes)
-    return P()
+    if name in ("k", "v") or name.endswith("_codes") or name.endswith("_scales"):
+      return P(batch_axes, head_axis)  # per-token storage [B, H, S, ...]
+    if leaf.ndim <= 1:
+      return P(batch_axes) if leaf.ndim == 1 else P()  # per-sequence: lengths, overflow
+    # Anything else is a per-head parameter [Hr, ...] (rotation, lambda, key mean).
+    if leaf.shape[0] == num_heads and num_heads > 1:
+      return P(head_axis)
+    if leaf.shape[0] == 1:
+      return P()
+    raise ValueError(f"cache field {name!r} has shape {leaf.shape}; expected a leading "
+                     f"per-head axis of 1 or num_kv_heads={num_heads}")
 
   return jax.tree_util.tree_map_with_path(spec, cache)
 

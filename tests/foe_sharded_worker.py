@@ -1,0 +1,183 @@
+"""Runs in its own process with 8 simulated CPU devices (started by test_foe_sharded.py).
+
+Usage: python foe_sharded_worker.py CLUSTERS OUT_JSON
+
+Builds a (CLUSTERS, 8 // CLUSTERS) mesh and measures, on fresh random inputs, the worst
+per-row error of each sharded block against its single-device reference: outputs, router
+losses, gradients (every parameter and the input), and prefill + decode through a dense and
+an int4 kvjax cache. On the 2x4 mesh it also reads the collectives of both compiled blocks.
+The test process applies the bounds; this script only measures.
+"""
+
+import functools
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = " ".join(
+    [f for f in os.environ.get("XLA_FLAGS", "").split()
+     if not f.startswith("--xla_force_host_platform_device_count")]
+    + ["--xla_force_host_platform_device_count=8"])
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import numpy as np  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import kvjax  # noqa: E402
+from kvjax import foe  # noqa: E402
+from kvjax.foe import hlo  # noqa: E402
+
+
+def row_error(got, want) -> float:
+  """Worst over rows (last axis) of max|got - want| / max(1, max|want|) in that row."""
+  got = np.asarray(got, np.float64).reshape(-1, np.shape(want)[-1] if np.ndim(want) else 1)
+  want = np.asarray(want, np.float64).reshape(got.shape)
+  scale = np.maximum(1.0, np.max(np.abs(want), axis=-1))
+  return float(np.max(np.max(np.abs(got - want), axis=-1) / scale))
+
+
+def tree_errors(got, want) -> dict:
+  flat_got = jax.tree_util.tree_flatten_with_path(got)[0]
+  flat_want = jax.tree.leaves(want)
+  return {jax.tree_util.keystr(path): row_error(g, w)
+          for (path, g), w in zip(flat_got, flat_want)}
+
+
+def cache_kinds(clusters):
+  # The int4 cache on every mesh (the FoE decode path); the dense one on the 2x4 mesh only,
+  # to keep the number of compilations down (its math is also checked on one device).
+  kinds = [("int4", kvjax.QuantConfig())]
+  return [("dense", None)] + kinds if clusters == 2 else kinds
+
+
+def loss_of(out, aux, cotangent):
+  return jnp.sum(out * cotangent) + aux["load_balancing_loss"] + 0.1 * aux["z_loss"]
+
+
+def check_foe(mesh, clusters, experts_axis, keys):
+  cfg = foe.FoEConfig(d_model=64, num_q_heads=2 * clusters, num_kv_heads=clusters,
+                      head_dim=32, num_clusters=clusters, experts_per_cluster=2 * experts_axis,
+                      top_k=2, d_ff=48, capacity_factor=1.0)
+  batch, seq = 2 * experts_axis, 8
+  params = foe.init_foe_params(keys[0], cfg)
+  residual = jax.random.normal(keys[1], (clusters, batch, seq, cfg.d_model))
+  cotangent = jax.random.normal(keys[2], residual.shape)
+  block = foe.make_foe_block(cfg, mesh)
+  p_sh, r_sh, _ = foe.shard_foe_inputs(mesh, params, residual)
+  out, _, aux = block(p_sh, r_sh)
+  reference = jax.jit(functools.partial(foe.foe_block_reference, cfg=cfg,
+                                        token_groups=experts_axis))
+  ref, _, aux_ref = reference(params, residual)
+  result = {"forward": row_error(out, ref),
+            "aux": {k: abs(float(aux[k]) - float(aux_ref[k])) for k in aux_ref},
+            "dropped_fraction": float(aux_ref["dropped_fraction"])}
+
+  def loss_sharded(p, r):
+    o, _, a = block(p, r)
+    return loss_of(o, a, cotangent)
+
+  def loss_reference(p, r):
+    o, _, a = reference(p, r)
+    return loss_of(o, a, cotangent)
+
+  g_sh = jax.jit(jax.grad(loss_sharded, argnums=(0, 1)))(p_sh, r_sh)
+  g_ref = jax.jit(jax.grad(loss_reference, argnums=(0, 1)))(params, residual)
+  result["grad"] = tree_errors({"params": g_sh[0], "residual": g_sh[1]},
+                               {"params": g_ref[0], "residual": g_ref[1]})
+
+  result["cache"] = {}
+  cached_block = foe.make_foe_block(cfg, mesh, with_cache=True)
+  step = jax.random.normal(keys[3], (clusters, batch, 1, cfg.d_model))
+  for name, quant in cache_kinds(clusters):
+    cache = kvjax.init_cache(batch, clusters, 16, cfg.head_dim, quant=quant, dtype=jnp.float32)
+    ref1, ref_cache, _ = reference(params, residual, cache=cache)
+    ref2, _, _ = reference(params, step, cache=ref_cache)
+    p_sh, r_sh, c_sh = foe.shard_foe_inputs(mesh, params, residual, cache)
+    out1, c1, _ = cached_block(p_sh, r_sh, c_sh)
+    out2, c2, _ = cached_block(p_sh, foe.shard_foe_inputs(mesh, params, step)[1], c1)
+    result["cache"][name] = {"prefill": row_error(out1, ref1), "decode": row_error(out2, ref2),
+                             "lengths": np.asarray(c2.lengths).tolist()}
+  return result
+
+
+def check_baseline(mesh, clusters, experts_axis, keys):
+  devices = clusters * experts_axis
+  cfg = foe.MoEConfig(d_model=64, num_q_heads=4, num_kv_heads=2, head_dim=32,
+                      num_experts=2 * devices, top_k=2, d_ff=48, capacity_factor=1.0)
+  batch, seq = devices, 8
+  params = foe.init_moe_params(keys[0], cfg)
+  x = jax.random.normal(keys[1], (batch, seq, cfg.d_model))
+  cotangent = jax.random.normal(keys[2], x.shape)
+  block = foe.make_moe_block(cfg, mesh)
+  p_sh, x_sh, _ = foe.shard_moe_inputs(mesh, params, x)
+  out, _, aux = block(p_sh, x_sh)
+  reference = jax.jit(functools.partial(foe.moe_block_reference, cfg=cfg,
+                                        token_groups=devices))
+  ref, _, aux_ref = reference(params, x)
+  result = {"forward": row_error(out, ref),
+            "aux": {k: abs(float(aux[k]) - float(aux_ref[k])) for k in aux_ref},
+            "dropped_fraction": float(aux_ref["dropped_fraction"])}
+
+  def loss_sharded(p, x_):
+    o, _, a = block(p, x_)
+    return loss_of(o, a, cotangent)
+
+  def loss_reference(p, x_):
+    o, _, a = reference(p, x_)
+    return loss_of(o, a, cotangent)
+
+  g_sh = jax.jit(jax.grad(loss_sharded, argnums=(0, 1)))(p_sh, x_sh)
+  g_ref = jax.jit(jax.grad(loss_reference, argnums=(0, 1)))(params, x)
+  result["grad"] = tree_errors({"params": g_sh[0], "x": g_sh[1]},
+                               {"params": g_ref[0], "x": g_ref[1]})
+  result["cache"] = {}
+  cached_block = foe.make_moe_block(cfg, mesh, with_cache=True)
+  step = jax.random.normal(keys[3], (batch, 1, cfg.d_model))
+  for name, quant in cache_kinds(clusters):
+    cache = kvjax.init_cache(batch, cfg.num_kv_heads, 16, cfg.head_dim, quant=quant,
+                             dtype=jnp.float32)
+    ref1, ref_cache, _ = reference(params, x, cache=cache)
+    ref2, _, _ = reference(params, step, cache=ref_cache)
+    p_sh, x_sh, c_sh = foe.shard_moe_inputs(mesh, params, x, cache)
+    out1, c1, _ = cached_block(p_sh, x_sh, c_sh)
+    out2, c2, _ = cached_block(p_sh, foe.shard_moe_inputs(mesh, params, step)[1], c1)
+    result["cache"][name] = {"prefill": row_error(out1, ref1), "decode": row_error(out2, ref2),
+                             "lengths": np.asarray(c2.lengths).tolist()}
+  return result
+
+
+def collectives_2x4(mesh):
+  """Collective rows of the compiled inference blocks (no aux) on the 2x4 mesh."""
+  cfg = foe.FoEConfig(d_model=64, num_q_heads=4, num_kv_heads=2, head_dim=32, num_clusters=2,
+                      experts_per_cluster=8, top_k=2, d_ff=48)
+  batch, seq = 8, 8
+  residual = jax.random.normal(jax.random.key(7), (2, batch, seq, cfg.d_model))
+  x = residual[0]
+  foe_in = foe.shard_foe_inputs(mesh, foe.init_foe_params(jax.random.key(8), cfg), residual)
+  base_cfg = cfg.matched_baseline()
+  base_in = foe.shard_moe_inputs(mesh, foe.init_moe_params(jax.random.key(9), base_cfg), x)
+  texts = {
+      "foe": foe.make_foe_block(cfg, mesh, with_aux=False).lower(*foe_in[:2]).compile().as_text(),
+      "baseline": foe.make_moe_block(base_cfg, mesh, with_aux=False).lower(
+          *base_in[:2]).compile().as_text()}
+  return {name: hlo.table_rows(hlo.collectives(text, 8), 4) for name, text in texts.items()} | {
+      "residual_bytes_per_device": batch // 4 * seq * cfg.d_model * 4}
+
+
+def main():
+  clusters, out_path = int(sys.argv[1]), sys.argv[2]
+  mesh = foe.make_foe_mesh(8, clusters)
+  experts_axis = 8 // clusters
+  keys = jax.random.split(jax.random.key(100 + clusters), 8)
+  result = {"devices": jax.device_count(),
+            "foe": check_foe(mesh, clusters, experts_axis, keys[:4]),
+            "baseline": check_baseline(mesh, clusters, experts_axis, keys[4:])}
+  if clusters == 2:
+    result["collectives"] = collectives_2x4(mesh)
+  with open(out_path, "w") as f:
+    json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
