@@ -18,11 +18,12 @@ def quantize_heads(x, rotation, lam, *, bits, group_size, scale_dtype):
   """Fused rotate+quantize+pack of x [B, T, H, D] with per-head params [Hr, D, D], [Hr, D]."""
   pk = _kernels()
   b, t, h, d = x.shape
-  hr = rotation.shape[0]
-  if hr == 1:
+  if rotation.shape[0] == 1 and lam.shape[0] == 1:
     codes, scales = pk.quantize_pack(x.reshape(b * t * h, d), rotation[0], lam[0], bits=bits,
                                      group_size=group_size, scale_dtype=scale_dtype)
     return codes.reshape(b, t, h, -1), scales.reshape(b, t, h, -1)
+  rotation = jnp.broadcast_to(rotation, (h, d, d))
+  lam = jnp.broadcast_to(lam, (h, d))
   outs = [pk.quantize_pack(x[:, :, i].reshape(b * t, d), rotation[i], lam[i], bits=bits,
                            group_size=group_size, scale_dtype=scale_dtype) for i in range(h)]
   codes = jnp.stack([c.reshape(b, t, -1) for c, _ in outs], axis=2)
