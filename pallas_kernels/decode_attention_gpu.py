@@ -17,9 +17,10 @@ time with a dynamic trip count, so blocks past a sequence's length are never
 loaded. The n_rep query heads of the KV head are processed together (rows of
 the matmuls, padded to 16 for the tensor cores).
 
-Per block and per scale group j (g channels, contiguous in the split-halves
-layout: low nibbles of bytes [j*g, (j+1)*g) for the first half of the channels,
-high nibbles for the second):
+Per block, each code byte is loaded once: a [block_s, w] byte tile (w = min(g, D/2))
+holds in its low nibbles the channels of one scale group from the first half of
+the split-halves layout and in its high nibbles a group from the second half
+(8-bit: one group per tile). For each group j:
   scores += s[:, j] * (q~_j . codes_j^T)          keys, no dequantized K
   acc_j  += (p * s_v[:, j]) . codes_j              values, scale folded into p
 Codes are exact in bfloat16, so every matmul runs on bf16 tensor cores; the f32
@@ -45,35 +46,33 @@ from kvjax.pallas_kernels import tuning
 _MIN_DOT_DIM = 16
 
 
-def group_segments(head_dim, group_size, bits):
-  """Where each scale group's codes live in a packed row.
+def code_tiles(head_dim, group_size, bits):
+  """How the kernel walks a packed row: byte tiles, each loaded once per block.
 
-  Returns one tuple per group j: segments (nibble, byte_start, width,
-  channel_start), nibble in {"low", "high", None (int8)}. A group lies in one
-  half of the split-halves layout unless group_size > D/2 (then it is both halves).
+  Returns tuples (byte_start, width, nibbles), nibbles a tuple of (nibble, group,
+  channel_start) with nibble in {"low", "high", "none" (int8)}: the tile's low
+  nibbles are channels [byte_start, byte_start + width) and its high nibbles
+  channels [D/2 + byte_start, ...), each inside one scale group.
   """
+  if bits == 8:
+    return tuple((start, group_size, (("none", start // group_size, start),))
+                 for start in range(0, head_dim, group_size))
   half = head_dim // 2
-  groups = []
-  for j in range(head_dim // group_size):
-    start, stop = j * group_size, (j + 1) * group_size
-    if bits == 8:
-      groups.append((("none", start, group_size, start),))
-      continue
-    segments = []
-    if start < half:
-      segments.append(("low", start, min(stop, half) - start, start))
-    if stop > half:
-      lo = max(start, half)
-      segments.append(("high", lo - half, stop - lo, lo))
-    groups.append(tuple(segments))
-  return tuple(groups)
+  width = min(group_size, half)
+  return tuple((start, width, (("low", start // group_size, start),
+                               ("high", (half + start) // group_size, half + start)))
+               for start in range(0, half, width))
 
 
-def _load_codes(ref, rows, valid_rows, nibble, byte_start, width):
-  """[block_s, width] codes as bfloat16 (exact), rows past S read as 0."""
+def _load_tile(ref, rows, valid_rows, byte_start, width):
+  """[block_s, width] code bytes widened to int32; rows past S read as 0."""
   raw = _compat.pltriton.load(ref.at[rows, pl.ds(byte_start, width)],
                               mask=valid_rows[:, None], other=0)
-  widened = raw.astype(jnp.int32)
+  return raw.astype(jnp.int32)
+
+
+def _codes(widened, nibble):
+  """int32 code bytes -> bfloat16 codes (exact) of one nibble half (or int8 codes)."""
   if nibble == "low":
     widened = (widened << 28) >> 28
   elif nibble == "high":
@@ -98,7 +97,7 @@ def _dot_f32_codes(x_parts, codes, contract_codes_dim):
 
 
 def _decode_kernel(
-    q_ref,  # [R, D] float32: scaled q~ of the KV head's R query heads
+    q_ref,  # [R, D] q~ of the KV head's R query heads
     k_codes_ref,  # [S, D/2] uint8 | [S, D] int8
     k_scales_ref,  # [S, G]
     v_codes_ref,  # [S, D/2] uint8 | [S, D] int8
@@ -107,7 +106,8 @@ def _decode_kernel(
     acc_out_ref,  # [R, D] float32
     m_out_ref,  # [R] float32
     l_out_ref,  # [R] float32
-    *, rows_pad, key_groups, value_groups, block_s, split_slots, capacity, window, softcap):
+    *, rows_pad, key_tiles, value_tiles, block_s, split_slots, capacity, window, softcap,
+    scale):
   b = pl.program_id(0)
   split = pl.program_id(2)
   length = lengths_ref[b]
@@ -122,11 +122,11 @@ def _decode_kernel(
   n_rep = q_ref.shape[0]
   real_rows = jnp.arange(rows_pad) < n_rep
   q_segments = {}
-  for segments in key_groups:
-    for _, _, width, channel in segments:
+  for _, width, nibbles in key_tiles:
+    for _, _, channel in nibbles:
       q_tile = _compat.pltriton.load(q_ref.at[pl.ds(0, rows_pad), pl.ds(channel, width)],
                                      mask=real_rows[:, None], other=0.0)
-      q_segments[channel] = _split_bf16(q_tile)
+      q_segments[channel] = _split_bf16(q_tile.astype(jnp.float32) * scale)
 
   def body(block, carry):
     m_prev, l_prev, accs = carry
@@ -134,14 +134,16 @@ def _decode_kernel(
     slots = start + jnp.arange(block_s, dtype=jnp.int32)
     rows = pl.ds(start, block_s)
     in_cache = slots < capacity
+    partials = {}  # scale group -> [rows_pad, block_s] unscaled partial dots
+    for byte_start, width, nibbles in key_tiles:
+      tile = _load_tile(k_codes_ref, rows, in_cache, byte_start, width)
+      for nibble, group, channel in nibbles:
+        term = _dot_f32_codes(q_segments[channel], _codes(tile, nibble), contract_codes_dim=1)
+        partials[group] = term if group not in partials else partials[group] + term
     scores = jnp.zeros((rows_pad, block_s), jnp.float32)
-    for j, segments in enumerate(key_groups):
-      partial = None
-      for nibble, byte_start, width, channel in segments:
-        codes = _load_codes(k_codes_ref, rows, in_cache, nibble, byte_start, width)
-        term = _dot_f32_codes(q_segments[channel], codes, contract_codes_dim=1)
-        partial = term if partial is None else partial + term
-      group_scale = _compat.pltriton.load(k_scales_ref.at[rows, jnp.int32(j)], mask=in_cache, other=0)
+    for group, partial in sorted(partials.items()):
+      group_scale = _compat.pltriton.load(k_scales_ref.at[rows, jnp.int32(group)],
+                                          mask=in_cache, other=0)
       scores += partial * group_scale.astype(jnp.float32)[None, :]
     if softcap is not None:
       scores = softcap * jnp.tanh(scores / softcap)
@@ -151,21 +153,27 @@ def _decode_kernel(
     probs = jnp.exp(scores - m_next[:, None])  # exactly 0 where masked
     correction = jnp.exp(m_prev - m_next)
     l_next = correction * l_prev + jnp.sum(probs, axis=1)
+    weighted = {}  # scale group -> bf16 (high, low) parts of p * s_v[:, group]
+    for _, _, nibbles in value_tiles:
+      for _, group, _ in nibbles:
+        if group in weighted:
+          continue
+        group_scale = _compat.pltriton.load(v_scales_ref.at[rows, jnp.int32(group)],
+                                            mask=in_cache, other=0)
+        # Invisible slots may hold stale or never-written scales (even NaN).
+        weighted[group] = _split_bf16(
+            jnp.where(visible, probs * group_scale.astype(jnp.float32)[None, :], 0.0))
     new_accs = []
     acc_iter = iter(accs)
-    for j, segments in enumerate(value_groups):
-      group_scale = _compat.pltriton.load(v_scales_ref.at[rows, jnp.int32(j)], mask=in_cache, other=0)
-      # Invisible slots may hold stale or never-written scales (even NaN).
-      weighted = jnp.where(visible, probs * group_scale.astype(jnp.float32)[None, :], 0.0)
-      weighted_parts = _split_bf16(weighted)
-      for nibble, byte_start, width, _ in segments:
-        codes = _load_codes(v_codes_ref, rows, in_cache, nibble, byte_start, width)
-        new_accs.append(correction[:, None] * next(acc_iter) +
-                        _dot_f32_codes(weighted_parts, codes, contract_codes_dim=0))
+    for byte_start, width, nibbles in value_tiles:
+      tile = _load_tile(v_codes_ref, rows, in_cache, byte_start, width)
+      for nibble, group, _ in nibbles:
+        new_accs.append(correction[:, None] * next(acc_iter) + _dot_f32_codes(
+            weighted[group], _codes(tile, nibble), contract_codes_dim=0))
     return m_next, l_next, tuple(new_accs)
 
   init_accs = tuple(jnp.zeros((rows_pad, width), jnp.float32)
-                    for segments in value_groups for _, _, width, _ in segments)
+                    for _, width, nibbles in value_tiles for _ in nibbles)
   m0 = jnp.full((rows_pad,), _common.NO_SCORE_YET, jnp.float32)
   l0 = jnp.zeros((rows_pad,), jnp.float32)
   m, l, accs = lax.fori_loop(first_block, end_block, body, (m0, l0, init_accs))
@@ -173,8 +181,8 @@ def _decode_kernel(
   store(m_out_ref.at[pl.ds(0, rows_pad)], m, mask=real_rows)
   store(l_out_ref.at[pl.ds(0, rows_pad)], l, mask=real_rows)
   acc_iter = iter(accs)
-  for segments in value_groups:
-    for _, _, width, channel in segments:
+  for _, width, nibbles in value_tiles:
+    for _, _, channel in nibbles:
       store(acc_out_ref.at[pl.ds(0, rows_pad), pl.ds(channel, width)], next(acc_iter),
             mask=real_rows[:, None])
 
@@ -213,14 +221,15 @@ def decode_attention_gpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *
   split_slots = pl.cdiv(num_blocks, num_splits) * block_s
 
   rows_pad = max(_MIN_DOT_DIM, pl.next_power_of_2(n_rep))
-  q = (q_rot.astype(jnp.float32) * scale).reshape(b, h, n_rep, d)
+  # A free reshape: the kernel reads q~ straight from the caller's buffer.
+  q = q_rot.reshape(b, h, n_rep, d)
   lo, hi, base, write = _common.slot_bounds(lengths, s, ring=ring, window=window)
 
   kernel = functools.partial(
-      _decode_kernel, rows_pad=rows_pad, key_groups=group_segments(d, group_size, key_bits),
-      value_groups=group_segments(d, group_size, value_bits), block_s=block_s,
+      _decode_kernel, rows_pad=rows_pad, key_tiles=code_tiles(d, group_size, key_bits),
+      value_tiles=code_tiles(d, group_size, value_bits), block_s=block_s,
       split_slots=split_slots, capacity=s, window=window,
-      softcap=None if softcap is None else float(softcap))
+      softcap=None if softcap is None else float(softcap), scale=scale)
   per_head = lambda bi, hi_, split: (bi, hi_, 0, 0)
   per_split = lambda bi, hi_, split: (bi, hi_, split, 0)
   whole = lambda bi, hi_, split: (0,)

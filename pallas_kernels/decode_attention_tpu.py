@@ -85,12 +85,11 @@ def _decode_kernel(
     replicate_ref,  # [n_rep*G, n_rep] 0/1: row r*G+j copies head r
     *refs,
     key_bits, value_bits, group_size, block_s, blocks_per_split, capacity, window, softcap,
-    n_rep, head_dim):
+    scale, n_rep, head_dim):
   num_key_parts = 2 if key_bits == 4 else 1
   num_value_parts = 2 if value_bits == 4 else 1
-  group_mask_refs = refs[:num_key_parts]  # each [n_rep*G, Wk] 0/1: lane in row's group
-  q_refs = refs[num_key_parts:2 * num_key_parts]  # each [n_rep, Wk] scaled q~ channels
-  refs = refs[2 * num_key_parts:]
+  q_refs = refs[:num_key_parts]  # each [n_rep, Wk] q~ channels
+  refs = refs[num_key_parts:]
   (k_codes_ref,  # [block_s, D/2] uint8 | [block_s, D] int8
    k_scales_ref,  # [block_s, G]
    v_codes_ref,  # [block_s, D/2] uint8 | [block_s, D] int8
@@ -115,9 +114,16 @@ def _decode_kernel(
     l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
     for acc_ref in acc_refs:
       acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
-    for q_bd_ref, q_ref, mask_ref in zip(q_bd_refs, q_refs, group_mask_refs):
-      q_bd_ref[...] = jnp.dot(replicate_ref[...], q_ref[...], precision=_HIGHEST,
-                              preferred_element_type=jnp.float32) * mask_ref[...]
+    key_width = q_refs[0].shape[1]
+    for part, (q_bd_ref, q_ref) in enumerate(zip(q_bd_refs, q_refs)):
+      # Row r*G+j keeps head r's lanes of group j: [nG, G] @ [G, Wk] 0/1 matmul.
+      expand = _group_expansion(num_groups, key_width, part * key_width, group_size)
+      in_group = jnp.dot(tile_ref[...], expand, precision=_HIGHEST,
+                         preferred_element_type=jnp.float32)
+      # The logit scale is folded in here, once per program.
+      q_bd_ref[...] = jnp.dot(replicate_ref[...], q_ref[...].astype(jnp.float32),
+                              precision=_HIGHEST, preferred_element_type=jnp.float32) * (
+                                  in_group * scale)
 
   length = lengths_ref[b]
   slot_lo, slot_hi = lo_ref[b], hi_ref[b]
@@ -204,17 +210,11 @@ def decode_attention_tpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *
   num_splits = min(num_splits, num_blocks)
   blocks_per_split = pl.cdiv(num_blocks, num_splits)
 
-  q = q_rot.astype(jnp.float32).reshape(b, h, n_rep, d) * scale
+  # A free reshape: the kernel reads q~ straight from the caller's buffer.
+  q = q_rot.reshape(b, h, n_rep, d)
   rows = jnp.arange(n_rep * g)
-  row_group = rows % g
-  lane_group = jnp.arange(d) // group_size
-  group_mask = (row_group[:, None] == lane_group[None, :]).astype(jnp.float32)  # [nG, D]
-  if key_bits == 4:
-    q_parts = [q[..., : d // 2], q[..., d // 2:]]
-    mask_parts = [group_mask[:, : d // 2], group_mask[:, d // 2:]]
-  else:
-    q_parts, mask_parts = [q], [group_mask]
-  tile = (row_group[:, None] == jnp.arange(g)[None, :]).astype(jnp.float32)  # [nG, G]
+  q_parts = [q[..., : d // 2], q[..., d // 2:]] if key_bits == 4 else [q]
+  tile = (rows[:, None] % g == jnp.arange(g)[None, :]).astype(jnp.float32)  # [nG, G]
   head_sum = (rows[None, :] // g == jnp.arange(n_rep)[:, None]).astype(jnp.float32)  # [R, nG]
   replicate = head_sum.T  # [nG, R]
   lo, hi, base, write = _common.slot_bounds(lengths, s, ring=ring, window=window)
@@ -238,7 +238,7 @@ def decode_attention_tpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *
 
   kw = d // 2 if key_bits == 4 else d
   vw = d // 2 if value_bits == 4 else d
-  constants = [tile, head_sum, replicate, *mask_parts]
+  constants = [tile, head_sum, replicate]
   in_specs = [pl.BlockSpec(c.shape, whole) for c in constants]
   in_specs += [pl.BlockSpec((None, None, n_rep, qp.shape[-1]), per_head) for qp in q_parts]
   in_specs += [
@@ -261,7 +261,8 @@ def decode_attention_tpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *
   kernel = functools.partial(
       _decode_kernel, key_bits=key_bits, value_bits=value_bits, group_size=group_size,
       block_s=block_s, blocks_per_split=blocks_per_split, capacity=s, window=window,
-      softcap=None if softcap is None else float(softcap), n_rep=n_rep, head_dim=d)
+      softcap=None if softcap is None else float(softcap), scale=scale, n_rep=n_rep,
+      head_dim=d)
   outs = pl.pallas_call(
       kernel,
       grid_spec=_compat.PrefetchScalarGridSpec(
