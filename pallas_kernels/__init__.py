@@ -23,7 +23,8 @@ from kvjax.pallas_kernels.reference import decode_attention_reference
 
 def decode_attention(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *, key_bits=4,
                      value_bits=4, group_size=32, ring=False, window=None, scale=None,
-                     softcap=None, backend=None, interpret=None, block_s=None, num_splits=None):
+                     softcap=None, logit_offset=None, backend=None, interpret=None, block_s=None,
+                     num_splits=None):
   """One decode step of attention over a quantized cache, in the rotated domain.
 
   Args:
@@ -37,6 +38,9 @@ def decode_attention(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *, ke
     ring: the cache is a ring buffer of capacity S (sliding-window layer).
     window: None or the sliding window in tokens.
     scale: logit scale (default D ** -0.5); softcap: None or c for c * tanh(x / c).
+    logit_offset: None or [B, Hq] float added to every logit of a query after the
+      scale, before the soft-cap: pass scale * (q . k_mean) when keys are stored
+      minus a per-channel mean and a soft-cap is used (softmax alone ignores it).
     backend: "tpu" (Mosaic), "gpu" (Triton) or None to follow
       `jax.default_backend()` (the TPU kernel when interpreting on the CPU).
     interpret: None (interpret on CPU only), a bool, or for the TPU kernel a
@@ -51,7 +55,8 @@ def decode_attention(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *, ke
   kernel = decode_attention_gpu if backend == "gpu" else decode_attention_tpu
   return kernel(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, key_bits=key_bits,
                 value_bits=value_bits, group_size=group_size, ring=ring, window=window,
-                scale=scale, softcap=softcap, block_s=block_s, num_splits=num_splits,
+                scale=scale, softcap=softcap, logit_offset=logit_offset, block_s=block_s,
+                num_splits=num_splits,
                 interpret=interpret)
 
 

@@ -78,6 +78,17 @@ def validate_decode_inputs(q_rot, k_codes, k_scales, v_codes, v_scales, lengths,
   return DecodeShapes(b, hq, h, s, d, hq // h, g, g)
 
 
+def validate_logit_offset(logit_offset, batch, q_heads):
+  """None, or a float [B, Hq] array (added to every logit of a query)."""
+  if logit_offset is None:
+    return None
+  if logit_offset.shape != (batch, q_heads) or not jnp.issubdtype(logit_offset.dtype,
+                                                                 jnp.floating):
+    raise ValueError(f"logit_offset must be a float [B, Hq] = {(batch, q_heads)} array, got "
+                     f"{logit_offset.shape} {logit_offset.dtype}")
+  return logit_offset.astype(jnp.float32)
+
+
 def default_scale(head_dim, scale):
   return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
 

@@ -103,11 +103,14 @@ def _decode_kernel(
     v_codes_ref,  # [S, D/2] uint8 | [S, D] int8
     v_scales_ref,  # [S, G]
     lengths_ref, lo_ref, hi_ref, base_ref, write_ref,  # [B] int32 each
-    acc_out_ref,  # [R, D] float32
-    m_out_ref,  # [R] float32
-    l_out_ref,  # [R] float32
-    *, rows_pad, key_tiles, value_tiles, block_s, split_slots, capacity, window, softcap,
-    scale):
+    *refs,  # [offset_ref [R] float32,] acc_out_ref [R, D], m_out_ref [R], l_out_ref [R]
+    rows_pad, key_tiles, value_tiles, block_s, split_slots, capacity, window, softcap,
+    scale, has_offset):
+  if has_offset:
+    offset_ref, acc_out_ref, m_out_ref, l_out_ref = refs
+  else:
+    offset_ref = None
+    acc_out_ref, m_out_ref, l_out_ref = refs
   b = pl.program_id(0)
   split = pl.program_id(2)
   length = lengths_ref[b]
@@ -127,6 +130,10 @@ def _decode_kernel(
       q_tile = _compat.pltriton.load(q_ref.at[pl.ds(0, rows_pad), pl.ds(channel, width)],
                                      mask=real_rows[:, None], other=0.0)
       q_segments[channel] = _split_bf16(q_tile.astype(jnp.float32) * scale)
+  offset = None
+  if offset_ref is not None:
+    offset = _compat.pltriton.load(offset_ref.at[pl.ds(0, rows_pad)], mask=real_rows,
+                                   other=0.0)
 
   def body(block, carry):
     m_prev, l_prev, accs = carry
@@ -145,6 +152,8 @@ def _decode_kernel(
       group_scale = _compat.pltriton.load(k_scales_ref.at[rows, jnp.int32(group)],
                                           mask=in_cache, other=0)
       scores += partial * group_scale.astype(jnp.float32)[None, :]
+    if offset is not None:
+      scores = scores + offset[:, None]
     if softcap is not None:
       scores = softcap * jnp.tanh(scores / softcap)
     visible = _common.slot_visible(slots, length, base, write, capacity, window)[None, :]
@@ -189,8 +198,8 @@ def _decode_kernel(
 
 def decode_attention_gpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *, key_bits=4,
                          value_bits=4, group_size=32, ring=False, window=None, scale=None,
-                         softcap=None, block_s=None, num_splits=None, num_warps=4, num_stages=2,
-                         interpret=None):
+                         softcap=None, logit_offset=None, block_s=None, num_splits=None,
+                         num_warps=4, num_stages=2, interpret=None):
   """Decode attention over a quantized cache with the Triton GPU kernel.
 
   Arguments and result as `decode_attention_reference` ([B, Hq, D] float32 in the
@@ -206,6 +215,7 @@ def decode_attention_gpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *
   scale = _common.default_scale(shapes.head_dim, scale)
   b, h, s, d = shapes.batch, shapes.kv_heads, shapes.capacity, shapes.head_dim
   n_rep = shapes.n_rep
+  logit_offset = _common.validate_logit_offset(logit_offset, b, shapes.q_heads)
   if d & (d - 1):
     raise ValueError(f"the GPU kernel needs a power-of-two head_dim (Triton tiles), got {d}")
   if block_s is None:
@@ -229,7 +239,8 @@ def decode_attention_gpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *
       _decode_kernel, rows_pad=rows_pad, key_tiles=code_tiles(d, group_size, key_bits),
       value_tiles=code_tiles(d, group_size, value_bits), block_s=block_s,
       split_slots=split_slots, capacity=s, window=window,
-      softcap=None if softcap is None else float(softcap), scale=scale)
+      softcap=None if softcap is None else float(softcap), scale=scale,
+      has_offset=logit_offset is not None)
   per_head = lambda bi, hi_, split: (bi, hi_, 0, 0)
   per_split = lambda bi, hi_, split: (bi, hi_, split, 0)
   whole = lambda bi, hi_, split: (0,)
@@ -243,7 +254,9 @@ def decode_attention_gpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *
           pl.BlockSpec((None, None, s, g), per_head),
           pl.BlockSpec((None, None, s, v_codes.shape[-1]), per_head),
           pl.BlockSpec((None, None, s, g), per_head),
-      ] + [pl.BlockSpec((b,), whole)] * 5,
+      ] + [pl.BlockSpec((b,), whole)] * 5 +
+      ([pl.BlockSpec((None, None, n_rep), lambda bi, hi_, split: (bi, hi_, 0))]
+       if logit_offset is not None else []),
       out_specs=[
           pl.BlockSpec((None, None, None, n_rep, d), lambda bi, hi_, sp: (bi, hi_, sp, 0, 0)),
           pl.BlockSpec((None, None, None, n_rep), per_split),
@@ -257,6 +270,7 @@ def decode_attention_gpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *
       compiler_params=_compat.TritonCompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name=f"decode_attention_k{key_bits}v{value_bits}_g{group_size}",
-  )(q, k_codes, k_scales, v_codes, v_scales, lengths.astype(jnp.int32), lo, hi, base, write)
+  )(q, k_codes, k_scales, v_codes, v_scales, lengths.astype(jnp.int32), lo, hi, base, write,
+    *([] if logit_offset is None else [logit_offset.reshape(b, h, n_rep)]))
   out = _common.combine_splits(m, l, acc)
   return out.reshape(b, shapes.q_heads, d)

@@ -85,11 +85,14 @@ def _decode_kernel(
     replicate_ref,  # [n_rep*G, n_rep] 0/1: row r*G+j copies head r
     *refs,
     key_bits, value_bits, group_size, block_s, blocks_per_split, capacity, window, softcap,
-    scale, n_rep, head_dim):
+    scale, n_rep, head_dim, has_offset):
   num_key_parts = 2 if key_bits == 4 else 1
   num_value_parts = 2 if value_bits == 4 else 1
   q_refs = refs[:num_key_parts]  # each [n_rep, Wk] q~ channels
   refs = refs[num_key_parts:]
+  offset_ref = None
+  if has_offset:
+    offset_ref, refs = refs[0], refs[1:]  # [n_rep, 1] logit offsets
   (k_codes_ref,  # [block_s, D/2] uint8 | [block_s, D] int8
    k_scales_ref,  # [block_s, G]
    v_codes_ref,  # [block_s, D/2] uint8 | [block_s, D] int8
@@ -141,6 +144,8 @@ def _decode_kernel(
     scales_t = _dot_nt(tile_ref[...], k_scales_ref[...].astype(jnp.float32))
     scores = jnp.dot(head_sum_ref[...], partial * scales_t, precision=_HIGHEST,
                      preferred_element_type=jnp.float32)
+    if offset_ref is not None:
+      scores = scores + offset_ref[...]
     if softcap is not None:
       scores = softcap * jnp.tanh(scores / softcap)
 
@@ -179,7 +184,8 @@ def _decode_kernel(
 
 def decode_attention_tpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *, key_bits=4,
                          value_bits=4, group_size=32, ring=False, window=None, scale=None,
-                         softcap=None, block_s=None, num_splits=None, interpret=None):
+                         softcap=None, logit_offset=None, block_s=None, num_splits=None,
+                         interpret=None):
   """Decode attention over a quantized cache with the Mosaic TPU kernel.
 
   Arguments and result as `decode_attention_reference` ([B, Hq, D] float32 in the
@@ -196,6 +202,7 @@ def decode_attention_tpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *
   scale = _common.default_scale(shapes.head_dim, scale)
   b, h, s, d = shapes.batch, shapes.kv_heads, shapes.capacity, shapes.head_dim
   n_rep, g = shapes.n_rep, shapes.key_groups
+  logit_offset = _common.validate_logit_offset(logit_offset, b, shapes.q_heads)
   if block_s is None:
     block_s = tuning.decode_block_s("tpu", d)
   block_s = min(block_s, s)
@@ -241,6 +248,10 @@ def decode_attention_tpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *
   constants = [tile, head_sum, replicate]
   in_specs = [pl.BlockSpec(c.shape, whole) for c in constants]
   in_specs += [pl.BlockSpec((None, None, n_rep, qp.shape[-1]), per_head) for qp in q_parts]
+  offsets = []
+  if logit_offset is not None:
+    offsets = [logit_offset.reshape(b, h, n_rep, 1)]
+    in_specs.append(pl.BlockSpec((None, None, n_rep, 1), per_head))
   in_specs += [
       pl.BlockSpec((None, None, block_s, kw), kv_index),
       pl.BlockSpec((None, None, block_s, g), kv_index),
@@ -262,7 +273,7 @@ def decode_attention_tpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *
       _decode_kernel, key_bits=key_bits, value_bits=value_bits, group_size=group_size,
       block_s=block_s, blocks_per_split=blocks_per_split, capacity=s, window=window,
       softcap=None if softcap is None else float(softcap), scale=scale, n_rep=n_rep,
-      head_dim=d)
+      head_dim=d, has_offset=logit_offset is not None)
   outs = pl.pallas_call(
       kernel,
       grid_spec=_compat.PrefetchScalarGridSpec(
@@ -276,7 +287,7 @@ def decode_attention_tpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *
           dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
       interpret=interpret,
       name=f"decode_attention_k{key_bits}v{value_bits}_g{group_size}",
-  )(lengths.astype(jnp.int32), lo, hi, base, write, *constants, *q_parts,
+  )(lengths.astype(jnp.int32), lo, hi, base, write, *constants, *q_parts, *offsets,
     k_codes, k_scales, v_codes, v_scales)
   m, l = outs[0][..., 0], outs[1][..., 0]
   acc = jnp.concatenate(outs[2:], axis=-1) if num_value_parts == 2 else outs[2]

@@ -32,7 +32,7 @@ def dequantize_codes(codes, scales, *, bits, group_size):
 
 def decode_attention_reference(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *,
                                key_bits=4, value_bits=4, group_size=32, ring=False, window=None,
-                               scale=None, softcap=None):
+                               scale=None, softcap=None, logit_offset=None):
   """One decode step of attention in the rotated domain.
 
   Args:
@@ -43,6 +43,9 @@ def decode_attention_reference(q_rot, k_codes, k_scales, v_codes, v_scales, leng
     ring: the cache is a ring buffer of capacity S.
     window: sliding window (keys at positions > L - 1 - window are visible).
     scale: logit scale, default D ** -0.5. softcap: c * tanh(logit / c) if set.
+    logit_offset: None or [B, Hq] float added to every logit of a query after the
+      scale and before the soft-cap (e.g. scale * q . k_mean when keys are stored
+      minus a per-channel mean: softmax ignores it, a soft-cap does not).
 
   Returns:
     [B, Hq, D] float32 output in the rotated value domain; zeros for rows that see
@@ -59,6 +62,9 @@ def decode_attention_reference(q_rot, k_codes, k_scales, v_codes, v_scales, leng
   values = dequantize_codes(v_codes, v_scales, bits=value_bits, group_size=group_size)
   q = q_rot.astype(jnp.float32).reshape(b, h, shapes.n_rep, d)
   logits = jnp.einsum("bhrd,bhsd->bhrs", q, keys, precision=lax.Precision.HIGHEST) * scale
+  logit_offset = _common.validate_logit_offset(logit_offset, b, hq)
+  if logit_offset is not None:
+    logits = logits + logit_offset.reshape(b, h, shapes.n_rep, 1)
   if softcap is not None:
     logits = softcap * jnp.tanh(logits / softcap)
   _, _, base, write = _common.slot_bounds(lengths, s, ring=ring, window=window)

@@ -112,7 +112,7 @@ def _static(case):
               ring=case.ring, window=case.window, softcap=case.softcap)
 
 
-def _oracle(case, inputs):
+def _oracle(case, inputs, logit_offset=None):
   """float64 numpy: dequantize everything, mask, softmax, weighted sum."""
   b, hq, d = inputs["q_rot"].shape
   h, s, g = case.kv_heads, case.capacity, case.group_size
@@ -133,6 +133,8 @@ def _oracle(case, inputs):
       if idx.size == 0:
         continue
       logits = keys[bi, kv, idx] @ inputs["q_rot"][bi, head].astype(np.float64) / np.sqrt(d)
+      if logit_offset is not None:
+        logits = logits + float(logit_offset[bi, head])
       if case.softcap is not None:
         logits = case.softcap * np.tanh(logits / case.softcap)
       p = np.exp(logits - logits.max())
@@ -214,6 +216,28 @@ def test_dispatch_with_default_tuning():
     _assert_rows_close(out, reference, vmax, 1e-4, _rows_with_keys(case, reference.shape[1]))
 
 
+def test_logit_offset_enters_before_softcap():
+  # Keys stored minus a per-channel mean need the per-query constant back only
+  # when a soft-cap follows; without one the softmax must ignore it.
+  case = Case(128, 32, 4, 4, 4, 64, (0, 50, 64), softcap=2.0, kv_heads=1)
+  inputs = _make_inputs(case, seed=21)
+  offset = (np.random.default_rng(22).normal(size=(3, 4)) * 3).astype(np.float32)
+  expected, vmax = _oracle(case, inputs, logit_offset=offset)
+  rows = _rows_with_keys(case, 4)
+  _assert_rows_close(decode_attention_reference(**inputs, **_static(case), logit_offset=offset),
+                     expected, vmax, 1e-5, rows)
+  without, _ = _oracle(case, inputs)
+  assert np.abs(expected - without).max() > 1e-2  # the offset matters under a soft-cap
+  for kernel, tol in ((decode_attention_tpu, 1e-5), (decode_attention_gpu, 1e-4)):
+    out = kernel(**inputs, **_static(case), logit_offset=offset, block_s=32, interpret=True)
+    _assert_rows_close(out, expected, vmax, tol, rows)
+  uncapped = dataclasses.replace(case, softcap=None)
+  plain, vmax = _oracle(uncapped, inputs)
+  out = decode_attention_tpu(**inputs, **_static(uncapped), logit_offset=offset, block_s=32,
+                             interpret=True)
+  _assert_rows_close(out, plain, vmax, 1e-5, rows)
+
+
 def test_explicit_scale_matches_reference():
   case = Case(64, 32, 2, 4, 4, 64, (64, 20, 3), kv_heads=1)
   inputs = _make_inputs(case, seed=3)
@@ -235,6 +259,7 @@ def test_explicit_scale_matches_reference():
     (dict(lengths=np.ones((2,), np.int32)), ValueError, "lengths must be"),
     (dict(q_rot=np.ones((3, 3, 64), np.float32)), ValueError, "multiple of KV heads"),
     (dict(window=0), ValueError, "window must be"),
+    (dict(logit_offset=np.ones((3, 2), np.float32)), ValueError, "logit_offset must be"),
 ])
 def test_bad_arguments_raise(change, error, match):
   args = dict(q_rot=np.ones((3, 4, 64), np.float32),

@@ -84,3 +84,19 @@ def test_decode_attention_lowers(platform, case):
   # Exactly one kernel launch; everything else (query layout, split combine) is plain HLO.
   targets = [t for pair in _custom_call_targets(text) for t in pair if t]
   assert targets == [CUSTOM_CALL[platform]], targets
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_decode_attention_with_logit_offset_lowers(platform):
+  b, h, n_rep, s, d, g = 2, 2, 4, 256, 128, 32
+  codes = jax.ShapeDtypeStruct((b, h, s, d // 2), jnp.uint8)
+  scales = jax.ShapeDtypeStruct((b, h, s, d // g), jnp.bfloat16)
+  args = (jax.ShapeDtypeStruct((b, h * n_rep, d), jnp.float32), codes, scales, codes, scales,
+          jax.ShapeDtypeStruct((b,), jnp.int32), jax.ShapeDtypeStruct((b, h * n_rep), jnp.float32))
+
+  def fn(q, kc, ks, vc, vs, lengths, offset):
+    return decode_attention(q, kc, ks, vc, vs, lengths, softcap=30.0, logit_offset=offset,
+                            backend=BACKEND[platform], interpret=False)
+
+  text = _export(fn, args, platform)
+  assert CUSTOM_CALL[platform] in text
