@@ -317,7 +317,7 @@ class _RReader:
     if kind in (_PERSISTSXP, _NAMESPACESXP, _PACKAGESXP):
       if self._int() != 0:
         raise ValueError("unexpected non-zero in a persistent-name item")
-      names = [self._charsxp_body(self._int()) for _ in range(self._int())]
+      names = [self._item() for _ in range(self._int())]  # CHARSXP items
       value = REnvironment(frame=names)
       self.refs.append(value)
       return value
@@ -371,9 +371,7 @@ class _RReader:
     return value
 
   def _charsxp(self, levels: int) -> str | None:
-    return self._charsxp_body(self._int(), levels)
-
-  def _charsxp_body(self, n: int, levels: int = _UTF8_MASK) -> str | None:
+    n = self._int()
     if n == -1:
       return None  # NA_character_
     raw = self._bytes(n)

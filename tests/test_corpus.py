@@ -87,6 +87,15 @@ def test_reads_compact_intseq_altrep():
   assert corpus._RReader(stream).read() == [10, 11, 12, 13]
 
 
+def test_reads_namespace_reference_and_back_reference():
+  # A list holding the same namespace twice: written in full once, then as a REFSXP.
+  namespace = _flags(249) + struct.pack(">ii", 0, 2) + _charsxp("stats") + _charsxp("4.2.1")
+  back_ref = struct.pack(">i", (1 << 8) | 255)
+  stream = _header() + _flags(19) + struct.pack(">i", 3) + namespace + back_ref + _strsxp(["ok"])
+  out = corpus._RReader(stream).read()
+  assert out[0].frame == ["stats", "4.2.1"] and out[1] is out[0] and out[2] == ["ok"]
+
+
 def test_rejects_truncated_and_non_xdr_streams():
   stream = _header() + _strsxp(["abcdef"])
   with pytest.raises(ValueError, match="truncated"):
