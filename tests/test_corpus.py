@@ -1,7 +1,6 @@
 """The corpus: R serialization reader on hand-built streams, the Jane Austen novels, text files."""
 
 import gzip
-import os
 import struct
 import zlib
 

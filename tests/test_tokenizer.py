@@ -73,6 +73,7 @@ def _paragraphs(austen, n_per_book=4):
 
 def test_gemma_special_ids():
   tok = load_tokenizer(_fetch_or_skip("gemma3-270m"))
+  assert isinstance(tok, Tokenizer)
   assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (2, 1, 0, 262_144)
   assert tok.eos_ids == (1, tok.token_to_id("<end_of_turn>")) == (1, 106)
   assert tok.add_bos
