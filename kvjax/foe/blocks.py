@@ -28,6 +28,7 @@ capacity limit exactly.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -46,6 +47,7 @@ Params = dict[str, jax.Array]
 
 # ----------------------------------------------------------------------------- parameters
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
 def init_foe_params(key: jax.Array, cfg: FoEConfig, dtype=jnp.float32) -> Params:
   """Random FoE block parameters; every array has the cluster axis first.
 
@@ -74,6 +76,7 @@ def init_foe_params(key: jax.Array, cfg: FoEConfig, dtype=jnp.float32) -> Params
   }
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
 def init_moe_params(key: jax.Array, cfg: MoEConfig, dtype=jnp.float32) -> Params:
   """Random baseline block parameters.
 

@@ -78,8 +78,9 @@ def _array_bytes(arrays) -> float:
 
 
 def _parse_brace_groups(text: str) -> tuple[tuple[int, ...], ...]:
-  return tuple(tuple(int(x) for x in grp.split(",") if x.strip())
-               for grp in re.findall(r"\{([0-9,\s]*)\}", text))
+  groups = (tuple(int(x) for x in grp.split(",") if x.strip())
+            for grp in re.findall(r"\{([0-9,\s]*)\}", text))
+  return tuple(g for g in groups if g)
 
 
 def _parse_iota_groups(match) -> tuple[tuple[int, ...], ...]:

@@ -48,6 +48,11 @@ class Routing:
   logits: jax.Array
 
 
+jax.tree_util.register_dataclass(
+    Routing, data_fields=["expert_index", "gate", "slot", "kept", "probs", "logits"],
+    meta_fields=[])
+
+
 def route(logits: jax.Array, top_k: int, capacity: int) -> Routing:
   """Top-k routing with capacity for one dispatch group.
 
@@ -147,7 +152,7 @@ def router_stats(routing: Routing) -> RouterStats:
       assignment_fraction=counts / routing.expert_index.size,
       mean_prob=jnp.mean(routing.probs, axis=0),
       mean_sq_logsumexp=jnp.mean(jax.nn.logsumexp(routing.logits, axis=-1) ** 2),
-      dropped_fraction=1.0 - jnp.mean(routing.kept.astype(jnp.float32)))
+      dropped_fraction=jnp.mean(jnp.logical_not(routing.kept).astype(jnp.float32)))
 
 
 def router_losses(stats: RouterStats) -> tuple[jax.Array, jax.Array]:

@@ -48,7 +48,7 @@ class TrainConfig:
   balance_weight: float = 0.01
   z_weight: float = 1e-3
   eval_every: int = 50
-  eval_batches: int = 8
+  eval_batches: int = 16
   seed: int = 0
 
 
@@ -207,7 +207,9 @@ def run_training(out_dir: str, *, steps: int | None = None, seconds: float | Non
     seconds: if given (and `steps` is not), the FoE model trains for about this many seconds
       and the baseline then runs the same number of steps.
     preset: a key of PRESETS.
-    text: training text; `kvjax.corpus.load_austen()` when None.
+    text: training text, of which the last 10% is held out. When None: the Austen corpus
+      (`kvjax.corpus.load_austen()`), training on five novels and holding out the
+      project's evaluation book (Pride and Prejudice).
   """
   if preset not in PRESETS:
     raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
@@ -217,13 +219,20 @@ def run_training(out_dir: str, *, steps: int | None = None, seconds: float | Non
       raise ValueError(f"steps must be >= 1, got {steps}")
     cfg = dataclasses.replace(cfg, steps=steps)
   if text is None:
-    from kvjax.corpus import load_austen  # provided by the core package
-    text = load_austen()
-  data = encode_bytes(text)
-  if len(data) < 20 * (cfg.seq_len + 1):
-    raise ValueError(f"text has {len(data)} bytes; need at least {20 * (cfg.seq_len + 1)}")
-  split = int(0.9 * len(data))
-  train_data, eval_data = data[:split], data[split:]
+    from kvjax import corpus
+    books = corpus.load_austen()
+    train_data = encode_bytes("\n".join(t for b, t in books.items() if b != corpus.EVAL_BOOK))
+    eval_data = encode_bytes(books[corpus.EVAL_BOOK])
+    data_name = f"Austen: 5 novels for training, {corpus.EVAL_BOOK} held out"
+  else:
+    data = encode_bytes(text)
+    split = int(0.9 * len(data))
+    train_data, eval_data = data[:split], data[split:]
+    data_name = "given text, last 10% held out"
+  for name, part in (("training", train_data), ("held-out", eval_data)):
+    if len(part) < 2 * (cfg.seq_len + 1):
+      raise ValueError(f"the {name} text has {len(part)} bytes; need at least "
+                       f"{2 * (cfg.seq_len + 1)} for sequences of {cfg.seq_len}")
   os.makedirs(out_dir, exist_ok=True)
 
   if seconds is not None and steps is None:
@@ -238,7 +247,8 @@ def run_training(out_dir: str, *, steps: int | None = None, seconds: float | Non
   foe, base = results
   rel = abs(foe["final_eval_ce"] - base["final_eval_ce"]) / base["final_eval_ce"]
   summary = {
-      "corpus_bytes": int(len(data)), "steps": cfg.steps, "batch": cfg.batch,
+      "data": data_name, "train_bytes": int(len(train_data)),
+      "eval_bytes": int(len(eval_data)), "steps": cfg.steps, "batch": cfg.batch,
       "seq_len": cfg.seq_len, "layers": cfg.num_layers, "block": dataclasses.asdict(cfg.block),
       **{f"{r['kind']}_{k}": r[k] for r in results
          for k in ("params", "final_train_ce", "final_eval_ce", "seconds_per_step")},
@@ -254,5 +264,5 @@ def run_training(out_dir: str, *, steps: int | None = None, seconds: float | Non
             f"| {r['kind']} | {r['params']} | {r['final_train_ce']:.4f} | "
             f"{r['final_eval_ce']:.4f} | {r['seconds_per_step']:.3f} |\n" for r in results)
         + f"\nHeld-out CE relative difference: {rel:.2%} ({cfg.steps} steps, batch "
-        f"{cfg.batch} x {cfg.seq_len} bytes, nats/byte).\n")
+        f"{cfg.batch} x {cfg.seq_len} bytes, nats/byte; {data_name}).\n")
   return {"summary": summary, "results": results}
