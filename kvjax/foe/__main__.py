@@ -33,6 +33,7 @@ def main(argv=None) -> int:
   train.add_argument("--seconds", type=float, default=None,
                      help="wall-clock budget per model (the step count is fixed by the first)")
   train.add_argument("--preset", default="default", help="model size preset: default or test")
+  train.add_argument("--seed", type=int, default=None, help="initialization and data seed")
   args = parser.parse_args(argv)
 
   if args.command == "report":
@@ -46,7 +47,8 @@ def main(argv=None) -> int:
       json.dump(scale_collectives(args.devices), f)
   elif args.command == "train":
     from kvjax.foe.train import run_training
-    result = run_training(args.out, steps=args.steps, seconds=args.seconds, preset=args.preset)
+    result = run_training(args.out, steps=args.steps, seconds=args.seconds, preset=args.preset,
+                          seed=args.seed)
     print(json.dumps(result["summary"], indent=1))
   return 0
 

@@ -217,8 +217,9 @@ def _latency_markdown(rows, link) -> str:
       f"Alpha-beta model (kvjax.foe.latency): {link.gpus_per_node} GPUs/node, intra-node "
       f"{link.intra_bandwidth / 1e9:.0f} GB/s, inter-node {link.inter_bandwidth / 1e9:.0f} GB/s "
       f"per GPU, alpha {link.intra_latency * 1e6:.0f} us / {link.inter_latency * 1e6:.0f} us. "
-      "Collectives and bytes come from the compiled HLO of each block at that device count "
-      "(bf16). Layer: d_model 4096, 32 q heads, 8 KV heads, 64 experts of d_ff 2048; FoE 8 "
+      "Collectives and bytes come from the HLO of each block at that device count, in bf16 "
+      "(read from the module handed to XLA, whose collectives and replica groups are checked "
+      "to equal the compiled module's; the CPU compiler widens them to f32). Layer: d_model 4096, 32 q heads, 8 KV heads, 64 experts of d_ff 2048; FoE 8 "
       "clusters x 8 experts top-1 each, baseline global top-8; capacity factor 1.25. "
       "Communication only, no overlap with compute.", "",
       "| scale | phase | FoE all-to-all (us) | FoE all-reduce (us) | FoE total (us) | "

@@ -198,7 +198,8 @@ def _plot(results, path):
 
 
 def run_training(out_dir: str, *, steps: int | None = None, seconds: float | None = None,
-                 preset: str = "default", text: str | None = None, log=print) -> dict:
+                 preset: str = "default", text: str | None = None, seed: int | None = None,
+                 log=print) -> dict:
   """Trains the FoE and baseline LMs and writes losses.json, loss_curves.png, summary.md.
 
   Args:
@@ -207,6 +208,7 @@ def run_training(out_dir: str, *, steps: int | None = None, seconds: float | Non
     seconds: if given (and `steps` is not), the FoE model trains for about this many seconds
       and the baseline then runs the same number of steps.
     preset: a key of PRESETS.
+    seed: overrides the preset's seed (parameters and batch order of both models).
     text: training text, of which the last 10% is held out. When None: the Austen corpus
       (`kvjax.corpus.load_austen()`), training on five novels and holding out the
       project's evaluation book (Pride and Prejudice).
@@ -214,6 +216,8 @@ def run_training(out_dir: str, *, steps: int | None = None, seconds: float | Non
   if preset not in PRESETS:
     raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
   cfg = PRESETS[preset]
+  if seed is not None:
+    cfg = dataclasses.replace(cfg, seed=seed)
   if steps is not None:
     if steps < 1:
       raise ValueError(f"steps must be >= 1, got {steps}")
@@ -247,7 +251,7 @@ def run_training(out_dir: str, *, steps: int | None = None, seconds: float | Non
   foe, base = results
   rel = abs(foe["final_eval_ce"] - base["final_eval_ce"]) / base["final_eval_ce"]
   summary = {
-      "data": data_name, "train_bytes": int(len(train_data)),
+      "seed": cfg.seed, "data": data_name, "train_bytes": int(len(train_data)),
       "eval_bytes": int(len(eval_data)), "steps": cfg.steps, "batch": cfg.batch,
       "seq_len": cfg.seq_len, "layers": cfg.num_layers, "block": dataclasses.asdict(cfg.block),
       **{f"{r['kind']}_{k}": r[k] for r in results
