@@ -163,16 +163,17 @@ def _int8_per_group(x, axis):
 def quantized_attention_int8dot(q, view: dict, mask, *, config, scale, softcap=None):
   """The CPU fast path: the quantized-domain math with integer and bf16 dot products.
 
-  Scores: q~ is quantized to int8 per (query head, group) and multiplied with the
-  int8 key codes in ONE int8 x int8 -> int32 matmul against a block-diagonal
-  query matrix [D, R*G] (column (r, G) holds q~_r's group G); XLA's CPU int8 dot
-  is ~3x faster than float32 and needs no widening of the codes. Values: the
+  Scores: q~ is split into two int8 parts per (query head, group), q~ = s_hi q_hi
+  + s_lo q_lo, and multiplied with the int8 key codes in ONE int8 x int8 -> int32
+  matmul against a block-diagonal query matrix [D, 2*R*G] (column (part, r, G)
+  holds that part of q~_r's group G); XLA's CPU int8 dot is ~3x faster than
+  float32 and needs no widening of the codes. Values: the
   per-group weights p_t * s_{t,G} in bf16 times the codes in bf16 with float32
   accumulation, again one matmul with a block-diagonal output of which the
-  diagonal blocks are kept. Added error versus `quantized_attention`: int8
-  rounding of q~ (<= 1/254 of a group's largest entry) and bf16 rounding of the
-  weights (2^-9 relative), each far below the int4 cache's own error; tests bound
-  it per row.
+  diagonal blocks are kept. Added error versus `quantized_attention`: the
+  two-level rounding of q~ (<= 1/254^2 of a group's largest entry; one int8 level
+  alone moved real-model logits by up to 0.5 nats) and bf16 rounding of the
+  weights (2^-9 relative, as in any bf16 cache); tests bound it per row.
   """
   g = config.group_size
   kc = view["k_codes"]
@@ -182,13 +183,22 @@ def quantized_attention_int8dot(q, view: dict, mask, *, config, scale, softcap=N
   n = kc.shape[2]
   G = d // g
   qr = _rotate_grouped_q(qg, view["k_rotation"], view["k_lambda"]).reshape(b, h, t, r, G, g)
-  qi, qs = _int8_per_group(qr, -1)                                  # [b,h,t,r,G,g], [...,1]
+  # q~ = s_hi * q_hi + s_lo * q_lo, both int8: the residual of the first rounding
+  # quantized again, so q~ is carried to ~1/254^2 of a group's largest entry.
+  q_hi, s_hi = _int8_per_group(qr, -1)                               # [b,h,t,r,G,g], [...,1]
+  q_lo, s_lo = _int8_per_group(qr - q_hi.astype(jnp.float32) * s_hi, -1)
   block = jnp.repeat(jnp.eye(G, dtype=jnp.int8), g, axis=0)          # [D, G]
-  q_bd = (qi.reshape(b, h, t, r, d)[..., None] * block)              # [b,h,t,r,D,G]
-  q_bd = q_bd.transpose(0, 1, 4, 2, 3, 5).reshape(b, h, d, t * r * G)
+
+  def block_diag(qi):                                                # -> [b,h,D,t*r*G]
+    qbd = qi.reshape(b, h, t, r, d)[..., None] * block
+    return qbd.transpose(0, 1, 4, 2, 3, 5).reshape(b, h, d, t * r * G)
+
+  # Both halves as extra columns of ONE matmul: the codes are read once.
+  q_bd = jnp.concatenate([block_diag(q_hi), block_diag(q_lo)], axis=-1)
   k_int = quantizer.unpack_int4(kc) if config.key_bits == 4 else kc   # int8 [b,h,n,D]
   part = jnp.einsum("bhnd,bhde->bhne", k_int, q_bd, preferred_element_type=jnp.int32)
-  part = part.reshape(b, h, n, t, r, G).astype(jnp.float32) * qs[..., 0][:, :, None]
+  part = part.reshape(b, h, n, 2, t, r, G).astype(jnp.float32)
+  part = part[:, :, :, 0] * s_hi[..., 0][:, :, None] + part[:, :, :, 1] * s_lo[..., 0][:, :, None]
   s = jnp.einsum("bhntrG,bhnG->bhtrn", part, view["k_scales"].astype(jnp.float32))
   s = (s + jnp.einsum("bhtrd,hd->bhtr", qg, view["k_mean"], precision=_HI)[..., None]) * scale
   p = _softmax_weights(s, mask[:, None, :, None, :], softcap)
@@ -243,6 +253,10 @@ def _resolve(q, c, scale, window, impl, softcap=None):
   _check_q(q, c)
   scale = 1.0 / math.sqrt(c.head_dim) if scale is None else float(scale)
   window = c.window if window is None else window
+  if impl == "auto" and isinstance(c, QuantizedKVCache) and c.config.attention_impl != "auto":
+    impl = c.config.attention_impl
+    if impl == "pallas" and q.shape[1] > 1:
+      impl = "xla"  # the fused kernel is decode-only; chunks use the XLA path
   if impl == "auto":
     on_accel = jax.default_backend() in ("tpu", "gpu")
     decode = isinstance(c, QuantizedKVCache) and q.shape[1] == 1

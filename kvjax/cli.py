@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
   e.add_argument("--caches", nargs="+", default=None,
                  help="caches to compare (default: bf16 int4-naive int4-srft int4 K8V4); also "
                       "descriptions like K4V4-g64-srht or K4V4-g32-srft-cal")
-  e.add_argument("--incremental-steps", type=int, default=32,
+  e.add_argument("--incremental-steps", type=int, default=64,
                  help="decode the last N positions of each window token by token (0: off)")
   e.add_argument("--calibration-tokens", type=int, default=2048)
   e.add_argument("--chunk", type=int, default=512, help="prefill chunk length")
