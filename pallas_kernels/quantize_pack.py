@@ -14,7 +14,9 @@ Why the kernel is shaped the way it is (Mosaic TPU constraints, also fine on GPU
   * The rotation is split by columns into the two halves of the packed layout
     (R.T[:, :D/2] and R.T[:, D/2:]), so the low- and high-nibble channels come
     out of two matmuls already separated: no lane slicing at offset D/2, which
-    Mosaic only handles well when D/2 is a multiple of 128.
+    Mosaic only handles well when D/2 is a multiple of 128. On GPU the halves
+    are further cut into 64-column chunks, so that one matmul operand (D x 64
+    float32) fits shared memory even at D = 256.
   * Group maxima are computed with full-width masked reductions (one per group)
     instead of a [N, G, g] reshape, which Mosaic cannot relayout for g < 128.
   * Codes are widened to int32 before shifting and packing (Mosaic cannot shift
@@ -36,6 +38,9 @@ from kvjax.pallas_kernels import tuning
 _QMAX = {4: 7, 8: 127}
 # 8-bit outputs use (32, 128) tiles on TPU, so row blocks are multiples of 32.
 _ROW_ALIGN = 32
+# GPU: rotation columns per matmul, so that a [D, chunk] float32 operand stays
+# well inside shared memory (64 KiB at D = 256).
+_GPU_COLUMN_CHUNK = 64
 
 
 def _validate(x, rotation, lam, bits, group_size, scale_dtype):
@@ -88,8 +93,9 @@ def _quantize_pack_kernel(x_ref, lam_ref, *refs, bits, group_size, num_groups, p
   Refs:
     x_ref: [block_n, D] input vectors (any float dtype).
     lam_ref: [1, D] float32 per-channel scale.
-    refs[:P]: [D, W] float32 column slices of R.T, one per output part (P = 2 halves
-      for 4-bit, 1 full part for 8-bit), W = D // P.
+    refs[:P]: [D, W] float32 column slices of R.T, one per output part: channels
+      [part_offsets[i], part_offsets[i] + W). 4-bit: the first P/2 parts tile the
+      low-nibble half, the last P/2 the high-nibble half.
     refs[P]: codes out, [block_n, D/2] uint8 (4-bit) or [block_n, D] int8 (8-bit).
     refs[P+1]: scales out, [block_n, G] in `scale_dtype`.
   """
@@ -122,12 +128,22 @@ def _quantize_pack_kernel(x_ref, lam_ref, *refs, bits, group_size, num_groups, p
 
   codes = [jnp.clip(round_half_even(p / dv), -qmax, qmax).astype(jnp.int32)
            for p, dv in zip(parts, divisors)]
+  width = parts[0].shape[1]
   if bits == 4:
-    low, high = codes
-    packed = (low & 0xF) | ((high & 0xF) << 4)  # int32 in [0, 255]
-    codes_ref[...] = packed.astype(jnp.uint8)
+    pairs = num_parts // 2  # low-half part i and high-half part i share bytes
+    for i in range(pairs):
+      low, high = codes[i], codes[pairs + i]
+      packed = ((low & 0xF) | ((high & 0xF) << 4)).astype(jnp.uint8)  # int32 in [0, 255]
+      if pairs == 1:
+        codes_ref[...] = packed
+      else:
+        codes_ref[:, pl.ds(part_offsets[i], width)] = packed
   else:
-    codes_ref[...] = codes[0].astype(jnp.int8)
+    for i, code in enumerate(codes):
+      if num_parts == 1:
+        codes_ref[...] = code.astype(jnp.int8)
+      else:
+        codes_ref[:, pl.ds(part_offsets[i], width)] = code.astype(jnp.int8)
   scales_ref[...] = scales_out.astype(scales_ref.dtype)
 
 
@@ -173,16 +189,14 @@ def quantize_pack(x, rotation, lam, *, bits=4, group_size=32, scale_dtype=jnp.bf
     x = jnp.pad(x, ((0, padded_n - n), (0, 0)))
 
   rot_t = rotation.T
-  if bits == 4:
-    half = d // 2
-    rot_parts = [rot_t[:, :half], rot_t[:, half:]]
-    part_offsets = (0, half)
-    codes_shape = jax.ShapeDtypeStruct((padded_n, half), jnp.uint8)
-  else:
-    rot_parts = [rot_t]
-    part_offsets = (0,)
-    codes_shape = jax.ShapeDtypeStruct((padded_n, d), jnp.int8)
-  width = d // len(rot_parts)
+  natural = d // 2 if bits == 4 else d  # one part per nibble half (int8: one part)
+  width = min(natural, _GPU_COLUMN_CHUNK) if backend == "gpu" else natural
+  if natural % width:
+    width = natural
+  part_offsets = tuple(range(0, d, width))  # 4-bit: low-half chunks, then high-half chunks
+  rot_parts = [rot_t[:, off:off + width] for off in part_offsets]
+  codes_shape = jax.ShapeDtypeStruct((padded_n, natural),
+                                     jnp.uint8 if bits == 4 else jnp.int8)
 
   kernel = functools.partial(_quantize_pack_kernel, bits=bits, group_size=group_size,
                              num_groups=num_groups, part_offsets=part_offsets,

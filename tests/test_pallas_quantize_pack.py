@@ -121,6 +121,21 @@ def test_kernel_matches_reference(bits, d, group_size):
   _check_half_step(codes, scales, _rotated64(x, rotation, lam), bits, group_size)
 
 
+@pytest.mark.parametrize("bits,d,group_size", [(4, 256, 32), (8, 256, 128), (4, 128, 128)])
+def test_gpu_variant_matches_reference(bits, d, group_size):
+  # The GPU variant cuts the rotation into 64-column chunks and stores codes per chunk.
+  x, rotation, lam = _inputs(d + bits + group_size, 40, d)
+  codes, scales = quantize_pack(x, rotation, lam, bits=bits, group_size=group_size,
+                                backend="gpu", block_n=32, interpret=True)
+  ref_codes, ref_scales = quantize_pack_reference(x, rotation, lam, bits=bits,
+                                                  group_size=group_size)
+  c, rc = _unpack(codes, bits), _unpack(ref_codes, bits)
+  assert np.abs(c - rc).max() <= 1 and np.mean(c != rc) <= 1e-3
+  np.testing.assert_allclose(np.asarray(scales, np.float32), np.asarray(ref_scales, np.float32),
+                             rtol=BF16_EPS)
+  _check_half_step(codes, scales, _rotated64(x, rotation, lam), bits, group_size)
+
+
 def test_kernel_matches_core_quantizer_layout():
   # The write kernel must produce exactly what kvjax.quantizer stores (the cache contract).
   from kvjax import quantizer
