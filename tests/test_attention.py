@@ -182,13 +182,13 @@ def test_int8dot_fast_path_close_to_reference(kb, vb, g, d, rep, tq):
   c = kvjax.init_cache(b, h, 512, d, quant=cfg)
   c = kvjax.append(c, jnp.asarray(_rand(50, b, n, h, d)), jnp.asarray(_rand(51, b, n, h, d)),
                    num_tokens=jnp.array([300, 123]))
-  q = jnp.asarray(_rand(52, b, tq, h * rep, d))
+  q = jnp.asarray(4 * _rand(52, b, tq, h * rep, d))  # peaked attention, as in real models
   ref = np.asarray(kvjax.attend(q, c, impl="reference"), np.float64)
   fast = kvjax.attend(q, c, impl="int8dot")
   assert fast.shape == q.shape
-  # int8 rounding of q~ moves each logit by <= scale * sum_G s_G |codes| * step/2, a
-  # relative logit error of about 1/254 per group; 2% per output row bounds it with margin
+  # Two-level int8 rounding of q~ leaves ~1/254^2 of a group's largest entry; the bf16
+  # weights p_t * s_t (2^-9 relative each) dominate: ~0.2-0.3% per row here, bounded at 1%
   # (the int4 cache itself is ~15% from float on these inputs).
-  assert _row_rel_err(fast, ref).max() < 0.02
+  assert _row_rel_err(fast, ref).max() < 0.01
   if tq == 1:
     np.testing.assert_array_equal(np.asarray(kvjax.attend(q, c)), np.asarray(fast))  # CPU auto
