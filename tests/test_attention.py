@@ -192,3 +192,16 @@ def test_int8dot_fast_path_close_to_reference(kb, vb, g, d, rep, tq):
   assert _row_rel_err(fast, ref).max() < 0.01
   if tq == 1:
     np.testing.assert_array_equal(np.asarray(kvjax.attend(q, c)), np.asarray(fast))  # CPU auto
+
+
+def test_config_attention_impl_selects_the_path():
+  q = jnp.asarray(4 * _rand(60, 1, 1, 4, 64))
+  k, v = jnp.asarray(_rand(61, 1, 50, 2, 64)), jnp.asarray(_rand(62, 1, 50, 2, 64))
+  outs = {}
+  for impl in ("xla", "int8dot"):
+    c = kvjax.append(kvjax.init_cache(1, 2, 64, 64, quant=kvjax.QuantConfig(attention_impl=impl)), k, v)
+    outs[impl] = np.asarray(kvjax.attend(q, c))
+    np.testing.assert_array_equal(outs[impl], np.asarray(kvjax.attend(q, c, impl=impl)))
+  assert np.abs(outs["xla"] - outs["int8dot"]).max() > 0  # really two different paths
+  with pytest.raises(ValueError, match="attention_impl"):
+    kvjax.QuantConfig(attention_impl="cuda")
