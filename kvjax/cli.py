@@ -1,4 +1,4 @@
-"""The `kvjax` command: `kvjax eval`, `kvjax bench` (also `python -m kvjax ...`)."""
+"""The `kvjax` command: `kvjax eval`, `kvjax bench`, `kvjax calibrate` (also `python -m kvjax ...`)."""
 
 from __future__ import annotations
 
@@ -13,13 +13,25 @@ def _eval(a):
     specs = [ev.parse_spec(s) for s in a.caches]
   ev.run(a.model, text_file=a.text, contexts=a.contexts, specs=specs,
          incremental_steps=a.incremental_steps, calibration_tokens=a.calibration_tokens,
-         chunk=a.chunk, out_dir=a.out, progress=not a.no_progress, plot=not a.no_plot)
+         chunk=a.chunk, out_dir=a.out, progress=not a.no_progress, plot=not a.no_plot,
+         calibration=a.calibration)
+
+
+def _calibrate(a):
+  from kvjax import calibrate
+  calibrate.run_from_args(a)
 
 
 def _bench(a):
   from kvjax import bench
   bench.run(a.model, contexts=a.contexts, repeats=a.repeats, out_dir=a.out,
             caches=a.caches or None)
+
+
+def _passkey(a):
+  from kvjax import eval as ev, retrieval
+  specs = [ev.parse_spec(s) for s in a.caches] if a.caches else None
+  retrieval.run(a.model, lengths=a.lengths, depths=a.depths, specs=specs, out_dir=a.out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
   e.add_argument("--out", default="results/eval")
   e.add_argument("--no-progress", action="store_true")
   e.add_argument("--no-plot", action="store_true")
+  e.add_argument("--calibration", default=None, metavar="DIR",
+                 help="also evaluate a cache with the learned R, λ and key offset saved by "
+                      "`kvjax calibrate --out DIR`")
   e.set_defaults(func=_eval)
+
+  c = sub.add_parser("calibrate", help="learn rotations R and scales λ per layer and KV head "
+                     "on calibration text (Optax), saved as an Orbax checkpoint")
+  from kvjax.calibrate import add_arguments
+  add_arguments(c)
+  c.set_defaults(func=_calibrate)
 
   b = sub.add_parser("bench", help="whole-model decode time per token, int4 vs bf16 cache")
   b.add_argument("--model", default="gemma3-270m")
@@ -52,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
   b.add_argument("--repeats", type=int, default=10)
   b.add_argument("--out", default="results/bench")
   b.set_defaults(func=_bench)
+  r = sub.add_parser("passkey", help="passkey retrieval: int4 answers vs the bf16 cache's")
+  r.add_argument("--model", default="gemma3-270m")
+  r.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
+  r.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
+  r.add_argument("--caches", nargs="+", default=None)
+  r.add_argument("--out", default="results/passkey")
+  r.set_defaults(func=_passkey)
   return p
 
 

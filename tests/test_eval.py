@@ -95,3 +95,25 @@ def test_parse_spec_and_errors():
   assert s.calibrate
   with pytest.raises(ValueError, match="unknown cache"):
     ev.parse_spec("fp3")
+
+
+class _CharTokenizer:
+  bos_id = 1
+
+  def encode(self, text, add_bos=False):
+    return ([1] if add_bos else []) + [3 + (ord(ch) % 90) for ch in text]
+
+
+def test_passkey_prompt_places_the_needle():
+  from kvjax import retrieval
+  tok = _CharTokenizer()
+  filler = "abcdefghij" * 100
+  p = retrieval.build_prompt(tok, filler, length=300, depth=0.5, key="12345", add_bos=True)
+  assert len(p) == 300 and p[0] == 1
+  needle = tok.encode("The pass key is 12345.")
+  starts = [i for i in range(len(p)) if p[i:i + len(needle)] == needle]
+  assert len(starts) == 1 and 100 < starts[0] < 200
+  with pytest.raises(ValueError, match="depth"):
+    retrieval.build_prompt(tok, filler, length=300, depth=1.5, key="1", add_bos=False)
+  with pytest.raises(ValueError, match="fewer than"):
+    retrieval.build_prompt(tok, "short", length=300, depth=0.5, key="1", add_bos=False)

@@ -1,0 +1,115 @@
+"""Passkey retrieval: does a quantized cache answer like the bf16 cache?
+
+A five-digit passkey is hidden at a given depth inside filler text (Pride and
+Prejudice) of a given length; the prompt ends by asking for it. Each cache runs
+the same prompt (chunked prefill, then greedy decode) and the answer of every
+quantized cache is compared with the bf16 cache's. What is reported is
+agreement with bf16, not the small model's own accuracy (which is also shown).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import random
+import re
+from typing import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax import eval as ev
+
+_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
+_QUESTION = "\n\nWhat is the pass key? The pass key is"
+
+
+def build_prompt(tokenizer, filler: str, *, length: int, depth: float, key: str, add_bos: bool):
+  """Token ids of a ~`length`-token prompt with the needle at fraction `depth` of the filler."""
+  if not 0.0 <= depth <= 1.0:
+    raise ValueError(f"depth must be in [0, 1], got {depth}")
+  needle = tokenizer.encode(_NEEDLE.format(key=key), add_bos=False)
+  question = tokenizer.encode(_QUESTION, add_bos=False)
+  bos = [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
+  budget = length - len(needle) - len(question) - len(bos)
+  if budget < 16:
+    raise ValueError(f"length {length} is too short for the passkey prompt")
+  fill = tokenizer.encode(filler, add_bos=False)
+  if len(fill) < budget:
+    raise ValueError(f"the filler text has {len(fill)} tokens, fewer than the {budget} needed")
+  fill = fill[:budget]
+  at = int(round(depth * budget))
+  return bos + fill[:at] + needle + fill[at:] + question
+
+
+def greedy_answer(runner, tokens: Sequence[int], spec, *, stats, new_tokens: int = 8,
+                  chunk: int = 512) -> list[int]:
+  """Greedy continuation of `tokens` through the cache described by `spec`."""
+  model = runner.model
+  caches = ev._make_caches(model, spec, len(tokens) + new_tokens + 1, stats)
+  logits = None
+  for lo in range(0, len(tokens), chunk):
+    part = tokens[lo:lo + chunk]
+    piece = np.zeros((1, chunk), np.int32)
+    piece[0, :len(part)] = part
+    logits, caches = runner(piece, caches, jnp.asarray([len(part)], jnp.int32))
+    last = len(part) - 1
+  out = [int(jnp.argmax(logits[0, last]))]
+  for _ in range(new_tokens - 1):
+    logits, caches = runner(np.asarray([[out[-1]]], np.int32), caches)
+    out.append(int(jnp.argmax(logits[0, 0])))
+  return out
+
+
+def run(model_name: str = "gemma3-270m", *, lengths=(2048, 4096), depths=(0.1, 0.5, 0.9),
+        specs=None, seed: int = 0, calibration_tokens: int = 2048,
+        out_dir: str = "results/passkey", log=print) -> dict:
+  from kvjax import corpus
+  from kvjax.models import load
+
+  specs = list(specs or [ev.SPEC_CHOICES["bf16"], ev.SPEC_CHOICES["int4-naive"],
+                         ev.SPEC_CHOICES["int4"]])
+  if specs[0].quant is not None:
+    specs.insert(0, ev.SPEC_CHOICES["bf16"])
+  model, tok = load(model_name)
+  runner = ev._Runner(model)
+  stats = None
+  if any(s.calibrate for s in specs):
+    cal = tok.encode(corpus.calibration_text(), add_bos=model.config.add_bos)[:calibration_tokens]
+    stats = ev.collect_stats(runner, cal, progress=False)
+  filler = corpus.eval_text()
+  rng = random.Random(seed)
+  rows = []
+  for length in lengths:
+    for depth in depths:
+      key = f"{rng.randrange(10000, 99999)}"
+      prompt = build_prompt(tok, filler, length=length, depth=depth, key=key,
+                            add_bos=model.config.add_bos)
+      answers = {}
+      for s in specs:
+        ids = greedy_answer(runner, prompt, s, stats=stats)
+        answers[s.name] = tok.decode(ids)
+      ref = answers[specs[0].name]
+      for s in specs:
+        text = answers[s.name]
+        row = {"model": model_name, "length": length, "depth": depth, "key": key,
+               "cache": s.name, "answer": text,
+               "agrees_with_bf16": text == ref,
+               "contains_key": bool(re.search(re.escape(key), text))}
+        rows.append(row)
+        log(f"{length:>6} depth {depth:4.2f} {s.name:<11} agree={row['agrees_with_bf16']!s:<5} "
+            f"correct={row['contains_key']!s:<5} {text!r}")
+  summary = {}
+  for s in specs:
+    rs = [r for r in rows if r["cache"] == s.name]
+    summary[s.name] = {"agreement_with_bf16": float(np.mean([r["agrees_with_bf16"] for r in rs])),
+                       "accuracy": float(np.mean([r["contains_key"] for r in rs]))}
+    log(f"{s.name:<11} agreement with bf16 {summary[s.name]['agreement_with_bf16']:.2f}  "
+        f"passkey accuracy {summary[s.name]['accuracy']:.2f}")
+  doc = {"meta": {"model": model_name, "lengths": list(lengths), "depths": list(depths)},
+         "summary": summary, "rows": rows}
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "passkey.json").write_text(json.dumps(doc, indent=2))
+  log(f"wrote {out / 'passkey.json'}")
+  return doc
