@@ -172,12 +172,11 @@ def test_reference_matches_float64_oracle(case):
   _assert_rows_close(out, expected, vmax, 1e-5, _rows_with_keys(case, expected.shape[1]))
 
 
-# TPU kernel: float32 matmuls at HIGHEST precision, so only the accumulation order
-# differs from the reference (~1e-7 of max|v|); 1e-5 leaves a wide margin.
-# GPU kernel: the f32 operand of each matmul is split into two bf16 parts
-# (relative error 2^-17 per product), giving logit errors ~1e-5 for |logit| ~ 10
-# and output errors ~1e-5 of max|v|; bounded at 1e-4.
-KERNELS = [("tpu", decode_attention_tpu, 1e-5), ("gpu", decode_attention_gpu, 1e-4)]
+# Both kernels multiply codes (exact in bf16) by a float32 operand split into two
+# bf16 parts (relative error 2^-17 per product): logit errors ~1e-5 for |logit|
+# ~ 10, hence output errors of a few 1e-6 of max|v| (measured); bounded at 1e-4.
+# The TPU kernel's value matmul is float32 at HIGHEST precision.
+KERNELS = [("tpu", decode_attention_tpu, 1e-4), ("gpu", decode_attention_gpu, 1e-4)]
 
 
 @pytest.mark.parametrize("target,kernel,rel_tol", KERNELS, ids=[k[0] for k in KERNELS])
@@ -202,7 +201,7 @@ def test_tpu_kernel_tpu_semantics_interpreter(case):
   _, vmax = _oracle(case, inputs)
   out = decode_attention_tpu(**inputs, **_static(case), block_s=case.block_s,
                              num_splits=case.num_splits, interpret=params)
-  _assert_rows_close(out, reference, vmax, 1e-5, _rows_with_keys(case, reference.shape[1]))
+  _assert_rows_close(out, reference, vmax, 1e-4, _rows_with_keys(case, reference.shape[1]))
 
 
 def test_dispatch_with_default_tuning():
@@ -228,14 +227,14 @@ def test_logit_offset_enters_before_softcap():
                      expected, vmax, 1e-5, rows)
   without, _ = _oracle(case, inputs)
   assert np.abs(expected - without).max() > 1e-2  # the offset matters under a soft-cap
-  for kernel, tol in ((decode_attention_tpu, 1e-5), (decode_attention_gpu, 1e-4)):
+  for kernel in (decode_attention_tpu, decode_attention_gpu):
     out = kernel(**inputs, **_static(case), logit_offset=offset, block_s=32, interpret=True)
-    _assert_rows_close(out, expected, vmax, tol, rows)
+    _assert_rows_close(out, expected, vmax, 1e-4, rows)
   uncapped = dataclasses.replace(case, softcap=None)
   plain, vmax = _oracle(uncapped, inputs)
   out = decode_attention_tpu(**inputs, **_static(uncapped), logit_offset=offset, block_s=32,
                              interpret=True)
-  _assert_rows_close(out, plain, vmax, 1e-5, rows)
+  _assert_rows_close(out, plain, vmax, 1e-4, rows)
 
 
 def test_explicit_scale_matches_reference():
