@@ -55,6 +55,46 @@ def loss_of(out, aux, cotangent):
   return jnp.sum(out * cotangent) + aux["load_balancing_loss"] + 0.1 * aux["z_loss"]
 
 
+def compare_block(sharded, reference, sharded_args, args, cotangent):
+  """Forward, router losses and gradients of one block, sharded vs reference.
+
+  One compilation per side: value_and_grad returns the outputs as its aux.
+  """
+
+  def forward_and_grad(block):
+    def loss(p, x):
+      out, _, aux = block(p, x)
+      return loss_of(out, aux, cotangent), (out, aux)
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+
+  (_, (out, aux)), grads = forward_and_grad(sharded)(*sharded_args)
+  (_, (ref, aux_ref)), grads_ref = forward_and_grad(reference)(*args)
+  return {"forward": row_error(out, ref),
+          "aux": {k: abs(float(aux[k]) - float(aux_ref[k])) for k in aux_ref},
+          "dropped_fraction": float(aux_ref["dropped_fraction"]),
+          "grad": tree_errors({"params": grads[0], "input": grads[1]},
+                              {"params": grads_ref[0], "input": grads_ref[1]})}
+
+
+def prefill_then_decode(block):
+  """jit(params, chunk, step, cache) -> (chunk output, step output, final lengths)."""
+
+  @jax.jit
+  def run(params, chunk, step, cache):
+    out1, cache, _ = block(params, chunk, cache=cache)
+    out2, cache, _ = block(params, step, cache=cache)
+    return out1, out2, cache.lengths
+
+  return run
+
+
+def compare_cached(sharded, reference, sharded_args, args):
+  out1, out2, lengths = prefill_then_decode(sharded)(*sharded_args)
+  ref1, ref2, _ = prefill_then_decode(reference)(*args)
+  return {"prefill": row_error(out1, ref1), "decode": row_error(out2, ref2),
+          "lengths": np.asarray(lengths).tolist()}
+
+
 def check_foe(mesh, clusters, experts_axis, keys):
   cfg = foe.FoEConfig(d_model=64, num_q_heads=2 * clusters, num_kv_heads=clusters,
                       head_dim=32, num_clusters=clusters, experts_per_cluster=2 * experts_axis,
@@ -63,41 +103,19 @@ def check_foe(mesh, clusters, experts_axis, keys):
   params = foe.init_foe_params(keys[0], cfg)
   residual = jax.random.normal(keys[1], (clusters, batch, seq, cfg.d_model))
   cotangent = jax.random.normal(keys[2], residual.shape)
-  block = foe.make_foe_block(cfg, mesh)
-  p_sh, r_sh, _ = foe.shard_foe_inputs(mesh, params, residual)
-  out, _, aux = block(p_sh, r_sh)
-  reference = jax.jit(functools.partial(foe.foe_block_reference, cfg=cfg,
-                                        token_groups=experts_axis))
-  ref, _, aux_ref = reference(params, residual)
-  result = {"forward": row_error(out, ref),
-            "aux": {k: abs(float(aux[k]) - float(aux_ref[k])) for k in aux_ref},
-            "dropped_fraction": float(aux_ref["dropped_fraction"])}
-
-  def loss_sharded(p, r):
-    o, _, a = block(p, r)
-    return loss_of(o, a, cotangent)
-
-  def loss_reference(p, r):
-    o, _, a = reference(p, r)
-    return loss_of(o, a, cotangent)
-
-  g_sh = jax.jit(jax.grad(loss_sharded, argnums=(0, 1)))(p_sh, r_sh)
-  g_ref = jax.jit(jax.grad(loss_reference, argnums=(0, 1)))(params, residual)
-  result["grad"] = tree_errors({"params": g_sh[0], "residual": g_sh[1]},
-                               {"params": g_ref[0], "residual": g_ref[1]})
-
+  step = jax.random.normal(keys[3], (clusters, batch, 1, cfg.d_model))
+  reference = functools.partial(foe.foe_block_reference, cfg=cfg, token_groups=experts_axis)
+  result = compare_block(foe.make_foe_block(cfg, mesh), reference,
+                         foe.shard_foe_inputs(mesh, params, residual)[:2], (params, residual),
+                         cotangent)
   result["cache"] = {}
   cached_block = foe.make_foe_block(cfg, mesh, with_cache=True)
-  step = jax.random.normal(keys[3], (clusters, batch, 1, cfg.d_model))
   for name, quant in cache_kinds(clusters):
     cache = kvjax.init_cache(batch, clusters, 16, cfg.head_dim, quant=quant, dtype=jnp.float32)
-    ref1, ref_cache, _ = reference(params, residual, cache=cache)
-    ref2, _, _ = reference(params, step, cache=ref_cache)
     p_sh, r_sh, c_sh = foe.shard_foe_inputs(mesh, params, residual, cache)
-    out1, c1, _ = cached_block(p_sh, r_sh, c_sh)
-    out2, c2, _ = cached_block(p_sh, foe.shard_foe_inputs(mesh, params, step)[1], c1)
-    result["cache"][name] = {"prefill": row_error(out1, ref1), "decode": row_error(out2, ref2),
-                             "lengths": np.asarray(c2.lengths).tolist()}
+    s_sh = foe.shard_foe_inputs(mesh, params, step)[1]
+    result["cache"][name] = compare_cached(cached_block, reference, (p_sh, r_sh, s_sh, c_sh),
+                                           (params, residual, step, cache))
   return result
 
 
@@ -109,41 +127,19 @@ def check_baseline(mesh, clusters, experts_axis, keys):
   params = foe.init_moe_params(keys[0], cfg)
   x = jax.random.normal(keys[1], (batch, seq, cfg.d_model))
   cotangent = jax.random.normal(keys[2], x.shape)
-  block = foe.make_moe_block(cfg, mesh)
-  p_sh, x_sh, _ = foe.shard_moe_inputs(mesh, params, x)
-  out, _, aux = block(p_sh, x_sh)
-  reference = jax.jit(functools.partial(foe.moe_block_reference, cfg=cfg,
-                                        token_groups=devices))
-  ref, _, aux_ref = reference(params, x)
-  result = {"forward": row_error(out, ref),
-            "aux": {k: abs(float(aux[k]) - float(aux_ref[k])) for k in aux_ref},
-            "dropped_fraction": float(aux_ref["dropped_fraction"])}
-
-  def loss_sharded(p, x_):
-    o, _, a = block(p, x_)
-    return loss_of(o, a, cotangent)
-
-  def loss_reference(p, x_):
-    o, _, a = reference(p, x_)
-    return loss_of(o, a, cotangent)
-
-  g_sh = jax.jit(jax.grad(loss_sharded, argnums=(0, 1)))(p_sh, x_sh)
-  g_ref = jax.jit(jax.grad(loss_reference, argnums=(0, 1)))(params, x)
-  result["grad"] = tree_errors({"params": g_sh[0], "x": g_sh[1]},
-                               {"params": g_ref[0], "x": g_ref[1]})
+  step = jax.random.normal(keys[3], (batch, 1, cfg.d_model))
+  reference = functools.partial(foe.moe_block_reference, cfg=cfg, token_groups=devices)
+  result = compare_block(foe.make_moe_block(cfg, mesh), reference,
+                         foe.shard_moe_inputs(mesh, params, x)[:2], (params, x), cotangent)
   result["cache"] = {}
   cached_block = foe.make_moe_block(cfg, mesh, with_cache=True)
-  step = jax.random.normal(keys[3], (batch, 1, cfg.d_model))
   for name, quant in cache_kinds(clusters):
     cache = kvjax.init_cache(batch, cfg.num_kv_heads, 16, cfg.head_dim, quant=quant,
                              dtype=jnp.float32)
-    ref1, ref_cache, _ = reference(params, x, cache=cache)
-    ref2, _, _ = reference(params, step, cache=ref_cache)
     p_sh, x_sh, c_sh = foe.shard_moe_inputs(mesh, params, x, cache)
-    out1, c1, _ = cached_block(p_sh, x_sh, c_sh)
-    out2, c2, _ = cached_block(p_sh, foe.shard_moe_inputs(mesh, params, step)[1], c1)
-    result["cache"][name] = {"prefill": row_error(out1, ref1), "decode": row_error(out2, ref2),
-                             "lengths": np.asarray(c2.lengths).tolist()}
+    s_sh = foe.shard_moe_inputs(mesh, params, step)[1]
+    result["cache"][name] = compare_cached(cached_block, reference, (p_sh, x_sh, s_sh, c_sh),
+                                           (params, x, step, cache))
   return result
 
 

@@ -221,7 +221,12 @@ def _latency_markdown(rows, link) -> str:
       "(read from the module handed to XLA, whose collectives and replica groups are checked "
       "to equal the compiled module's; the CPU compiler widens them to f32). Layer: d_model 4096, 32 q heads, 8 KV heads, 64 experts of d_ff 2048; FoE 8 "
       "clusters x 8 experts top-1 each, baseline global top-8; capacity factor 1.25. "
-      "Communication only, no overlap with compute.", "",
+      f"Global batch: prefill {LARGE_PHASES['prefill']['batch']} sequences x "
+      f"{LARGE_PHASES['prefill']['seq']} tokens, decode {LARGE_PHASES['decode']['batch']} "
+      "sequences x 1 token. FoE mesh: 8 clusters x (GPUs / 8), cluster-major; baseline: all "
+      "GPUs in one expert-parallel group with data-parallel attention. Communication only, "
+      "no overlap with compute, no load imbalance (capacity-padded buffers are what moves).",
+      "",
       "| scale | phase | FoE all-to-all (us) | FoE all-reduce (us) | FoE total (us) | "
       "baseline all-to-all (us) | baseline all-reduce (us) | baseline total (us) | "
       "baseline / FoE | FoE cross-node MB/GPU | baseline cross-node MB/GPU |",
