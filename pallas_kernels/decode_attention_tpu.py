@@ -22,6 +22,11 @@ Scores from codes without dequantizing (per block, all on the MXU):
     matmul, giving scores [n_rep, block_s] with slots along the 128 lanes.
   * Values are dequantized per block in VMEM (codes * scales expanded to channels
     by a 0/1 matmul) and accumulated as p @ v_hat in the rotated value domain.
+Precision without 6-pass float32 matmuls: codes are exact in bfloat16, so scores
+use the bf16 high and low parts of q~ (two single-pass matmuls, ~16 significant
+bits); v_hat (code x bf16 scale, <= 15 significant bits) is exactly the sum of
+two bf16 parts, and p @ v_hat takes three single-pass matmuls. The 0/1
+bookkeeping matmuls are exact at HIGHEST precision and tiny.
 All index arithmetic is 32-bit: codes are widened from uint8/int8 to int32
 before the nibble shifts (Mosaic cannot shift 8-bit vectors), and the two
 nibble halves of the split-halves layout come out as two contiguous

@@ -175,7 +175,6 @@ def test_reference_matches_float64_oracle(case):
 # Both kernels multiply codes (exact in bf16) by a float32 operand split into two
 # bf16 parts (relative error 2^-17 per product): logit errors ~1e-5 for |logit|
 # ~ 10, hence output errors of a few 1e-6 of max|v| (measured); bounded at 1e-4.
-# The TPU kernel's value matmul is float32 at HIGHEST precision.
 KERNELS = [("tpu", decode_attention_tpu, 1e-4), ("gpu", decode_attention_gpu, 1e-4)]
 
 
