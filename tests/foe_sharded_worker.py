@@ -157,8 +157,17 @@ def collectives_2x4(mesh):
       "foe": foe.make_foe_block(cfg, mesh, with_aux=False).lower(*foe_in[:2]).compile().as_text(),
       "baseline": foe.make_moe_block(base_cfg, mesh, with_aux=False).lower(
           *base_in[:2]).compile().as_text()}
-  return {name: hlo.table_rows(hlo.collectives(text, 8), 4) for name, text in texts.items()} | {
-      "residual_bytes_per_device": batch // 4 * seq * cfg.d_model * 4}
+  rows = {name: hlo.table_rows(hlo.collectives(text, 8), 4) for name, text in texts.items()}
+  # One cluster per device (8x1), the paper's single-node layout: no all-to-all should remain.
+  mesh8 = foe.make_foe_mesh(8, 8)
+  cfg8 = foe.FoEConfig(d_model=64, num_q_heads=8, num_kv_heads=8, head_dim=32, num_clusters=8,
+                       experts_per_cluster=2, top_k=1, d_ff=48)
+  residual8 = jax.random.normal(jax.random.key(10), (8, 2, seq, cfg8.d_model))
+  foe8_in = foe.shard_foe_inputs(mesh8, foe.init_foe_params(jax.random.key(11), cfg8), residual8)
+  text8 = foe.make_foe_block(cfg8, mesh8, with_aux=False).lower(*foe8_in[:2]).compile().as_text()
+  rows["foe_8x1"] = hlo.table_rows(hlo.collectives(text8, 8), 1)
+  return rows | {"residual_bytes_per_device": batch // 4 * seq * cfg.d_model * 4,
+                 "residual_bytes_per_device_8x1": 2 * seq * cfg8.d_model * 4}
 
 
 def main():

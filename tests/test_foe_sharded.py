@@ -76,3 +76,9 @@ def _check_collectives(collectives: dict):
   base_a2a = [r for r in base_rows if r["kind"] == "all-to-all"]
   assert len(base_a2a) == 2 and all(r["crosses_clusters"] for r in base_a2a), base_rows
   assert all(r["group_size"] == 8 for r in base_a2a), base_a2a
+  # One cluster per device: expert parallelism has nothing to exchange, so the only
+  # collective left is the residual all-reduce over all 8 clusters.
+  single_node = collectives["foe_8x1"]
+  assert [r["kind"] for r in single_node] == ["all-reduce"], single_node
+  assert single_node[0]["group_size"] == 8
+  assert single_node[0]["bytes_per_device"] == collectives["residual_bytes_per_device_8x1"]
