@@ -9,6 +9,12 @@
 
 On the CPU every kernel runs in the Pallas interpreter (`interpret=None` decides
 that from `jax.default_backend()`).
+
+Compile checks without accelerators (developer tools, extra packages in a separate
+folder): `python -m kvjax.pallas_kernels.tpu_aot_check` (libtpu's Mosaic compiler,
+v4/v5e/v5p/v6e topologies) and `python -m kvjax.pallas_kernels.gpu_triton_compile_check`
+(Triton to sm_80/sm_90 cubin). Per-head rotations: `jax.vmap(quantize_pack)` over
+heads is one kernel launch with an extra grid axis.
 """
 
 from __future__ import annotations
