@@ -164,7 +164,7 @@ def run_scale_subprocess(num_devices: int, out_json: str) -> dict:
     return json.load(f)
 
 
-def measure_step_times(repeats: int = 20) -> dict[str, float]:
+def measure_step_times(repeats: int = 30) -> dict[str, float]:
   """Median wall-clock seconds of the prefill block on the 2x4 simulated-CPU mesh."""
   import jax
   import jax.numpy as jnp
@@ -181,17 +181,21 @@ def measure_step_times(repeats: int = 20) -> dict[str, float]:
   x = jax.random.normal(keys[1], (b, t, cfg.d_model))
   foe_in = blocks.shard_foe_inputs(mesh, blocks.init_foe_params(keys[2], cfg), residual)[:2]
   base_in = blocks.shard_moe_inputs(mesh, blocks.init_moe_params(keys[3], base_cfg), x)[:2]
-  times = {}
-  for name, fn, args in (("foe", blocks.make_foe_block(cfg, mesh, with_aux=False), foe_in),
-                         ("baseline", blocks.make_moe_block(base_cfg, mesh, with_aux=False),
-                          base_in)):
+  runs = (("foe", blocks.make_foe_block(cfg, mesh, with_aux=False), foe_in),
+          ("baseline", blocks.make_moe_block(base_cfg, mesh, with_aux=False), base_in))
+  for _, fn, args in runs:
     jax.block_until_ready(fn(*args))
-    samples = []
-    for _ in range(repeats):
+  # Interleaved, so a change in the machine's load hits both blocks alike.
+  samples = {name: [] for name, _, _ in runs}
+  for _ in range(repeats):
+    for name, fn, args in runs:
       start = time.perf_counter()
       jax.block_until_ready(fn(*args))
-      samples.append(time.perf_counter() - start)
-    times[name] = float(np.median(samples))
+      samples[name].append(time.perf_counter() - start)
+  times = {}
+  for name, values in samples.items():
+    times[name] = float(np.median(values))
+    times[name + "_p25"], times[name + "_p75"] = (float(v) for v in np.percentile(values, [25, 75]))
   return times
 
 
@@ -324,10 +328,13 @@ def run_report(out_dir: str) -> str:
       "## Measured step times (simulation on CPU, not a claim about GPUs)\n\n"
       f"8 host-platform CPU devices simulated on this machine's cores, mesh "
       f"{MESH_SHAPE[0]}x{MESH_SHAPE[1]}, prefill block of {SMALL_PREFILL['batch']} x "
-      f"{SMALL_PREFILL['seq']} tokens, float32, median of 20 runs after warm-up. The "
+      f"{SMALL_PREFILL['seq']} tokens, float32, 30 interleaved runs after warm-up. The "
       "collectives here are memory copies between threads, so these numbers say nothing "
-      "about interconnects.\n\n| block | median step (ms) |\n|---|---:|\n"
-      f"| FoE | {times['foe'] * 1e3:.2f} |\n| baseline MoE | {times['baseline'] * 1e3:.2f} |\n")
+      "about interconnects.\n\n| block | median step (ms) | 25th-75th percentile (ms) |\n"
+      "|---|---:|---:|\n" + "".join(
+          f"| {label} | {times[k] * 1e3:.2f} | {times[k + '_p25'] * 1e3:.2f}-"
+          f"{times[k + '_p75'] * 1e3:.2f} |\n"
+          for label, k in (("FoE", "foe"), ("baseline MoE", "baseline"))))
   with open(os.path.join(out_dir, "cpu_step_times.md"), "w") as f:
     f.write(step_md)
   report = "\n".join(["# Federation of Experts: communication report\n", collectives_md,
