@@ -122,3 +122,31 @@ def test_route_rejects_bad_arguments(kwargs, match):
 def test_route_rejects_wrong_rank():
   with pytest.raises(ValueError, match="logits"):
     routing.route(jnp.ones((2, 3, 4)), top_k=1, capacity=1)
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=12, deadline=None)
+@given(tokens=st.integers(1, 12), experts=st.integers(1, 6), data=st.data())
+def test_route_invariants(tokens, experts, data):
+  top_k = data.draw(st.integers(1, experts))
+  capacity = data.draw(st.integers(1, tokens * top_k))
+  seed = data.draw(st.integers(0, 2**31 - 1))
+  logits = np.random.default_rng(seed).standard_normal((tokens, experts)).astype(np.float32)
+  r = jax.jit(routing.route, static_argnums=(1, 2))(logits, top_k, capacity)
+  index, kept, slot = (np.asarray(a) for a in (r.expert_index, r.kept, r.slot))
+  # Chosen experts are the top-k by probability, best first, without repeats.
+  want = np.argsort(-logits, axis=-1, kind="stable")[:, :top_k]
+  np.testing.assert_array_equal(index, want)
+  # Walking choice-major, an assignment is kept iff its expert still had a free slot.
+  used = np.zeros(experts, int)
+  for choice in range(top_k):
+    for n in range(tokens):
+      e = index[n, choice]
+      assert kept[n, choice] == (used[e] < capacity)
+      if kept[n, choice]:
+        assert slot[n, choice] == e * capacity + used[e]
+        used[e] += 1
+      else:
+        assert slot[n, choice] == experts * capacity

@@ -28,7 +28,7 @@ import optax
 from kvjax.foe.attention import rms_norm
 from kvjax.foe.blocks import (foe_block_reference, init_foe_params, init_moe_params,
                               moe_block_reference)
-from kvjax.foe.config import FoEConfig, MoEConfig
+from kvjax.foe.config import FoEConfig
 
 VOCAB = 256  # bytes
 
