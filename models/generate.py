@@ -167,7 +167,13 @@ def generate(model: CausalLM, tokenizer, prompts: Sequence[str] | str, *, max_ne
 
 
 def _encode(tokenizer, text: str, cfg) -> list[int]:
-  ids = list(tokenizer.encode(text))
+  """Token ids of `text`, with the model's BOS in front when its config asks for one."""
+  if not isinstance(text, str):
+    raise TypeError(f"prompts must be strings, got {type(text).__name__}")
+  try:
+    return list(tokenizer.encode(text, add_bos=cfg.add_bos))
+  except TypeError:  # a plain tokenizer without the add_bos switch
+    ids = list(tokenizer.encode(text))
   if cfg.add_bos and cfg.bos_token_id is not None and (not ids or ids[0] != cfg.bos_token_id):
     ids = [cfg.bos_token_id] + ids
   return ids
