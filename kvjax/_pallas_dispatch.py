@@ -24,11 +24,13 @@ def quantize_heads(x, rotation, lam, *, bits, group_size, scale_dtype):
     return codes.reshape(b, t, h, -1), scales.reshape(b, t, h, -1)
   rotation = jnp.broadcast_to(rotation, (h, d, d))
   lam = jnp.broadcast_to(lam, (h, d))
-  outs = [pk.quantize_pack(x[:, :, i].reshape(b * t, d), rotation[i], lam[i], bits=bits,
-                           group_size=group_size, scale_dtype=scale_dtype) for i in range(h)]
-  codes = jnp.stack([c.reshape(b, t, -1) for c, _ in outs], axis=2)
-  scales = jnp.stack([s.reshape(b, t, -1) for _, s in outs], axis=2)
-  return codes, scales
+  # One launch for all heads: vmap over the head axis of x, rotation and lambda.
+  per_head = jax.vmap(lambda xh, rh, lh: pk.quantize_pack(xh, rh, lh, bits=bits,
+                                                          group_size=group_size,
+                                                          scale_dtype=scale_dtype))
+  codes, scales = per_head(x.transpose(2, 0, 1, 3).reshape(h, b * t, d), rotation, lam)
+  return (codes.reshape(h, b, t, -1).transpose(1, 2, 0, 3),
+          scales.reshape(h, b, t, -1).transpose(1, 2, 0, 3))
 
 
 def decode(q, cache, *, scale, softcap, window):
@@ -43,13 +45,15 @@ def decode(q, cache, *, scale, softcap, window):
   q_rot = jnp.einsum("bhrd,hed->bhre", qg * lam_k, rot_k,
                      precision=jax.lax.Precision.HIGHEST).reshape(b, hq, d)
   cfg = cache.config
-  # Keys are stored minus k_mean, so the kernel's logits miss the constant
-  # q . k_mean per query; softmax does not see a per-query constant (attend
-  # does not send soft-capped attention here, where it would matter).
+  # Keys are stored minus k_mean: the constant q . k_mean per query goes back in
+  # as a logit offset (softmax alone would not notice it; a soft-cap would).
+  k_mean = jnp.broadcast_to(cache.k_mean, (h, d))
+  offset = scale * jnp.einsum("bhrd,hd->bhr", qg, k_mean,
+                              precision=jax.lax.Precision.HIGHEST).reshape(b, hq)
   o_rot = pk.decode_attention(
       q_rot, cache.k_codes, cache.k_scales, cache.v_codes, cache.v_scales, cache.lengths,
       key_bits=cfg.key_bits, value_bits=cfg.value_bits, group_size=cfg.group_size,
-      ring=cache.ring, window=window, scale=scale, softcap=softcap)
+      ring=cache.ring, window=window, scale=scale, softcap=softcap, logit_offset=offset)
   rot_v = jnp.broadcast_to(cache.v_rotation, (h, d, d))
   lam_v = jnp.broadcast_to(cache.v_lambda, (h, d))[None, :, None, :]
   o = jnp.einsum("bhre,hed->bhrd", o_rot.reshape(b, h, r, d), rot_v,

@@ -261,13 +261,9 @@ def _resolve(q, c, scale, window, impl, softcap=None):
     on_accel = jax.default_backend() in ("tpu", "gpu")
     decode = isinstance(c, QuantizedKVCache) and q.shape[1] == 1
     if on_accel:
-      impl = "pallas" if decode and softcap is None else "xla"
+      impl = "pallas" if decode else "xla"
     else:
       impl = "int8dot" if decode else "xla"
-  elif impl == "pallas" and softcap is not None:
-    # The kernel drops the per-query constant q . k_mean from the logits, which
-    # only a soft-cap would notice.
-    raise ValueError("impl='pallas' does not support softcap; use impl='xla'")
   return scale, window, impl
 
 

@@ -30,3 +30,14 @@ def test_pallas_append_and_decode_match_xla(kb, window, per_head):
   out = np.asarray(kvjax.attend(q, cx, impl="pallas"), np.float64)
   err = np.linalg.norm(out - ref, axis=-1) / np.linalg.norm(ref, axis=-1)
   assert err.max() < 1e-4
+
+
+def test_pallas_decode_with_softcap_and_key_mean():
+  b, h, rep, d = 1, 2, 2, 64
+  mean = 3.0 * np.random.default_rng(5).standard_normal((h, d)).astype(np.float32)
+  c = kvjax.init_cache(b, h, 32, d, quant=kvjax.QuantConfig(), key_mean=mean)
+  c = kvjax.append(c, _rand(6, b, 20, h, d) + mean, _rand(7, b, 20, h, d))
+  q = 3 * _rand(8, b, 1, h * rep, d)
+  ref = np.asarray(kvjax.attend(q, c, impl="xla", softcap=5.0), np.float64)
+  out = np.asarray(kvjax.attend(q, c, impl="pallas", softcap=5.0), np.float64)
+  assert (np.linalg.norm(out - ref, axis=-1) / np.linalg.norm(ref, axis=-1)).max() < 1e-4
