@@ -1,6 +1,8 @@
 """Generation on tiny random models: batched ragged prompts vs a cache-free reference, EOS,
 sampling filters, int4 decode vs a teacher-forced forward, and input errors."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -69,7 +71,9 @@ def test_int4_decode_matches_teacher_forced_chunk():
   quantized the same way (append_and_attend quantizes the chunk before attending)."""
   cfg = ModelConfig.gemma3_tiny()
   model = Gemma3ForCausalLM(cfg, rngs=nnx.Rngs(5))
-  quant = kvjax.QuantConfig()
+  # The exact quantized-domain attention on both paths (the default CPU decode path, "int8dot",
+  # rounds attention weights to bfloat16 by design); storage is the default SRFT / g=32 / 4-bit.
+  quant = dataclasses.replace(kvjax.QuantConfig(), attention_impl="xla")
   tokens = jnp.asarray(_prompts(cfg.vocab_size, (40,), seed=3))
   chunk_logits, _ = model(tokens, model.init_cache(1, 48, quant=quant))
   caches = model.init_cache(1, 48, quant=quant)
@@ -139,3 +143,27 @@ def test_bad_inputs_raise_clear_errors(gemma):
 
 def test_prompt_bucket():
   assert [prompt_bucket(n) for n in (1, 16, 17, 100, 128, 129)] == [16, 16, 32, 128, 128, 256]
+
+
+class _CharTokenizer:
+  """Deterministic toy tokenizer: one id per character, BOS = 2."""
+
+  def encode(self, text, *, add_bos=None):
+    return ([2] if add_bos else []) + [3 + ord(ch) % 500 for ch in text]
+
+  def decode(self, ids):
+    return "".join(chr(97 + i % 26) for i in ids)
+
+
+def test_text_generate_wraps_generate_tokens(gemma):
+  from kvjax.models.generate import generate
+  assert kvjax.generate is generate
+  tokenizer = _CharTokenizer()
+  prompts = ["hello", "a longer prompt"]
+  texts = generate(gemma, tokenizer, prompts, max_new_tokens=5)
+  ids = [tokenizer.encode(p, add_bos=True) for p in prompts]
+  tokens = generate_tokens(gemma, ids, max_new_tokens=5)
+  eos = set(gemma.config.eos_token_ids)
+  assert texts == [tokenizer.decode([t for t in seq if t not in eos]) for seq in tokens]
+  with pytest.raises(ValueError, match="tokenizer"):
+    generate(gemma, None, prompts, max_new_tokens=2)
