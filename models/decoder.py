@@ -61,6 +61,22 @@ def layer_layout(cfg: ModelConfig):
   return num_groups, group_runs, with_offsets(pattern[:tail_len])
 
 
+def layer_index(cfg: ModelConfig, part: str, run: int, *index: int) -> int:
+  """Checkpoint layer number of stacked slot `index` ((group, slot) or (slot,)) of a run.
+
+  part: "groups" (index = (group, slot)) or "tail" (index = (slot,)).
+  """
+  num_groups, group_runs, tail_runs = layer_layout(cfg)
+  p = len(cfg.layer_pattern)
+  if part == "groups":
+    group, slot = index
+    return group * p + group_runs[run][2] + slot
+  if part != "tail":
+    raise ValueError(f"part must be 'groups' or 'tail', got {part!r}")
+  (slot,) = index
+  return num_groups * p + tail_runs[run][2] + slot
+
+
 def _stacked_layers(cfg: ModelConfig, layer_type: str, lead: tuple[int, ...], *, dtype,
                     rngs: nnx.Rngs) -> DecoderLayer:
   """A DecoderLayer whose every parameter has the extra leading axes `lead`."""
