@@ -93,7 +93,16 @@ def test_gemma3_matches_transformers(tmp_path):
                        "full_attention": {"rope_type": "linear", "factor": 8.0,
                                           "rope_theta": 1_000_000.0}},
       attn_implementation="eager")
-  model, _ = _check(transformers.Gemma3ForCausalLM(cfg), tmp_path, seed=0)
+  hf_model = transformers.Gemma3ForCausalLM(cfg)
+  model, _ = _check(hf_model, tmp_path, seed=0)
+  # layer_index maps stacked slots back to checkpoint layers (used by calibration)
+  from kvjax.models.decoder import layer_index
+  for part, run, index, stacked in (("groups", 0, (0, 3), model.group_runs[0]),
+                                    ("groups", 1, (0, 0), model.group_runs[1]),
+                                    ("tail", 0, (1,), model.tail_runs[0])):
+    layer = hf_model.model.layers[layer_index(model.config, part, run, *index)]
+    np.testing.assert_allclose(np.asarray(stacked.attention.q_norm.scale[...][index]),
+                               1.0 + layer.self_attn.q_norm.weight.detach().numpy(), rtol=1e-6)
   # 8 layers = one scanned group of (5 local, 1 global) plus a tail of 2 local layers; the
   # window (16) is shorter than the prefill, so local caches are rings of 16 slots.
   caches = model.init_cache(1, 64)
