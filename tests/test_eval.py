@@ -117,3 +117,19 @@ def test_passkey_prompt_places_the_needle():
     retrieval.build_prompt(tok, filler, length=300, depth=1.5, key="1", add_bos=False)
   with pytest.raises(ValueError, match="fewer than"):
     retrieval.build_prompt(tok, "short", length=300, depth=0.5, key="1", add_bos=False)
+
+
+def test_bench_fill_caches_sets_lengths_and_random_contents(tiny):
+  from kvjax import bench
+  model, runner = tiny
+  caches = model.init_cache(1, 64, quant=kvjax.QuantConfig())
+  filled = bench.fill_caches(caches, 40, jax.random.key(0))
+  leaves = [c for c in jax.tree_util.tree_leaves(
+      filled, is_leaf=lambda x: isinstance(x, kvjax.QuantizedKVCache))
+      if isinstance(c, kvjax.QuantizedKVCache)]
+  assert leaves
+  for c in leaves:
+    assert np.all(np.asarray(c.lengths) == 40)
+    assert np.asarray(c.k_codes).std() > 10 and np.all(np.asarray(c.k_scales, np.float32) > 0)
+  logits, _ = runner(np.zeros((1, 1), np.int32), filled)
+  assert np.all(np.isfinite(np.asarray(logits)))
