@@ -227,8 +227,11 @@ def _layer_slots(cfg):
 
 
 def collect(runner, tokens: Sequence[int], *, query_samples: int = 256, chunk: int = 512,
-            progress: bool = True) -> CalibrationData:
+            progress: bool = True, return_caches: bool = False):
   """Runs the model once over `tokens` (batch 1) and gathers per-layer K, V and queries.
+
+  Returns the CalibrationData, or (data, caches) with `return_caches`: the caches are
+  `kvjax.StatsKVCache`s (subclass) usable by `kvjax.smoothing.calibrate_caches`.
 
   `runner` is a `kvjax.eval._Runner`. A dense float32 cache of len(tokens) slots holds
   every key of the global layers and the last window of the sliding-window layers.
@@ -275,7 +278,8 @@ def collect(runner, tokens: Sequence[int], *, query_samples: int = 256, chunk: i
     q = np.asarray(c.q_samples[index], np.float32)  # [M, Hq, D]
     q = q.reshape(samples, h, rep, d).transpose(1, 0, 2, 3).reshape(h, samples * rep, d)
     queries[layer] = q
-  return CalibrationData(keys=keys, values=values, counts=counts, queries=queries)
+  data = CalibrationData(keys=keys, values=values, counts=counts, queries=queries)
+  return (data, caches) if return_caches else data
 
 
 # --------------------------------------------------------------------------- differentiable quantizer
@@ -433,9 +437,13 @@ def train(data: CalibrationData, quant: QuantConfig, cc: CalibrationConfig, *,
   loss_fn = functools.partial(_total_loss, objective=cc.objective, quant=quant,
                               attn_scale=float(attn_scale))
 
+  # Sampling is its own jitted call: fused into the attention objective's gradient step,
+  # XLA's CPU runtime (jax 0.10.2) was seen to hang at run time.
+  sample_fn = jax.jit(lambda step, data_dev: _sample_batch(
+      data_dev, jax.random.fold_in(jax.random.key(cc.seed), step), cc))
+
   @jax.jit
-  def step_fn(params, opt_state, step, data_dev):
-    batch = _sample_batch(data_dev, jax.random.fold_in(jax.random.key(cc.seed), step), cc)
+  def step_fn(params, opt_state, batch):
     (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, fixed, batch)
     updates, opt_state = opt.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
@@ -461,7 +469,8 @@ def train(data: CalibrationData, quant: QuantConfig, cc: CalibrationConfig, *,
     bar = tqdm(total=cc.steps, initial=start, desc=f"calibrate ({cc.objective})", unit="step")
   try:
     for step in range(start, cc.steps):
-      params, opt_state, loss = step_fn(params, opt_state, jnp.int32(step), data_dev)
+      batch = sample_fn(jnp.int32(step), data_dev)
+      params, opt_state, loss = step_fn(params, opt_state, batch)
       loss = float(loss)
       losses.append(loss)
       if manager is not None and (step + 1) % cc.checkpoint_every == 0:

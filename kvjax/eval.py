@@ -40,12 +40,15 @@ from kvjax.smoothing import KeyCalibration, calibrate_caches
 
 @dataclasses.dataclass(frozen=True)
 class CacheSpec:
-  """A cache to evaluate. quant None = dense (bf16); calibrate = key offset + λ from statistics."""
+  """A cache to evaluate. quant None = dense (bf16); calibrate = key offset + λ from statistics;
+  calibration = directory of a `kvjax calibrate` checkpoint whose learned R, λ and key offset
+  go into the quantized caches."""
 
   name: str
   quant: QuantConfig | None
   calibrate: bool = False
   description: str = ""
+  calibration: str | None = None
 
 
 def default_specs() -> list[CacheSpec]:
@@ -155,6 +158,10 @@ def _make_caches(model, spec: CacheSpec, max_len: int, stats):
   # difference re-rolls the rounding of later layers' K/V, which reads as +-2% PPL
   # noise over a few dozen tokens.)
   quant = dataclasses.replace(spec.quant, attention_impl="xla")
+  if spec.calibration is not None:
+    from kvjax import calibrate
+    learned = calibrate.load_calibration(spec.calibration, model_config=model.config)
+    return calibrate.init_calibrated_cache(model, 1, max_len, learned, attention_impl="xla")
   caches = model.init_cache(1, max_len, quant=quant)
   if spec.calibrate:
     if stats is None:
@@ -171,7 +178,10 @@ def cache_bytes(model, spec: CacheSpec, context: int) -> int:
 def _make_caches_shape(model, spec, context):
   if spec.quant is None:
     return model.init_cache(1, context, dtype=jnp.bfloat16)
-  return model.init_cache(1, context, quant=spec.quant)
+  # Learned rotations live in the per-layer parameters, not in the byte count.
+  quant = (dataclasses.replace(spec.quant, rotation="srft") if spec.quant.rotation == "learned"
+           else spec.quant)
+  return model.init_cache(1, context, quant=quant)
 
 
 def _tree_nbytes(caches) -> int:
@@ -269,8 +279,13 @@ def run(model_name: str = "gemma3-270m", *, text_file: str | None = None,
         contexts: Sequence[int] = (1024, 4096), specs: Sequence[CacheSpec] | None = None,
         incremental_steps: int = 64, incremental_specs: Sequence[str] = ("int4",),
         calibration_tokens: int = 2048, chunk: int = 512, out_dir: str = "results/eval",
-        progress: bool = True, plot: bool = True, log=print) -> dict:
-  """The whole `kvjax eval` job; returns the JSON document it writes."""
+        progress: bool = True, plot: bool = True, log=print,
+        calibration: str | None = None) -> dict:
+  """The whole `kvjax eval` job; returns the JSON document it writes.
+
+  calibration: directory written by `kvjax calibrate`; adds a cache "int4-learned" holding
+  its learned R, λ and key offset.
+  """
   from kvjax import corpus
   from kvjax.models import load
 
@@ -294,6 +309,12 @@ def run(model_name: str = "gemma3-270m", *, text_file: str | None = None,
   if len(ids) < contexts[-1]:
     raise ValueError(f"the text has {len(ids)} tokens, fewer than the longest context "
                      f"{contexts[-1]}; give a longer --text or shorter --contexts")
+  if calibration is not None:
+    from kvjax.calibrate import load_calibration
+    learned = load_calibration(calibration, model_config=cfg)  # refuses another model early
+    specs.append(CacheSpec("int4-learned", learned.quant, calibration=str(calibration),
+                           description=f"{learned.quant.name}: learned R, λ, key offset from "
+                                       f"{calibration}"))
   runner = _Runner(model)
   stats = None
   if any(s.calibrate for s in specs):

@@ -1,0 +1,263 @@
+"""kvjax.calibrate: straight-through quantizer, training, Orbax round trips, resume, loading."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import kvjax
+from kvjax import calibrate as cal
+from kvjax import eval as ev
+from kvjax import quantizer
+from kvjax.models import ModelConfig, model_class
+from kvjax.rotations import rotation_matrix_np
+
+
+def _synthetic_data(seed=0, layers=2, heads=2, n=96, d=64, m=24):
+  """Keys with a shared offset and a few loud channels (what rotations and λ are for)."""
+  rng = np.random.default_rng(seed)
+  keys = rng.standard_normal((layers, heads, n, d)).astype(np.float32)
+  keys[..., :3] *= 12.0
+  keys += rng.standard_normal((layers, heads, 1, d)).astype(np.float32) * 4.0
+  values = rng.standard_normal((layers, heads, n, d)).astype(np.float32)
+  values[..., 5] *= 8.0
+  queries = rng.standard_normal((layers, heads, m, d)).astype(np.float32)
+  counts = np.array([n, n - 30][:layers] + [n] * max(0, layers - 2), np.int64)
+  return cal.CalibrationData(keys=keys, values=values, counts=counts, queries=queries)
+
+
+# ------------------------------------------------------------------------------------- quantizer
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, 32), (8, 64), (4, 128)])
+def test_straight_through_forward_is_the_cache_quantizer(bits, group_size):
+  rng = np.random.default_rng(bits * 1000 + group_size)
+  d = 128
+  x = jnp.asarray(rng.standard_normal((40, d)) * 3 + 1, jnp.float32)
+  rot = jnp.asarray(rotation_matrix_np("srft", d, 7))
+  lam = jnp.asarray(np.exp(rng.normal(0, 0.5, d)), jnp.float32)
+  mean = jnp.asarray(rng.standard_normal(d), jnp.float32)
+  got = cal.fake_quantize_ste(x, rot, lam, mean, bits=bits, group_size=group_size)
+  ref = quantizer.fake_quantize((x - mean)[:, None], rot[None], lam[None], bits=bits,
+                                group_size=group_size)[:, 0] + mean
+  # Same arithmetic in the same order: rows agree to float32 rounding of the two
+  # matmuls (a code would have to sit within ~1e-6 of a rounding tie to flip).
+  err = np.max(np.abs(np.asarray(got) - np.asarray(ref)), axis=-1)
+  scale = np.max(np.abs(np.asarray(x - mean)), axis=-1) * np.max(np.asarray(lam))
+  print("worst row error / row scale:", float(np.max(err / scale)))
+  assert np.all(err <= 1e-5 * scale)
+
+
+def test_straight_through_gradient_reaches_rotation_and_lambda():
+  rng = np.random.default_rng(1)
+  d = 64
+  x = jnp.asarray(rng.standard_normal((32, d)), jnp.float32)
+  base = jnp.asarray(rotation_matrix_np("srft", d, 0))
+  w = jnp.asarray(rng.normal(0, 0.01, (d, d)), jnp.float32)
+
+  def loss(w, log_lam):
+    r = kvjax.rotations.cayley(w) @ base
+    x_hat = cal.fake_quantize_ste(x, r, jnp.exp(log_lam), jnp.zeros(d), bits=4, group_size=32)
+    return jnp.mean((x - x_hat) ** 2)
+
+  gw, gl = jax.grad(loss, argnums=(0, 1))(w, jnp.zeros(d))
+  assert np.all(np.isfinite(gw)) and np.all(np.isfinite(gl))
+  assert np.abs(np.asarray(gw)).max() > 0 and np.abs(np.asarray(gl)).max() > 0
+
+
+# ------------------------------------------------------------------------------------- training
+
+
+FAST = cal.CalibrationConfig(steps=6, learning_rate=5e-3, warmup_steps=2, batch_tokens=48,
+                             batch_queries=16, checkpoint_every=2, seed=3)
+
+
+@pytest.mark.parametrize("objective", ["mse", "attention"])
+def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path, objective):
+  data = _synthetic_data()
+  quant = kvjax.QuantConfig(rotation="learned")
+  cc = dataclasses.replace(FAST, objective=objective)
+  full_params, _, full_losses = cal.train(data, quant, cc, attn_scale=0.125,
+                                          checkpoint_dir=tmp_path / "a", progress=False)
+
+  class Interrupt(Exception):
+    pass
+
+  def stop(step, loss):
+    if step == 2:      # checkpoints exist after steps 2 and 4; step index 2 is lost
+      raise Interrupt
+  with pytest.raises(Interrupt):
+    cal.train(data, quant, cc, attn_scale=0.125, checkpoint_dir=tmp_path / "b",
+              progress=False, on_step=stop)
+  seen = []
+  params, _, losses = cal.train(data, quant, cc, attn_scale=0.125,
+                                checkpoint_dir=tmp_path / "b", progress=False,
+                                on_step=lambda s, l: seen.append(s))
+  assert seen == [2, 3, 4, 5]        # resumed from the checkpoint after 2 steps
+  assert losses == full_losses
+  for name in full_params:
+    np.testing.assert_array_equal(np.asarray(params[name]), np.asarray(full_params[name]))
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+  data = _synthetic_data()
+  quant = kvjax.QuantConfig(rotation="learned")
+  cal.train(data, quant, dataclasses.replace(FAST, steps=2), attn_scale=0.125,
+            checkpoint_dir=tmp_path, progress=False)
+  with pytest.raises(ValueError, match="another CalibrationConfig"):
+    cal.train(data, quant, dataclasses.replace(FAST, steps=4, seed=9), attn_scale=0.125,
+              checkpoint_dir=tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("base", ["srft", "none"])
+def test_learned_rotation_stays_orthogonal_and_lowers_the_error(base):
+  data = _synthetic_data(seed=5)
+  quant = kvjax.QuantConfig(rotation="learned")
+  cc = cal.CalibrationConfig(steps=40, learning_rate=1e-2, warmup_steps=4, batch_tokens=64,
+                             base=base, checkpoint_every=0)
+  params, fixed, losses = cal.train(data, quant, cc, attn_scale=0.125, progress=False)
+  arrays = cal.finalize(params, fixed)
+  # The parameters moved far from the start, and R stayed orthogonal: per matrix row,
+  # |R R^T - I| at float32 rounding of a d=64 solve and product.
+  assert np.abs(np.asarray(params["k_weights"])).max() > 1e-2
+  for name in ("k_rotation", "v_rotation"):
+    r = arrays[name].astype(np.float64)
+    gram = r @ np.swapaxes(r, -1, -2)
+    row_err = np.max(np.abs(gram - np.eye(r.shape[-1])), axis=-1)
+    print(name, "worst |R R^T - I| per row:", row_err.max())
+    assert row_err.max() < 1e-5
+  start = cal.finalize(*cal.init_state(data, quant, cc)[:2])
+  before = cal.reconstruction_mse(data, start, quant)
+  after = cal.reconstruction_mse(data, arrays, quant)
+  print("key MSE", before["key"], "->", after["key"], "value MSE", before["value"], "->",
+        after["value"])
+  assert np.all(after["key"] < before["key"]) and np.all(after["value"] < before["value"])
+  assert np.mean(losses[-5:]) < np.mean(losses[:5])
+
+
+def test_bad_configuration_is_rejected():
+  with pytest.raises(ValueError, match="objective"):
+    cal.CalibrationConfig(objective="kl")
+  with pytest.raises(ValueError, match="base"):
+    cal.CalibrationConfig(base="srht")
+  with pytest.raises(ValueError, match="steps"):
+    cal.CalibrationConfig(steps=0)
+  d = _synthetic_data()
+  with pytest.raises(ValueError, match="counts"):
+    cal.CalibrationData(keys=d.keys, values=d.values, counts=d.counts * 0, queries=d.queries)
+  with pytest.raises(ValueError, match="queries"):
+    cal.CalibrationData(keys=d.keys, values=d.values, counts=d.counts, queries=d.queries[..., :3])
+
+
+# ------------------------------------------------------------------------------------- checkpoints
+
+
+def _random_calibration(cfg, seed=0):
+  rng = np.random.default_rng(seed)
+  l, h, d = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
+  q, _ = np.linalg.qr(rng.standard_normal((2, l, h, d, d)))
+  return cal.Calibration(
+      k_rotation=q[0].astype(np.float32), v_rotation=q[1].astype(np.float32),
+      k_lambda=np.exp(rng.normal(0, 0.3, (l, h, d))).astype(np.float32),
+      v_lambda=np.exp(rng.normal(0, 0.3, (l, h, d))).astype(np.float32),
+      k_mean=rng.standard_normal((l, h, d)).astype(np.float32),
+      quant=kvjax.QuantConfig(group_size=32, rotation="learned"),
+      metadata={"model": "gemma3-tiny", "architecture": cal.architecture(cfg), "steps": 0,
+                "losses": [0.5, 0.25]})
+
+
+def test_orbax_round_trip_is_exact(tmp_path):
+  cfg = ModelConfig.preset("gemma3-tiny")
+  c = _random_calibration(cfg)
+  cal.save_calibration(tmp_path / "result", c)
+  back = cal.load_calibration(tmp_path, model_config=cfg)
+  for name, arr in c.arrays().items():
+    assert back.arrays()[name].dtype == np.float32
+    np.testing.assert_array_equal(back.arrays()[name], arr)
+  assert back.quant == c.quant
+  assert back.metadata["losses"] == [0.5, 0.25] and back.metadata["model"] == "gemma3-tiny"
+
+
+def test_checkpoint_for_another_model_is_refused(tmp_path):
+  cfg = ModelConfig.preset("gemma3-tiny")
+  cal.save_calibration(tmp_path / "result", _random_calibration(cfg))
+  with pytest.raises(ValueError, match="num_layers.*head_dim|does not match"):
+    cal.load_calibration(tmp_path, model_config=ModelConfig.preset("qwen2-tiny"))
+  with pytest.raises(ValueError, match="head_dim: checkpoint 32 vs model 64"):
+    cal.load_calibration(tmp_path, model_config=cfg.replace(head_dim=64))
+  with pytest.raises(FileNotFoundError):
+    cal.load_calibration(tmp_path / "missing", model_config=cfg)
+
+
+def test_parameters_land_in_their_layers_slots(tmp_path):
+  cfg = ModelConfig.preset("gemma3-tiny")
+  model = model_class(cfg)(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  c = _random_calibration(cfg, seed=4)
+  caches = cal.init_calibrated_cache(model, 1, 40, c)
+  checked = set()
+  for part, run, index, layer in cal._layer_slots(cfg):
+    qc = caches[part][run]
+    assert qc.config.rotation == "learned"
+    for name, arr in c.arrays().items():
+      np.testing.assert_array_equal(np.asarray(getattr(qc, name)[index]), arr[layer])
+    checked.add(layer)
+  assert checked == set(range(cfg.num_layers))
+  wrong = model.init_cache(1, 40, quant=kvjax.QuantConfig(group_size=32, key_bits=8))
+  with pytest.raises(ValueError, match="bit widths and group size"):
+    cal.apply_calibration(wrong, c, cfg)
+  with pytest.raises(TypeError, match="quantized caches"):
+    cal.apply_calibration(model.init_cache(1, 40), c, cfg)
+
+
+# ------------------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+  cfg = ModelConfig.preset("gemma3-tiny")
+  return model_class(cfg)(cfg, dtype=jnp.float32, rngs=nnx.Rngs(3))
+
+
+def test_query_samples_are_the_queries_attention_sees(tiny_model):
+  # With a sample at every position, the sampled queries' squares must add up to the
+  # q_sq statistics the core's StatsKVCache accumulates in the same attention calls.
+  cfg = tiny_model.config
+  tokens = np.random.default_rng(2).integers(3, cfg.vocab_size, 40).tolist()
+  runner = ev._Runner(tiny_model)
+  data = cal.collect(runner, tokens, query_samples=40, chunk=16, progress=False)
+  stats = ev.collect_stats(runner, tokens, chunk=16, progress=False)
+  q_sq = np.zeros((cfg.num_layers, cfg.num_kv_heads, cfg.head_dim))
+  for part, run, index, layer in cal._layer_slots(cfg):
+    q_sq[layer] = np.asarray(stats[part][run].q_sq[index])
+  got = (data.queries.astype(np.float64) ** 2).sum(axis=2)
+  np.testing.assert_allclose(got, q_sq, rtol=1e-4, atol=1e-4 * q_sq.max())
+  # Sliding-window layers keep their window, global layers every token.
+  for layer, t in enumerate(cfg.layer_types):
+    assert data.counts[layer] == (min(40, cfg.sliding_window) if t == "local" else 40)
+
+
+def test_tiny_model_calibrates_end_to_end(tmp_path, tiny_model):
+  cfg = tiny_model.config
+  tokens = np.random.default_rng(0).integers(3, cfg.vocab_size, 64).tolist()
+  cc = cal.CalibrationConfig(objective="attention", steps=8, batch_tokens=32, batch_queries=16,
+                             checkpoint_every=4, warmup_steps=2)
+  result = cal.calibrate("gemma3-tiny", out_dir=tmp_path, model=tiny_model, tokens=tokens,
+                         config=cc, chunk=32, query_samples=16, progress=False, log=lambda *a: None)
+  assert len(result.metadata["losses"]) == 8
+  with pytest.raises(ValueError, match="already exists"):
+    cal.calibrate("gemma3-tiny", out_dir=tmp_path, model=tiny_model, tokens=tokens, config=cc,
+                  progress=False, log=lambda *a: None)
+  loaded = cal.load_calibration(tmp_path, model_config=cfg)
+  meta = loaded.metadata
+  assert (meta["num_layers"], meta["num_kv_heads"], meta["head_dim"]) == (6, 2, 32)
+  assert meta["corpus"]["num_tokens"] == 64 and meta["config"]["objective"] == "attention"
+  # The calibrated cache runs in the model and agrees with the dense cache to 4-bit accuracy.
+  runner = ev._Runner(tiny_model)
+  window = np.asarray(tokens[:48], np.int32)
+  specs = [ev.CacheSpec("f32", None), ev.CacheSpec("learned", loaded.quant, calibration=str(tmp_path))]
+  res = ev.evaluate_window(runner, window, specs, max_len=48, chunk=16, progress=False)
+  kl = res["learned"]["hook"][1]
+  assert np.all(np.isfinite(kl)) and 0 < kl.mean() < 0.5
