@@ -51,7 +51,7 @@ from kvjax import cache as cache_lib
 from kvjax import quantizer
 from kvjax.cache import DenseKVCache, QuantizedKVCache, StatsKVCache
 from kvjax.config import QuantConfig
-from kvjax.rotations import cayley, rotation_matrix_np
+from kvjax.rotations import rotation_matrix_np
 
 FORMAT_VERSION = 1
 OBJECTIVES = ("mse", "attention")
@@ -322,10 +322,42 @@ def _bases(kind: str, dim: int, quant: QuantConfig, num_layers: int, heads: int)
   return tile(kb), tile(vb)
 
 
+def cayley_host(weights) -> tuple[np.ndarray, np.ndarray]:
+  """(cayley(W), (I + A)^-1) for W [..., D, D] (A = W - W^T), float32, computed with numpy.
+
+  XLA's CPU LAPACK solve inside a jitted gradient step hung (jaxlib 0.10.2, a few
+  hundred-wide matrices batched over layers), so the D x D inverse is taken on the host
+  in float64, once per step, and `cayley_linearized` carries its exact gradient.
+  """
+  w = np.asarray(weights, np.float64)
+  a = w - np.swapaxes(w, -1, -2)
+  eye = np.eye(w.shape[-1])
+  inv = np.linalg.inv(eye + a)
+  return (inv @ (eye - a)).astype(np.float32), inv.astype(np.float32)
+
+
+def cayley_linearized(weights: jax.Array, rotation: jax.Array, inverse: jax.Array) -> jax.Array:
+  """cayley(weights) given its value `rotation` and (I + A)^-1 `inverse` at these weights.
+
+  The value is exactly `rotation`; the derivative is the exact one of the Cayley map,
+  dR = -(I + A)^-1 dA (R + I), so gradients equal those through `rotations.cayley`.
+  """
+  delta = weights - jax.lax.stop_gradient(weights)          # zero, with unit derivative
+  d_a = delta - jnp.swapaxes(delta, -1, -2)
+  hi = jax.lax.Precision.HIGHEST
+  eye = jnp.eye(weights.shape[-1], dtype=weights.dtype)
+  return rotation - jnp.matmul(jnp.matmul(inverse, d_a, precision=hi), rotation + eye,
+                               precision=hi)
+
+
 def _head_loss(params, fixed, batch, *, objective, quant, attn_scale):
-  """Loss of one (layer, KV head). batch: k, v [Nb, D], q [Mb, D]."""
-  rk = cayley(params["k_weights"]) @ fixed["k_base"]
-  rv = cayley(params["v_weights"]) @ fixed["v_base"]
+  """Loss of one (layer, KV head). batch: k, v [Nb, D], q [Mb, D], and the host Cayley
+  values k_cayley/k_inverse, v_cayley/v_inverse [D, D] at the current weights."""
+  hi = jax.lax.Precision.HIGHEST
+  rk = jnp.matmul(cayley_linearized(params["k_weights"], batch["k_cayley"], batch["k_inverse"]),
+                  fixed["k_base"], precision=hi)
+  rv = jnp.matmul(cayley_linearized(params["v_weights"], batch["v_cayley"], batch["v_inverse"]),
+                  fixed["v_base"], precision=hi)
   lk, lv = jnp.exp(params["k_log_lambda"]), jnp.exp(params["v_log_lambda"])
   fq = functools.partial(fake_quantize_ste, bits=None, group_size=quant.group_size,
                          scale_dtype=quant.scale_jnp_dtype)
@@ -337,7 +369,6 @@ def _head_loss(params, fixed, batch, *, objective, quant, attn_scale):
     k_ref = jnp.mean(jnp.sum((k - fixed["k_mean"]) ** 2, -1)) + tiny
     return (jnp.mean(jnp.sum((k - k_hat) ** 2, -1)) / k_ref
             + jnp.mean(jnp.sum((v - v_hat) ** 2, -1)) / (jnp.mean(jnp.sum(v ** 2, -1)) + tiny))
-  hi = jax.lax.Precision.HIGHEST
   q = batch["q"] * attn_scale
   logits = jnp.matmul(q, k.T, precision=hi)
   logits_hat = jnp.matmul(q, k_hat.T, precision=hi)
@@ -469,7 +500,10 @@ def train(data: CalibrationData, quant: QuantConfig, cc: CalibrationConfig, *,
     bar = tqdm(total=cc.steps, initial=start, desc=f"calibrate ({cc.objective})", unit="step")
   try:
     for step in range(start, cc.steps):
-      batch = sample_fn(jnp.int32(step), data_dev)
+      batch = dict(sample_fn(jnp.int32(step), data_dev))
+      for which in ("k", "v"):
+        rot, inv = cayley_host(jax.device_get(params[f"{which}_weights"]))
+        batch[f"{which}_cayley"], batch[f"{which}_inverse"] = jnp.asarray(rot), jnp.asarray(inv)
       params, opt_state, loss = step_fn(params, opt_state, batch)
       loss = float(loss)
       losses.append(loss)
@@ -518,15 +552,14 @@ class Calibration:
 
 def finalize(params, fixed) -> dict:
   """Dense R = cayley(W) @ base, λ = exp(log λ) and μ as host float32 arrays."""
-  @jax.jit
-  def dense(params, fixed):
-    cay = jax.vmap(jax.vmap(cayley))
-    hi = jax.lax.Precision.HIGHEST
-    return {"k_rotation": jnp.matmul(cay(params["k_weights"]), fixed["k_base"], precision=hi),
-            "v_rotation": jnp.matmul(cay(params["v_weights"]), fixed["v_base"], precision=hi),
-            "k_lambda": jnp.exp(params["k_log_lambda"]),
-            "v_lambda": jnp.exp(params["v_log_lambda"]), "k_mean": fixed["k_mean"]}
-  return {k: np.asarray(v, np.float32) for k, v in dense(params, fixed).items()}
+  out = {}
+  for which in ("k", "v"):
+    rot, _ = cayley_host(jax.device_get(params[f"{which}_weights"]))
+    base = np.asarray(fixed[f"{which}_base"], np.float64)
+    out[f"{which}_rotation"] = (rot.astype(np.float64) @ base).astype(np.float32)
+    out[f"{which}_lambda"] = np.exp(np.asarray(params[f"{which}_log_lambda"], np.float32))
+  out["k_mean"] = np.asarray(fixed["k_mean"], np.float32)
+  return out
 
 
 def architecture(model_config) -> dict:
