@@ -121,20 +121,25 @@ def _rotate_grouped_q(qg, rotation, lam):
   return jnp.einsum("bhtrd,hed->bhtre", qg * lam, rotation, precision=_HI)
 
 
+def _rotated_query(q, view, config):
+  """Grouped queries [B, H, T, R, D] and q~ = R_k (lam_k * q) split into groups [B, H, T, R, G, g]."""
+  qg = _grouped_q(q.astype(jnp.float32), view["k_codes"].shape[1])
+  b, h, t, r, d = qg.shape
+  g = config.group_size
+  qr = _rotate_grouped_q(qg, view["k_rotation"], view["k_lambda"])
+  return qg, qr.reshape(b, h, t, r, d // g, g)
+
+
 def quantized_attention(q, view: dict, mask, *, config, scale, softcap=None):
   """Attention in the rotated, quantized domain (no per-token dequantized K/V).
 
   q: [B, Tq, Hq, D]; view: k_codes/k_scales/v_codes/v_scales [B, H, N, ...] and
   the four rotation/lambda parameters; mask: bool [B, Tq, N].
   """
-  g = config.group_size
+  qg, qr = _rotated_query(q, view, config)
+  b, h, t, r, G, g = qr.shape
+  d, n = G * g, view["k_codes"].shape[2]
   kc = view["k_codes"]
-  h = kc.shape[1]
-  qg = _grouped_q(q.astype(jnp.float32), h)
-  b, _, t, r, d = qg.shape
-  n = kc.shape[2]
-  G = d // g
-  qr = _rotate_grouped_q(qg, view["k_rotation"], view["k_lambda"]).reshape(b, h, t, r, G, g)
   k_int = quantizer.unpack_int4(kc) if config.key_bits == 4 else kc
   k_int = k_int.reshape(b, h, n, G, g).astype(jnp.float32)
   # Per-group partial dot products, then one multiply-add with the group scales.
@@ -175,14 +180,10 @@ def quantized_attention_int8dot(q, view: dict, mask, *, config, scale, softcap=N
   alone moved real-model logits by up to 0.5 nats) and bf16 rounding of the
   weights (2^-9 relative, as in any bf16 cache); tests bound it per row.
   """
-  g = config.group_size
+  qg, qr = _rotated_query(q, view, config)
+  b, h, t, r, G, g = qr.shape
+  d, n = G * g, view["k_codes"].shape[2]
   kc = view["k_codes"]
-  h = kc.shape[1]
-  qg = _grouped_q(q.astype(jnp.float32), h)
-  b, _, t, r, d = qg.shape
-  n = kc.shape[2]
-  G = d // g
-  qr = _rotate_grouped_q(qg, view["k_rotation"], view["k_lambda"]).reshape(b, h, t, r, G, g)
   # q~ = s_hi * q_hi + s_lo * q_lo, both int8: the residual of the first rounding
   # quantized again, so q~ is carried to ~1/254^2 of a group's largest entry.
   q_hi, s_hi = _int8_per_group(qr, -1)                               # [b,h,t,r,G,g], [...,1]
