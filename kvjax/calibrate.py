@@ -249,14 +249,9 @@ def collect(runner, tokens: Sequence[int], *, query_samples: int = 256, chunk: i
   if progress:
     from tqdm.auto import tqdm
     bar = tqdm(total=n, desc="calibration prefill", unit="tok", leave=False)
+  from kvjax.eval import prefill  # eval imports this module lazily; keep the import local
   with _query_capture():
-    for lo in range(0, n, chunk):
-      part = tokens[lo:lo + chunk]
-      piece = np.zeros((1, chunk), np.int32)
-      piece[0, :len(part)] = part
-      _, caches = runner(piece, caches, jnp.asarray([len(part)], jnp.int32))
-      if bar is not None:
-        bar.update(len(part))
+    _, _, caches = prefill(runner, tokens, caches, chunk=chunk, bar=bar)
   if bar is not None:
     bar.close()
   h, d, hq = cfg.num_kv_heads, cfg.head_dim, cfg.num_heads

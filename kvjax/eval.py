@@ -130,6 +130,24 @@ def _progress(total, desc, enabled):
   return tqdm(total=total, desc=desc, unit="tok", leave=False)
 
 
+def prefill(runner: _Runner, tokens: Sequence[int], caches, *, chunk: int = 512, bar=None):
+  """Feeds `tokens` through the caches in fixed-size chunks (one compiled shape).
+
+  The last chunk is right-padded and only its real tokens enter the caches.
+  Returns (logits of the last chunk [1, chunk, V], index of its last real token, caches).
+  """
+  logits, last = None, -1
+  for lo in range(0, len(tokens), chunk):
+    part = tokens[lo:lo + chunk]
+    piece = np.zeros((1, chunk), np.int32)
+    piece[0, :len(part)] = part
+    logits, caches = runner(piece, caches, jnp.asarray([len(part)], jnp.int32))
+    last = len(part) - 1
+    if bar is not None:
+      bar.update(len(part))
+  return logits, last, caches
+
+
 def collect_stats(runner: _Runner, tokens: Sequence[int], *, chunk: int = 512,
                   progress: bool = True):
   """Runs the model over calibration tokens with statistics caches; returns them."""
@@ -137,13 +155,7 @@ def collect_stats(runner: _Runner, tokens: Sequence[int], *, chunk: int = 512,
   n = len(tokens)
   caches = with_stats(model.init_cache(1, n, dtype=jnp.float32))
   bar = _progress(n, "calibration statistics", progress)
-  for lo in range(0, n, chunk):
-    piece = np.zeros((1, chunk), np.int32)
-    part = tokens[lo:lo + chunk]
-    piece[0, :len(part)] = part
-    _, caches = runner(piece, caches, jnp.asarray([len(part)], jnp.int32))
-    if bar is not None:
-      bar.update(len(part))
+  _, _, caches = prefill(runner, tokens, caches, chunk=chunk, bar=bar)
   if bar is not None:
     bar.close()
   return caches
@@ -237,13 +249,8 @@ def evaluate_window(runner: _Runner, tokens: np.ndarray, specs: Sequence[CacheSp
     m = min(incremental_steps, n - 1)
     inc_specs = [s for s in specs if s.name == ref_name or s.name in incremental_specs]
     caches = {s.name: _make_caches(model, s, max_len, stats) for s in inc_specs}
-    prefix = tokens[:n - m]
-    for lo in range(0, len(prefix), chunk):
-      part = prefix[lo:lo + chunk]
-      piece = np.zeros((1, chunk), np.int32)
-      piece[0, :len(part)] = part
-      for s in inc_specs:
-        _, caches[s.name] = runner(piece, caches[s.name], jnp.asarray([len(part)], jnp.int32))
+    for s in inc_specs:
+      _, _, caches[s.name] = prefill(runner, tokens[:n - m], caches[s.name], chunk=chunk)
     accs = {s.name: [[], [], []] for s in inc_specs}
     bar = _progress(m * len(inc_specs), f"incremental C={n}", progress)
     for i in range(n - m, n):

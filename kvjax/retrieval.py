@@ -47,13 +47,7 @@ def greedy_answer(runner, tokens: Sequence[int], spec, *, stats, new_tokens: int
   """Greedy continuation of `tokens` through the cache described by `spec`."""
   model = runner.model
   caches = ev._make_caches(model, spec, len(tokens) + new_tokens + 1, stats)
-  logits = None
-  for lo in range(0, len(tokens), chunk):
-    part = tokens[lo:lo + chunk]
-    piece = np.zeros((1, chunk), np.int32)
-    piece[0, :len(part)] = part
-    logits, caches = runner(piece, caches, jnp.asarray([len(part)], jnp.int32))
-    last = len(part) - 1
+  logits, last, caches = ev.prefill(runner, tokens, caches, chunk=chunk)
   out = [int(jnp.argmax(logits[0, last]))]
   for _ in range(new_tokens - 1):
     logits, caches = runner(np.asarray([[out[-1]]], np.int32), caches)
