@@ -285,7 +285,8 @@ def fake_quantize_ste(x: jax.Array, rotation: jax.Array, lam: jax.Array, mean: j
   """What the cache returns for x [N, D] (rotation [D, D], lam, mean [D]), float32 [N, D].
 
   Forward: exactly `quantizer.fake_quantize(x - mean, ...) + mean` (scales rounded to
-  `scale_dtype` before dividing, round half to even, codes clipped to ±qmax).
+  `scale_dtype` before dividing, the cache's grid: odd levels for 4-bit, round half to
+  even for 8-bit, clipped to ±qmax).
   Backward: straight-through on both roundings (the scale's and the codes'), so the
   gradient reaches R and λ through the rotation and the abs-max scale.
   """
@@ -297,7 +298,7 @@ def fake_quantize_ste(x: jax.Array, rotation: jax.Array, lam: jax.Array, mean: j
   s = s + jax.lax.stop_gradient(s.astype(scale_dtype).astype(jnp.float32) - s)
   safe = jnp.where(s > 0, s, 1.0)
   u = yg / safe
-  codes = jnp.clip(u + jax.lax.stop_gradient(jnp.round(u) - u), -q, q)
+  codes = jnp.clip(u + jax.lax.stop_gradient(quantizer.round_to_grid(u, bits) - u), -q, q)
   y_hat = (codes * safe).reshape(n, d)
   return jnp.matmul(y_hat, rotation, precision=jax.lax.Precision.HIGHEST) * lam + mean
 

@@ -72,11 +72,14 @@ def _load_tile(ref, rows, valid_rows, byte_start, width):
 
 
 def _codes(widened, nibble):
-  """int32 code bytes -> bfloat16 codes (exact) of one nibble half (or int8 codes)."""
+  """int32 code bytes -> bfloat16 levels (exact) of one nibble half (or int8 codes).
+
+  A 4-bit nibble c holds the odd level 2c + 1.
+  """
   if nibble == "low":
-    widened = (widened << 28) >> 28
+    widened = ((widened << 28) >> 28) * 2 + 1
   elif nibble == "high":
-    widened = (widened << 24) >> 28
+    widened = ((widened << 24) >> 28) * 2 + 1
   return widened.astype(jnp.float32).astype(jnp.bfloat16)
 
 

@@ -57,14 +57,14 @@ _HIGHEST = lax.Precision.HIGHEST
 def _unpack_parts(codes, bits, dtype):
   """[block_s, W] uint8 / int8 codes -> list of [block_s, W'] code parts in `dtype`.
 
-  4-bit: [low nibbles (channels 0..D/2), high nibbles (channels D/2..D)]. Codes
-  (|c| <= 127) are exact in bfloat16.
+  4-bit: [low nibbles (channels 0..D/2), high nibbles (channels D/2..D)], each
+  nibble c read as its odd level 2c + 1. Levels (|level| <= 127) are exact in bfloat16.
   """
   widened = codes.astype(jnp.int32)
   if bits == 8:
     parts = [widened]
   else:
-    parts = [(widened << 28) >> 28, (widened << 24) >> 28]
+    parts = [((widened << 28) >> 28) * 2 + 1, ((widened << 24) >> 28) * 2 + 1]
   return [p.astype(jnp.float32).astype(dtype) for p in parts]
 
 

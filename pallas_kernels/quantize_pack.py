@@ -4,11 +4,13 @@ For each row x (one key or value vector of one KV head) the kernel computes
 
     y = (x / lam) @ R.T                      (one MXU / tensor-core matmul)
     s = bf16(max|y_group| / qmax)            (per group of `group_size` channels)
-    codes = clip(round_half_even(y / s), -qmax, qmax)   (s == 0 -> 1)
+    levels = round_to_level(y / s)           (s == 0 -> 1)
+      4-bit: nearest odd integer in [-15, 15], 2 floor(y / 2s) + 1 (qmax = 15)
+      8-bit: round half to even, clipped to [-127, 127] (qmax = 127)
 
-and writes 4-bit codes as split-halves nibbles (byte j = channel j in the low
-nibble, channel j + D/2 in the high nibble) or 8-bit codes as int8, exactly as
-docs/cache_layout.md specifies. One HBM read of x, one write of codes + scales.
+and writes 4-bit levels as split-halves nibbles c = (level - 1) / 2 (byte j =
+channel j in the low nibble, channel j + D/2 in the high nibble) or 8-bit codes
+as int8, exactly as docs/cache_layout.md specifies. One HBM read of x, one write of codes + scales.
 
 Why the kernel is shaped the way it is (Mosaic TPU constraints, also fine on GPU):
   * The rotation is split by columns into the two halves of the packed layout
@@ -35,7 +37,7 @@ from jax.experimental import pallas as pl
 from kvjax.pallas_kernels import _compat
 from kvjax.pallas_kernels import tuning
 
-_QMAX = {4: 7, 8: 127}
+_QMAX = {4: 15, 8: 127}  # largest level (4-bit levels are the odd integers -15..15)
 # 8-bit outputs use (32, 128) tiles on TPU, so row blocks are multiples of 32.
 _ROW_ALIGN = 32
 # GPU: rotation columns per matmul, so that a [D, chunk] float32 operand stays
@@ -86,6 +88,18 @@ def round_half_even(v):
   return jnp.where(round_up, below + 1.0, below)
 
 
+def round_to_level(v, bits):
+  """Nearest level of the `bits`-bit grid (unclipped): odd integers for 4-bit, else integers."""
+  if bits == 4:
+    return 2.0 * jnp.floor(v * 0.5) + 1.0
+  return round_half_even(v)
+
+
+def _nibbles(low, high):
+  """int32 odd levels of the two halves -> packed uint8 bytes (nibble = level >> 1)."""
+  return (((low >> 1) & 0xF) | (((high >> 1) & 0xF) << 4)).astype(jnp.uint8)
+
+
 def _quantize_pack_kernel(x_ref, lam_ref, *refs, bits, group_size, num_groups, part_offsets,
                           scale_dtype):
   """One block of rows.
@@ -126,14 +140,14 @@ def _quantize_pack_kernel(x_ref, lam_ref, *refs, bits, group_size, num_groups, p
     divisors = [jnp.where(_lane_group_mask(p.shape, off, gi, group_size), divisor, dv)
                 for p, off, dv in zip(parts, part_offsets, divisors)]
 
-  codes = [jnp.clip(round_half_even(p / dv), -qmax, qmax).astype(jnp.int32)
+  codes = [jnp.clip(round_to_level(p / dv, bits), -qmax, qmax).astype(jnp.int32)
            for p, dv in zip(parts, divisors)]
   width = parts[0].shape[1]
   if bits == 4:
     pairs = num_parts // 2  # low-half part i and high-half part i share bytes
     for i in range(pairs):
       low, high = codes[i], codes[pairs + i]
-      packed = ((low & 0xF) | ((high & 0xF) << 4)).astype(jnp.uint8)  # int32 in [0, 255]
+      packed = _nibbles(low, high)
       if pairs == 1:
         codes_ref[...] = packed
       else:
@@ -241,10 +255,11 @@ def quantize_pack_reference(x, rotation, lam, *, bits=4, group_size=32,
   groups = y.reshape(n, d // group_size, group_size)
   stored = (jnp.max(jnp.abs(groups), axis=-1) / qmax).astype(scale_dtype)
   divisor = jnp.where(stored == 0, 1.0, stored.astype(jnp.float32))
-  # jnp.round rounds half to even, as the layout specifies.
-  codes = jnp.clip(jnp.round(groups / divisor[..., None]), -qmax, qmax).astype(jnp.int32)
+  u = groups / divisor[..., None]
+  # 4-bit: nearest odd level; 8-bit: jnp.round rounds half to even, as the layout specifies.
+  levels = 2.0 * jnp.floor(u * 0.5) + 1.0 if bits == 4 else jnp.round(u)
+  codes = jnp.clip(levels, -qmax, qmax).astype(jnp.int32)
   codes = codes.reshape(n, d)
   if bits == 8:
     return codes.astype(jnp.int8), stored
-  low, high = codes[:, : d // 2], codes[:, d // 2:]
-  return ((low & 0xF) | ((high & 0xF) << 4)).astype(jnp.uint8), stored
+  return _nibbles(codes[:, : d // 2], codes[:, d // 2:]), stored

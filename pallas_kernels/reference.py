@@ -13,13 +13,13 @@ from kvjax.pallas_kernels import _common
 
 
 def unpack_codes(codes, bits):
-  """uint8 [..., D/2] split-halves nibbles -> int32 [..., D]; int8 [..., D] -> int32."""
+  """uint8 [..., D/2] split-halves nibbles -> int32 odd levels [..., D]; int8 [..., D] -> int32."""
   widened = codes.astype(jnp.int32)
   if bits == 8:
     return widened
-  low = (widened << 28) >> 28  # arithmetic shift sign-extends the nibble
+  low = (widened << 28) >> 28  # arithmetic shift sign-extends the nibble c
   high = (widened << 24) >> 28
-  return jnp.concatenate([low, high], axis=-1)
+  return jnp.concatenate([low, high], axis=-1) * 2 + 1  # the level 2c + 1
 
 
 def dequantize_codes(codes, scales, *, bits, group_size):

@@ -280,4 +280,10 @@ def test_tiny_model_calibrates_end_to_end(tmp_path, tiny_model):
   specs = [ev.CacheSpec("f32", None), ev.CacheSpec("learned", loaded.quant, calibration=str(tmp_path))]
   res = ev.evaluate_window(runner, window, specs, max_len=48, chunk=16, progress=False)
   kl = res["learned"]["hook"][1]
-  assert np.all(np.isfinite(kl)) and 0 < kl.mean() < 0.5
+  assert np.all(np.isfinite(kl)) and kl.mean() < 0.5
+  # The random tiny model's next-token distributions are nearly one-hot (KL ~ 0 whenever
+  # the argmax agrees), so check the NLL of the targets: changed (the cache really is
+  # 4-bit) but by little.
+  nll_ref, nll = res["f32"]["hook"][0], res["learned"]["hook"][0]
+  rel = np.abs(nll - nll_ref) / np.abs(nll_ref)
+  assert np.all(np.isfinite(nll)) and 0 < rel.max() and rel.mean() < 0.05

@@ -61,7 +61,7 @@ def _unpack(codes, bits):
   if bits == 8:
     return codes.astype(np.int64)
   b = codes.view(np.int8).astype(np.int64)
-  return np.concatenate([(b << 60) >> 60, b >> 4], axis=-1)
+  return 2 * np.concatenate([(b << 60) >> 60, b >> 4], axis=-1) + 1  # nibble c: level 2c + 1
 
 
 def _visible(case, s):

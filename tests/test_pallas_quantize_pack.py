@@ -17,7 +17,8 @@ from jax.experimental import pallas as pl
 from kvjax.pallas_kernels import _compat, quantize_pack, quantize_pack_reference
 from kvjax.pallas_kernels.quantize_pack import round_half_even
 
-QMAX = {4: 7, 8: 127}
+QMAX = {4: 15, 8: 127}
+STEP = {4: 2.0, 8: 1.0}  # distance between adjacent levels, in units of the scale
 BF16_EPS = 2.0 ** -8  # bfloat16 has an 8-bit significand: relative rounding error <= 2^-9
 
 
@@ -42,7 +43,7 @@ def _unpack(codes, bits):
   b = c.view(np.int8).astype(np.int32)
   low = ((b << 28) >> 28)
   high = b >> 4
-  return np.concatenate([low, high], axis=-1)
+  return 2 * np.concatenate([low, high], axis=-1) + 1  # nibble c holds the odd level 2c + 1
 
 
 def _rotated64(x, rotation, lam):
@@ -52,15 +53,16 @@ def _rotated64(x, rotation, lam):
 def _check_half_step(codes, scales, y64, bits, group_size):
   """Per row: every dequantized channel is within half a quantization step of y (float64).
 
-  Rounding to nearest costs at most half a step; the clip costs at most
-  qmax * 2^-9 steps (the bf16 scale may be rounded down), < 0.25 step; 1e-3 of a
-  step covers the float32 matmul of the kernel and reference.
+  A step is 2 scales for the odd 4-bit levels, 1 scale for 8-bit. Rounding to the
+  nearest level costs at most half a step; the clip at most qmax * 2^-9 scales
+  (the bf16 scale may be rounded down), < 0.25 step; 1e-3 of a step covers the
+  float32 matmul of the kernel and reference.
   """
   n, d = y64.shape
   c = _unpack(codes, bits).astype(np.float64)
   s = np.repeat(np.asarray(scales, np.float64), group_size, axis=1)
   assert np.all(np.abs(c) <= QMAX[bits])
-  steps = np.abs(c * s - y64) / np.where(s > 0, s, 1.0)
+  steps = np.abs(c * s - y64) / (STEP[bits] * np.where(s > 0, s, 1.0))
   worst_per_row = steps.max(axis=1)
   assert worst_per_row.max() <= 0.5 + 1e-3, f"worst row error {worst_per_row.max():.4f} steps"
   # Visible with `pytest -s`: the measured error, not just the bound it passed.
@@ -87,13 +89,14 @@ def test_reference_nibble_layout_is_split_halves():
   # Channel j in the low nibble of byte j, channel j + D/2 in the high nibble.
   d = 64
   y = np.zeros((1, d), np.float32)
-  y[0, 3] = 7.0  # group 0 max -> scale 1, code 7 at channel 3
-  y[0, 3 + d // 2] = -7.0  # code -7 (0x9) at channel 35, high nibble of byte 3
+  y[0, 3] = 15.0  # group 0 max -> scale 1, level 15 = nibble 7 at channel 3
+  y[0, 3 + d // 2] = -15.0  # level -15 = nibble -8 (0x8) at channel 35, high nibble of byte 3
+  # Every other channel is 0 -> level +1 = nibble 0.
   codes, scales = quantize_pack_reference(y, np.eye(d, dtype=np.float32), np.ones(d, np.float32),
                                           bits=4, group_size=32)
   assert np.asarray(scales, np.float32).tolist() == [[1.0, 1.0]]
-  assert int(codes[0, 3]) == 0x97
-  assert int(np.asarray(codes).astype(np.int64).sum()) == 0x97
+  assert int(codes[0, 3]) == 0x87
+  assert int(np.asarray(codes).astype(np.int64).sum()) == 0x87
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -115,9 +118,10 @@ def test_kernel_matches_reference(bits, d, group_size):
   np.testing.assert_allclose(s, rs, rtol=BF16_EPS, atol=0)
   assert np.mean(s == rs) >= 0.99
   c, rc = _unpack(codes, bits), _unpack(ref_codes, bits)
-  assert np.abs(c - rc).max() <= 1
+  assert np.abs(c - rc).max() <= STEP[bits]  # one level apart at most
   assert np.mean(c != rc) <= 1e-3
-  assert np.all(c[5] == 0) and np.all(s[5] == 0)
+  # An all-zero row: scale 0, every level the smallest one (+1 for 4-bit, 0 for 8-bit).
+  assert np.all(c[5] == (1 if bits == 4 else 0)) and np.all(s[5] == 0)
   _check_half_step(codes, scales, _rotated64(x, rotation, lam), bits, group_size)
 
 
@@ -130,7 +134,7 @@ def test_gpu_variant_matches_reference(bits, d, group_size):
   ref_codes, ref_scales = quantize_pack_reference(x, rotation, lam, bits=bits,
                                                   group_size=group_size)
   c, rc = _unpack(codes, bits), _unpack(ref_codes, bits)
-  assert np.abs(c - rc).max() <= 1 and np.mean(c != rc) <= 1e-3
+  assert np.abs(c - rc).max() <= STEP[bits] and np.mean(c != rc) <= 1e-3
   np.testing.assert_allclose(np.asarray(scales, np.float32), np.asarray(ref_scales, np.float32),
                              rtol=BF16_EPS)
   _check_half_step(codes, scales, _rotated64(x, rotation, lam), bits, group_size)
@@ -165,22 +169,29 @@ def test_kernel_tpu_semantics_interpreter():
                              rtol=BF16_EPS)
 
 
-def test_ties_round_half_to_even():
-  # Exact ties only happen for special inputs; random data would not catch round-half-up.
+@pytest.mark.parametrize("bits", [4, 8])
+def test_ties_are_broken_the_same_way_everywhere(bits):
+  # Exact ties only happen for special inputs; random data would not catch a different rule.
+  # 4-bit levels are odd, so ties sit on even integers and go up (2 floor(u / 2) + 1);
+  # 8-bit ties sit on half-integers and go to even.
   d = 64
   x = np.zeros((32, d), np.float32)
-  x[:, 0] = 7.0  # group 0 scale: exactly 1.0
-  x[:, 32] = -7.0  # group 1 scale: exactly 1.0
-  ties = np.array([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.5, -3.5, 6.5, -6.5], np.float32)
+  x[:, 0] = QMAX[bits]  # group 0 scale: exactly 1.0
+  x[:, 32] = -QMAX[bits]  # group 1 scale: exactly 1.0
+  if bits == 4:
+    ties = np.array([0.0, 2.0, 4.0, -2.0, -4.0, 14.0, -14.0, 1.0, -1.0, 0.99], np.float32)
+    expected = [1, 3, 5, -1, -3, 15, -13, 1, -1, 1]
+  else:
+    ties = np.array([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.5, -3.5, 6.5, -6.5], np.float32)
+    expected = [0, 2, 2, 0, -2, -2, 4, -4, 6, -6]
+    assert np.round(ties).astype(np.int32).tolist() == expected  # numpy: half to even
   x[:, 1:11] = ties
   x[:, 40:50] = ties
-  expected = np.round(ties).astype(np.int32)  # numpy also rounds half to even
-  assert expected.tolist() == [0, 2, 2, 0, -2, -2, 4, -4, 6, -6]
   eye, ones = np.eye(d, dtype=np.float32), np.ones(d, np.float32)
   for fn in (quantize_pack_reference,
              lambda *a, **k: quantize_pack(*a, interpret=True, **k)):
-    codes, scales = fn(x, eye, ones, bits=4, group_size=32)
-    c = _unpack(codes, 4)
+    codes, scales = fn(x, eye, ones, bits=bits, group_size=32)
+    c = _unpack(codes, bits)
     assert np.all(np.asarray(scales, np.float32) == 1.0)
     assert np.all(c[:, 1:11] == expected) and np.all(c[:, 40:50] == expected)
 

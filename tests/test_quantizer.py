@@ -10,12 +10,22 @@ from kvjax.rotations import rotation_matrix_np
 
 def _np_quant(y, bits, g):
   """Independent numpy version of the quantizer contract (docs/cache_layout.md)."""
-  q = {4: 7, 8: 127}[bits]
+  q = {4: 15, 8: 127}[bits]
   yg = y.reshape(*y.shape[:-1], -1, g).astype(np.float32)
   s = (np.abs(yg).max(-1) / q).astype(jnp.bfloat16).astype(np.float32)
   safe = np.where(s > 0, s, 1.0)
-  codes = np.clip(np.round(yg / safe[..., None]), -q, q)
+  u = yg / safe[..., None]
+  if bits == 4:  # the 16 odd levels -15..15: the nearest one, by brute force
+    grid = np.arange(-15, 16, 2, dtype=np.float32)
+    codes = grid[np.argmin(np.abs(u[..., None] - grid), axis=-1)]
+  else:
+    codes = np.clip(np.round(u), -q, q)
   return codes.reshape(y.shape).astype(np.int8), s
+
+
+def _half_step(bits):
+  """Half the distance between adjacent levels, in units of the scale."""
+  return 1.0 if bits == 4 else 0.5
 
 
 @pytest.mark.parametrize("bits", (4, 8))
@@ -27,7 +37,7 @@ def test_error_at_most_half_a_step(bits, g):
   yh = np.asarray(quantizer.dequantize_rotated(codes, scales, bits=bits, group_size=g))
   s = np.repeat(np.asarray(scales, np.float32), g, axis=-1)
   err = np.abs(yh - y)
-  assert np.all(err <= 0.5 * s * (1 + 1e-6) + 1e-30)
+  assert np.all(err <= _half_step(bits) * s * (1 + 1e-6) + 1e-30)
   ref_codes, ref_s = _np_quant(y, bits, g)
   np.testing.assert_array_equal(np.asarray(scales, np.float32), ref_s)
   got = np.asarray(quantizer.unpack_int4(codes) if bits == 4 else codes)
@@ -36,14 +46,25 @@ def test_error_at_most_half_a_step(bits, g):
 
 def test_pack_unpack_exact_and_layout():
   rng = np.random.default_rng(0)
-  codes = rng.integers(-8, 8, size=(5, 7, 64)).astype(np.int8)
-  packed = quantizer.pack_int4(jnp.asarray(codes))
+  levels = (2 * rng.integers(-8, 8, size=(5, 7, 64)) + 1).astype(np.int8)  # odd, -15..15
+  packed = quantizer.pack_int4(jnp.asarray(levels))
   assert packed.dtype == jnp.uint8 and packed.shape == (5, 7, 32)
-  np.testing.assert_array_equal(np.asarray(quantizer.unpack_int4(packed)), codes)
-  # Split halves: byte j = channel j (low nibble) | channel j + D/2 (high nibble).
+  np.testing.assert_array_equal(np.asarray(quantizer.unpack_int4(packed)), levels)
+  # Split halves: byte j = channel j (low nibble) | channel j + D/2 (high nibble), each
+  # nibble the two's-complement c = (level - 1) / 2.
   p = np.asarray(packed).astype(np.int32)
-  np.testing.assert_array_equal(p & 0xF, codes[..., :32].astype(np.int32) & 0xF)
-  np.testing.assert_array_equal(p >> 4, codes[..., 32:].astype(np.int32) & 0xF)
+  nib = (levels.astype(np.int32) - 1) // 2
+  np.testing.assert_array_equal(p & 0xF, nib[..., :32] & 0xF)
+  np.testing.assert_array_equal(p >> 4, nib[..., 32:] & 0xF)
+
+
+def test_four_bit_grid_uses_all_sixteen_levels_symmetrically():
+  # Values spread over a group's range hit every odd level, and the grid is symmetric.
+  y = np.linspace(-1.0, 1.0, 64, dtype=np.float32)[None]
+  codes, scales = quantizer.quantize_rotated(jnp.asarray(y), bits=4, group_size=64)
+  lv = np.asarray(quantizer.unpack_int4(codes))[0]
+  assert sorted(set(lv.tolist())) == list(range(-15, 16, 2))
+  np.testing.assert_array_equal(lv, -lv[::-1])
 
 
 def test_zero_huge_and_subnormal_groups_stay_finite():
@@ -98,7 +119,7 @@ def test_property_quantize_bound_and_packing(groups, g, bits, seed, dtype, lead)
   assert scales.shape == (lead, groups) and scales.dtype == jnp.bfloat16
   yh = np.asarray(quantizer.dequantize_rotated(codes, scales, bits=bits, group_size=g))
   s = np.repeat(np.asarray(scales, np.float32), g, axis=-1)
-  assert np.all(np.abs(yh - y.astype(np.float32)) <= 0.5 * s * (1 + 1e-6))
+  assert np.all(np.abs(yh - y.astype(np.float32)) <= _half_step(bits) * s * (1 + 1e-6))
   if bits == 4:
     c = np.asarray(quantizer.unpack_int4(codes))
     np.testing.assert_array_equal(np.asarray(quantizer.pack_int4(jnp.asarray(c))), np.asarray(codes))
