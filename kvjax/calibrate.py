@@ -56,6 +56,7 @@ from kvjax.rotations import rotation_matrix_np
 FORMAT_VERSION = 1
 OBJECTIVES = ("mse", "attention")
 BASES = ("srft", "none")
+INITS = ("identity", "closed-form")
 # Fields of a ModelConfig that fix the shapes and meaning of calibrated parameters.
 _ARCH_FIELDS = ("arch", "num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size",
                 "vocab_size", "layer_types")
@@ -69,7 +70,11 @@ class CalibrationConfig:
     objective: "mse" (K/V reconstruction) or "attention" (logits and outputs).
     base: fixed orthogonal start of R: "srft" (the cache's own SRFT matrices, keys
       seed `quant.seed`, values `quant.seed + 1`) or "none" (identity).
-    learn_lambda: also learn per-channel λ for keys and values (else λ = 1).
+    learn_lambda: also learn per-channel λ for keys and values (else λ stays at its start).
+    learn_rotation: learn R = cayley(W) @ base (else R = base, and only λ is learned).
+    init: start of the key λ: "identity" (λ = 1) or "closed-form" (kvjax.smoothing's
+      sqrt(rms(k - μ) / rms(q)) on the calibration data, the cache's default without
+      learning). Value λ starts at 1.
     key_offset: store keys minus their calibration mean μ (exact for attention).
     steps, learning_rate, warmup_steps: Adam on W and log λ with linear warmup then
       cosine decay to 10% of the peak.
@@ -82,6 +87,8 @@ class CalibrationConfig:
   objective: str = "mse"
   base: str = "srft"
   learn_lambda: bool = True
+  learn_rotation: bool = True
+  init: str = "identity"
   key_offset: bool = True
   steps: int = 200
   learning_rate: float = 2e-3
@@ -95,6 +102,11 @@ class CalibrationConfig:
     if self.objective not in OBJECTIVES:
       raise ValueError(f"CalibrationConfig.objective must be one of {OBJECTIVES}, got "
                        f"{self.objective!r}")
+    if self.init not in INITS:
+      raise ValueError(f"CalibrationConfig.init must be one of {INITS}, got {self.init!r}")
+    if not (self.learn_lambda or self.learn_rotation):
+      raise ValueError("CalibrationConfig: learn_lambda and learn_rotation are both False; "
+                       "there is nothing to learn")
     if self.base not in BASES:
       raise ValueError(f"CalibrationConfig.base must be one of {BASES}, got {self.base!r}")
     for name in ("steps", "batch_tokens", "batch_queries"):
@@ -387,9 +399,10 @@ def _schedule(cc: CalibrationConfig):
 def _optimizer(cc: CalibrationConfig):
   import optax
   opt = optax.adam(_schedule(cc))
-  if not cc.learn_lambda:
-    labels = {"k_weights": "train", "v_weights": "train", "k_log_lambda": "frozen",
-              "v_log_lambda": "frozen"}
+  if not (cc.learn_lambda and cc.learn_rotation):
+    rot = "train" if cc.learn_rotation else "frozen"
+    lam = "train" if cc.learn_lambda else "frozen"
+    labels = {"k_weights": rot, "v_weights": rot, "k_log_lambda": lam, "v_log_lambda": lam}
     opt = optax.multi_transform({"train": opt, "frozen": optax.set_to_zero()}, labels)
   return opt
 
@@ -416,6 +429,17 @@ def _total_loss(params, fixed, batch, *, objective, quant, attn_scale):
   return jnp.mean(losses), losses
 
 
+def closed_form_key_lambda(data: CalibrationData, mean: np.ndarray) -> np.ndarray:
+  """kvjax.smoothing's λ [L, H, D] from the collected keys (minus `mean`) and queries."""
+  from kvjax import smoothing
+  mask = (np.arange(data.keys.shape[2])[None, :] < data.counts[:, None])[:, None, :, None]
+  centred = (data.keys - mean[:, :, None, :]) * mask
+  k_rms = np.sqrt((centred.astype(np.float64) ** 2).sum(2) / data.counts[:, None, None])
+  q_rms = np.sqrt((data.queries.astype(np.float64) ** 2).mean(2))
+  return np.asarray(smoothing.balance_lambda(jnp.asarray(k_rms, jnp.float32),
+                                             jnp.asarray(q_rms, jnp.float32)), np.float32)
+
+
 def init_state(data: CalibrationData, quant: QuantConfig, cc: CalibrationConfig):
   """(params, fixed, opt_state): trainable W/log λ (zeros: R = base, λ = 1) and fixed bases/μ."""
   num_layers, h, _, d = data.keys.shape
@@ -427,9 +451,12 @@ def init_state(data: CalibrationData, quant: QuantConfig, cc: CalibrationConfig)
     mean = np.zeros((num_layers, h, d), np.float32)
   fixed = {"k_base": jnp.asarray(kb), "v_base": jnp.asarray(vb),
            "k_mean": jnp.asarray(mean, jnp.float32)}
+  k_log_lambda = np.zeros((num_layers, h, d), np.float32)
+  if cc.init == "closed-form":
+    k_log_lambda = np.log(closed_form_key_lambda(data, mean))
   params = {"k_weights": jnp.zeros((num_layers, h, d, d), jnp.float32),
             "v_weights": jnp.zeros((num_layers, h, d, d), jnp.float32),
-            "k_log_lambda": jnp.zeros((num_layers, h, d), jnp.float32),
+            "k_log_lambda": jnp.asarray(k_log_lambda, jnp.float32),
             "v_log_lambda": jnp.zeros((num_layers, h, d), jnp.float32)}
   return params, fixed, _optimizer(cc).init(params)
 
@@ -476,6 +503,7 @@ def train(data: CalibrationData, quant: QuantConfig, cc: CalibrationConfig, *,
     return optax.apply_updates(params, updates), opt_state, loss
 
   start, losses = 0, []
+  frozen = {}  # host Cayley values (refreshed every step while R is learned)
   manager = None
   if checkpoint_dir is not None and cc.checkpoint_every:
     manager = _checkpoint_manager(pathlib.Path(checkpoint_dir), cc)
@@ -498,8 +526,11 @@ def train(data: CalibrationData, quant: QuantConfig, cc: CalibrationConfig, *,
     for step in range(start, cc.steps):
       batch = dict(sample_fn(jnp.int32(step), data_dev))
       for which in ("k", "v"):
-        rot, inv = cayley_host(jax.device_get(params[f"{which}_weights"]))
-        batch[f"{which}_cayley"], batch[f"{which}_inverse"] = jnp.asarray(rot), jnp.asarray(inv)
+        if cc.learn_rotation or f"{which}_cayley" not in frozen:  # frozen W: computed once
+          rot, inv = cayley_host(jax.device_get(params[f"{which}_weights"]))
+          frozen[f"{which}_cayley"], frozen[f"{which}_inverse"] = jnp.asarray(rot), jnp.asarray(inv)
+        batch[f"{which}_cayley"] = frozen[f"{which}_cayley"]
+        batch[f"{which}_inverse"] = frozen[f"{which}_inverse"]
       params, opt_state, loss = step_fn(params, opt_state, batch)
       loss = float(loss)
       losses.append(loss)
@@ -781,7 +812,10 @@ def add_arguments(p) -> None:
   p.add_argument("--objective", choices=OBJECTIVES, default=d.objective)
   p.add_argument("--base", choices=BASES, default=d.base,
                  help="fixed rotation R starts from and multiplies (default: %(default)s)")
-  p.add_argument("--no-lambda", action="store_true", help="learn R only (λ = 1)")
+  p.add_argument("--no-lambda", action="store_true", help="learn R only (λ stays at --init)")
+  p.add_argument("--no-rotation", action="store_true", help="learn λ only (R = --base)")
+  p.add_argument("--init", choices=INITS, default=d.init,
+                 help="start of the key λ (default: %(default)s)")
   p.add_argument("--no-key-offset", action="store_true", help="do not remove the key mean")
   p.add_argument("--steps", type=int, default=d.steps)
   p.add_argument("--learning-rate", type=float, default=d.learning_rate)
@@ -802,6 +836,7 @@ def add_arguments(p) -> None:
 def run_from_args(a) -> Calibration:
   config = CalibrationConfig(
       objective=a.objective, base=a.base, learn_lambda=not a.no_lambda,
+      learn_rotation=not a.no_rotation, init=a.init,
       key_offset=not a.no_key_offset, steps=a.steps, learning_rate=a.learning_rate,
       warmup_steps=a.warmup_steps, batch_tokens=a.batch_tokens, batch_queries=a.batch_queries,
       seed=a.seed, checkpoint_every=a.checkpoint_every)

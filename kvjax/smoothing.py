@@ -47,16 +47,18 @@ def key_params(stats: StatsKVCache, calib: KeyCalibration = KeyCalibration()):
     mean = jnp.zeros_like(mean)
   if calib.alpha == 0:
     return mean, jnp.ones_like(mean)
-  k_rms = jnp.sqrt(centred_sq)
-  q_rms = jnp.sqrt(stats.q_sq / count)
+  return mean, balance_lambda(jnp.sqrt(centred_sq), jnp.sqrt(stats.q_sq / count), calib)
+
+
+def balance_lambda(k_rms, q_rms, calib: KeyCalibration = KeyCalibration()):
+  """λ = (rms(k) / rms(q)) ** alpha per channel (last axis), geometric mean 1, clipped."""
   tiny = 1e-6 * jnp.maximum(jnp.max(k_rms, axis=-1, keepdims=True), 1e-30)
   ratio = (k_rms + tiny) / (q_rms + 1e-6 * jnp.max(q_rms, axis=-1, keepdims=True) + 1e-30)
   lam = ratio ** calib.alpha
   # Only relative scales matter (the per-group abs-max absorbs a global factor).
   log_lam = jnp.log(lam)
   lam = jnp.exp(log_lam - jnp.mean(log_lam, axis=-1, keepdims=True))
-  lam = jnp.clip(lam, 1.0 / calib.clip, calib.clip)
-  return mean, lam
+  return jnp.clip(lam, 1.0 / calib.clip, calib.clip)
 
 
 def calibrate_caches(quant_caches, stats_caches, calib: KeyCalibration = KeyCalibration()):

@@ -11,7 +11,7 @@ from flax import nnx
 import kvjax
 from kvjax import calibrate as cal
 from kvjax import eval as ev
-from kvjax import quantizer
+from kvjax import quantizer, smoothing
 from kvjax.models import ModelConfig, model_class
 from kvjax.rotations import rotation_matrix_np
 
@@ -158,6 +158,47 @@ def test_learned_rotation_stays_orthogonal_and_lowers_the_error(base):
   assert np.mean(losses[-5:]) < np.mean(losses[:5])
 
 
+def test_lambda_only_from_the_closed_form_keeps_the_base_rotation():
+  data = _synthetic_data(seed=6)
+  quant = kvjax.QuantConfig(rotation="learned")
+  cc = cal.CalibrationConfig(objective="attention", steps=12, learning_rate=1e-2, warmup_steps=2,
+                             batch_tokens=64, batch_queries=16, learn_rotation=False,
+                             init="closed-form", checkpoint_every=0)
+  params, fixed, losses = cal.train(data, quant, cc, attn_scale=0.125, progress=False)
+  arrays = cal.finalize(params, fixed)
+  start = cal.finalize(*cal.init_state(data, quant, cc)[:2])
+  # R is exactly the SRFT base; the key λ starts at the closed form and moves.
+  for name in ("k_rotation", "v_rotation"):
+    np.testing.assert_array_equal(arrays[name], start[name])
+  np.testing.assert_allclose(start["k_lambda"], cal.closed_form_key_lambda(data, start["k_mean"]),
+                             rtol=1e-6)
+  assert np.abs(np.log(arrays["k_lambda"] / start["k_lambda"])).max() > 1e-3
+  assert np.all(np.isfinite(losses))
+
+
+def test_closed_form_init_equals_the_smoothing_lambda(tiny_model):
+  # Same formula from two routes: the collected vectors (calibrate) and the statistics
+  # caches (kvjax.smoothing). Compared on global layers, which keep every token.
+  cfg = tiny_model.config
+  tokens = np.random.default_rng(4).integers(3, cfg.vocab_size, 40).tolist()
+  runner = ev._Runner(tiny_model)
+  data = cal.collect(runner, tokens, query_samples=40, chunk=16, progress=False)
+  stats = ev.collect_stats(runner, tokens, chunk=16, progress=False)
+  cc = cal.CalibrationConfig(init="closed-form")
+  params, fixed, _ = cal.init_state(data, kvjax.QuantConfig(rotation="learned"), cc)
+  lam = np.exp(np.asarray(params["k_log_lambda"]))
+  checked = 0
+  for part, run, index, layer in cal._layer_slots(cfg):
+    if cfg.layer_types[layer] != "global":
+      continue
+    mean, ref = smoothing.key_params(stats[part][run])
+    np.testing.assert_allclose(np.asarray(fixed["k_mean"])[layer], np.asarray(mean)[index],
+                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(lam[layer], np.asarray(ref)[index], rtol=2e-3)
+    checked += 1
+  assert checked > 0
+
+
 def test_bad_configuration_is_rejected():
   with pytest.raises(ValueError, match="objective"):
     cal.CalibrationConfig(objective="kl")
@@ -165,6 +206,10 @@ def test_bad_configuration_is_rejected():
     cal.CalibrationConfig(base="srht")
   with pytest.raises(ValueError, match="steps"):
     cal.CalibrationConfig(steps=0)
+  with pytest.raises(ValueError, match="init"):
+    cal.CalibrationConfig(init="random")
+  with pytest.raises(ValueError, match="nothing to learn"):
+    cal.CalibrationConfig(learn_lambda=False, learn_rotation=False)
   d = _synthetic_data()
   with pytest.raises(ValueError, match="counts"):
     cal.CalibrationData(keys=d.keys, values=d.values, counts=d.counts * 0, queries=d.queries)
