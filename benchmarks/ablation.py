@@ -1,7 +1,8 @@
 """Rotation ablation for the 4-bit KV cache (K4V4, g=32) on a real model and held-out text.
 
 Rows: no rotation / SRHT / SRFT / Householder (k = d/2) / SRFT + closed-form key offset and λ
-(kvjax.smoothing) / learned R + λ on the SRFT base / learned R + λ from the identity (no SRFT).
+(kvjax.smoothing) / learned R + λ on the SRFT base / learned R + λ from the identity (no SRFT) /
+learned λ only (R = SRFT) starting from the closed form.
 For each: calibration-set reconstruction MSE of K and V (relative, mean over layers) and its
 reduction against no rotation, and on the first C tokens of Pride and Prejudice (teacher-forced
 through the cache, kvjax.eval.evaluate_window) perplexity, ΔPPL and mean KL against the bf16
@@ -87,12 +88,15 @@ def main(argv=None):
 
   learned = {}
   train_info = {}
-  for base in ("srft", "none"):
-    cc = cal.CalibrationConfig(objective=a.objective, base=base, steps=a.steps,
+  variants = {"srft": dict(base="srft"), "none": dict(base="none"),
+              # λ only, R fixed to the SRFT base, starting from the closed-form λ and offset.
+              "lambda": dict(base="srft", learn_rotation=False, init="closed-form")}
+  for base, extra in variants.items():
+    cc = cal.CalibrationConfig(objective=a.objective, steps=a.steps,
                                batch_tokens=a.batch_tokens, learning_rate=a.learning_rate,
-                               checkpoint_every=0)
+                               checkpoint_every=0, **extra)
     t1 = time.time()
-    print(f"[{t1 - t0:.0f}s] training learned R+λ, base {base}", flush=True)
+    print(f"[{t1 - t0:.0f}s] training learned variant {base!r}: {extra}", flush=True)
     lq = dataclasses.replace(quant, rotation="learned")
     params, fixed, losses = cal.train(data, lq, cc, attn_scale=cfg.query_scale,
                                       progress=progress)
@@ -121,6 +125,8 @@ def main(argv=None):
        str(learned["srft"][1]), learned["srft"][0]),
       ("learned R+λ, no SRFT", dataclasses.replace(quant, rotation="learned"), False,
        str(learned["none"][1]), learned["none"][0]),
+      ("learned λ from closed form", dataclasses.replace(quant, rotation="learned"), False,
+       str(learned["lambda"][1]), learned["lambda"][0]),
   ]
   mse = {}
   for name, q, _, _, arrays in rows_spec:
