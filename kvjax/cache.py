@@ -143,6 +143,28 @@ class StatsKVCache(DenseKVCache):
   v_sq: jax.Array = None
   count: jax.Array = None
 
+  def accumulate(self, q, k, v, num_tokens=None) -> "StatsKVCache":
+    """Adds the statistics of new tokens (q [B, T, Hq, D], k, v [B, T, H, D]).
+
+    `append_and_attend` calls this (through `accumulate_stats`) before writing k, v.
+    Subclasses that gather more (e.g. sampled queries for calibration) override it,
+    call `super().accumulate(...)` and add their own fields.
+    """
+    b, t, hq, d = q.shape
+    h = k.shape[2]
+    n = (jnp.full((b,), t, jnp.int32) if num_tokens is None
+         else jnp.asarray(num_tokens, jnp.int32))
+    valid = (jnp.arange(t)[None, :] < n[:, None]).astype(jnp.float32)[..., None, None]
+    qf = q.astype(jnp.float32).reshape(b, t, h, hq // h, d)
+    kf, vf = k.astype(jnp.float32), v.astype(jnp.float32)
+    return dataclasses.replace(
+        self,
+        q_sq=self.q_sq + jnp.sum(qf ** 2 * valid[..., None], axis=(0, 1, 3)),
+        k_sum=self.k_sum + jnp.sum(kf * valid, axis=(0, 1)),
+        k_sq=self.k_sq + jnp.sum(kf ** 2 * valid, axis=(0, 1)),
+        v_sq=self.v_sq + jnp.sum(vf ** 2 * valid, axis=(0, 1)),
+        count=self.count + jnp.sum(valid))
+
 
 def with_stats(tree):
   """Replaces every DenseKVCache in a pytree by a StatsKVCache with zeroed statistics."""
@@ -160,20 +182,11 @@ def with_stats(tree):
 
 
 def accumulate_stats(cache: StatsKVCache, q, k, v, num_tokens=None) -> StatsKVCache:
-  """Adds the statistics of new tokens (q [B, T, Hq, D], k, v [B, T, H, D])."""
-  b, t, hq, d = q.shape
-  h = k.shape[2]
-  n = jnp.full((b,), t, jnp.int32) if num_tokens is None else jnp.asarray(num_tokens, jnp.int32)
-  valid = (jnp.arange(t)[None, :] < n[:, None]).astype(jnp.float32)[..., None, None]  # [B,T,1,1]
-  qf = q.astype(jnp.float32).reshape(b, t, h, hq // h, d)
-  kf, vf = k.astype(jnp.float32), v.astype(jnp.float32)
-  return dataclasses.replace(
-      cache,
-      q_sq=cache.q_sq + jnp.sum(qf ** 2 * valid[..., None], axis=(0, 1, 3)),
-      k_sum=cache.k_sum + jnp.sum(kf * valid, axis=(0, 1)),
-      k_sq=cache.k_sq + jnp.sum(kf ** 2 * valid, axis=(0, 1)),
-      v_sq=cache.v_sq + jnp.sum(vf ** 2 * valid, axis=(0, 1)),
-      count=cache.count + jnp.sum(valid))
+  """Adds the statistics of new tokens (q [B, T, Hq, D], k, v [B, T, H, D]); see
+  `StatsKVCache.accumulate`."""
+  if not isinstance(cache, StatsKVCache):
+    raise TypeError(f"accumulate_stats needs a StatsKVCache, got {type(cache).__name__}")
+  return cache.accumulate(q, k, v, num_tokens)
 
 
 KVCache = Union[DenseKVCache, QuantizedKVCache]

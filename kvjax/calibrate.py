@@ -33,13 +33,11 @@ it back, refusing a checkpoint made for another architecture, and
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
 import math
 import pathlib
-import threading
 import time
 from typing import Callable, Sequence
 
@@ -47,7 +45,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax import cache as cache_lib
 from kvjax import quantizer
 from kvjax.cache import DenseKVCache, QuantizedKVCache, StatsKVCache
 from kvjax.config import QuantConfig
@@ -168,40 +165,17 @@ class QuerySampleCache(StatsKVCache):
   q_samples: jax.Array = None
   sample_every: int = 1
 
-
-_PATCH_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _query_capture():
-  """While active, `append_and_attend` also records sampled queries into QuerySampleCaches.
-
-  The core library's only hook that sees queries is `kvjax.cache.accumulate_stats`
-  (called by `append_and_attend` for statistics caches); it is wrapped for the
-  duration of the trace and restored afterwards.
-  """
-  original = cache_lib.accumulate_stats
-
-  def accumulate(cache, q, k, v, num_tokens=None):
-    new = original(cache, q, k, v, num_tokens)
-    if not isinstance(cache, QuerySampleCache):
-      return new
+  def accumulate(self, q, k, v, num_tokens=None) -> "QuerySampleCache":
+    new = super().accumulate(q, k, v, num_tokens)
     b, t = q.shape[:2]
     n = (jnp.full((b,), t, jnp.int32) if num_tokens is None
          else jnp.asarray(num_tokens, jnp.int32))
-    pos = cache.lengths[0] + jnp.arange(t, dtype=jnp.int32)    # sequence 0 only
-    m = cache.q_samples.shape[-3]
-    take = (jnp.arange(t) < n[0]) & (pos % cache.sample_every == 0)
-    slots = jnp.where(take, pos // cache.sample_every, m)        # m: out of range, dropped
-    samples = cache.q_samples.at[slots].set(q[0].astype(jnp.float32), mode="drop")
+    pos = self.lengths[0] + jnp.arange(t, dtype=jnp.int32)     # sequence 0 only
+    m = self.q_samples.shape[-3]
+    take = (jnp.arange(t) < n[0]) & (pos % self.sample_every == 0)
+    slots = jnp.where(take, pos // self.sample_every, m)         # m: out of range, dropped
+    samples = self.q_samples.at[slots].set(q[0].astype(jnp.float32), mode="drop")
     return dataclasses.replace(new, q_samples=samples)
-
-  with _PATCH_LOCK:
-    cache_lib.accumulate_stats = accumulate
-    try:
-      yield
-    finally:
-      cache_lib.accumulate_stats = original
 
 
 def _with_query_samples(tree, num_heads: int, samples: int, every: int):
@@ -262,8 +236,7 @@ def collect(runner, tokens: Sequence[int], *, query_samples: int = 256, chunk: i
     from tqdm.auto import tqdm
     bar = tqdm(total=n, desc="calibration prefill", unit="tok", leave=False)
   from kvjax.eval import prefill  # eval imports this module lazily; keep the import local
-  with _query_capture():
-    _, _, caches = prefill(runner, tokens, caches, chunk=chunk, bar=bar)
+  _, _, caches = prefill(runner, tokens, caches, chunk=chunk, bar=bar)
   if bar is not None:
     bar.close()
   h, d, hq = cfg.num_kv_heads, cfg.head_dim, cfg.num_heads
