@@ -133,3 +133,10 @@ def test_bench_fill_caches_sets_lengths_and_random_contents(tiny):
     assert np.asarray(c.k_codes).std() > 10 and np.all(np.asarray(c.k_scales, np.float32) > 0)
   logits, _ = runner(np.zeros((1, 1), np.int32), filled)
   assert np.all(np.isfinite(np.asarray(logits)))
+
+
+def test_retrieved_number_is_the_first_run_of_digits():
+  from kvjax.retrieval import retrieved_number
+  assert retrieved_number(" 60494. Remember it, 123") == "60494"
+  assert retrieved_number(" 6049.\n\n") == "6049"
+  assert retrieved_number(" the key") is None
