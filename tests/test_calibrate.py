@@ -176,14 +176,20 @@ def test_lambda_only_from_the_closed_form_keeps_the_base_rotation():
   assert np.all(np.isfinite(losses))
 
 
+def _vectors_and_stats(model, seed):
+  """40 random tokens through the model: calibrate's vectors (a query at every position) and
+  the statistics caches of kvjax.smoothing."""
+  tokens = np.random.default_rng(seed).integers(3, model.config.vocab_size, 40).tolist()
+  runner = ev._Runner(model)
+  data = cal.collect(runner, tokens, query_samples=40, chunk=16, progress=False)
+  return data, ev.collect_stats(runner, tokens, chunk=16, progress=False)
+
+
 def test_closed_form_init_equals_the_smoothing_lambda(tiny_model):
   # Same formula from two routes: the collected vectors (calibrate) and the statistics
   # caches (kvjax.smoothing). Compared on global layers, which keep every token.
   cfg = tiny_model.config
-  tokens = np.random.default_rng(4).integers(3, cfg.vocab_size, 40).tolist()
-  runner = ev._Runner(tiny_model)
-  data = cal.collect(runner, tokens, query_samples=40, chunk=16, progress=False)
-  stats = ev.collect_stats(runner, tokens, chunk=16, progress=False)
+  data, stats = _vectors_and_stats(tiny_model, seed=4)
   cc = cal.CalibrationConfig(init="closed-form")
   params, fixed, _ = cal.init_state(data, kvjax.QuantConfig(rotation="learned"), cc)
   lam = np.exp(np.asarray(params["k_log_lambda"]))
@@ -290,10 +296,7 @@ def test_query_samples_are_the_queries_attention_sees(tiny_model):
   # With a sample at every position, the sampled queries' squares must add up to the
   # q_sq statistics the core's StatsKVCache accumulates in the same attention calls.
   cfg = tiny_model.config
-  tokens = np.random.default_rng(2).integers(3, cfg.vocab_size, 40).tolist()
-  runner = ev._Runner(tiny_model)
-  data = cal.collect(runner, tokens, query_samples=40, chunk=16, progress=False)
-  stats = ev.collect_stats(runner, tokens, chunk=16, progress=False)
+  data, stats = _vectors_and_stats(tiny_model, seed=2)
   q_sq = np.zeros((cfg.num_layers, cfg.num_kv_heads, cfg.head_dim))
   for part, run, index, layer in cal._layer_slots(cfg):
     q_sq[layer] = np.asarray(stats[part][run].q_sq[index])
