@@ -139,6 +139,11 @@ class CalibrationData:
   counts: np.ndarray
   queries: np.ndarray
 
+  def valid_mask(self) -> np.ndarray:
+    """bool [L, 1, N, 1]: which token slots of keys/values are real."""
+    n = self.keys.shape[2]
+    return (np.arange(n)[None, :] < self.counts[:, None])[:, None, :, None]
+
   def __post_init__(self):
     l, h, n, d = self.keys.shape
     if self.values.shape != self.keys.shape:
@@ -405,8 +410,7 @@ def _total_loss(params, fixed, batch, *, objective, quant, attn_scale):
 def closed_form_key_lambda(data: CalibrationData, mean: np.ndarray) -> np.ndarray:
   """kvjax.smoothing's λ [L, H, D] from the collected keys (minus `mean`) and queries."""
   from kvjax import smoothing
-  mask = (np.arange(data.keys.shape[2])[None, :] < data.counts[:, None])[:, None, :, None]
-  centred = (data.keys - mean[:, :, None, :]) * mask
+  centred = (data.keys - mean[:, :, None, :]) * data.valid_mask()
   k_rms = np.sqrt((centred.astype(np.float64) ** 2).sum(2) / data.counts[:, None, None])
   q_rms = np.sqrt((data.queries.astype(np.float64) ** 2).mean(2))
   return np.asarray(smoothing.balance_lambda(jnp.asarray(k_rms, jnp.float32),
@@ -418,8 +422,7 @@ def init_state(data: CalibrationData, quant: QuantConfig, cc: CalibrationConfig)
   num_layers, h, _, d = data.keys.shape
   kb, vb = _bases(cc.base, d, quant, num_layers, h)
   if cc.key_offset:
-    mask = (np.arange(data.keys.shape[2])[None, :] < data.counts[:, None])[:, None, :, None]
-    mean = (data.keys * mask).sum(2) / data.counts[:, None, None]
+    mean = (data.keys * data.valid_mask()).sum(2) / data.counts[:, None, None]
   else:
     mean = np.zeros((num_layers, h, d), np.float32)
   fixed = {"k_base": jnp.asarray(kb), "v_base": jnp.asarray(vb),

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from kvjax import quantizer
 from kvjax.pallas_kernels import _compat
 from kvjax.pallas_kernels import tuning
 
@@ -255,10 +256,8 @@ def quantize_pack_reference(x, rotation, lam, *, bits=4, group_size=32,
   groups = y.reshape(n, d // group_size, group_size)
   stored = (jnp.max(jnp.abs(groups), axis=-1) / qmax).astype(scale_dtype)
   divisor = jnp.where(stored == 0, 1.0, stored.astype(jnp.float32))
-  u = groups / divisor[..., None]
-  # 4-bit: nearest odd level; 8-bit: jnp.round rounds half to even, as the layout specifies.
-  levels = 2.0 * jnp.floor(u * 0.5) + 1.0 if bits == 4 else jnp.round(u)
-  codes = jnp.clip(levels, -qmax, qmax).astype(jnp.int32)
+  # The core quantizer's rounding (jnp.round for 8-bit), not the kernel's floor-only version.
+  codes = quantizer.round_to_grid(groups / divisor[..., None], bits).astype(jnp.int32)
   codes = codes.reshape(n, d)
   if bits == 8:
     return codes.astype(jnp.int8), stored
