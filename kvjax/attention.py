@@ -158,58 +158,156 @@ def quantized_attention(q, view: dict, mask, *, config, scale, softcap=None):
   return _ungroup(o, q.dtype)
 
 
-def _int8_per_group(x, axis):
-  """Symmetric int8 quantization of x along `axis`; returns (int8 codes, float32 scale)."""
-  s = jnp.max(jnp.abs(x), axis=axis, keepdims=True) / 127.0
+# Unpacked codes of one block of (batch, KV head) pairs stay under this many bytes, so the
+# int8 dot products read them from cache rather than memory (measured on 2 cores: 4 MiB).
+_INT8DOT_BLOCK_BYTES = 1 << 22
+# int32 accumulation of the value products: |weight| <= 127 and |code| <= 128 (16 c for
+# 4-bit, c for 8-bit), so partial sums stay below 2^31 for up to 2^17 tokens; longer caches
+# are summed in segments of this many tokens.
+_INT8DOT_SEGMENT = 1 << 16
+
+
+def _int8_two_level(x):
+  """x ~ s (hi + lo / 256) with int8 hi, lo and s = max|x| / 127 over the last axis."""
+  s = jnp.max(jnp.abs(x), axis=-1, keepdims=True) / 127.0
   s = jnp.where(s > 0, s, 1.0)
-  return jnp.round(x / s).astype(jnp.int8), s
+  u = x / s
+  hi = jnp.round(u)
+  lo = jnp.clip(jnp.round((u - hi) * 256.0), -128, 127)
+  return hi.astype(jnp.int8), lo.astype(jnp.int8), s
+
+
+def _int8_pieces(codes, bits):
+  """The codes as int8 dot operands: 4-bit -> (16 c of channels [0, D/2), 16 c of [D/2, D)).
+
+  Byte j holds nibbles c_j (low) and c_{j+D/2} (high); `byte << 4` and `byte & 0xF0`, read
+  as int8, are exactly 16 c of each (no sign extension, no 8-bit arithmetic shift: one
+  vector op each). 8-bit codes are used as they are.
+  """
+  if bits == 8:
+    return (codes,)
+  return (jax.lax.bitcast_convert_type(codes << jnp.uint8(4), jnp.int8),
+          jax.lax.bitcast_convert_type(codes & jnp.uint8(0xF0), jnp.int8))
+
+
+def _piece_groups(d, g, pieces):
+  """(width, [piece][j] -> group index) for `pieces` equal channel blocks of a D-vector."""
+  w = d // pieces
+  return w, [[c // g for c in range(p * w, (p + 1) * w, min(g, w))] for p in range(pieces)]
 
 
 def quantized_attention_int8dot(q, view: dict, mask, *, config, scale, softcap=None):
-  """The CPU fast path: the quantized-domain math with integer and bf16 dot products.
+  """The CPU fast path: the quantized-domain math with int8 x int8 -> int32 dot products.
 
-  Scores: q~ is split into two int8 parts per (query head, group), q~ = s_hi q_hi
-  + s_lo q_lo, and multiplied with the int8 key codes in ONE int8 x int8 -> int32
-  matmul against a block-diagonal query matrix [D, 2*R*G] (column (part, r, G)
-  holds that part of q~_r's group G); XLA's CPU int8 dot is ~3x faster than
-  float32 and needs no widening of the codes. Values: the
-  per-group weights p_t * s_{t,G} in bf16 times the codes in bf16 with float32
-  accumulation, again one matmul with a block-diagonal output of which the
-  diagonal blocks are kept. Added error versus `quantized_attention`: the
-  two-level rounding of q~ (<= 1/254^2 of a group's largest entry; one int8 level
-  alone moved real-model logits by up to 0.5 nats) and bf16 rounding of the
-  weights (2^-9 relative, as in any bf16 cache); tests bound it per row.
+  Scores. q~ = R_k (lam_k q) is split per (query head, group) into two int8 levels,
+  q~ ~ s (hi + lo / 256) (error <= s / 512 per entry, s = max|q~_group| / 127). Per piece of
+  channels (4-bit: the low-nibble and high-nibble halves, each read as 16 c straight from
+  the bytes; 8-bit: all D channels), ONE int8 matmul of a block-diagonal query [E, w] (row
+  (group, level, query) holds that level of q~ on the group's channels) with the codes
+  [N, w] gives every per-group partial dot product; hi * 256 + lo is combined in int32 and
+  the 4-bit levels 2c + 1 are restored exactly as q~ . levels = (q~ . 16c) / 8 + sum(q~).
+  Then score = sum_groups s_k,group * partial + q . k_mean.
+  Values. With p = exp(score - max) (max 1, masked 0), the weights p_t s_v,t,G are scaled
+  by 127 / max_t s_v,t,G (max over visible slots, fixed per (sequence, head, group): no
+  per-row reduction) and split
+  into two int8 levels the same way; one int8 matmul [E, N] x [N, w] per piece gives the
+  rotated outputs (only each row's own group's channels are kept), restored to levels as
+  above, divided by sum(p) at the end.
+  Blocks of (batch, KV head) pairs go through a `lax.map` so the unpacked codes of one
+  block stay in cache (_INT8DOT_BLOCK_BYTES). Added error vs `quantized_attention`: the
+  two-level rounding of q~ and of the weights (each ~2^-16 of a group's largest entry);
+  tests bound it per row.
   """
-  qg, qr = _rotated_query(q, view, config)
+  qg, qr = _rotated_query(q, view, config)                         # qr [b,h,t,r,G,g]
   b, h, t, r, G, g = qr.shape
-  d, n = G * g, view["k_codes"].shape[2]
-  kc = view["k_codes"]
-  # q~ = s_hi * q_hi + s_lo * q_lo, both int8: the residual of the first rounding
-  # quantized again, so q~ is carried to ~1/254^2 of a group's largest entry.
-  q_hi, s_hi = _int8_per_group(qr, -1)                               # [b,h,t,r,G,g], [...,1]
-  q_lo, s_lo = _int8_per_group(qr - q_hi.astype(jnp.float32) * s_hi, -1)
-  block = jnp.repeat(jnp.eye(G, dtype=jnp.int8), g, axis=0)          # [D, G]
+  d, n, x = G * g, view["k_codes"].shape[2], b * h
+  kbits, vbits = config.key_bits, config.value_bits
+  # Query side (small, computed once): block-diagonal int8 queries per key piece.
+  npk = 2 if kbits == 4 else 1
+  wk, kgroups = _piece_groups(d, g, npk)
+  q_hi, q_lo, q_s = _int8_two_level(qr)                             # [b,h,t,r,G,g], [...,1]
+  q2 = jnp.stack([q_hi, q_lo], 2).reshape(b, h, 2, t, r, d)        # [b,h,level,t,r,d]
+  kf = 0.125 if kbits == 4 else 1.0                                 # 16 c -> 2 c
+  qbd, qscale, qsum = [], [], []
+  for p, groups in enumerate(kgroups):
+    ch = jnp.arange(p * wk, (p + 1) * wk)
+    sel = (ch[None, :] // g == jnp.asarray(groups)[:, None]).astype(jnp.int8)   # [Gp, w]
+    blk = q2[..., p * wk:(p + 1) * wk][:, :, None] * sel[:, None, None, None, :]  # [b,h,Gp,2,t,r,w]
+    qbd.append(blk.reshape(x, -1, wk))
+    qscale.append((q_s[..., groups, 0] * (kf / 256.0)).reshape(x, t, r, -1))   # [x,t,r,Gp]
+    part_sum = jnp.einsum("bhtrw,Gw->bhtrG", qr.reshape(b, h, t, r, d)[..., p * wk:(p + 1) * wk],
+                          sel.astype(jnp.float32), precision=_HI)
+    qsum.append(part_sum.reshape(x, t, r, -1) if kbits == 4 else jnp.zeros_like(part_sum).reshape(x, t, r, -1))
+  qbd = jnp.stack(qbd, 1)                                           # [x, P, E, w]
+  qscale, qsum = jnp.stack(qscale, 3), jnp.stack(qsum, 3)           # [x, t, r, P, Gp]
+  offset = jnp.einsum("bhtrd,hd->bhtr", qg, view["k_mean"], precision=_HI).reshape(x, t, r)
+  npv = 2 if vbits == 4 else 1
+  wv, vgroups = _piece_groups(d, g, npv)
+  vf = 0.125 if vbits == 4 else 1.0
+  vsel = [(jnp.arange(p * wv, (p + 1) * wv)[None, :] // g == jnp.asarray(gr)[:, None])
+          .astype(jnp.float32) for p, gr in enumerate(vgroups)]    # [Gv, w] each
 
-  def block_diag(qi):                                                # -> [b,h,D,t*r*G]
-    qbd = qi.reshape(b, h, t, r, d)[..., None] * block
-    return qbd.transpose(0, 1, 4, 2, 3, 5).reshape(b, h, d, t * r * G)
+  def block(args):
+    qbd, qscale, qsum, offset, k_codes, k_scales, v_codes, v_scales, visible = args
+    c = qbd.shape[0]
+    k_scales = k_scales.astype(jnp.float32)
+    s = jnp.broadcast_to(offset[..., None], (c, t, r, n))
+    for p, piece in enumerate(_int8_pieces(k_codes, kbits)):
+      part = jnp.einsum("xew,xnw->xen", qbd[:, p], piece, preferred_element_type=jnp.int32)
+      part = part.reshape(c, -1, 2, t, r, n)
+      for j, grp in enumerate(kgroups[p]):
+        dot = (part[:, j, 0] * 256 + part[:, j, 1]).astype(jnp.float32)
+        dot = dot * qscale[:, :, :, p, j, None] + qsum[:, :, :, p, j, None]
+        s = s + dot * k_scales[:, None, None, grp]
+    s = s * scale
+    if softcap is not None:
+      s = softcap * jnp.tanh(s / softcap)
+    s = jnp.where(visible[:, :, None, :], s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    w = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))            # [c,t,r,n] in [0, 1]
+    denom = jnp.sum(w, axis=-1)
+    v_scales = v_scales.astype(jnp.float32)
+    # Largest visible value scale per group: slots no query sees do not coarsen the grid.
+    vmax = jnp.max(jnp.where(jnp.any(visible, 1)[:, None], v_scales, 0.0), axis=-1)   # [c, G]
+    vmax = jnp.where(vmax > 0, vmax, 1.0)
+    u = w[:, :, :, None, :] * (v_scales * (127.0 / vmax)[..., None])[:, None, None]   # [c,t,r,G,n]
+    u_hi = jnp.round(u)
+    u_lo = jnp.clip(jnp.round((u - u_hi) * 256.0), -128, 127)
+    wsum = jnp.einsum("xtrn,xGn->xtrG", w, v_scales, precision=_HI)  # exact sum_t w_t s_v,t
+    outs = []
+    for p, piece in enumerate(_int8_pieces(v_codes, vbits)):
+      grs = vgroups[p]
+      g0, ng = grs[0], len(grs)
+      wts = jnp.stack([u_hi[:, :, :, g0:g0 + ng], u_lo[:, :, :, g0:g0 + ng]], 1)  # [c,2,t,r,Gv,n]
+      wts = wts.transpose(0, 4, 1, 2, 3, 5).astype(jnp.int8).reshape(c, -1, n)
+      o = 0.0
+      for lo in range(0, n, _INT8DOT_SEGMENT):  # int32 sums stay exact per segment
+        hi = min(n, lo + _INT8DOT_SEGMENT)
+        seg = jnp.einsum("xen,xnw->xew", wts[..., lo:hi], piece[:, lo:hi],
+                         preferred_element_type=jnp.int32)
+        o = o + seg.reshape(c, ng, 2, t, r, wv).astype(jnp.float32)
+      acc = 0.0
+      for j, grp in enumerate(grs):
+        oj = (o[:, j, 0] * 256.0 + o[:, j, 1]) * (vmax[:, grp] * (vf / (127.0 * 256.0)))[:, None, None, None]
+        if vbits == 4:
+          oj = oj + wsum[:, :, :, grp, None]
+        acc = acc + oj * vsel[p][j]
+      outs.append(acc)                                              # [c,t,r,w]
+    o = jnp.concatenate(outs, -1) if len(outs) > 1 else outs[0]
+    return o / jnp.where(denom > 0, denom, 1.0)[..., None]
 
-  # Both halves as extra columns of ONE matmul: the codes are read once.
-  q_bd = jnp.concatenate([block_diag(q_hi), block_diag(q_lo)], axis=-1)
-  k_int = quantizer.unpack_int4(kc) if config.key_bits == 4 else kc   # int8 [b,h,n,D]
-  part = jnp.einsum("bhnd,bhde->bhne", k_int, q_bd, preferred_element_type=jnp.int32)
-  part = part.reshape(b, h, n, 2, t, r, G).astype(jnp.float32)
-  part = part[:, :, :, 0] * s_hi[..., 0][:, :, None] + part[:, :, :, 1] * s_lo[..., 0][:, :, None]
-  s = jnp.einsum("bhntrG,bhnG->bhtrn", part, view["k_scales"].astype(jnp.float32))
-  s = (s + jnp.einsum("bhtrd,hd->bhtr", qg, view["k_mean"], precision=_HI)[..., None]) * scale
-  p = _softmax_weights(s, mask[:, None, :, None, :], softcap)
-  pw = p[..., None] * view["v_scales"].astype(jnp.float32)[:, :, None, None, :, :]  # [b,h,t,r,n,G]
-  pw = pw.transpose(0, 1, 2, 3, 5, 4).reshape(b, h, t * r * G, n).astype(jnp.bfloat16)
-  v_int = quantizer.unpack_int4(view["v_codes"]) if config.value_bits == 4 else view["v_codes"]
-  o = jnp.einsum("bhen,bhnd->bhed", pw, v_int.astype(jnp.bfloat16),
-                 preferred_element_type=jnp.float32).reshape(b, h, t, r, G, G, g)
-  o_rot = jnp.diagonal(o, axis1=4, axis2=5)                           # [b,h,t,r,g,G]
-  o_rot = o_rot.swapaxes(-1, -2).reshape(b, h, t, r, d)
+  visible = jnp.broadcast_to(mask[:, None], (b, h, t, n)).reshape(x, t, n)
+  args = (qbd, qscale, qsum, offset,
+          view["k_codes"].reshape(x, n, -1), view["k_scales"].reshape(x, n, G).swapaxes(1, 2),
+          view["v_codes"].reshape(x, n, -1), view["v_scales"].reshape(x, n, G).swapaxes(1, 2),
+          visible)
+  cb = max(1, _INT8DOT_BLOCK_BYTES // max(1, n * d))
+  cb = max(i for i in range(1, min(cb, x) + 1) if x % i == 0)
+  if cb == x:
+    o_rot = block(args)
+  else:
+    o_rot = jax.lax.map(block, jax.tree.map(lambda a: a.reshape(x // cb, cb, *a.shape[1:]), args))
+  o_rot = o_rot.reshape(b, h, t, r, d)
   rot, lam = view["v_rotation"], view["v_lambda"]
   o = jnp.einsum("bhtre,hed->bhtrd", o_rot, rot, precision=_HI) * lam[None, :, None, None, :]
   return _ungroup(o, q.dtype)

@@ -166,7 +166,7 @@ def _make_caches(model, spec: CacheSpec, max_len: int, stats):
     return model.init_cache(1, max_len, dtype=jnp.bfloat16)
   # Quality is measured with the exact quantized-domain XLA path in both modes, so
   # hook and incremental differ only in how tokens enter the cache. (The CPU decode
-  # default "int8dot" adds ~0.2% per attention row; through 4-bit codes that small
+  # default "int8dot" adds ~2e-4 per attention row; through 4-bit codes even that small
   # difference re-rolls the rounding of later layers' K/V, which reads as +-2% PPL
   # noise over a few dozen tokens.)
   quant = dataclasses.replace(spec.quant, attention_impl="xla")
