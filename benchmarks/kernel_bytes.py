@@ -23,7 +23,12 @@ Counts come from the kernels themselves, not from a formula of the format:
 Roofline time = bytes / HBM bandwidth (TPU v5e 819 GB/s, H100 SXM 3.35 TB/s):
 a lower bound that ignores launch latency, which dominates at short contexts.
 
-Usage: python benchmarks/kernel_bytes.py [--out results/kernel_bytes]
+Measured CPU ratio: the same layer shapes and contexts, one decode step on this
+machine's CPU (`kvjax.attend`, the default "int8dot" path for the quantized
+formats, the bf16 dense cache as the baseline), timed interleaved in one process
+by benchmarks/decode_attention_cpu.py's `run`; median time / bf16 median time.
+
+Usage: python benchmarks/kernel_bytes.py [--out results/kernel_bytes] [--no-cpu]
 """
 
 from __future__ import annotations
@@ -246,16 +251,37 @@ def measure():
   return rows
 
 
+def add_cpu_ratios(rows, *, batch, repeats):
+  """Adds row["cpu"] = {"median_ms", "ratio_vs_bf16"} measured on this machine's CPU."""
+  import kvjax
+  from decode_attention_cpu import run
+  for shape in SHAPES:
+    impls = {f.name: (kvjax.QuantConfig(key_bits=f.key_bits, value_bits=f.value_bits,
+                                        group_size=f.group_size), "auto")
+             for f in FORMATS if f.key_bits is not None}
+    for context in CONTEXTS:
+      print(f"CPU timing {shape.name} at {context} tokens ...", flush=True)
+      measured = run([context], batch=batch, kv_heads=shape.kv_heads,
+                     rep=shape.q_heads // shape.kv_heads, head_dim=shape.head_dim,
+                     repeats=repeats, impls=impls)
+      for m in measured:
+        row = next(r for r in rows if r["shape"]["name"] == shape.name
+                   and r["context"] == context and r["format"] == m["cache"])
+        row["cpu"] = {"batch": batch, "median_ms": m["median_ms"],
+                      "ratio_vs_bf16": m["ratio_vs_bf16"]}
+
+
 def print_table(rows):
   header = (f"{'layer':<16} {'context':>7} {'format':<10} {'TPU MB':>9} {'x bf16':>7} "
-            f"{'v5e us':>8} {'GPU MB':>9} {'x bf16':>7} {'H100 us':>8}")
+            f"{'v5e us':>8} {'GPU MB':>9} {'x bf16':>7} {'H100 us':>8} {'CPU x bf16':>10}")
   print(header)
   print("-" * len(header))
   for r in rows:
     t, g = r["tpu"], r["gpu"]
     print(f"{r['shape']['name']:<16} {r['context']:>7} {r['format']:<10} "
           f"{t['bytes'] / 1e6:>9.3f} {t['ratio_vs_bf16']:>7.3f} {t['roofline_us']:>8.2f} "
-          f"{g['bytes'] / 1e6:>9.3f} {g['ratio_vs_bf16']:>7.3f} {g['roofline_us']:>8.2f}")
+          f"{g['bytes'] / 1e6:>9.3f} {g['ratio_vs_bf16']:>7.3f} {g['roofline_us']:>8.2f} "
+          f"{r['cpu']['ratio_vs_bf16'] if 'cpu' in r else float('nan'):>10.2f}")
 
 
 def plot(rows, path):
@@ -286,8 +312,13 @@ def plot(rows, path):
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default="results/kernel_bytes", help="output directory")
+  parser.add_argument("--no-cpu", action="store_true", help="skip the measured CPU ratio")
+  parser.add_argument("--cpu-batch", type=int, default=4, help="sequences per CPU decode step")
+  parser.add_argument("--cpu-repeats", type=int, default=9)
   args = parser.parse_args(argv)
   rows = measure()
+  if not args.no_cpu:
+    add_cpu_ratios(rows, batch=args.cpu_batch, repeats=args.cpu_repeats)
   print_table(rows)
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, "kernel_bytes.json"), "w") as f:
@@ -297,6 +328,10 @@ def main(argv=None):
   worst_gpu = max(r["gpu"]["ratio_vs_bf16"] for r in rows if r["format"].startswith("int4"))
   print(f"\nworst int4 / bf16 byte ratio: TPU kernel {worst:.3f}, GPU kernel {worst_gpu:.3f} "
         f"(target <= 0.3)")
+  cpu = [r for r in rows if "cpu" in r and r["format"] == "int4-g32" and r["context"] == 4096]
+  for r in cpu:
+    print(f"CPU int4-g32 / bf16 time at 4K, {r['shape']['name']}: {r['cpu']['ratio_vs_bf16']:.2f} "
+          f"(target <= 1.0)")
   print(f"saved {args.out}/kernel_bytes.json and kernel_bytes.png")
 
 
