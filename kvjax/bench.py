@@ -1,8 +1,11 @@
 """`kvjax bench`: whole-model decode time per token against cached context, int4 vs bf16.
 
-Both caches are sized to the longest context and filled to each context length
-with random contents (decode cost does not depend on the values, and a real
-8K-token prefill per cache would dominate the run), then one-token decode steps
+For each context length both caches are allocated for that many tokens (plus
+the timed steps) and filled with random contents (decode cost does not depend on
+the values, and a real 8K-token prefill per cache would dominate the run): the
+attention of a decode step reads every slot of a global layer's cache, so a
+cache allocated far beyond its contents would time the allocation, not the
+context. Then one-token decode steps
 run interleaved (bf16, int4, bf16, ...) in one process. Medians, the int4/bf16
 ratio, cache bytes and the process's peak memory are printed and saved as JSON
 and a PNG plot. Times are this machine's; the ratio is the result.
@@ -61,13 +64,12 @@ def run(model_name: str = "gemma3-270m", *, contexts=(256, 1024, 4096, 8192), re
   model, _ = load(model_name)
   runner = _Runner(model)
   contexts = sorted(contexts)
-  max_len = contexts[-1] + repeats + 2
-  log(f"{model_name}: decode step time per token (caches allocated for {max_len} tokens; bytes "
-      f"reported for caches sized to each context), backend "
-      f"{jax.default_backend()}, {repeats} interleaved repeats")
+  log(f"{model_name}: decode step time per token (caches allocated for each context + "
+      f"{repeats + 2} tokens), backend {jax.default_backend()}, {repeats} interleaved repeats")
   rows = []
   token = jnp.asarray([[2]], jnp.int32)
   for ctx in contexts:
+    max_len = ctx + repeats + 2
     state = {}
     for s in specs:
       base = (model.init_cache(1, max_len, dtype=jnp.bfloat16) if s.quant is None
@@ -99,7 +101,7 @@ def run(model_name: str = "gemma3-270m", *, contexts=(256, 1024, 4096, 8192), re
             f"({r['compression_vs_bf16']:.2f}x smaller)")
     del state
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-  doc = {"meta": {"model": model_name, "repeats": repeats, "max_len": max_len,
+  doc = {"meta": {"model": model_name, "repeats": repeats, "max_len": "context + repeats + 2",
                   "peak_process_bytes": peak, "backend": jax.default_backend(),
                   "note": "caches filled with random contents; medians of interleaved runs"},
          "rows": rows}
