@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax.cache import DenseKVCache, QuantizedKVCache
-from kvjax.eval import _Runner, cache_bytes, parse_spec
+from kvjax.eval import _Runner, cache_bytes, parse_spec, separate_layers
 
 _IS_CACHE = lambda x: isinstance(x, (DenseKVCache, QuantizedKVCache))
 
@@ -61,7 +61,7 @@ def run(model_name: str = "gemma3-270m", *, contexts=(256, 1024, 4096, 8192), re
   specs = [parse_spec(s) for s in (caches or ["bf16", "int4"])]
   if specs[0].quant is not None:
     specs.insert(0, parse_spec("bf16"))
-  model, _ = load(model_name)
+  model, _ = load(model_name, separate_layers=separate_layers(specs))
   runner = _Runner(model)
   contexts = sorted(contexts)
   log(f"{model_name}: decode step time per token (caches allocated for each context + "
@@ -73,7 +73,7 @@ def run(model_name: str = "gemma3-270m", *, contexts=(256, 1024, 4096, 8192), re
     state = {}
     for s in specs:
       base = (model.init_cache(1, max_len, dtype=jnp.bfloat16) if s.quant is None
-              else model.init_cache(1, max_len, quant=s.quant))
+              else model.init_cache(1, max_len, quant=s.quant, layer_quant=s.layer_quant()))
       state[s.name] = fill_caches(base, ctx, jax.random.key(ctx))
       _, state[s.name] = runner(token, state[s.name])  # compile + warm up
       jax.block_until_ready(state[s.name])

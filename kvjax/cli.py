@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
   e.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096])
   e.add_argument("--caches", nargs="+", default=None,
                  help="caches to compare (default: bf16 int4-naive int4-srft int4 K8V4); also "
-                      "descriptions like K4V4-g64-srht or K4V4-g32-srft-cal")
+                      "descriptions like K4V4-g64-srht or K4V4-g32-srft-cal, with an optional "
+                      "'+k8@L1,L2,...' for 8-bit keys in those layers (e.g. int4+k8@1,2,4,10)")
   e.add_argument("--incremental-steps", type=int, default=64,
                  help="decode the last N positions of each window token by token (0: off)")
   e.add_argument("--calibration-tokens", type=int, default=2048)

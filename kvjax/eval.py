@@ -42,13 +42,29 @@ from kvjax.smoothing import KeyCalibration, calibrate_caches
 class CacheSpec:
   """A cache to evaluate. quant None = dense (bf16); calibrate = key offset + λ from statistics;
   calibration = directory of a `kvjax calibrate` checkpoint whose learned R, λ and key offset
-  go into the quantized caches."""
+  go into the quantized caches; key8_layers = layers whose keys are stored at 8 bits (the
+  model is then loaded with them as separate layers, `ModelConfig.separate_layers`)."""
 
   name: str
   quant: QuantConfig | None
   calibrate: bool = False
   description: str = ""
   calibration: str | None = None
+  key8_layers: tuple[int, ...] = ()
+
+  def __post_init__(self):
+    if self.key8_layers and (self.quant is None or self.calibration is not None):
+      raise ValueError(f"cache {self.name!r}: key8_layers needs a quantized cache without a "
+                       "learned calibration")
+
+  def layer_quant(self) -> dict:
+    """{layer: QuantConfig} overrides for `model.init_cache(layer_quant=...)`."""
+    return {l: dataclasses.replace(self.quant, key_bits=8) for l in self.key8_layers}
+
+
+def separate_layers(specs) -> tuple[int, ...]:
+  """Layers the model must scan on their own for these specs' per-layer caches."""
+  return tuple(sorted({l for s in specs for l in s.key8_layers}))
 
 
 def default_specs() -> list[CacheSpec]:
@@ -69,7 +85,19 @@ SPEC_CHOICES = {s.name: s for s in default_specs()}
 
 
 def parse_spec(text: str) -> CacheSpec:
-  """Parses a cache name: a default ('bf16', 'int4', ...) or 'K4V4-g64-srht[-cal]'."""
+  """Parses a cache name: a default ('bf16', 'int4', ...) or 'K4V4-g64-srht[-cal]', optionally
+  followed by '+k8@L1,L2,...' (those layers' keys at 8 bits, e.g. 'int4+k8@1,2,4,10')."""
+  if "+k8@" in text:
+    base, layers = text.split("+k8@", 1)
+    try:
+      key8 = tuple(sorted({int(x) for x in layers.split(",")}))
+    except ValueError:
+      raise ValueError(f"cache {text!r}: '+k8@' must be followed by comma-separated layer "
+                       "indices, e.g. int4+k8@1,2,4,10") from None
+    spec = parse_spec(base)
+    return dataclasses.replace(spec, name=text, key8_layers=key8,
+                               description=(spec.description or base)
+                               + f"; keys of layers {', '.join(map(str, key8))} at 8 bits")
   if text in SPEC_CHOICES:
     return SPEC_CHOICES[text]
   parts = text.split("-")
@@ -174,7 +202,9 @@ def _make_caches(model, spec: CacheSpec, max_len: int, stats):
     from kvjax import calibrate
     learned = calibrate.load_calibration(spec.calibration, model_config=model.config)
     return calibrate.init_calibrated_cache(model, 1, max_len, learned, attention_impl="xla")
-  caches = model.init_cache(1, max_len, quant=quant)
+  caches = model.init_cache(1, max_len, quant=quant,
+                            layer_quant={l: dataclasses.replace(q, attention_impl="xla")
+                                         for l, q in spec.layer_quant().items()})
   if spec.calibrate:
     if stats is None:
       raise ValueError(f"cache {spec.name!r} needs calibration statistics")
@@ -193,7 +223,22 @@ def _make_caches_shape(model, spec, context):
   # Learned rotations live in the per-layer parameters, not in the byte count.
   quant = (dataclasses.replace(spec.quant, rotation="srft") if spec.quant.rotation == "learned"
            else spec.quant)
-  return model.init_cache(1, context, quant=quant)
+  return model.init_cache(1, context, quant=quant, layer_quant=spec.layer_quant())
+
+
+def bits_per_value(model, spec: CacheSpec, context: int) -> float:
+  """Mean stored bits per cached K/V value at `context` tokens (per-layer formats weighted by
+  the slots each layer holds: a sliding-window layer holds at most its window)."""
+  if spec.quant is None:
+    return 16.0
+  cfg = model.config
+  overrides = spec.layer_quant()
+  total = weight = 0.0
+  for layer, kind in enumerate(cfg.layer_types):
+    slots = min(context, cfg.sliding_window) if kind == "local" else context
+    total += slots * overrides.get(layer, spec.quant).bits_per_value()
+    weight += slots
+  return total / weight
 
 
 def _tree_nbytes(caches) -> int:
@@ -304,7 +349,7 @@ def run(model_name: str = "gemma3-270m", *, text_file: str | None = None,
     raise ValueError(f"contexts must be >= 2 tokens, got {contexts}")
   t0 = time.time()
   log(f"loading {model_name} ...")
-  model, tokenizer = load(model_name)
+  model, tokenizer = load(model_name, separate_layers=separate_layers(specs))
   if tokenizer is None:
     raise ValueError(f"{model_name} has no tokenizer; kvjax eval needs one to read text")
   cfg = model.config
@@ -351,7 +396,7 @@ def run(model_name: str = "gemma3-270m", *, text_file: str | None = None,
         row["delta_ppl"] = row["ppl"] - base[mode]
         row["delta_ppl_pct"] = 100.0 * row["delta_ppl"] / base[mode]
         row["cache_bytes"] = cache_bytes(model, s, c)
-        row["bits_per_value"] = 16.0 if s.quant is None else s.quant.bits_per_value()
+        row["bits_per_value"] = bits_per_value(model, s, c)
         if mode == "incremental":
           start = r["incremental_start"]
           hook_same = _summary(*(x[start:] for x in r["hook"]))

@@ -73,7 +73,7 @@ def run(model_name: str = "gemma3-270m", *, lengths=(2048, 4096), depths=(0.1, 0
                          ev.SPEC_CHOICES["int4"]])
   if specs[0].quant is not None:
     specs.insert(0, ev.SPEC_CHOICES["bf16"])
-  model, tok = load(model_name)
+  model, tok = load(model_name, separate_layers=ev.separate_layers(specs))
   runner = ev._Runner(model)
   stats = None
   if any(s.calibrate for s in specs):

@@ -6,7 +6,7 @@ and batched generation.
 """
 
 from kvjax.models.config import ModelConfig, RopeScaling, PRESETS
-from kvjax.models.decoder import CausalLM, cache_lengths
+from kvjax.models.decoder import CausalLM, cache_lengths, with_separate_layers
 from kvjax.models.gemma3 import Gemma3ForCausalLM
 from kvjax.models.qwen2 import LlamaForCausalLM, Qwen2ForCausalLM
 from kvjax.models.params import model_class, build_model, params_from_hf, params_from_gguf
@@ -26,5 +26,5 @@ def __getattr__(name):
 __all__ = [
     "ModelConfig", "RopeScaling", "PRESETS", "CausalLM", "Gemma3ForCausalLM", "Qwen2ForCausalLM",
     "LlamaForCausalLM", "cache_lengths", "model_class", "build_model", "params_from_hf",
-    "params_from_gguf", "load", "generate",
+    "params_from_gguf", "load", "generate", "with_separate_layers",
 ]

@@ -70,6 +70,11 @@ class ModelConfig:
     tie_word_embeddings: the output projection is the transposed embedding table.
     bos_token_id, eos_token_ids, pad_token_id: special tokens; add_bos: prepend BOS to prompts.
     max_position_embeddings: the longest context the checkpoint was trained for.
+    separate_layers: layer indices scanned as runs of their own (parameters and caches not
+      stacked with their neighbours), so that `CausalLM.init_cache(layer_quant=...)` can give
+      their caches a QuantConfig of their own (e.g. 8-bit keys in one sensitive layer). Empty
+      (the default): layers are grouped by the repeating pattern of their types. Changes the
+      layout only, never the outputs; see `kvjax.models.with_separate_layers`.
   """
 
   arch: str
@@ -102,6 +107,7 @@ class ModelConfig:
   pad_token_id: int | None = None
   add_bos: bool = False
   max_position_embeddings: int = 32_768
+  separate_layers: tuple[int, ...] = ()
 
   def __post_init__(self):
     if self.arch not in ARCHITECTURES:
@@ -132,6 +138,12 @@ class ModelConfig:
     if self.activation not in ACTIVATIONS:
       raise ValueError(f"ModelConfig.activation must be one of {ACTIVATIONS}, got "
                        f"{self.activation!r}")
+    sep = tuple(self.separate_layers)
+    if any(not isinstance(l, int) or isinstance(l, bool) or not 0 <= l < self.num_layers
+           for l in sep):
+      raise ValueError(f"ModelConfig.separate_layers must be layer indices in [0, "
+                       f"{self.num_layers}), got {sep!r}")
+    object.__setattr__(self, "separate_layers", tuple(sorted(set(sep))))
 
   @property
   def query_scale(self) -> float:
@@ -140,8 +152,13 @@ class ModelConfig:
 
   @property
   def layer_pattern(self) -> tuple[str, ...]:
-    """Shortest prefix of `layer_types` that, repeated, reproduces it (the scan group)."""
+    """Shortest prefix of `layer_types` that, repeated, reproduces it (the scan group).
+
+    With `separate_layers` the whole stack is one group (a separate layer breaks the repeat).
+    """
     types = self.layer_types
+    if self.separate_layers:
+      return types
     for period in range(1, len(types) + 1):
       if all(types[i] == types[i % period] for i in range(len(types))):
         return types[:period]

@@ -29,11 +29,14 @@ from kvjax.models.layers import DecoderLayer, Linear, RMSNorm
 Caches = dict[str, tuple[Any, ...]]
 
 
-def layer_runs(types: tuple[str, ...]) -> tuple[tuple[str, int], ...]:
-  """Consecutive runs of equal layer types: ("local",)*5 + ("global",) -> (("local", 5), ("global", 1))."""
+def layer_runs(types: tuple[str, ...], alone=()) -> tuple[tuple[str, int], ...]:
+  """Consecutive runs of equal layer types: ("local",)*5 + ("global",) -> (("local", 5), ("global", 1)).
+
+  Indices in `alone` form runs of one layer each.
+  """
   runs: list[list] = []
-  for t in types:
-    if runs and runs[-1][0] == t:
+  for i, t in enumerate(types):
+    if runs and runs[-1][0] == t and i not in alone and i - 1 not in alone:
       runs[-1][1] += 1
     else:
       runs.append([t, 1])
@@ -52,7 +55,7 @@ def layer_layout(cfg: ModelConfig):
 
   def with_offsets(types):
     out, offset = [], 0
-    for t, n in layer_runs(types):
+    for t, n in layer_runs(types, alone=cfg.separate_layers if num_groups == 1 else ()):
       out.append((t, n, offset))
       offset += n
     return tuple(out)
@@ -132,12 +135,15 @@ class CausalLM(nnx.Module):
   # ----------------------------------------------------------------------------------------------
 
   def init_cache(self, batch: int, max_len: int, *, quant: kvjax.QuantConfig | None = None,
-                 dtype=None) -> Caches:
+                 dtype=None, layer_quant=None) -> Caches:
     """Empty caches for `batch` sequences of up to `max_len` tokens.
 
     Args:
       quant: None for a dense cache, or a `kvjax.QuantConfig` for a quantized one.
       dtype: dtype of the dense K/V (default: the model's parameter dtype).
+      layer_quant: optional {layer index: QuantConfig or None} overriding `quant` for single
+        layers; each must be one of `config.separate_layers` (layers stacked with others share
+        one cache config): see `kvjax.models.with_separate_layers`.
     Returns:
       {"groups": (...), "tail": (...)}: one kvjax cache per run of equal layer types, stacked on
       the leading axes [groups, run_length] (or [run_length] for the tail). Local layers use
@@ -150,17 +156,30 @@ class CausalLM(nnx.Module):
     cfg = self.config
     dtype = self.dtype if dtype is None else jnp.dtype(dtype)
     num_groups, group_runs, tail_runs = layer_layout(cfg)
+    layer_quant = dict(layer_quant or {})
+    for layer, q in layer_quant.items():
+      if layer not in cfg.separate_layers:
+        raise ValueError(f"layer_quant: layer {layer!r} is not one of the model's separate_layers "
+                         f"{cfg.separate_layers}; load the model with separate_layers="
+                         f"{tuple(sorted(set(cfg.separate_layers) | {layer}))!r} (or call "
+                         "kvjax.models.with_separate_layers) to give it a cache config of its own")
+      if q is not None and not isinstance(q, kvjax.QuantConfig):
+        raise TypeError(f"layer_quant[{layer}] must be a kvjax.QuantConfig or None, got "
+                        f"{type(q).__name__}")
 
-    def one(layer_type, lead):
+    def one(layer_type, lead, first_layer):
       window = cfg.sliding_window if layer_type == LOCAL else None
       if window is not None and max_len <= window:
         window = None  # every cached position is inside the window: a plain cache is exact
-      cache = kvjax.init_cache(batch, cfg.num_kv_heads, max_len, cfg.head_dim, quant=quant,
+      q = layer_quant.get(first_layer, quant) if lead[-1] == 1 else quant
+      cache = kvjax.init_cache(batch, cfg.num_kv_heads, max_len, cfg.head_dim, quant=q,
                                window=window, dtype=dtype)
       return jax.tree.map(lambda a: jnp.broadcast_to(a, lead + a.shape).copy(), cache)
 
-    return {"groups": tuple(one(t, (num_groups, n)) for t, n, _ in group_runs),
-            "tail": tuple(one(t, (n,)) for t, n, _ in tail_runs)}
+    # A separate layer forms a run of one in the single group; its index is the run offset.
+    return {"groups": tuple(one(t, (num_groups, n), off if num_groups == 1 else -1)
+                            for t, n, off in group_runs),
+            "tail": tuple(one(t, (n,), -1) for t, n, _ in tail_runs)}
 
   def __call__(self, tokens: jax.Array, caches: Caches, *, positions: jax.Array | None = None,
                num_tokens: jax.Array | None = None, logits_at: jax.Array | None = None):
@@ -246,3 +265,36 @@ def _check_caches(caches, num_group_runs: int, num_tail_runs: int) -> None:
 def param_count(model: CausalLM) -> int:
   """Number of parameters (embedding counted once when tied)."""
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
+
+
+def with_separate_layers(model: CausalLM, layers) -> CausalLM:
+  """The same model with `layers` scanned as runs of their own (see ModelConfig.separate_layers).
+
+  Parameters are unstacked per layer and restacked in the new layout; outputs are unchanged
+  (the same per-layer computation in the same order). The point is the caches: afterwards
+  `model.init_cache(..., layer_quant={layer: QuantConfig(...)})` can give each of these
+  layers its own cache format. Returns a new model; `model` is not modified.
+  """
+  from kvjax.models.params import build_model  # params imports this module
+
+  cfg = model.config
+  layers = tuple(sorted(set(cfg.separate_layers) | {int(l) for l in layers}))
+  new_cfg = cfg.replace(separate_layers=layers)  # validates the indices
+  pure = nnx.to_pure_dict(nnx.state(model))
+  num_groups, group_runs, tail_runs = layer_layout(cfg)
+  p = len(cfg.layer_pattern)
+  per_layer = [None] * cfg.num_layers
+  for r, (_, n, off) in enumerate(group_runs):
+    for g in range(num_groups):
+      for j in range(n):
+        per_layer[g * p + off + j] = jax.tree.map(lambda a: a[g, j], pure["group_runs"][r])
+  for r, (_, n, off) in enumerate(tail_runs):
+    for j in range(n):
+      per_layer[num_groups * p + off + j] = jax.tree.map(lambda a: a[j], pure["tail_runs"][r])
+  new_groups, new_runs, new_tail = layer_layout(new_cfg)
+  if new_groups != 1 or new_tail:
+    raise AssertionError("separate layers put the whole stack into one group")
+  pure["group_runs"] = {r: jax.tree.map(lambda *xs: jnp.stack(xs)[None], *per_layer[off:off + n])
+                        for r, (_, n, off) in enumerate(new_runs)}
+  pure["tail_runs"] = {}
+  return build_model(new_cfg, pure, dtype=model.dtype)

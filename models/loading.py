@@ -19,13 +19,16 @@ from kvjax.models.params import build_model, params_from_gguf, params_from_hf
 
 
 def load(name_or_path: str | os.PathLike, *, dtype=jnp.float32,
-         config: ModelConfig | None = None) -> tuple[CausalLM, object | None]:
+         config: ModelConfig | None = None,
+         separate_layers=()) -> tuple[CausalLM, object | None]:
   """Loads a model and its tokenizer.
 
   Args:
     name_or_path: checkpoint name, GGUF file or Hugging Face directory (see module docstring).
     dtype: parameter dtype (GGUF weights are dequantized to float32 first, then cast).
     config: optional override of the architecture read from the checkpoint.
+    separate_layers: layer indices to scan on their own so their caches can take their own
+      QuantConfig (`model.init_cache(layer_quant=...)`); see `with_separate_layers`.
   Returns:
     (model, tokenizer); the tokenizer is None for a Hugging Face directory without tokenizer
     files (e.g. random test checkpoints).
@@ -33,6 +36,14 @@ def load(name_or_path: str | os.PathLike, *, dtype=jnp.float32,
   if not isinstance(name_or_path, (str, os.PathLike)):
     raise TypeError(f"name_or_path must be a checkpoint name or a path, got "
                     f"{type(name_or_path).__name__}")
+  model, tokenizer = _load(name_or_path, dtype, config)
+  if separate_layers:
+    from kvjax.models.decoder import with_separate_layers
+    model = with_separate_layers(model, separate_layers)
+  return model, tokenizer
+
+
+def _load(name_or_path, dtype, config):
   path = os.fspath(name_or_path)
   if os.path.isdir(path):
     cfg, pure = params_from_hf(path, config)

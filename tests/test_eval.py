@@ -95,6 +95,39 @@ def test_parse_spec_and_errors():
   assert s.calibrate
   with pytest.raises(ValueError, match="unknown cache"):
     ev.parse_spec("fp3")
+  mixed = ev.parse_spec("int4+k8@4,1,4")
+  assert mixed.key8_layers == (1, 4) and mixed.calibrate and mixed.quant.key_bits == 4
+  assert {l: q.key_bits for l, q in mixed.layer_quant().items()} == {1: 8, 4: 8}
+  assert ev.separate_layers([mixed, ev.parse_spec("bf16")]) == (1, 4)
+  with pytest.raises(ValueError, match="layer indices"):
+    ev.parse_spec("int4+k8@four")
+  with pytest.raises(ValueError, match="key8_layers needs a quantized cache"):
+    ev.parse_spec("bf16+k8@1")
+
+
+def test_mixed_key_bits_spec_runs_and_counts_its_bits(tiny):
+  """'+k8@L' caches: the model is split at L, layer L stores 8-bit keys, bits are slot-weighted."""
+  from kvjax.models import with_separate_layers
+  model, _ = tiny
+  cfg = model.config                                  # 5 local layers (window 16), then 1 global
+  spec = ev.parse_spec("K4V4-g32-srft+k8@1")
+  split = with_separate_layers(model, ev.separate_layers([spec]))
+  caches = ev._make_caches(split, spec, 40, None)
+  assert [c.config.key_bits for c in caches["groups"]] == [4, 8, 4, 4]
+  base = spec.quant.bits_per_value()                  # 4.5
+  # At 40 tokens: 5 local layers hold 16 slots each, the global one 40; layer 1's keys +4 bits.
+  want = base + 0.5 * 4.0 * 16 / (5 * 16 + 40)
+  assert ev.bits_per_value(split, spec, 40) == pytest.approx(want)
+  assert ev.bits_per_value(split, ev.parse_spec("K4V4-g32-srft"), 40) == pytest.approx(base)
+  tokens = np.random.default_rng(1).integers(3, cfg.vocab_size, 40).astype(np.int32)
+  plain = ev.parse_spec("K4V4-g32-srft")
+  res = ev.evaluate_window(ev._Runner(split), tokens, [ev.CacheSpec("f32", None), spec, plain],
+                           max_len=48, chunk=16, progress=False)
+  nll = {name: r["hook"][0] for name, r in res.items()}
+  assert all(np.isfinite(v).all() for v in nll.values())
+  # (This random model's logits are so peaked that KL underflows; its NLLs still move.)
+  assert np.abs(nll[spec.name] - nll["f32"]).max() > 0
+  assert np.abs(nll[spec.name] - nll[plain.name]).max() > 0   # layer 1 really is different
 
 
 class _CharTokenizer:
