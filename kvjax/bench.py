@@ -59,6 +59,9 @@ def run(model_name: str = "gemma3-270m", *, contexts=(256, 1024, 4096, 8192), re
   from kvjax.models import load
 
   specs = [parse_spec(s) for s in (caches or ["bf16", "int4"])]
+  if any(s.key8_auto for s in specs):
+    raise ValueError("kvjax bench needs explicit layers for 8-bit keys (e.g. int4+k8@2,3,4,10); "
+                     "'+k8@auto' layers are chosen by kvjax eval, which prints them")
   if specs[0].quant is not None:
     specs.insert(0, parse_spec("bf16"))
   model, _ = load(model_name, separate_layers=separate_layers(specs))

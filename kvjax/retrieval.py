@@ -73,6 +73,9 @@ def run(model_name: str = "gemma3-270m", *, lengths=(2048, 4096), depths=(0.1, 0
                          ev.SPEC_CHOICES["int4"]])
   if specs[0].quant is not None:
     specs.insert(0, ev.SPEC_CHOICES["bf16"])
+  if any(s.key8_auto for s in specs):
+    raise ValueError("kvjax passkey needs explicit layers for 8-bit keys (e.g. int4+k8@2,3,4,10); "
+                     "'+k8@auto' layers are chosen by kvjax eval, which prints them")
   model, tok = load(model_name, separate_layers=ev.separate_layers(specs))
   runner = ev._Runner(model)
   stats = None

@@ -101,8 +101,33 @@ def test_parse_spec_and_errors():
   assert ev.separate_layers([mixed, ev.parse_spec("bf16")]) == (1, 4)
   with pytest.raises(ValueError, match="layer indices"):
     ev.parse_spec("int4+k8@four")
-  with pytest.raises(ValueError, match="key8_layers needs a quantized cache"):
+  with pytest.raises(ValueError, match="8-bit key layers need a quantized cache"):
     ev.parse_spec("bf16+k8@1")
+  auto = ev.parse_spec("int4+k8@auto2")
+  assert auto.key8_auto == 2 and auto.key8_layers == ()
+  with pytest.raises(ValueError, match="positive count"):
+    ev.parse_spec("int4+k8@auto")
+
+
+def test_key_sensitivity_ranks_layers_on_calibration_text(tiny):
+  """One run per layer with only that layer quantized; a layer with a coarser cache ranks higher."""
+  from flax import nnx
+  # A soft-capped copy of the tiny model: its random logits would otherwise be so peaked that
+  # every KL underflows to 0.
+  cfg = ModelConfig.preset("gemma3-tiny").replace(final_logit_softcap=4.0)
+  model = model_class(cfg)(cfg, dtype=jnp.float32, rngs=nnx.Rngs(3))
+  rng = np.random.default_rng(4)
+  cal = rng.integers(3, cfg.vocab_size, 48).tolist()
+  probe = rng.integers(3, cfg.vocab_size, 40).tolist()
+  sens = ev.key_sensitivity(model, cal, probe, kvjax.QuantConfig(rotation="none"), chunk=16,
+                            progress=False)
+  assert sens.shape == (cfg.num_layers,)
+  assert np.all(np.isfinite(sens)) and np.all(sens > 1e-7)  # every layer's cache costs something
+  # 8-bit caches cost far less in every layer than 4-bit ones.
+  sens8 = ev.key_sensitivity(model, cal, probe, kvjax.QuantConfig(rotation="none", key_bits=8,
+                                                                  value_bits=8),
+                             chunk=16, progress=False)
+  assert np.all(sens8 < 0.2 * sens)
 
 
 def test_mixed_key_bits_spec_runs_and_counts_its_bits(tiny):
