@@ -422,11 +422,14 @@ def run(model_name: str = "gemma3-270m", *, text_file: str | None = None,
     probe = cal_all[calibration_tokens:calibration_tokens + 1024]
     log(f"key sensitivity per layer: {cfg.num_layers} runs over {len(probe)} tokens of "
         f"{corpus.CALIBRATION_BOOK} (after the {calibration_tokens} calibration tokens)")
-    resolved = []
+    resolved, scans = [], {}
     for s in specs:
       if s.key8_auto:
-        sens = key_sensitivity(model, cal_all[:calibration_tokens], probe, s.quant,
-                               calibrate=s.calibrate, chunk=chunk, progress=progress)
+        if (s.quant, s.calibrate) not in scans:  # one scan per cache format
+          scans[s.quant, s.calibrate] = key_sensitivity(
+              model, cal_all[:calibration_tokens], probe, s.quant, calibrate=s.calibrate,
+              chunk=chunk, progress=progress)
+        sens = scans[s.quant, s.calibrate]
         sensitivity = {int(l): float(v) for l, v in enumerate(sens)}
         top = tuple(sorted(int(l) for l in np.argsort(-sens)[:s.key8_auto]))
         log(f"{s.name}: 8-bit keys in layers {top} (KL with only that layer quantized: "
