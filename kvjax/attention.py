@@ -11,11 +11,15 @@ are only ever multiplied by one scale per group.
 
 impl:
   "auto"      single-token decode over a quantized cache: the Pallas kernel on
-              TPU/GPU, "int8dot" on the CPU; everything else: "xla";
+              TPU/GPU, "int8dot" on the CPU; chunks: "dequant" on the CPU, "xla" on
+              TPU/GPU;
   "xla"       the quantized-domain jnp path above in float32 (plain attention for
               dense caches), equal to the reference to float32 rounding;
-  "int8dot"   the same math with int8 x int8 -> int32 score products and bf16
-              value products (query rounded to int8 per group): the CPU fast path;
+  "int8dot"   the same math with int8 x int8 -> int32 dot products (two-level int8
+              queries and weights): the CPU decode path;
+  "dequant"   chunks (many queries per step): the codes are dequantized once, in the
+              rotated domain and in bf16, and the queries q~ meet them in bf16 matmuls
+              (float32 accumulation), as a bf16 dense cache would: the CPU chunk path;
   "reference" dequantize every cached vector, then plain attention (the oracle);
   "pallas"    the fused decode kernel (interpret mode on the CPU).
 
@@ -36,7 +40,7 @@ from kvjax import quantizer
 from kvjax.cache import DenseKVCache, QuantizedKVCache
 
 _HI = jax.lax.Precision.HIGHEST
-_IMPLS = ("auto", "xla", "int8dot", "reference", "pallas")
+_IMPLS = ("auto", "xla", "int8dot", "dequant", "reference", "pallas")
 
 
 def _check_q(q, c):
@@ -313,6 +317,37 @@ def quantized_attention_int8dot(q, view: dict, mask, *, config, scale, softcap=N
   return _ungroup(o, q.dtype)
 
 
+def quantized_attention_dequant(q, view: dict, mask, *, config, scale, softcap=None):
+  """The CPU chunk path: rotated-domain dequantization to bf16, then bf16 matmuls.
+
+  With many queries per step (a prefill chunk) the codes are worth dequantizing once:
+  y^ = levels * s per group, rounded to bf16 (2^-9 relative, as a bf16 cache stores its
+  values), [B, H, N, D] for keys and values; scores q~ . y^_k + q . k_mean and outputs
+  lam_v * R_v^T (p . y^_v) then cost what a bf16 dense cache costs, plus O(N D) for the
+  dequantization and O(Tq D^2) for the two rotations. No per-token rotation.
+  """
+  qg, qr = _rotated_query(q, view, config)
+  b, h, t, r, G, g = qr.shape
+  d, n = G * g, view["k_codes"].shape[2]
+
+  def dequant(codes, scales, bits):
+    lev = quantizer.unpack_int4(codes) if bits == 4 else codes
+    y = lev.reshape(b, h, n, G, g).astype(jnp.float32) * scales.astype(jnp.float32)[..., None]
+    return y.reshape(b, h, n, d).astype(jnp.bfloat16)
+
+  k_hat = dequant(view["k_codes"], view["k_scales"], config.key_bits)
+  s = jnp.einsum("bhtrd,bhnd->bhtrn", qr.reshape(b, h, t, r, d).astype(jnp.bfloat16), k_hat,
+                 preferred_element_type=jnp.float32)
+  s = (s + jnp.einsum("bhtrd,hd->bhtr", qg, view["k_mean"], precision=_HI)[..., None]) * scale
+  p = _softmax_weights(s, mask[:, None, :, None, :], softcap)
+  v_hat = dequant(view["v_codes"], view["v_scales"], config.value_bits)
+  o_rot = jnp.einsum("bhtrn,bhnd->bhtrd", p.astype(jnp.bfloat16), v_hat,
+                     preferred_element_type=jnp.float32)
+  rot, lam = view["v_rotation"], view["v_lambda"]
+  o = jnp.einsum("bhtre,hed->bhtrd", o_rot, rot, precision=_HI) * lam[None, :, None, None, :]
+  return _ungroup(o, q.dtype)
+
+
 def _quant_view(c: QuantizedKVCache) -> dict:
   return {f: getattr(c, f) for f in ("k_codes", "k_scales", "v_codes", "v_scales",
                                      "k_rotation", "v_rotation", "k_lambda", "v_lambda",
@@ -344,6 +379,9 @@ def _attend_view(q, c, view, kv_pos, q_pos, *, scale, softcap, window, impl):
   if impl == "int8dot":
     return quantized_attention_int8dot(q, view, mask, config=c.config, scale=scale,
                                        softcap=softcap)
+  if impl == "dequant":
+    return quantized_attention_dequant(q, view, mask, config=c.config, scale=scale,
+                                       softcap=softcap)
   return quantized_attention(q, view, mask, config=c.config, scale=scale, softcap=softcap)
 
 
@@ -361,8 +399,10 @@ def _resolve(q, c, scale, window, impl, softcap=None):
     decode = isinstance(c, QuantizedKVCache) and q.shape[1] == 1
     if on_accel:
       impl = "pallas" if decode else "xla"
+    elif isinstance(c, QuantizedKVCache):
+      impl = "int8dot" if decode else "dequant"
     else:
-      impl = "int8dot" if decode else "xla"
+      impl = "xla"
   return scale, window, impl
 
 
@@ -442,8 +482,9 @@ def append_and_attend(cache: cache_lib.KVCache, q: jax.Array, k: jax.Array, v: j
 
 
 def _chunk_impl(impl):
-  # Chunks (prefill) have no fused kernel; they keep an explicit reference / int8dot choice.
-  return impl if impl in ("reference", "int8dot") else "xla"
+  # Chunks (prefill) have no fused kernel; they keep an explicit reference / int8dot /
+  # dequant choice.
+  return impl if impl in ("reference", "int8dot", "dequant") else "xla"
 
 
 def attend_reference(q, cache, **kwargs):

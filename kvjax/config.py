@@ -31,8 +31,9 @@ class QuantConfig:
     scale_dtype: storage dtype of the per-group scales, by name.
     attention_impl: the implementation `kvjax.attend(..., impl="auto")` uses
       over this cache: "auto" (Pallas kernel on TPU/GPU decode, "int8dot" on
-      CPU decode, "xla" for chunks), or a fixed "xla", "int8dot", "pallas" or
-      "reference". Part of the static config, so it is part of jit's cache key.
+      CPU decode, "dequant" for CPU chunks, "xla" for TPU/GPU chunks), or a fixed
+      "xla", "int8dot", "dequant", "pallas" or "reference". Part of the static
+      config, so it is part of jit's cache key.
   """
 
   key_bits: int = 4
@@ -45,9 +46,9 @@ class QuantConfig:
   attention_impl: str = "auto"
 
   def __post_init__(self):
-    if self.attention_impl not in ("auto", "xla", "int8dot", "pallas", "reference"):
-      raise ValueError("QuantConfig.attention_impl must be 'auto', 'xla', 'int8dot', 'pallas' "
-                       f"or 'reference', got {self.attention_impl!r}")
+    if self.attention_impl not in ("auto", "xla", "int8dot", "dequant", "pallas", "reference"):
+      raise ValueError("QuantConfig.attention_impl must be 'auto', 'xla', 'int8dot', 'dequant', "
+                       f"'pallas' or 'reference', got {self.attention_impl!r}")
     if self.key_bits not in BITS:
       raise ValueError(f"QuantConfig.key_bits must be one of {BITS}, got {self.key_bits!r}")
     if self.value_bits not in BITS:

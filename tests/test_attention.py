@@ -196,6 +196,30 @@ def test_int8dot_fast_path_close_to_reference(kb, vb, g, d, rep, tq):
     np.testing.assert_array_equal(np.asarray(kvjax.attend(q, c)), np.asarray(fast))  # CPU auto
 
 
+@pytest.mark.parametrize("kb,vb,g,d,rep", [(4, 4, 32, 128, 4), (8, 4, 64, 64, 1), (4, 8, 128, 256, 2)])
+def test_dequant_chunk_path_close_to_reference_and_the_cpu_default_for_chunks(kb, vb, g, d, rep):
+  """Chunks on the CPU: bf16 rotated-domain dequantization, per-row error of bf16 size."""
+  b, h, n, tq = 2, 2, 300, 5
+  cfg = kvjax.QuantConfig(key_bits=kb, value_bits=vb, group_size=g, seed=4)
+  k, v = jnp.asarray(_rand(80, b, n, h, d)), jnp.asarray(_rand(81, b, n, h, d))
+  lengths = jnp.array([300, 123])
+  c = kvjax.append(kvjax.init_cache(b, h, 512, d, quant=cfg), k, v, num_tokens=lengths)
+  q = jnp.asarray(4 * _rand(82, b, tq, h * rep, d))
+  ref = np.asarray(kvjax.attend(q, c, impl="reference"), np.float64)
+  out = kvjax.attend(q, c, impl="dequant")
+  # q~, the dequantized codes and the weights are each rounded to bf16 (2^-9 relative), as
+  # in a bf16 dense cache: through these peaked softmax rows that is 1-2.5% per row, and the
+  # bf16 dense cache of the same K/V is that far from float32 too (measured 1.4-2.2%). Bound:
+  # twice the bf16 cache's own worst row (the int4 cache itself is ~15% from float).
+  dense = {dt: kvjax.append(kvjax.init_cache(b, h, 512, d, dtype=dt), k, v, num_tokens=lengths)
+           for dt in (jnp.float32, jnp.bfloat16)}
+  bf16_err = _row_rel_err(kvjax.attend(q, dense[jnp.bfloat16]),
+                          np.asarray(kvjax.attend(q, dense[jnp.float32]), np.float64)).max()
+  assert _row_rel_err(out, ref).max() < 2 * bf16_err
+  np.testing.assert_array_equal(np.asarray(kvjax.attend(q, c)), np.asarray(out))  # CPU auto
+  assert np.abs(np.asarray(out) - np.asarray(kvjax.attend(q, c, impl="xla"))).max() > 0
+
+
 def test_int8dot_blocks_and_segments_do_not_change_the_result(monkeypatch):
   """The lax.map over (batch, head) blocks and the segmented int32 value sums are exact."""
   b, h, n, d = 3, 2, 200, 64
