@@ -239,9 +239,12 @@ def quantized_attention_int8dot(q, view: dict, mask, *, config, scale, softcap=N
     blk = q2[..., p * wk:(p + 1) * wk][:, :, None] * sel[:, None, None, None, :]  # [b,h,Gp,2,t,r,w]
     qbd.append(blk.reshape(x, -1, wk))
     qscale.append((q_s[..., groups, 0] * (kf / 256.0)).reshape(x, t, r, -1))   # [x,t,r,Gp]
-    part_sum = jnp.einsum("bhtrw,Gw->bhtrG", qr.reshape(b, h, t, r, d)[..., p * wk:(p + 1) * wk],
-                          sel.astype(jnp.float32), precision=_HI)
-    qsum.append(part_sum.reshape(x, t, r, -1) if kbits == 4 else jnp.zeros_like(part_sum).reshape(x, t, r, -1))
+    if kbits == 4:  # sum(q~) over each group's channels, for the odd levels 2c + 1
+      part_sum = jnp.einsum("bhtrw,Gw->bhtrG", qr.reshape(b, h, t, r, d)[..., p * wk:(p + 1) * wk],
+                            sel.astype(jnp.float32), precision=_HI)
+      qsum.append(part_sum.reshape(x, t, r, -1))
+    else:
+      qsum.append(jnp.zeros((x, t, r, len(groups)), jnp.float32))
   qbd = jnp.stack(qbd, 1)                                           # [x, P, E, w]
   qscale, qsum = jnp.stack(qscale, 3), jnp.stack(qsum, 3)           # [x, t, r, P, Gp]
   offset = jnp.einsum("bhtrd,hd->bhtr", qg, view["k_mean"], precision=_HI).reshape(x, t, r)
