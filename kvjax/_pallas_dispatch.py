@@ -50,10 +50,17 @@ def decode(q, cache, *, scale, softcap, window):
   k_mean = jnp.broadcast_to(cache.k_mean, (h, d))
   offset = scale * jnp.einsum("bhrd,hd->bhr", qg, k_mean,
                               precision=jax.lax.Precision.HIGHEST).reshape(b, hq)
+  rope = {}
+  if cfg.key_rope_pairs:
+    # Rotary key offsets (kvjax.rotary): per query 2P coefficients, scaled like the logits;
+    # the kernel adds sum_p a_p cos(w_p t) + b_p sin(w_p t) at each slot's position t.
+    from kvjax import rotary
+    coef = rotary.coefficients(qg, cache.k_rope_channels, cache.k_rope_mean)   # [b, h, r, 2P]
+    rope = {"rope_coef": scale * coef.reshape(b, hq, -1), "rope_freq": cache.k_rope_freq}
   o_rot = pk.decode_attention(
       q_rot, cache.k_codes, cache.k_scales, cache.v_codes, cache.v_scales, cache.lengths,
       key_bits=cfg.key_bits, value_bits=cfg.value_bits, group_size=cfg.group_size,
-      ring=cache.ring, window=window, scale=scale, softcap=softcap, logit_offset=offset)
+      ring=cache.ring, window=window, scale=scale, softcap=softcap, logit_offset=offset, **rope)
   rot_v = jnp.broadcast_to(cache.v_rotation, (h, d, d))
   lam_v = jnp.broadcast_to(cache.v_lambda, (h, d))[None, :, None, :]
   o = jnp.einsum("bhre,hed->bhrd", o_rot.reshape(b, h, r, d), rot_v,

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from kvjax import cache as cache_lib
-from kvjax import quantizer
+from kvjax import quantizer, rotary
 from kvjax.cache import DenseKVCache, QuantizedKVCache
 
 _HI = jax.lax.Precision.HIGHEST
@@ -134,11 +134,25 @@ def _rotated_query(q, view, config):
   return qg, qr.reshape(b, h, t, r, d // g, g)
 
 
-def quantized_attention(q, view: dict, mask, *, config, scale, softcap=None):
+def _key_logit_offsets(qg, view, config, kv_pos):
+  """q . k_mean, plus q . c_t of the rotary key offset when the cache has one (unscaled).
+
+  qg [B, H, T, R, D] -> [B, H, T, R, 1] or [B, H, T, R, N]."""
+  off = jnp.einsum("bhtrd,hd->bhtr", qg, view["k_mean"], precision=_HI)[..., None]
+  if config.key_rope_pairs:
+    if kv_pos is None:
+      raise ValueError("a cache with rotary key offsets needs the slot positions (kv_pos)")
+    off = off + rotary.logit_offsets(qg, kv_pos, view["k_rope_freq"], view["k_rope_channels"],
+                                     view["k_rope_mean"])
+  return off
+
+
+def quantized_attention(q, view: dict, mask, *, config, scale, softcap=None, kv_pos=None):
   """Attention in the rotated, quantized domain (no per-token dequantized K/V).
 
   q: [B, Tq, Hq, D]; view: k_codes/k_scales/v_codes/v_scales [B, H, N, ...] and
-  the four rotation/lambda parameters; mask: bool [B, Tq, N].
+  the cache's parameters; mask: bool [B, Tq, N]; kv_pos: int [B, N] slot positions
+  (needed for rotary key offsets).
   """
   qg, qr = _rotated_query(q, view, config)
   b, h, t, r, G, g = qr.shape
@@ -150,8 +164,8 @@ def quantized_attention(q, view: dict, mask, *, config, scale, softcap=None):
   part = jnp.einsum("bhtrGc,bhnGc->bhtrnG", qr, k_int, precision=_HI)
   s = jnp.einsum("bhtrnG,bhnG->bhtrn", part, view["k_scales"].astype(jnp.float32),
                  precision=_HI)
-  # Keys were stored minus k_mean: add q . k_mean back, once per query (exact).
-  s = (s + jnp.einsum("bhtrd,hd->bhtr", qg, view["k_mean"], precision=_HI)[..., None]) * scale
+  # Keys were stored minus k_mean (and c_t): add q . k_mean (+ q . c_t) back (exact).
+  s = (s + _key_logit_offsets(qg, view, config, kv_pos)) * scale
   p = _softmax_weights(s, mask[:, None, :, None, :], softcap)
   v_int = quantizer.unpack_int4(view["v_codes"]) if config.value_bits == 4 else view["v_codes"]
   v_int = v_int.reshape(b, h, n, G, g).astype(jnp.float32)
@@ -200,7 +214,8 @@ def _piece_groups(d, g, pieces):
   return w, [[c // g for c in range(p * w, (p + 1) * w, min(g, w))] for p in range(pieces)]
 
 
-def quantized_attention_int8dot(q, view: dict, mask, *, config, scale, softcap=None):
+def quantized_attention_int8dot(q, view: dict, mask, *, config, scale, softcap=None,
+                                kv_pos=None):
   """The CPU fast path: the quantized-domain math with int8 x int8 -> int32 dot products.
 
   Scores. q~ = R_k (lam_k q) is split per (query head, group) into two int8 levels,
@@ -247,7 +262,8 @@ def quantized_attention_int8dot(q, view: dict, mask, *, config, scale, softcap=N
       qsum.append(jnp.zeros((x, t, r, len(groups)), jnp.float32))
   qbd = jnp.stack(qbd, 1)                                           # [x, P, E, w]
   qscale, qsum = jnp.stack(qscale, 3), jnp.stack(qsum, 3)           # [x, t, r, P, Gp]
-  offset = jnp.einsum("bhtrd,hd->bhtr", qg, view["k_mean"], precision=_HI).reshape(x, t, r)
+  offset = _key_logit_offsets(qg, view, config, kv_pos)             # [b,h,t,r,1 or n]
+  offset = jnp.broadcast_to(offset, (b, h, t, r, n)).reshape(x, t, r, n)
   npv = 2 if vbits == 4 else 1
   wv, vgroups = _piece_groups(d, g, npv)
   vf = 0.125 if vbits == 4 else 1.0
@@ -258,7 +274,7 @@ def quantized_attention_int8dot(q, view: dict, mask, *, config, scale, softcap=N
     qbd, qscale, qsum, offset, k_codes, k_scales, v_codes, v_scales, visible = args
     c = qbd.shape[0]
     k_scales = k_scales.astype(jnp.float32)
-    s = jnp.broadcast_to(offset[..., None], (c, t, r, n))
+    s = offset
     for p, piece in enumerate(_int8_pieces(k_codes, kbits)):
       part = jnp.einsum("xew,xnw->xen", qbd[:, p], piece, preferred_element_type=jnp.int32)
       part = part.reshape(c, -1, 2, t, r, n)
@@ -320,7 +336,8 @@ def quantized_attention_int8dot(q, view: dict, mask, *, config, scale, softcap=N
   return _ungroup(o, q.dtype)
 
 
-def quantized_attention_dequant(q, view: dict, mask, *, config, scale, softcap=None):
+def quantized_attention_dequant(q, view: dict, mask, *, config, scale, softcap=None,
+                                kv_pos=None):
   """The CPU chunk path: rotated-domain dequantization to bf16, then bf16 matmuls.
 
   With many queries per step (a prefill chunk) the codes are worth dequantizing once:
@@ -341,7 +358,7 @@ def quantized_attention_dequant(q, view: dict, mask, *, config, scale, softcap=N
   k_hat = dequant(view["k_codes"], view["k_scales"], config.key_bits)
   s = jnp.einsum("bhtrd,bhnd->bhtrn", qr.reshape(b, h, t, r, d).astype(jnp.bfloat16), k_hat,
                  preferred_element_type=jnp.float32)
-  s = (s + jnp.einsum("bhtrd,hd->bhtr", qg, view["k_mean"], precision=_HI)[..., None]) * scale
+  s = (s + _key_logit_offsets(qg, view, config, kv_pos)) * scale
   p = _softmax_weights(s, mask[:, None, :, None, :], softcap)
   v_hat = dequant(view["v_codes"], view["v_scales"], config.value_bits)
   o_rot = jnp.einsum("bhtrn,bhnd->bhtrd", p.astype(jnp.bfloat16), v_hat,
@@ -354,10 +371,10 @@ def quantized_attention_dequant(q, view: dict, mask, *, config, scale, softcap=N
 def _quant_view(c: QuantizedKVCache) -> dict:
   return {f: getattr(c, f) for f in ("k_codes", "k_scales", "v_codes", "v_scales",
                                      "k_rotation", "v_rotation", "k_lambda", "v_lambda",
-                                     "k_mean")}
+                                     "k_mean", "k_rope_freq", "k_rope_channels", "k_rope_mean")}
 
 
-def _dequantized_kv(c: QuantizedKVCache, view: dict):
+def _dequantized_kv(c: QuantizedKVCache, view: dict, kv_pos):
   cfg = c.config
   g = cfg.group_size
 
@@ -368,6 +385,10 @@ def _dequantized_kv(c: QuantizedKVCache, view: dict):
 
   k = deq(view["k_codes"], view["k_scales"], view["k_rotation"], view["k_lambda"], cfg.key_bits)
   k = k + view["k_mean"][None, :, None, :]
+  if cfg.key_rope_pairs:
+    off = rotary.key_offset(kv_pos, view["k_rope_freq"], view["k_rope_channels"],
+                            view["k_rope_mean"], c.head_dim)           # [B, N, Hr, D]
+    k = k + off.transpose(0, 2, 1, 3)
   v = deq(view["v_codes"], view["v_scales"], view["v_rotation"], view["v_lambda"], cfg.value_bits)
   return k, v
 
@@ -377,15 +398,16 @@ def _attend_view(q, c, view, kv_pos, q_pos, *, scale, softcap, window, impl):
   if isinstance(c, DenseKVCache):
     return dense_attention(q, view["k"], view["v"], mask, scale=scale, softcap=softcap)
   if impl == "reference":
-    k, v = _dequantized_kv(c, view)
+    k, v = _dequantized_kv(c, view, kv_pos)
     return dense_attention(q, k, v, mask, scale=scale, softcap=softcap)
   if impl == "int8dot":
     return quantized_attention_int8dot(q, view, mask, config=c.config, scale=scale,
-                                       softcap=softcap)
+                                       softcap=softcap, kv_pos=kv_pos)
   if impl == "dequant":
     return quantized_attention_dequant(q, view, mask, config=c.config, scale=scale,
-                                       softcap=softcap)
-  return quantized_attention(q, view, mask, config=c.config, scale=scale, softcap=softcap)
+                                       softcap=softcap, kv_pos=kv_pos)
+  return quantized_attention(q, view, mask, config=c.config, scale=scale, softcap=softcap,
+                             kv_pos=kv_pos)
 
 
 def _resolve(q, c, scale, window, impl, softcap=None):

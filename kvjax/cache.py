@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax import quantizer
+from kvjax import quantizer, rotary
 from kvjax.config import QuantConfig
 from kvjax.rotations import rotation_matrix_np
 
@@ -81,7 +81,8 @@ class DenseKVCache:
 
 
 @_register(("k_codes", "k_scales", "v_codes", "v_scales", "k_rotation", "v_rotation",
-            "k_lambda", "v_lambda", "k_mean", "lengths", "overflow"), ("config",) + _COMMON_META)
+            "k_lambda", "v_lambda", "k_mean", "k_rope_freq", "k_rope_channels", "k_rope_mean",
+            "k_feedback", "lengths", "overflow"), ("config",) + _COMMON_META)
 @dataclasses.dataclass(frozen=True)
 class QuantizedKVCache:
   """Keys and values as rotated, per-group abs-max int4/int8 codes.
@@ -91,7 +92,11 @@ class QuantizedKVCache:
   values; k_rotation, v_rotation: float32 [Hr, D, D]; k_lambda, v_lambda:
   float32 [Hr, D] with Hr in {1, H}; k_mean: float32 [Hr, D], a per-channel key
   offset removed before quantization (attention adds q . k_mean back, exactly);
-  lengths int32 [B]; overflow bool [B].
+  k_rope_freq float32 [P], k_rope_channels int32 [P, 2], k_rope_mean float32 [Hr, 2, P]:
+  a pre-RoPE key mean removed at each token's position in P channel pairs (attention adds
+  q . c_t back per slot, exactly; `kvjax.rotary`), P = config.key_rope_pairs;
+  k_feedback float32 [Hr, D, D]: the error-feedback matrix of key rounding when
+  config.key_feedback (`kvjax.quantizer.feedback_levels`); lengths int32 [B]; overflow bool [B].
   """
 
   k_codes: jax.Array
@@ -103,6 +108,10 @@ class QuantizedKVCache:
   k_lambda: jax.Array
   v_lambda: jax.Array
   k_mean: jax.Array
+  k_rope_freq: jax.Array
+  k_rope_channels: jax.Array
+  k_rope_mean: jax.Array
+  k_feedback: jax.Array
   lengths: jax.Array
   overflow: jax.Array
   config: QuantConfig
@@ -191,7 +200,8 @@ def accumulate_stats(cache: StatsKVCache, q, k, v, num_tokens=None) -> StatsKVCa
 
 KVCache = Union[DenseKVCache, QuantizedKVCache]
 
-_PARAM_FIELDS = ("k_rotation", "v_rotation", "k_lambda", "v_lambda", "k_mean")
+_PARAM_FIELDS = ("k_rotation", "v_rotation", "k_lambda", "v_lambda", "k_mean", "k_rope_freq",
+                 "k_rope_channels", "k_rope_mean", "k_feedback")
 
 
 def _check_positive_int(value, name):
@@ -215,7 +225,8 @@ def _per_head_param(value, default, shape, name):
 def init_cache(batch: int, num_kv_heads: int, max_len: int, head_dim: int, *,
                quant: QuantConfig | None = None, window: int | None = None,
                dtype=jnp.bfloat16, key_rotation=None, value_rotation=None,
-               key_lambda=None, value_lambda=None, key_mean=None) -> KVCache:
+               key_lambda=None, value_lambda=None, key_mean=None, key_rope=None,
+               key_feedback=None) -> KVCache:
   """Creates an empty cache for one attention layer.
 
   Args:
@@ -233,6 +244,11 @@ def init_cache(batch: int, num_kv_heads: int, max_len: int, head_dim: int, *,
       from every key before quantization. Softmax is unchanged by a logit
       constant per query, and attention adds q . key_mean back anyway, so this
       is exact; it frees the 16 levels from a large shared offset.
+    key_rope: optional (freq [P], channels [P, 2], mean [2, P] or [Hr, 2, P]) with
+      P = quant.key_rope_pairs: the rotary key offset (`kvjax.rotary`). Default: the pairs
+      (i, i + D/2), i < P, with zero frequency and mean (no offset).
+    key_feedback: optional error-feedback matrix [D, D] or [Hr, D, D] for
+      quant.key_feedback (strictly upper triangular; default zeros = nearest rounding).
   """
   for name, val in (("batch", batch), ("num_kv_heads", num_kv_heads), ("max_len", max_len),
                     ("head_dim", head_dim)):
@@ -267,6 +283,25 @@ def init_cache(batch: int, num_kv_heads: int, max_len: int, head_dim: int, *,
     # A fresh buffer per field: a shared one could not be donated twice under jit.
     return jnp.zeros((batch, num_kv_heads, capacity, head_dim // g), quant.scale_jnp_dtype)
 
+  npairs = quant.key_rope_pairs
+  if key_rope is None:
+    rope_freq = np.zeros((npairs,), np.float32)
+    rope_channels = np.stack([np.arange(npairs), np.arange(npairs) + head_dim // 2], 1)
+    rope_mean = np.zeros((1, 2, npairs), np.float32)
+  else:
+    try:
+      rope_freq, rope_channels, rope_mean = key_rope
+    except (TypeError, ValueError):
+      raise ValueError("key_rope must be a (freq, channels, mean) triple") from None
+  rope_freq = jnp.asarray(rope_freq, jnp.float32)
+  rope_channels = jnp.asarray(rope_channels, jnp.int32)
+  if rope_freq.shape != (npairs,) or rope_channels.shape != (npairs, 2):
+    raise ValueError(f"key_rope freq and channels must be [{npairs}] and [{npairs}, 2] "
+                     f"(QuantConfig.key_rope_pairs={npairs}), got {rope_freq.shape} and "
+                     f"{rope_channels.shape}")
+  conc = _concrete(rope_channels)
+  if conc is not None and conc.size and (conc.min() < 0 or conc.max() >= head_dim):
+    raise ValueError(f"key_rope channels must lie in [0, {head_dim}), got {conc.tolist()}")
   kind = "srft" if quant.rotation == "learned" else quant.rotation
   hk = quant.householder_reflectors
   rot_shape = (num_kv_heads, head_dim, head_dim)
@@ -283,6 +318,11 @@ def init_cache(batch: int, num_kv_heads: int, max_len: int, head_dim: int, *,
       k_lambda=_per_head_param(key_lambda, ones, lam_shape, "key_lambda"),
       v_lambda=_per_head_param(value_lambda, ones, lam_shape, "value_lambda"),
       k_mean=_per_head_param(key_mean, np.zeros_like(ones), lam_shape, "key_mean"),
+      k_rope_freq=rope_freq, k_rope_channels=rope_channels,
+      k_rope_mean=_per_head_param(rope_mean, np.zeros((2, npairs), np.float32),
+                                  (num_kv_heads, 2, npairs), "key_rope mean"),
+      k_feedback=_per_head_param(key_feedback, np.zeros((head_dim, head_dim), np.float32),
+                                 rot_shape, "key_feedback"),
       lengths=lengths, overflow=overflow, config=quant, capacity=capacity, window=window,
       ring=ring)
 
@@ -387,30 +427,45 @@ def encode(cache: KVCache, k: jax.Array, v: jax.Array, *, num_tokens=None,
   if isinstance(cache, DenseKVCache):
     arrays = {"k": k.astype(cache.dtype), "v": v.astype(cache.dtype)}
   else:
-    arrays = _quantize_chunk(cache, k, v, impl=impl)
+    positions = cache.lengths[:, None] + jnp.arange(k.shape[1], dtype=jnp.int32)[None, :]
+    arrays = _quantize_chunk(cache, k, v, positions, impl=impl)
   return _Chunk(arrays, slots, new_lengths, new_overflow, valid)
 
 
-def _quantize_chunk(cache: QuantizedKVCache, k, v, *, impl: str):
+def centred_keys(cache: QuantizedKVCache, k: jax.Array, positions: jax.Array) -> jax.Array:
+  """What the codes of keys k [B, T, H, D] at `positions` [B, T] hold before rotation:
+  k - k_mean - c_t (the rotary offset, `kvjax.rotary`), float32."""
+  k = k.astype(jnp.float32) - cache.k_mean
+  if cache.config.key_rope_pairs:
+    k = k - rotary.key_offset(positions, cache.k_rope_freq, cache.k_rope_channels,
+                              cache.k_rope_mean, cache.head_dim)
+  return k
+
+
+def _quantize_chunk(cache: QuantizedKVCache, k, v, positions, *, impl: str):
   cfg = cache.config
   sd = cfg.scale_jnp_dtype
-  if impl == "pallas":
+  k = centred_keys(cache, k, positions)
+  feedback = cache.k_feedback if cfg.key_feedback else None
+  if impl == "pallas" and feedback is None:
     from kvjax import _pallas_dispatch
-    k = k.astype(jnp.float32) - cache.k_mean
     kc, ks = _pallas_dispatch.quantize_heads(k, cache.k_rotation, cache.k_lambda,
                                              bits=cfg.key_bits, group_size=cfg.group_size,
                                              scale_dtype=sd)
+  elif impl in ("xla", "reference", "pallas"):
+    # Error-feedback rounding has no fused write kernel yet: keys take the XLA quantizer.
+    kc, ks = quantizer.quantize(k, cache.k_rotation, cache.k_lambda, bits=cfg.key_bits,
+                                group_size=cfg.group_size, scale_dtype=sd, feedback=feedback)
+  else:
+    raise ValueError(f"impl must be 'xla', 'reference' or 'pallas', got {impl!r}")
+  if impl == "pallas":
+    from kvjax import _pallas_dispatch
     vc, vs = _pallas_dispatch.quantize_heads(v, cache.v_rotation, cache.v_lambda,
                                              bits=cfg.value_bits, group_size=cfg.group_size,
                                              scale_dtype=sd)
-  elif impl in ("xla", "reference"):
-    k = k.astype(jnp.float32) - cache.k_mean
-    kc, ks = quantizer.quantize(k, cache.k_rotation, cache.k_lambda, bits=cfg.key_bits,
-                                group_size=cfg.group_size, scale_dtype=sd)
+  else:
     vc, vs = quantizer.quantize(v, cache.v_rotation, cache.v_lambda, bits=cfg.value_bits,
                                 group_size=cfg.group_size, scale_dtype=sd)
-  else:
-    raise ValueError(f"impl must be 'xla', 'reference' or 'pallas', got {impl!r}")
   return {"k_codes": kc, "k_scales": ks, "v_codes": vc, "v_scales": vs}
 
 

@@ -29,6 +29,12 @@ class QuantConfig:
     householder_reflectors: number of reflectors for "householder";
       None means head_dim // 2.
     scale_dtype: storage dtype of the per-group scales, by name.
+    key_rope_pairs: number P of RoPE channel pairs whose pre-RoPE key mean the cache
+      removes position by position (`kvjax.rotary`; the cache holds P frequencies, channel
+      pairs and means, filled in by `kvjax.smoothing.calibrate_caches`). 0: none.
+    key_feedback: choose key codes with error feedback through the cache's `k_feedback`
+      matrix (`kvjax.quantizer.feedback_levels`; GPTQ-style rounding for the queries'
+      second moment, filled in by calibration) instead of nearest rounding.
     attention_impl: the implementation `kvjax.attend(..., impl="auto")` uses
       over this cache: "auto" (Pallas kernel on TPU/GPU decode, "int8dot" on
       CPU decode, "dequant" for CPU chunks, "xla" for TPU/GPU chunks), or a fixed
@@ -43,6 +49,8 @@ class QuantConfig:
   seed: int = 0
   householder_reflectors: int | None = None
   scale_dtype: str = "bfloat16"
+  key_rope_pairs: int = 0
+  key_feedback: bool = False
   attention_impl: str = "auto"
 
   def __post_init__(self):
@@ -61,6 +69,12 @@ class QuantConfig:
     if self.scale_dtype not in _SCALE_DTYPES:
       raise ValueError(
           f"QuantConfig.scale_dtype must be one of {_SCALE_DTYPES}, got {self.scale_dtype!r}")
+    if (not isinstance(self.key_rope_pairs, int) or isinstance(self.key_rope_pairs, bool)
+        or self.key_rope_pairs < 0):
+      raise ValueError("QuantConfig.key_rope_pairs must be an int >= 0, got "
+                       f"{self.key_rope_pairs!r}")
+    if not isinstance(self.key_feedback, bool):
+      raise ValueError(f"QuantConfig.key_feedback must be a bool, got {self.key_feedback!r}")
     if self.householder_reflectors is not None and self.householder_reflectors < 1:
       raise ValueError("QuantConfig.householder_reflectors must be >= 1 or None, got "
                        f"{self.householder_reflectors!r}")
@@ -83,11 +97,16 @@ class QuantConfig:
     if head_dim % self.group_size:
       raise ValueError(
           f"{name}={head_dim} is not divisible by QuantConfig.group_size={self.group_size}")
+    if self.key_rope_pairs > head_dim // 2:
+      raise ValueError(f"QuantConfig.key_rope_pairs={self.key_rope_pairs} exceeds the "
+                       f"{head_dim // 2} channel pairs of {name}={head_dim}")
     if self.rotation == "srht" and head_dim & (head_dim - 1):
       raise ValueError(
           f"rotation='srht' needs a power-of-two {name}, got {head_dim}; use 'srft' instead")
 
   @property
   def name(self) -> str:
-    """Short label such as 'K4V4-g32-srft'."""
-    return f"K{self.key_bits}V{self.value_bits}-g{self.group_size}-{self.rotation}"
+    """Short label such as 'K4V4-g32-srft' ('+rope16', '+fb' for rotary offsets, feedback)."""
+    extra = (f"+rope{self.key_rope_pairs}" if self.key_rope_pairs else "") + (
+        "+fb" if self.key_feedback else "")
+    return f"K{self.key_bits}V{self.value_bits}-g{self.group_size}-{self.rotation}{extra}"

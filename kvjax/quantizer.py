@@ -30,6 +30,8 @@ CPU SIMD, and no dependence on the group size, then `2c + 1`.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -89,21 +91,86 @@ def group_absmax_scales(y: jax.Array, *, bits: int, group_size: int,
   return s.astype(scale_dtype)
 
 
-def quantize_rotated(y: jax.Array, *, bits: int, group_size: int,
-                     scale_dtype=jnp.bfloat16) -> tuple[jax.Array, jax.Array]:
-  """Quantizes already-rotated vectors y [..., D].
+def feedback_levels(y: jax.Array, scales: jax.Array, feedback: jax.Array, *, bits: int,
+                    group_size: int) -> jax.Array:
+  """Grid levels of rotated vectors y [..., H, D] chosen with error feedback; float32 [..., H, D].
 
+  Channels are rounded in order 0..D-1; the rounding error e_j = y~_j - level_j s_j of
+  channel j is passed on to every later channel i as y~_i -= feedback[h, j, i] e_j
+  (`feedback` float32 [Hr, D, D], Hr in {1, H}, strictly upper triangular). With
+  feedback = U / diag(U) for the upper Cholesky factor U of H^-1 this is GPTQ's (LDLQ's)
+  rounding for the quadratic error e^T H e, H = E[q~ q~^T] the second moment of the
+  rotated queries that will read the key: the error moves into directions that queries
+  do not look along (kvjax.smoothing). feedback = 0 gives nearest rounding. Scales stay
+  the abs-max ones of y, so a channel pushed past its group's range is clipped to the
+  extreme level; the error per element is then not bounded by half a step, e^T H e is
+  what shrinks.
+
+  The sequential part runs per group of `group_size` channels (a loop of group_size steps);
+  the errors of a finished group reach the later groups in one matmul.
+  """
+  *lead, h, d = y.shape
+  hr = feedback.shape[0]
+  if feedback.shape[1:] != (d, d) or hr not in (1, h):
+    raise ValueError(f"feedback must be [1 or {h}, {d}, {d}], got {feedback.shape}")
+  g = group_size
+  n = math.prod(lead)
+  yh = jnp.moveaxis(y.astype(jnp.float32).reshape(n, h, d), 1, 0)               # [H, N, D]
+  s = jnp.repeat(scales.astype(jnp.float32).reshape(n, h, d // g), g, axis=-1)  # [N, H, D]
+  s = jnp.moveaxis(s, 1, 0)
+  f = jnp.broadcast_to(feedback.astype(jnp.float32), (h, d, d))
+
+  def one_head(yv, sv, fv):
+    levels = []
+    for g0 in range(0, d, g):
+      sb = sv[:, g0:g0 + g]
+      inv = jnp.where(sb > 0, 1.0 / jnp.where(sb > 0, sb, 1.0), 0.0)
+      fb = fv[g0:g0 + g, g0:g0 + g]
+
+      def step(j, carry):
+        blk, lev, err = carry
+        yj = jax.lax.dynamic_index_in_dim(blk, j, 1, keepdims=False)
+        sj = jax.lax.dynamic_index_in_dim(sb, j, 1, keepdims=False)
+        lj = round_to_grid(yj * jax.lax.dynamic_index_in_dim(inv, j, 1, keepdims=False), bits)
+        ej = yj - lj * sj
+        row = jax.lax.dynamic_index_in_dim(fb, j, 0, keepdims=False)
+        blk = blk - ej[:, None] * row[None, :]
+        return (blk, jax.lax.dynamic_update_index_in_dim(lev, lj, j, 1),
+                jax.lax.dynamic_update_index_in_dim(err, ej, j, 1))
+
+      zeros = jnp.zeros_like(sb)
+      _, lev, err = jax.lax.fori_loop(0, g, step, (yv[:, g0:g0 + g], zeros, zeros))
+      levels.append(lev)
+      if g0 + g < d:
+        yv = yv.at[:, g0 + g:].add(-jnp.dot(err, fv[g0:g0 + g, g0 + g:],
+                                            precision=jax.lax.Precision.HIGHEST))
+    return jnp.concatenate(levels, axis=-1)
+
+  out = jax.vmap(one_head)(yh, s, f)                                             # [H, N, D]
+  return jnp.moveaxis(out, 0, 1).reshape(y.shape)
+
+
+def quantize_rotated(y: jax.Array, *, bits: int, group_size: int,
+                     scale_dtype=jnp.bfloat16, feedback: jax.Array | None = None
+                     ) -> tuple[jax.Array, jax.Array]:
+  """Quantizes already-rotated vectors y [..., D] ([..., H, D] with `feedback`).
+
+  feedback: None (nearest rounding) or float32 [Hr, D, D] for `feedback_levels`.
   Returns (codes, scales): codes uint8 [..., D//2] (4-bit, packed) or int8
   [..., D] (8-bit); scales [..., D // group_size] in `scale_dtype`.
   """
   d = y.shape[-1]
   scales = group_absmax_scales(y, bits=bits, group_size=group_size, scale_dtype=scale_dtype)
-  s = scales.astype(jnp.float32)
-  # Rounding of s to bf16 can shrink it by 2^-9 relative, so |y / s| <= qmax (1 + 2^-9)
-  # still lands on the extreme level; the clip in round_to_grid keeps inf/nan inputs in range.
-  safe = jnp.where(s > 0, s, 1.0)
-  yg = y.astype(jnp.float32).reshape(*y.shape[:-1], d // group_size, group_size)
-  codes = round_to_grid(yg / safe[..., None], bits).astype(jnp.int8).reshape(y.shape)
+  if feedback is not None:
+    codes = feedback_levels(y, scales, feedback, bits=bits, group_size=group_size)
+    codes = codes.astype(jnp.int8)
+  else:
+    s = scales.astype(jnp.float32)
+    # Rounding of s to bf16 can shrink it by 2^-9 relative, so |y / s| <= qmax (1 + 2^-9)
+    # still lands on the extreme level; the clip in round_to_grid keeps inf/nan inputs in range.
+    safe = jnp.where(s > 0, s, 1.0)
+    yg = y.astype(jnp.float32).reshape(*y.shape[:-1], d // group_size, group_size)
+    codes = round_to_grid(yg / safe[..., None], bits).astype(jnp.int8).reshape(y.shape)
   if bits == 4:
     codes = pack_int4(codes)
   return codes, scales
@@ -135,10 +202,12 @@ def unrotate(y: jax.Array, rotation: jax.Array, lam: jax.Array) -> jax.Array:
 
 
 def quantize(x: jax.Array, rotation: jax.Array, lam: jax.Array, *, bits: int, group_size: int,
-             scale_dtype=jnp.bfloat16) -> tuple[jax.Array, jax.Array]:
-  """Rotates and quantizes head vectors x [..., H, D] (rotation [Hr, D, D], lam [Hr, D])."""
+             scale_dtype=jnp.bfloat16, feedback: jax.Array | None = None
+             ) -> tuple[jax.Array, jax.Array]:
+  """Rotates and quantizes head vectors x [..., H, D] (rotation [Hr, D, D], lam [Hr, D];
+  optional error feedback [Hr, D, D], see `feedback_levels`)."""
   return quantize_rotated(rotate(x, rotation, lam), bits=bits, group_size=group_size,
-                          scale_dtype=scale_dtype)
+                          scale_dtype=scale_dtype, feedback=feedback)
 
 
 def dequantize(codes: jax.Array, scales: jax.Array, rotation: jax.Array, lam: jax.Array, *,
