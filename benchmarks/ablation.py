@@ -46,12 +46,12 @@ def _fixed_arrays(kind, d, quant, stats_params=None):
 
 
 def _stats_params(cfg, stats):
-  """Closed-form key offset and λ per layer [L, H, D] from StatsKVCaches (kvjax.smoothing)."""
+  """Closed-form constant key offset and λ per layer [L, H, D] from StatsKVCaches (kvjax.smoothing)."""
   mean = np.zeros((cfg.num_layers, cfg.num_kv_heads, cfg.head_dim), np.float32)
   lam = np.ones_like(mean)
   for part, run, index, layer in cal._layer_slots(cfg):
-    m, l = smoothing.key_params(stats[part][run], smoothing.KeyCalibration())
-    mean[layer], lam[layer] = np.asarray(m[index]), np.asarray(l[index])
+    p = smoothing.key_params(stats[part][run], smoothing.OFFSET_AND_LAMBDA)
+    mean[layer], lam[layer] = p["k_mean"][index], p["k_lambda"][index]
   return mean, lam
 
 

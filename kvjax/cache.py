@@ -132,18 +132,27 @@ class QuantizedKVCache:
     return self.k_codes.shape[-4]
 
 
-@_register(("k", "v", "lengths", "overflow", "q_sq", "k_sum", "k_sq", "v_sq", "count"),
-           _COMMON_META)
+_STATS_FIELDS = ("q_sq", "k_sum", "k_sq", "v_sq", "count", "qq", "k_cos", "k_sin", "trig",
+                 "rope_freq")
+
+
+@_register(("k", "v", "lengths", "overflow") + _STATS_FIELDS, _COMMON_META)
 @dataclasses.dataclass(frozen=True)
 class StatsKVCache(DenseKVCache):
-  """A dense cache that also accumulates per-channel statistics of what attention sees.
+  """A dense cache that also accumulates statistics of what attention sees.
 
-  Every `append_and_attend` adds, over the tokens it writes: q_sq [H, D] = sum of
-  q^2 over the query heads of each KV head, k_sum / k_sq [H, D] = sum of k and
-  k^2, v_sq [H, D] = sum of v^2, and count = number of tokens (float32 scalar).
-  All are post-RoPE, as the cache receives them. Calibration (kvjax.smoothing)
-  turns them into a key offset and per-channel scales. Make one with
-  `with_stats(cache_or_pytree_of_caches)`.
+  Every `append_and_attend` adds, over the tokens it writes (post-RoPE, as the cache
+  receives them; per KV head h, query heads pooled over the heads that read h):
+    q_sq [H, D]: sum of q^2;  qq [H, D, D]: sum of q q^T;
+    k_sum, k_sq [H, D]: sum of k and k^2;  v_sq [H, D]: sum of v^2;
+    k_cos, k_sin [H, D]: sum of k_c cos(w_c t) and k_c sin(w_c t), t the token's position
+      and w_c = rope_freq[c mod D/2] the RoPE frequency of channel c's pair (i, i + D/2);
+    trig [D/2, 5]: sums of cos, sin, cos^2, sin^2, cos sin of w_i t over the tokens;
+    count: number of tokens (float32 scalar).
+  rope_freq [D/2] is the layer's rotate-half RoPE frequencies (zeros if unknown: the
+  rotary statistics then reduce to the plain ones). Calibration (kvjax.smoothing) turns
+  them into a key offset, a rotary key offset, per-channel scales λ and the key-rounding
+  feedback. Make one with `with_stats(cache_or_pytree_of_caches, rope_freq=...)`.
   """
 
   q_sq: jax.Array = None
@@ -151,6 +160,11 @@ class StatsKVCache(DenseKVCache):
   k_sq: jax.Array = None
   v_sq: jax.Array = None
   count: jax.Array = None
+  qq: jax.Array = None
+  k_cos: jax.Array = None
+  k_sin: jax.Array = None
+  trig: jax.Array = None
+  rope_freq: jax.Array = None
 
   def accumulate(self, q, k, v, num_tokens=None) -> "StatsKVCache":
     """Adds the statistics of new tokens (q [B, T, Hq, D], k, v [B, T, H, D]).
@@ -163,31 +177,64 @@ class StatsKVCache(DenseKVCache):
     h = k.shape[2]
     n = (jnp.full((b,), t, jnp.int32) if num_tokens is None
          else jnp.asarray(num_tokens, jnp.int32))
-    valid = (jnp.arange(t)[None, :] < n[:, None]).astype(jnp.float32)[..., None, None]
-    qf = q.astype(jnp.float32).reshape(b, t, h, hq // h, d)
-    kf, vf = k.astype(jnp.float32), v.astype(jnp.float32)
+    valid = (jnp.arange(t)[None, :] < n[:, None]).astype(jnp.float32)         # [B, T]
+    vk = valid[..., None, None]
+    qf = q.astype(jnp.float32).reshape(b, t, h, hq // h, d) * vk[..., None]
+    kf, vf = k.astype(jnp.float32) * vk, v.astype(jnp.float32) * vk
+    positions = self.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    cos, sin = rotary.angles(positions, self.rope_freq)                        # [B, T, D/2]
+    cos_c = jnp.concatenate([cos, cos], -1)[:, :, None, :]                     # per channel
+    sin_c = jnp.concatenate([sin, sin], -1)[:, :, None, :]
+    w = valid[..., None]
+    trig = jnp.stack([cos * w, sin * w, cos * cos * w, sin * sin * w, cos * sin * w], -1)
+    hp = jax.lax.Precision.HIGHEST
     return dataclasses.replace(
         self,
-        q_sq=self.q_sq + jnp.sum(qf ** 2 * valid[..., None], axis=(0, 1, 3)),
-        k_sum=self.k_sum + jnp.sum(kf * valid, axis=(0, 1)),
-        k_sq=self.k_sq + jnp.sum(kf ** 2 * valid, axis=(0, 1)),
-        v_sq=self.v_sq + jnp.sum(vf ** 2 * valid, axis=(0, 1)),
+        q_sq=self.q_sq + jnp.sum(qf ** 2, axis=(0, 1, 3)),
+        qq=self.qq + jnp.einsum("bthrd,bthre->hde", qf, qf, precision=hp),
+        k_sum=self.k_sum + jnp.sum(kf, axis=(0, 1)),
+        k_sq=self.k_sq + jnp.sum(kf ** 2, axis=(0, 1)),
+        k_cos=self.k_cos + jnp.sum(kf * cos_c, axis=(0, 1)),
+        k_sin=self.k_sin + jnp.sum(kf * sin_c, axis=(0, 1)),
+        trig=self.trig + jnp.sum(trig, axis=(0, 1)),
+        v_sq=self.v_sq + jnp.sum(vf ** 2, axis=(0, 1)),
         count=self.count + jnp.sum(valid))
 
 
-def with_stats(tree):
-  """Replaces every DenseKVCache in a pytree by a StatsKVCache with zeroed statistics."""
-  def convert(c):
+def stats_fields(cache: DenseKVCache, rope_freq=None) -> dict:
+  """Zeroed statistics for a (possibly layer-stacked) dense cache: the StatsKVCache fields.
+
+  rope_freq: None (zeros) or [D/2] / [..., D/2] with the cache's leading axes.
+  """
+  lead = cache.k.shape[:-4]
+  h, d = cache.k.shape[-3], cache.k.shape[-1]
+  z = lambda shape: jnp.zeros(lead + shape, jnp.float32)
+  if rope_freq is None:
+    freq = z((d // 2,))
+  else:
+    freq = jnp.broadcast_to(jnp.asarray(rope_freq, jnp.float32), lead + (d // 2,))
+  return dict(q_sq=z((h, d)), k_sum=z((h, d)), k_sq=z((h, d)), v_sq=z((h, d)), count=z(()),
+              qq=z((h, d, d)), k_cos=z((h, d)), k_sin=z((h, d)), trig=z((d // 2, 5)),
+              rope_freq=freq)
+
+
+def with_stats(tree, rope_freq=None):
+  """Replaces every DenseKVCache in a pytree by a StatsKVCache with zeroed statistics.
+
+  rope_freq: None, or a pytree of the same structure with each layer's RoPE frequencies
+  [..., D/2] (`model.rope_frequencies()`), for the rotary key statistics.
+  """
+  is_cache = lambda x: isinstance(x, (DenseKVCache, QuantizedKVCache))
+
+  def convert(c, freq=None):
     if isinstance(c, DenseKVCache) and not isinstance(c, StatsKVCache):
-      lead = c.k.shape[:-4]
-      hd = lead + (c.k.shape[-3], c.k.shape[-1])
-      z = lambda shape: jnp.zeros(shape, jnp.float32)
       return StatsKVCache(k=c.k, v=c.v, lengths=c.lengths, overflow=c.overflow,
-                          capacity=c.capacity, window=c.window, ring=c.ring, q_sq=z(hd),
-                          k_sum=z(hd), k_sq=z(hd), v_sq=z(hd), count=z(lead))
+                          capacity=c.capacity, window=c.window, ring=c.ring,
+                          **stats_fields(c, freq))
     return c
-  return jax.tree_util.tree_map(
-      convert, tree, is_leaf=lambda x: isinstance(x, (DenseKVCache, QuantizedKVCache)))
+  if rope_freq is None:
+    return jax.tree_util.tree_map(convert, tree, is_leaf=is_cache)
+  return jax.tree_util.tree_map(convert, tree, rope_freq, is_leaf=is_cache)
 
 
 def accumulate_stats(cache: StatsKVCache, q, k, v, num_tokens=None) -> StatsKVCache:
@@ -516,7 +563,7 @@ def nbytes(cache: KVCache, *, include_params: bool = False) -> int:
   for field in dataclasses.fields(cache):
     if field.name in ("config", "capacity", "window", "ring"):
       continue
-    if field.name in ("q_sq", "k_sum", "k_sq", "v_sq", "count"):
+    if field.name in _STATS_FIELDS:
       continue
     if field.name in _PARAM_FIELDS and not include_params:
       continue

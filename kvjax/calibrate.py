@@ -46,7 +46,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax import quantizer
-from kvjax.cache import DenseKVCache, QuantizedKVCache, StatsKVCache
+from kvjax.cache import (_STATS_FIELDS, DenseKVCache, QuantizedKVCache, StatsKVCache,
+                         stats_fields)
 from kvjax.config import QuantConfig
 from kvjax.rotations import rotation_matrix_np
 
@@ -156,8 +157,7 @@ class CalibrationData:
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["k", "v", "lengths", "overflow", "q_sq", "k_sum", "k_sq", "v_sq", "count",
-                 "q_samples"],
+    data_fields=["k", "v", "lengths", "overflow", *_STATS_FIELDS, "q_samples"],
     meta_fields=["capacity", "window", "ring", "sample_every"])
 @dataclasses.dataclass(frozen=True)
 class QuerySampleCache(StatsKVCache):
@@ -183,19 +183,19 @@ class QuerySampleCache(StatsKVCache):
     return dataclasses.replace(new, q_samples=samples)
 
 
-def _with_query_samples(tree, num_heads: int, samples: int, every: int):
-  def convert(c):
+def _with_query_samples(tree, num_heads: int, samples: int, every: int, rope_freq=None):
+  def convert(c, freq=None):
     if isinstance(c, DenseKVCache):
       lead = c.k.shape[:-4]
-      hd = lead + (c.k.shape[-3], c.k.shape[-1])
-      z = lambda shape: jnp.zeros(shape, jnp.float32)
       return QuerySampleCache(
           k=c.k, v=c.v, lengths=c.lengths, overflow=c.overflow, capacity=c.capacity,
-          window=c.window, ring=c.ring, q_sq=z(hd), k_sum=z(hd), k_sq=z(hd), v_sq=z(hd),
-          count=z(lead), q_samples=z(lead + (samples, num_heads, c.k.shape[-1])),
+          window=c.window, ring=c.ring, **stats_fields(c, freq),
+          q_samples=jnp.zeros(lead + (samples, num_heads, c.k.shape[-1]), jnp.float32),
           sample_every=every)
     return c
-  return jax.tree_util.tree_map(convert, tree, is_leaf=_is_cache)
+  if rope_freq is None:
+    return jax.tree_util.tree_map(convert, tree, is_leaf=_is_cache)
+  return jax.tree_util.tree_map(convert, tree, rope_freq, is_leaf=_is_cache)
 
 
 def _is_cache(x):
@@ -235,7 +235,8 @@ def collect(runner, tokens: Sequence[int], *, query_samples: int = 256, chunk: i
   every = max(1, n // query_samples)
   samples = -(-n // every)
   caches = model.init_cache(1, n, dtype=jnp.float32)
-  caches = _with_query_samples(caches, cfg.num_heads, samples, every)
+  caches = _with_query_samples(caches, cfg.num_heads, samples, every,
+                               rope_freq=model.rope_frequencies())
   bar = None
   if progress:
     from tqdm.auto import tqdm

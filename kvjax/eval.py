@@ -35,7 +35,7 @@ import numpy as np
 
 from kvjax.cache import nbytes, with_stats
 from kvjax.config import QuantConfig
-from kvjax.smoothing import KeyCalibration, calibrate_caches
+from kvjax.smoothing import OFFSET_AND_LAMBDA, KeyCalibration, calibrate_caches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +52,7 @@ class CacheSpec:
   calibration: str | None = None
   key8_layers: tuple[int, ...] = ()
   key8_auto: int = 0  # pick this many key8_layers by `key_sensitivity` on calibration text
+  recipe: KeyCalibration = KeyCalibration()  # what `calibrate` derives from the statistics
 
   def __post_init__(self):
     if (self.key8_layers or self.key8_auto) and (self.quant is None or self.calibration is not None):
@@ -78,13 +79,30 @@ def default_specs() -> list[CacheSpec]:
       CacheSpec("int4-srft", QuantConfig(rotation="srft"),
                 description="K4V4 g32, SRFT rotation only"),
       CacheSpec("int4", QuantConfig(rotation="srft"), calibrate=True,
-                description="kvjax default: K4V4 g32, SRFT + calibrated key offset and λ"),
+                description="kvjax default: K4V4 g32, SRFT + calibrated key offsets (constant "
+                            "and rotary), λ and feedback rounding"),
       CacheSpec("K8V4", QuantConfig(key_bits=8, rotation="srft"), calibrate=True,
-                description="8-bit keys, 4-bit values, g32, SRFT + calibrated key offset and λ"),
+                description="8-bit keys, 4-bit values, g32, SRFT + calibrated key offsets, λ "
+                            "and feedback rounding"),
   ]
 
 
-SPEC_CHOICES = {s.name: s for s in default_specs()}
+def ablation_specs() -> list[CacheSpec]:
+  """The default int4 recipe with one calibration step at a time (what bought what)."""
+  q = QuantConfig(rotation="srft")
+  return [
+      CacheSpec("int4-offset-lambda", q, calibrate=True, recipe=OFFSET_AND_LAMBDA,
+                description="K4V4 g32, SRFT + constant key offset and λ"),
+      CacheSpec("int4-rotary", q, calibrate=True,
+                recipe=dataclasses.replace(KeyCalibration(), feedback=False),
+                description="K4V4 g32, SRFT + constant and rotary key offsets and λ"),
+      CacheSpec("int4-feedback", q, calibrate=True,
+                recipe=dataclasses.replace(KeyCalibration(), rope_pairs=0),
+                description="K4V4 g32, SRFT + constant key offset, λ and feedback rounding"),
+  ]
+
+
+SPEC_CHOICES = {s.name: s for s in default_specs() + ablation_specs()}
 
 
 def parse_spec(text: str) -> CacheSpec:
@@ -195,7 +213,8 @@ def collect_stats(runner: _Runner, tokens: Sequence[int], *, chunk: int = 512,
   """Runs the model over calibration tokens with statistics caches; returns them."""
   model = runner.model
   n = len(tokens)
-  caches = with_stats(model.init_cache(1, n, dtype=jnp.float32))
+  caches = with_stats(model.init_cache(1, n, dtype=jnp.float32),
+                      rope_freq=model.rope_frequencies())
   bar = _progress(n, "calibration statistics", progress)
   _, _, caches = prefill(runner, tokens, caches, chunk=chunk, bar=bar)
   if bar is not None:
@@ -222,7 +241,7 @@ def _make_caches(model, spec: CacheSpec, max_len: int, stats):
   if spec.calibrate:
     if stats is None:
       raise ValueError(f"cache {spec.name!r} needs calibration statistics")
-    caches = calibrate_caches(caches, stats, KeyCalibration())
+    caches = calibrate_caches(caches, stats, spec.recipe)
   return caches
 
 

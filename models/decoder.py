@@ -24,7 +24,7 @@ from flax import nnx
 
 import kvjax
 from kvjax.models.config import LOCAL, ModelConfig
-from kvjax.models.layers import DecoderLayer, Linear, RMSNorm
+from kvjax.models.layers import DecoderLayer, Linear, RMSNorm, rope_inverse_frequencies
 
 Caches = dict[str, tuple[Any, ...]]
 
@@ -133,6 +133,23 @@ class CausalLM(nnx.Module):
                     Linear(e, cfg.vocab_size, use_bias=False, dtype=self.dtype, rngs=rngs))
 
   # ----------------------------------------------------------------------------------------------
+
+  def rope_frequencies(self) -> Caches:
+    """Each layer's rotate-half RoPE frequencies [D/2] (radians per position), float32, laid out
+    like `init_cache`'s caches ({"groups": ([groups, run, D/2], ...), "tail": (...)}): what
+    `kvjax.with_stats(caches, rope_freq=...)` needs for the rotary key statistics."""
+    cfg = self.config
+    num_groups, group_runs, tail_runs = layer_layout(cfg)
+
+    def one(layer_type, lead):
+      if layer_type == LOCAL:
+        freq = rope_inverse_frequencies(cfg.head_dim, cfg.rope_local_theta, None)
+      else:
+        freq = rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+      return jnp.broadcast_to(jnp.asarray(freq, jnp.float32), lead + freq.shape)
+
+    return {"groups": tuple(one(t, (num_groups, n)) for t, n, _ in group_runs),
+            "tail": tuple(one(t, (n,)) for t, n, _ in tail_runs)}
 
   def init_cache(self, batch: int, max_len: int, *, quant: kvjax.QuantConfig | None = None,
                  dtype=None, layer_quant=None) -> Caches:

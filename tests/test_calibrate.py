@@ -197,7 +197,8 @@ def test_closed_form_init_equals_the_smoothing_lambda(tiny_model):
   for part, run, index, layer in cal._layer_slots(cfg):
     if cfg.layer_types[layer] != "global":
       continue
-    mean, ref = smoothing.key_params(stats[part][run])
+    p = smoothing.key_params(stats[part][run], smoothing.OFFSET_AND_LAMBDA)
+    mean, ref = p["k_mean"], p["k_lambda"]
     np.testing.assert_allclose(np.asarray(fixed["k_mean"])[layer], np.asarray(mean)[index],
                                rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(lam[layer], np.asarray(ref)[index], rtol=2e-3)
