@@ -29,8 +29,8 @@ from kvjax.pallas_kernels.reference import decode_attention_reference
 
 def decode_attention(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *, key_bits=4,
                      value_bits=4, group_size=32, ring=False, window=None, scale=None,
-                     softcap=None, logit_offset=None, backend=None, interpret=None, block_s=None,
-                     num_splits=None):
+                     softcap=None, logit_offset=None, rope_coef=None, rope_freq=None,
+                     backend=None, interpret=None, block_s=None, num_splits=None):
   """One decode step of attention over a quantized cache, in the rotated domain.
 
   Args:
@@ -47,6 +47,15 @@ def decode_attention(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *, ke
     logit_offset: None or [B, Hq] float added to every logit of a query after the
       scale, before the soft-cap: pass scale * (q . k_mean) when keys are stored
       minus a per-channel mean and a soft-cap is used (softmax alone ignores it).
+    rope_coef, rope_freq: None (default), or float [B, Hq, 2P] coefficients and
+      [P] frequencies with P >= 1, always both: rotary logit offsets for keys
+      stored minus c_t (`kvjax.rotary`). The logit of a slot at absolute position
+      t gets, together with logit_offset (after the scale, before the soft-cap),
+        sum_p rope_coef[b, hq, p] * cos(float32(t) * rope_freq[p])
+            + rope_coef[b, hq, P + p] * sin(float32(t) * rope_freq[p]).
+      rope_coef must already include the logit scale. t is the slot's position
+      from the ring bookkeeping (the slot index for a non-ring cache); the trig
+      terms are computed in the kernel per block of slots, nothing per slot is read.
     backend: "tpu" (Mosaic), "gpu" (Triton) or None to follow
       `jax.default_backend()` (the TPU kernel when interpreting on the CPU).
     interpret: None (interpret on CPU only), a bool, or for the TPU kernel a
@@ -61,9 +70,8 @@ def decode_attention(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *, ke
   kernel = decode_attention_gpu if backend == "gpu" else decode_attention_tpu
   return kernel(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, key_bits=key_bits,
                 value_bits=value_bits, group_size=group_size, ring=ring, window=window,
-                scale=scale, softcap=softcap, logit_offset=logit_offset, block_s=block_s,
-                num_splits=num_splits,
-                interpret=interpret)
+                scale=scale, softcap=softcap, logit_offset=logit_offset, rope_coef=rope_coef,
+                rope_freq=rope_freq, block_s=block_s, num_splits=num_splits, interpret=interpret)
 
 
 __all__ = [

@@ -89,6 +89,31 @@ def validate_logit_offset(logit_offset, batch, q_heads):
   return logit_offset.astype(jnp.float32)
 
 
+def validate_rope(rope_coef, rope_freq, batch, q_heads):
+  """None, None, or the rotary logit terms as float32 ([B, Hq, 2P] coefficients, [P] freqs).
+
+  Both arguments or neither: the coefficients mean nothing without the frequencies.
+  P >= 1 when given (a cache without rotary offsets passes None, not empty arrays).
+  """
+  if rope_coef is None and rope_freq is None:
+    return None, None
+  if rope_coef is None or rope_freq is None:
+    missing = "rope_coef" if rope_coef is None else "rope_freq"
+    raise ValueError(f"rope_coef and rope_freq must be given together (both or neither); "
+                     f"{missing} is None")
+  if rope_freq.ndim != 1 or rope_freq.shape[0] < 1 or not jnp.issubdtype(rope_freq.dtype,
+                                                                          jnp.floating):
+    raise ValueError(f"rope_freq must be a float [P] array with P >= 1 pairs, got "
+                     f"{rope_freq.shape} {rope_freq.dtype}")
+  p = rope_freq.shape[0]
+  want = (batch, q_heads, 2 * p)
+  if rope_coef.shape != want or not jnp.issubdtype(rope_coef.dtype, jnp.floating):
+    raise ValueError(f"rope_coef must be a float [B, Hq, 2P] = {want} array (cos then sin "
+                     f"coefficients of the P = {p} pairs of rope_freq), got {rope_coef.shape} "
+                     f"{rope_coef.dtype}")
+  return rope_coef.astype(jnp.float32), rope_freq.astype(jnp.float32)
+
+
 def default_scale(head_dim, scale):
   return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
 
@@ -116,9 +141,22 @@ def slot_bounds(lengths, capacity, *, ring, window):
   return lo, hi, base, write
 
 
+def slot_position(slot, base, write, capacity):
+  """Absolute position of int32 slots (any shape) with `slot_bounds`' base and write.
+
+  Meaningful only where `slot_visible`; elsewhere a finite int (negative or stale).
+  """
+  return base + slot - jnp.where(slot >= write, capacity, 0)
+
+
+def rope_angles(position, rope_freq):
+  """float32(position) * freq, the rotary angle of a slot as the models compute it."""
+  return position.astype(jnp.float32) * rope_freq
+
+
 def slot_visible(slot, length, base, write, capacity, window):
   """Mask of slots whose key the query at position length-1 attends to (any shape)."""
-  position = base + slot - jnp.where(slot >= write, capacity, 0)
+  position = slot_position(slot, base, write, capacity)
   visible = (position >= 0) & (position < length) & (slot < capacity)
   if window is not None:
     visible &= position > length - 1 - window

@@ -27,6 +27,14 @@ Codes are exact in bfloat16, so every matmul runs on bf16 tensor cores; the f32
 operand (q~ or p * s) is split into bf16 high and low parts (two matmuls), which
 keeps about 16 bits of mantissa, far below the 4-bit quantization error, without
 tf32 rounding of q~.
+
+Rotary logit offsets (optional, `rope_coef`/`rope_freq`): the [R, 2P] coefficients
+are loaded once per program as 2P columns of rows_pad values and the P
+frequencies as scalars. Per block, for each pair p (a static loop: P need not be
+a power of two, and a [*, P] matmul would need P >= 16), the kernel takes cos and
+sin of float32(position) * w_p over the block's slots (libdevice `__nv_cosf` /
+`__nv_sinf`, full-range argument reduction) and adds the two outer products
+coef[:, p] x cos + coef[:, P + p] x sin to the scores, in float32 on the CUDA cores.
 """
 
 from __future__ import annotations
@@ -106,14 +114,16 @@ def _decode_kernel(
     v_codes_ref,  # [S, D/2] uint8 | [S, D] int8
     v_scales_ref,  # [S, G]
     lengths_ref, lo_ref, hi_ref, base_ref, write_ref,  # [B] int32 each
-    *refs,  # [offset_ref [R] float32,] acc_out_ref [R, D], m_out_ref [R], l_out_ref [R]
+    *refs,  # [offset_ref [R] float32,] [coef_ref [R, 2P], freq_ref [P] float32,]
+    #        acc_out_ref [R, D], m_out_ref [R], l_out_ref [R]
     rows_pad, key_tiles, value_tiles, block_s, split_slots, capacity, window, softcap,
-    scale, has_offset):
+    scale, has_offset, rope_pairs):
+  offset_ref = coef_ref = freq_ref = None
   if has_offset:
-    offset_ref, acc_out_ref, m_out_ref, l_out_ref = refs
-  else:
-    offset_ref = None
-    acc_out_ref, m_out_ref, l_out_ref = refs
+    offset_ref, refs = refs[0], refs[1:]
+  if rope_pairs:
+    coef_ref, freq_ref, refs = refs[0], refs[1], refs[2:]
+  acc_out_ref, m_out_ref, l_out_ref = refs
   b = pl.program_id(0)
   split = pl.program_id(2)
   length = lengths_ref[b]
@@ -137,6 +147,11 @@ def _decode_kernel(
   if offset_ref is not None:
     offset = _compat.pltriton.load(offset_ref.at[pl.ds(0, rows_pad)], mask=real_rows,
                                    other=0.0)
+  rope_terms = []  # per pair p: (frequency, cos coefficients [rows_pad], sin coefficients)
+  for p in range(rope_pairs):
+    columns = [_compat.pltriton.load(coef_ref.at[pl.ds(0, rows_pad), jnp.int32(col)],
+                                     mask=real_rows, other=0.0) for col in (p, rope_pairs + p)]
+    rope_terms.append((freq_ref[p], *columns))
 
   def body(block, carry):
     m_prev, l_prev, accs = carry
@@ -157,6 +172,12 @@ def _decode_kernel(
       scores += partial * group_scale.astype(jnp.float32)[None, :]
     if offset is not None:
       scores = scores + offset[:, None]
+    if rope_terms:
+      position = _common.slot_position(slots, base, write, capacity)  # [block_s]
+      for freq, coef_cos, coef_sin in rope_terms:
+        angle = _common.rope_angles(position, freq)
+        scores += (coef_cos[:, None] * jnp.cos(angle)[None, :] +
+                   coef_sin[:, None] * jnp.sin(angle)[None, :])
     if softcap is not None:
       scores = softcap * jnp.tanh(scores / softcap)
     visible = _common.slot_visible(slots, length, base, write, capacity, window)[None, :]
@@ -201,8 +222,9 @@ def _decode_kernel(
 
 def decode_attention_gpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *, key_bits=4,
                          value_bits=4, group_size=32, ring=False, window=None, scale=None,
-                         softcap=None, logit_offset=None, block_s=None, num_splits=None,
-                         num_warps=4, num_stages=2, interpret=None):
+                         softcap=None, logit_offset=None, rope_coef=None, rope_freq=None,
+                         block_s=None, num_splits=None, num_warps=4, num_stages=2,
+                         interpret=None):
   """Decode attention over a quantized cache with the Triton GPU kernel.
 
   Arguments and result as `decode_attention_reference` ([B, Hq, D] float32 in the
@@ -219,6 +241,8 @@ def decode_attention_gpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *
   b, h, s, d = shapes.batch, shapes.kv_heads, shapes.capacity, shapes.head_dim
   n_rep = shapes.n_rep
   logit_offset = _common.validate_logit_offset(logit_offset, b, shapes.q_heads)
+  rope_coef, rope_freq = _common.validate_rope(rope_coef, rope_freq, b, shapes.q_heads)
+  rope_pairs = 0 if rope_freq is None else rope_freq.shape[0]
   if d & (d - 1):
     raise ValueError(f"the GPU kernel needs a power-of-two head_dim (Triton tiles), got {d}")
   if block_s is None:
@@ -243,7 +267,7 @@ def decode_attention_gpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *
       value_tiles=code_tiles(d, group_size, value_bits), block_s=block_s,
       split_slots=split_slots, capacity=s, window=window,
       softcap=None if softcap is None else float(softcap), scale=scale,
-      has_offset=logit_offset is not None)
+      has_offset=logit_offset is not None, rope_pairs=rope_pairs)
   per_head = lambda bi, hi_, split: (bi, hi_, 0, 0)
   per_split = lambda bi, hi_, split: (bi, hi_, split, 0)
   whole = lambda bi, hi_, split: (0,)
@@ -259,7 +283,9 @@ def decode_attention_gpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *
           pl.BlockSpec((None, None, s, g), per_head),
       ] + [pl.BlockSpec((b,), whole)] * 5 +
       ([pl.BlockSpec((None, None, n_rep), lambda bi, hi_, split: (bi, hi_, 0))]
-       if logit_offset is not None else []),
+       if logit_offset is not None else []) +
+      ([pl.BlockSpec((None, None, n_rep, 2 * rope_pairs), per_head),
+        pl.BlockSpec((rope_pairs,), whole)] if rope_pairs else []),
       out_specs=[
           pl.BlockSpec((None, None, None, n_rep, d), lambda bi, hi_, sp: (bi, hi_, sp, 0, 0)),
           pl.BlockSpec((None, None, None, n_rep), per_split),
@@ -274,6 +300,7 @@ def decode_attention_gpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *
       interpret=interpret,
       name=f"decode_attention_k{key_bits}v{value_bits}_g{group_size}",
   )(q, k_codes, k_scales, v_codes, v_scales, lengths.astype(jnp.int32), lo, hi, base, write,
-    *([] if logit_offset is None else [logit_offset.reshape(b, h, n_rep)]))
+    *([] if logit_offset is None else [logit_offset.reshape(b, h, n_rep)]),
+    *([] if not rope_pairs else [rope_coef.reshape(b, h, n_rep, 2 * rope_pairs), rope_freq]))
   out = _common.combine_splits(m, l, acc)
   return out.reshape(b, shapes.q_heads, d)

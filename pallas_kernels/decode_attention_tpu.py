@@ -32,6 +32,16 @@ before the nibble shifts (Mosaic cannot shift 8-bit vectors), and the two
 nibble halves of the split-halves layout come out as two contiguous
 [block_s, D/2] operands, so no lane shuffles are needed.
 
+Rotary logit offsets (optional, `rope_coef`/`rope_freq`): per block the kernel
+builds the angles float32(position) * w of the block's slots as a [P, block_s]
+array (positions from the same arithmetic as the mask, frequencies as a [P, 1]
+column, so the P pairs fill sublanes and the slots the 128 lanes), takes cos and
+sin on the VPU, and adds coef_cos . cos + coef_sin . sin ([n_rep, P] x [P, block_s],
+two small HIGHEST-precision matmuls) to the scores. Only the [n_rep, 2P]
+coefficients and the [P] frequencies come from HBM, once per program; the cos
+and sin coefficients arrive as two inputs so that no lane slice at offset P is
+needed.
+
 Ragged lengths: the per-sequence slot range is scalar-prefetched into SMEM. The
 block index maps clamp to the last visible block, so blocks past a sequence's
 end repeat the previous block index and Pallas skips their DMA; their compute
@@ -92,7 +102,7 @@ def _decode_kernel(
     replicate_ref,  # [n_rep*G, n_rep] 0/1: row r*G+j copies head r
     *refs,
     key_bits, value_bits, group_size, block_s, blocks_per_split, capacity, window, softcap,
-    scale, n_rep, head_dim, has_offset):
+    scale, n_rep, head_dim, has_offset, rope_pairs):
   num_key_parts = 2 if key_bits == 4 else 1
   num_value_parts = 2 if value_bits == 4 else 1
   q_refs = refs[:num_key_parts]  # each [n_rep, Wk] q~ channels
@@ -100,6 +110,10 @@ def _decode_kernel(
   offset_ref = None
   if has_offset:
     offset_ref, refs = refs[0], refs[1:]  # [n_rep, 1] logit offsets
+  rope_refs = None
+  if rope_pairs:
+    # [n_rep, P] cos coefficients, [n_rep, P] sin coefficients, [P, 1] frequencies.
+    rope_refs, refs = refs[:3], refs[3:]
   (k_codes_ref,  # [block_s, D/2] uint8 | [block_s, D] int8
    k_scales_ref,  # [block_s, G]
    v_codes_ref,  # [block_s, D/2] uint8 | [block_s, D] int8
@@ -160,6 +174,18 @@ def _decode_kernel(
                      preferred_element_type=jnp.float32)
     if offset_ref is not None:
       scores = scores + offset_ref[...]
+    if rope_refs is not None:
+      coef_cos_ref, coef_sin_ref, freq_ref = rope_refs
+      # The block's slots as for the mask below (built here as well so that the
+      # kernel without rotary offsets lowers exactly as before; CSE merges the two).
+      rope_slots = block_start + lax.broadcasted_iota(jnp.int32, (1, block_s), 1)
+      position_row = _common.slot_position(rope_slots, base, write, capacity)  # [1, block_s]
+      angle = _common.rope_angles(position_row, freq_ref[...])  # [P, block_s]
+      scores = scores + (
+          jnp.dot(coef_cos_ref[...], jnp.cos(angle), precision=_HIGHEST,
+                  preferred_element_type=jnp.float32) +
+          jnp.dot(coef_sin_ref[...], jnp.sin(angle), precision=_HIGHEST,
+                  preferred_element_type=jnp.float32))
     if softcap is not None:
       scores = softcap * jnp.tanh(scores / softcap)
 
@@ -207,8 +233,8 @@ def _decode_kernel(
 
 def decode_attention_tpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *, key_bits=4,
                          value_bits=4, group_size=32, ring=False, window=None, scale=None,
-                         softcap=None, logit_offset=None, block_s=None, num_splits=None,
-                         interpret=None):
+                         softcap=None, logit_offset=None, rope_coef=None, rope_freq=None,
+                         block_s=None, num_splits=None, interpret=None):
   """Decode attention over a quantized cache with the Mosaic TPU kernel.
 
   Arguments and result as `decode_attention_reference` ([B, Hq, D] float32 in the
@@ -226,6 +252,8 @@ def decode_attention_tpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *
   b, h, s, d = shapes.batch, shapes.kv_heads, shapes.capacity, shapes.head_dim
   n_rep, g = shapes.n_rep, shapes.key_groups
   logit_offset = _common.validate_logit_offset(logit_offset, b, shapes.q_heads)
+  rope_coef, rope_freq = _common.validate_rope(rope_coef, rope_freq, b, shapes.q_heads)
+  rope_pairs = 0 if rope_freq is None else rope_freq.shape[0]
   if block_s is None:
     block_s = tuning.decode_block_s("tpu", d)
   block_s = min(block_s, s)
@@ -275,6 +303,12 @@ def decode_attention_tpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *
   if logit_offset is not None:
     offsets = [logit_offset.reshape(b, h, n_rep, 1)]
     in_specs.append(pl.BlockSpec((None, None, n_rep, 1), per_head))
+  rope_inputs = []
+  if rope_pairs:
+    coef = rope_coef.reshape(b, h, n_rep, 2 * rope_pairs)
+    rope_inputs = [coef[..., :rope_pairs], coef[..., rope_pairs:], rope_freq.reshape(-1, 1)]
+    in_specs += [pl.BlockSpec((None, None, n_rep, rope_pairs), per_head)] * 2
+    in_specs.append(pl.BlockSpec((rope_pairs, 1), whole))
   in_specs += [
       pl.BlockSpec((None, None, block_s, kw), kv_index),
       pl.BlockSpec((None, None, block_s, g), kv_index),
@@ -297,7 +331,7 @@ def decode_attention_tpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *
       _decode_kernel, key_bits=key_bits, value_bits=value_bits, group_size=group_size,
       block_s=block_s, blocks_per_split=blocks_per_split, capacity=s, window=window,
       softcap=None if softcap is None else float(softcap), scale=scale, n_rep=n_rep,
-      head_dim=d, has_offset=logit_offset is not None)
+      head_dim=d, has_offset=logit_offset is not None, rope_pairs=rope_pairs)
   outs = pl.pallas_call(
       kernel,
       grid_spec=_compat.PrefetchScalarGridSpec(
@@ -312,7 +346,7 @@ def decode_attention_tpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *
       interpret=interpret,
       name=f"decode_attention_k{key_bits}v{value_bits}_g{group_size}",
   )(lengths.astype(jnp.int32), lo, hi, base, write, *constants, *q_parts, *offsets,
-    k_codes, k_scales, v_codes, v_scales)
+    *rope_inputs, k_codes, k_scales, v_codes, v_scales)
   m, l = outs[0][..., 0], outs[1][..., 0]
   acc = jnp.concatenate(outs[2:], axis=-1) if num_value_parts == 2 else outs[2]
   out = _common.combine_splits(m, l, acc)  # [B, H, R, D]

@@ -32,7 +32,8 @@ def dequantize_codes(codes, scales, *, bits, group_size):
 
 def decode_attention_reference(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *,
                                key_bits=4, value_bits=4, group_size=32, ring=False, window=None,
-                               scale=None, softcap=None, logit_offset=None):
+                               scale=None, softcap=None, logit_offset=None, rope_coef=None,
+                               rope_freq=None):
   """One decode step of attention in the rotated domain.
 
   Args:
@@ -46,6 +47,11 @@ def decode_attention_reference(q_rot, k_codes, k_scales, v_codes, v_scales, leng
     logit_offset: None or [B, Hq] float added to every logit of a query after the
       scale and before the soft-cap (e.g. scale * q . k_mean when keys are stored
       minus a per-channel mean: softmax ignores it, a soft-cap does not).
+    rope_coef, rope_freq: None, or float [B, Hq, 2P] and [P] (P >= 1, both or
+      neither): rotary logit offsets (kvjax.rotary). A slot at absolute position t
+      gets, with the logit offset, after the scale and before the soft-cap,
+        sum_p rope_coef[..., p] cos(float32(t) w_p) + rope_coef[..., P + p] sin(float32(t) w_p)
+      with w = rope_freq; the caller has already multiplied rope_coef by the scale.
 
   Returns:
     [B, Hq, D] float32 output in the rotated value domain; zeros for rows that see
@@ -65,10 +71,18 @@ def decode_attention_reference(q_rot, k_codes, k_scales, v_codes, v_scales, leng
   logit_offset = _common.validate_logit_offset(logit_offset, b, hq)
   if logit_offset is not None:
     logits = logits + logit_offset.reshape(b, h, shapes.n_rep, 1)
-  if softcap is not None:
-    logits = softcap * jnp.tanh(logits / softcap)
+  rope_coef, rope_freq = _common.validate_rope(rope_coef, rope_freq, b, hq)
   _, _, base, write = _common.slot_bounds(lengths, s, ring=ring, window=window)
   slots = jnp.arange(s, dtype=jnp.int32)[None, :]
+  if rope_coef is not None:
+    # Every slot's own position (invisible slots get a finite value, masked below).
+    position = _common.slot_position(slots, base[:, None], write[:, None], s)  # [B, S]
+    angle = _common.rope_angles(position[..., None], rope_freq)  # [B, S, P]
+    trig = jnp.concatenate([jnp.cos(angle), jnp.sin(angle)], axis=-1)  # [B, S, 2P]
+    coef = rope_coef.reshape(b, h, shapes.n_rep, -1)
+    logits = logits + jnp.einsum("bhrp,bsp->bhrs", coef, trig, precision=lax.Precision.HIGHEST)
+  if softcap is not None:
+    logits = softcap * jnp.tanh(logits / softcap)
   visible = _common.slot_visible(slots, lengths.astype(jnp.int32)[:, None], base[:, None],
                                  write[:, None], s, window)  # [B, S]
   # Slots that are not visible may hold anything (stale or never-written scales);

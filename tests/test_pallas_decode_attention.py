@@ -7,6 +7,10 @@ mask, an invisible slot produces NaN. The Pallas interpreter starts outputs
 and scratch as NaN too (see test_pallas_quantize_pack.test_interpreter_poisons_outputs).
 Errors are measured per row (batch x query head) against that row's largest
 visible dequantized value.
+
+Cases with rope_pairs > 0 add rotary logit offsets (random coefficients and
+frequencies); the oracle builds their per-slot logits from each slot's position
+as docs/cache_layout.md defines it, independently of the kernels' bookkeeping.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ class Case:
   kv_heads: int = 2
   block_s: int = 32
   num_splits: int = 2
+  rope_pairs: int = 0  # P > 0: random rotary logit offsets (rope_coef, rope_freq)
 
 
 CASES = [
@@ -50,11 +55,22 @@ CASES = [
     Case(64, 64, 8, 8, 8, 48, (0, 30, 100), ring=True, window=48, kv_heads=1),
 ]
 
+# Rotary logit offsets: P = 1 and P = 8 (and P = 3, no power of two), GQA, ragged
+# lengths with 0, ring buffers with windows at positions in the thousands (large angles).
+ROPE_CASES = [
+    Case(64, 32, 4, 4, 4, 80, (0, 45, 80), rope_pairs=1),
+    Case(64, 32, 2, 4, 8, 64, (0, 40, 4001), ring=True, window=48, softcap=20.0, rope_pairs=8),
+    Case(64, 64, 8, 4, 4, 96, (0, 33, 70), window=20, kv_heads=1, num_splits=3, rope_pairs=8),
+    Case(128, 64, 3, 8, 4, 48, (7, 0, 1130), ring=True, window=40, kv_heads=1, num_splits=1,
+         rope_pairs=3),
+]
+
 
 def _case_id(c):
   mode = "ring" if c.ring else "linear"
+  rope = f"-rope{c.rope_pairs}" if c.rope_pairs else ""
   return (f"D{c.head_dim}-g{c.group_size}-rep{c.n_rep}-K{c.key_bits}V{c.value_bits}-{mode}"
-          f"-w{c.window}-cap{c.softcap}")
+          f"-w{c.window}-cap{c.softcap}{rope}")
 
 
 def _unpack(codes, bits):
@@ -64,15 +80,25 @@ def _unpack(codes, bits):
   return 2 * np.concatenate([(b << 60) >> 60, b >> 4], axis=-1) + 1  # nibble c: level 2c + 1
 
 
-def _visible(case, s):
-  """[B, S] bool from the definition in docs/cache_layout.md (independent of the kernels)."""
-  out = np.zeros((len(case.lengths), s), bool)
+def _positions(case, s):
+  """[B, S] absolute position of every slot (docs/cache_layout.md), independent of the kernels."""
+  out = np.zeros((len(case.lengths), s), np.int64)
   for bi, length in enumerate(case.lengths):
     for slot in range(s):
       if case.ring:
-        position = length - 1 - ((length - 1 - slot) % s)  # Python % is a floor modulo
+        out[bi, slot] = length - 1 - ((length - 1 - slot) % s)  # Python % is a floor modulo
       else:
-        position = slot
+        out[bi, slot] = slot
+  return out
+
+
+def _visible(case, s):
+  """[B, S] bool from the definition in docs/cache_layout.md (independent of the kernels)."""
+  out = np.zeros((len(case.lengths), s), bool)
+  positions = _positions(case, s)
+  for bi, length in enumerate(case.lengths):
+    for slot in range(s):
+      position = positions[bi, slot]
       ok = 0 <= position <= length - 1
       if case.window is not None:
         ok &= position > length - 1 - case.window
@@ -104,7 +130,21 @@ def _make_inputs(case, seed):
     poisoned = np.asarray(inputs[name], np.float32)
     poisoned[np.broadcast_to(hidden[:, None, :, None], poisoned.shape)] = np.nan
     inputs[name] = poisoned.astype(jnp.bfloat16)
+  if case.rope_pairs:
+    # Drawn after everything else: the cases without rotary offsets keep their inputs.
+    # Coefficients of order 1 (already scaled, like scale * q . m), so the rotary term
+    # is as large as the key logits; frequencies of RoPE's range, (0.001, 1).
+    p = case.rope_pairs
+    inputs["rope_coef"] = (rng.normal(size=(b, h * case.n_rep, 2 * p)) * 1.5).astype(np.float32)
+    inputs["rope_freq"] = rng.uniform(0.001, 1.0, size=(p,)).astype(np.float32)
+    if case.softcap is not None:
+      # With a soft-cap, both offsets must enter before it (checked by the oracle).
+      inputs["logit_offset"] = rng.normal(size=(b, h * case.n_rep)).astype(np.float32)
   return inputs
+
+
+def _without_rope(inputs):
+  return {k: v for k, v in inputs.items() if k not in ("rope_coef", "rope_freq")}
 
 
 def _static(case):
@@ -113,7 +153,12 @@ def _static(case):
 
 
 def _oracle(case, inputs, logit_offset=None):
-  """float64 numpy: dequantize everything, mask, softmax, weighted sum."""
+  """float64 numpy: dequantize everything, mask, softmax, weighted sum.
+
+  Rotary logit offsets (inputs rope_coef, rope_freq), built slot by slot: the angle
+  float32(t) * w in float32 (the kernels' and the models' product), then cos and sin of
+  that angle in float64. A logit_offset in `inputs` is used unless one is passed.
+  """
   b, hq, d = inputs["q_rot"].shape
   h, s, g = case.kv_heads, case.capacity, case.group_size
 
@@ -124,6 +169,10 @@ def _oracle(case, inputs, logit_offset=None):
   keys = dequant(inputs["k_codes"], inputs["k_scales"], case.key_bits)
   values = dequant(inputs["v_codes"], inputs["v_scales"], case.value_bits)
   visible = _visible(case, s)
+  positions = _positions(case, s)
+  if logit_offset is None:
+    logit_offset = inputs.get("logit_offset")
+  coef, freq = inputs.get("rope_coef"), inputs.get("rope_freq")
   out = np.zeros((b, hq, d))
   vmax = np.zeros((b, hq))
   for bi in range(b):
@@ -135,6 +184,12 @@ def _oracle(case, inputs, logit_offset=None):
       logits = keys[bi, kv, idx] @ inputs["q_rot"][bi, head].astype(np.float64) / np.sqrt(d)
       if logit_offset is not None:
         logits = logits + float(logit_offset[bi, head])
+      if coef is not None:
+        p = freq.shape[0]
+        for slot_index, slot in enumerate(idx):
+          angle = (np.float32(positions[bi, slot]) * freq).astype(np.float64)  # [P]
+          logits[slot_index] += (coef[bi, head, :p].astype(np.float64) @ np.cos(angle) +
+                                 coef[bi, head, p:].astype(np.float64) @ np.sin(angle))
       if case.softcap is not None:
         logits = case.softcap * np.tanh(logits / case.softcap)
       p = np.exp(logits - logits.max())
@@ -163,13 +218,20 @@ def _rows_with_keys(case, hq):
   return np.repeat(any_visible[:, None], hq, axis=1)
 
 
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("case", CASES + ROPE_CASES, ids=_case_id)
 def test_reference_matches_float64_oracle(case):
   inputs = _make_inputs(case, seed=zlib.crc32(_case_id(case).encode()))
   expected, vmax = _oracle(case, inputs)
   out = decode_attention_reference(**inputs, **_static(case))
-  # float32 dequantization and accumulation over <= 128 slots: ~1e-6 of max|v|.
+  # float32 dequantization and accumulation over <= 128 slots: ~1e-6 of max|v|. The
+  # rotary angle is the same float32 number on both sides (even at positions ~4000);
+  # only float32 cos/sin round (~2^-24), times 2P <= 16 coefficients of order 1:
+  # logit errors ~1e-6, so the same bound holds.
   _assert_rows_close(out, expected, vmax, 1e-5, _rows_with_keys(case, expected.shape[1]))
+  if case.rope_pairs:
+    # The rotary term is not a no-op: leaving it out changes the output by far more.
+    without, _ = _oracle(case, _without_rope(inputs))
+    assert np.abs(without - expected).max() > 1e-2
 
 
 # Both kernels multiply codes (exact in bf16) by a float32 operand split into two
@@ -179,8 +241,12 @@ KERNELS = [("tpu", decode_attention_tpu, 1e-4), ("gpu", decode_attention_gpu, 1e
 
 
 @pytest.mark.parametrize("target,kernel,rel_tol", KERNELS, ids=[k[0] for k in KERNELS])
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("case", CASES + ROPE_CASES, ids=_case_id)
 def test_kernel_matches_reference(case, target, kernel, rel_tol):
+  # Rotary cases: the kernels form the same float32 angles as the reference and add
+  # 2P float32 products (HIGHEST-precision [R, P] x [P, block_s] matmuls on TPU, FMAs
+  # on GPU): logit errors ~1e-6, below the 1e-5 of the scores, so the bound stays
+  # (measured: up to 1.1e-5 of max|v| with rotary offsets, 9e-6 without).
   inputs = _make_inputs(case, seed=7 + case.head_dim + case.capacity)
   reference = np.asarray(decode_attention_reference(**inputs, **_static(case)), np.float64)
   _, vmax = _oracle(case, inputs)
@@ -190,7 +256,7 @@ def test_kernel_matches_reference(case, target, kernel, rel_tol):
   _assert_rows_close(out, reference, vmax, rel_tol, _rows_with_keys(case, reference.shape[1]))
 
 
-@pytest.mark.parametrize("case", [CASES[0], CASES[3]], ids=_case_id)
+@pytest.mark.parametrize("case", [CASES[0], CASES[3], ROPE_CASES[1]], ids=_case_id)
 def test_tpu_kernel_tpu_semantics_interpreter(case):
   params = _compat.tpu_interpret_params()
   if params is None:
@@ -258,6 +324,16 @@ def test_explicit_scale_matches_reference():
     (dict(q_rot=np.ones((3, 3, 64), np.float32)), ValueError, "multiple of KV heads"),
     (dict(window=0), ValueError, "window must be"),
     (dict(logit_offset=np.ones((3, 2), np.float32)), ValueError, "logit_offset must be"),
+    (dict(rope_coef=np.ones((3, 4, 2), np.float32)), ValueError, "rope_freq is None"),
+    (dict(rope_freq=np.ones((1,), np.float32)), ValueError, "rope_coef is None"),
+    (dict(rope_coef=np.ones((3, 4, 4), np.float32), rope_freq=np.ones((1,), np.float32)),
+     ValueError, r"rope_coef must be a float \[B, Hq, 2P\] = \(3, 4, 2\)"),
+    (dict(rope_coef=np.ones((3, 4, 2), np.int32), rope_freq=np.ones((1,), np.float32)),
+     ValueError, "rope_coef must be a float"),
+    (dict(rope_coef=np.ones((3, 4, 0), np.float32), rope_freq=np.ones((0,), np.float32)),
+     ValueError, r"rope_freq must be a float \[P\] array with P >= 1"),
+    (dict(rope_coef=np.ones((3, 4, 2), np.float32), rope_freq=np.ones((1, 1), np.float32)),
+     ValueError, "rope_freq must be"),
 ])
 def test_bad_arguments_raise(change, error, match):
   args = dict(q_rot=np.ones((3, 4, 64), np.float32),
@@ -268,3 +344,5 @@ def test_bad_arguments_raise(change, error, match):
   for kernel in (decode_attention_tpu, decode_attention_gpu):
     with pytest.raises(error, match=match):
       kernel(**args, key_bits=4, value_bits=4, group_size=32, interpret=True)
+  with pytest.raises(error, match=match):
+    decode_attention_reference(**args, key_bits=4, value_bits=4, group_size=32)

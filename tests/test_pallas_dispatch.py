@@ -1,10 +1,13 @@
 """kvjax.append / kvjax.attend with impl="pallas" (interpret mode on the CPU) against the XLA path."""
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import kvjax
+from kvjax import rotary
 
 
 def _rand(seed, *shape):
@@ -41,3 +44,32 @@ def test_pallas_decode_with_softcap_and_key_mean():
   ref = np.asarray(kvjax.attend(q, c, impl="xla", softcap=5.0), np.float64)
   out = np.asarray(kvjax.attend(q, c, impl="pallas", softcap=5.0), np.float64)
   assert (np.linalg.norm(out - ref, axis=-1) / np.linalg.norm(ref, axis=-1)).max() < 1e-4
+
+
+@pytest.mark.parametrize("pairs,window,softcap", [(1, None, None), (8, 16, 5.0)])
+def test_pallas_decode_with_rotary_key_offsets(pairs, window, softcap):
+  # Keys with a rotating pre-RoPE mean in P channel pairs: the cache stores k - c_t and
+  # the kernel adds q . c_t back per slot from the slot's position (ring slots included).
+  b, h, rep, d, n = 2, 2, 2, 64, 40
+  rng = np.random.default_rng(9)
+  freq = rng.uniform(0.001, 1.0, (pairs,)).astype(np.float32)
+  first = rng.choice(d // 2, pairs, replace=False)
+  channels = np.stack([first, first + d // 2], axis=1).astype(np.int32)  # rotate-half pairs
+  mean = (3.0 * rng.choice([-1.0, 1.0], (h, 2, pairs)) * rng.uniform(0.7, 1.3, (h, 2, pairs))
+          ).astype(np.float32)
+  cfg = kvjax.QuantConfig(key_rope_pairs=pairs)
+  c = kvjax.init_cache(b, h, 64, d, quant=cfg, window=window,
+                       key_rope=(freq, channels, mean))
+  positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+  offset = rotary.key_offset(positions, jnp.asarray(freq), jnp.asarray(channels),
+                                   jnp.asarray(mean), d)                 # [B, N, H, D]
+  c = kvjax.append(c, _rand(10, b, n, h, d) + offset, _rand(11, b, n, h, d),
+                   num_tokens=jnp.array([40, 23]))
+  q = 2 * _rand(12, b, 1, h * rep, d)
+  ref = np.asarray(kvjax.attend(q, c, impl="reference", softcap=softcap), np.float64)
+  out = np.asarray(kvjax.attend(q, c, impl="pallas", softcap=softcap), np.float64)
+  assert (np.linalg.norm(out - ref, axis=-1) / np.linalg.norm(ref, axis=-1)).max() < 1e-4
+  # Not vacuous: the same codes read without the rotary term attend elsewhere.
+  plain = dataclasses.replace(c, k_rope_mean=jnp.zeros_like(c.k_rope_mean))
+  off = np.asarray(kvjax.attend(q, plain, impl="reference", softcap=softcap), np.float64)
+  assert (np.linalg.norm(off - ref, axis=-1) / np.linalg.norm(ref, axis=-1)).max() > 1e-2
