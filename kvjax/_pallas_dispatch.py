@@ -14,21 +14,31 @@ def _kernels():
   return pallas_kernels
 
 
-def quantize_heads(x, rotation, lam, *, bits, group_size, scale_dtype):
-  """Fused rotate+quantize+pack of x [B, T, H, D] with per-head params [Hr, D, D], [Hr, D]."""
+def quantize_heads(x, rotation, lam, *, bits, group_size, scale_dtype, feedback=None):
+  """Fused rotate+quantize+pack of x [B, T, H, D] with per-head params [Hr, D, D], [Hr, D].
+
+  feedback: None (nearest rounding) or the error-feedback matrices [Hr, D, D] of
+  `kvjax.quantizer.feedback_levels`, per head like the rotation (Hr in {1, H}).
+  """
   pk = _kernels()
   b, t, h, d = x.shape
-  if rotation.shape[0] == 1 and lam.shape[0] == 1:
+  if rotation.shape[0] == 1 and lam.shape[0] == 1 and (feedback is None or
+                                                       feedback.shape[0] == 1):
     codes, scales = pk.quantize_pack(x.reshape(b * t * h, d), rotation[0], lam[0], bits=bits,
-                                     group_size=group_size, scale_dtype=scale_dtype)
+                                     group_size=group_size, scale_dtype=scale_dtype,
+                                     feedback=None if feedback is None else feedback[0])
     return codes.reshape(b, t, h, -1), scales.reshape(b, t, h, -1)
   rotation = jnp.broadcast_to(rotation, (h, d, d))
   lam = jnp.broadcast_to(lam, (h, d))
-  # One launch for all heads: vmap over the head axis of x, rotation and lambda.
-  per_head = jax.vmap(lambda xh, rh, lh: pk.quantize_pack(xh, rh, lh, bits=bits,
-                                                          group_size=group_size,
-                                                          scale_dtype=scale_dtype))
-  codes, scales = per_head(x.transpose(2, 0, 1, 3).reshape(h, b * t, d), rotation, lam)
+  if feedback is not None:
+    feedback = jnp.broadcast_to(feedback, (h, d, d))
+  # One launch for all heads: vmap over the head axis of x, rotation, lambda and feedback
+  # (None is an empty pytree, so vmap passes it through).
+  per_head = jax.vmap(lambda xh, rh, lh, fh: pk.quantize_pack(xh, rh, lh, bits=bits,
+                                                              group_size=group_size,
+                                                              scale_dtype=scale_dtype,
+                                                              feedback=fh))
+  codes, scales = per_head(x.transpose(2, 0, 1, 3).reshape(h, b * t, d), rotation, lam, feedback)
   return (codes.reshape(h, b, t, -1).transpose(1, 2, 0, 3),
           scales.reshape(h, b, t, -1).transpose(1, 2, 0, 3))
 

@@ -494,25 +494,21 @@ def _quantize_chunk(cache: QuantizedKVCache, k, v, positions, *, impl: str):
   sd = cfg.scale_jnp_dtype
   k = centred_keys(cache, k, positions)
   feedback = cache.k_feedback if cfg.key_feedback else None
-  if impl == "pallas" and feedback is None:
+  if impl == "pallas":
     from kvjax import _pallas_dispatch
     kc, ks = _pallas_dispatch.quantize_heads(k, cache.k_rotation, cache.k_lambda,
                                              bits=cfg.key_bits, group_size=cfg.group_size,
-                                             scale_dtype=sd)
-  elif impl in ("xla", "reference", "pallas"):
-    # Error-feedback rounding has no fused write kernel yet: keys take the XLA quantizer.
-    kc, ks = quantizer.quantize(k, cache.k_rotation, cache.k_lambda, bits=cfg.key_bits,
-                                group_size=cfg.group_size, scale_dtype=sd, feedback=feedback)
-  else:
-    raise ValueError(f"impl must be 'xla', 'reference' or 'pallas', got {impl!r}")
-  if impl == "pallas":
-    from kvjax import _pallas_dispatch
+                                             scale_dtype=sd, feedback=feedback)
     vc, vs = _pallas_dispatch.quantize_heads(v, cache.v_rotation, cache.v_lambda,
                                              bits=cfg.value_bits, group_size=cfg.group_size,
                                              scale_dtype=sd)
-  else:
+  elif impl in ("xla", "reference"):
+    kc, ks = quantizer.quantize(k, cache.k_rotation, cache.k_lambda, bits=cfg.key_bits,
+                                group_size=cfg.group_size, scale_dtype=sd, feedback=feedback)
     vc, vs = quantizer.quantize(v, cache.v_rotation, cache.v_lambda, bits=cfg.value_bits,
                                 group_size=cfg.group_size, scale_dtype=sd)
+  else:
+    raise ValueError(f"impl must be 'xla', 'reference' or 'pallas', got {impl!r}")
   return {"k_codes": kc, "k_scales": ks, "v_codes": vc, "v_scales": vs}
 
 

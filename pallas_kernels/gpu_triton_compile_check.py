@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from kvjax.pallas_kernels import decode_attention, quantize_pack
-from kvjax.pallas_kernels.tpu_aot_check import DECODE_CONFIGS, QUANTIZE_PACK_CONFIGS
+from kvjax.pallas_kernels.tpu_aot_check import QUANTIZE_PACK_CONFIGS, decode_jobs
 
 _TRITON_TARGET = "__gpu$xla.gpu.triton"
 
@@ -66,17 +66,12 @@ def _jobs():
     args = (jax.ShapeDtypeStruct((512, d), jnp.bfloat16), jax.ShapeDtypeStruct((d, d), jnp.float32),
             jax.ShapeDtypeStruct((d,), jnp.float32))
     yield f"quantize_pack int{bits} D={d} g={g}", fn, args, 4, 1
-  for b, h, n_rep, s, d, g, kb, vb, ring, window, softcap in DECODE_CONFIGS:
-    def codes(bits):
-      return (jax.ShapeDtypeStruct((b, h, s, d // 2), jnp.uint8) if bits == 4
-              else jax.ShapeDtypeStruct((b, h, s, d), jnp.int8))
-    scales = jax.ShapeDtypeStruct((b, h, s, d // g), jnp.bfloat16)
-    args = (jax.ShapeDtypeStruct((b, h * n_rep, d), jnp.float32), codes(kb), scales, codes(vb),
-            scales, jax.ShapeDtypeStruct((b,), jnp.int32))
+  for config, pairs, args, wrap in decode_jobs(jax.ShapeDtypeStruct):
+    _, _, n_rep, _, d, g, kb, vb, ring, window, softcap = config
     fn = functools.partial(decode_attention, key_bits=kb, value_bits=vb, group_size=g, ring=ring,
                            window=window, softcap=softcap, backend="gpu", interpret=False)
     yield (f"decode_attention K{kb}V{vb} n_rep={n_rep} D={d} g={g} ring={ring} "
-           f"window={window} softcap={softcap}", fn, args, 4, 2)
+           f"window={window} softcap={softcap} rope_pairs={pairs}", wrap(fn), args, 4, 2)
 
 
 def run(compute_capabilities, out=sys.stdout):

@@ -44,6 +44,35 @@ DECODE_CONFIGS = [
     (1, 2, 7, 768, 64, 32, 4, 4, True, None, None),
 ]
 
+# (index into DECODE_CONFIGS, P): decode attention with rotary logit offsets of P pairs
+# (P = 1: degenerate [n_rep, 1] x [1, block_s] matmuls; P = 3 with n_rep = 7: nothing a
+# power of two).
+DECODE_ROPE_CONFIGS = [(0, 1), (0, 8), (3, 16), (4, 8), (6, 3)]
+
+
+def decode_jobs(struct):
+  """Every decode configuration (plain, then with rotary offsets) with abstract arguments.
+
+  `struct(shape, dtype)` builds the arguments. Yields (config, P, args, wrap): P = 0
+  means no rotary offsets, and wrap(decode_fn) is the function of args to compile.
+  """
+  for config, pairs in ([(c, 0) for c in DECODE_CONFIGS] +
+                        [(DECODE_CONFIGS[i], p) for i, p in DECODE_ROPE_CONFIGS]):
+    b, h, n_rep, s, d, g, kb, vb, ring, window, softcap = config
+
+    def codes(bits):
+      return struct((b, h, s, d // 2), jnp.uint8) if bits == 4 else struct((b, h, s, d), jnp.int8)
+
+    scales = struct((b, h, s, d // g), jnp.bfloat16)
+    args = (struct((b, h * n_rep, d), jnp.float32), codes(kb), scales, codes(vb), scales,
+            struct((b,), jnp.int32))
+    if pairs:
+      args += (struct((b, h * n_rep, 2 * pairs), jnp.float32), struct((pairs,), jnp.float32))
+      wrap = lambda fn: (lambda *a: fn(*a[:6], rope_coef=a[6], rope_freq=a[7]))
+    else:
+      wrap = lambda fn: fn
+    yield config, pairs, args, wrap
+
 
 def _topology_device(topology, chips_per_host_bounds):
   from jax.experimental import topologies
@@ -68,16 +97,13 @@ def run(topology, chips_per_host_bounds=(2, 2, 1), out=sys.stdout):
                            interpret=False)
     args = (sds((512, d), jnp.bfloat16), sds((d, d), jnp.float32), sds((d,), jnp.float32))
     jobs.append((f"quantize_pack int{bits} D={d} g={g}", fn, args))
-  for b, h, n_rep, s, d, g, kb, vb, ring, window, softcap in DECODE_CONFIGS:
-    def codes(bits):
-      return sds((b, h, s, d // 2), jnp.uint8) if bits == 4 else sds((b, h, s, d), jnp.int8)
-    scales = sds((b, h, s, d // g), jnp.bfloat16)
-    args = (sds((b, h * n_rep, d), jnp.float32), codes(kb), scales, codes(vb), scales,
-            sds((b,), jnp.int32))
+  for config, pairs, args, wrap in decode_jobs(sds):
+    b, h, n_rep, s, d, g, kb, vb, ring, window, softcap = config
     fn = functools.partial(decode_attention, key_bits=kb, value_bits=vb, group_size=g, ring=ring,
                            window=window, softcap=softcap, backend="tpu", interpret=False)
     jobs.append((f"decode_attention K{kb}V{vb} B={b} H={h} n_rep={n_rep} S={s} D={d} g={g} "
-                 f"ring={ring} window={window} softcap={softcap}", fn, args))
+                 f"ring={ring} window={window} softcap={softcap} rope_pairs={pairs}", wrap(fn),
+                 args))
   failures = 0
   print(f"# {topology} ({device.device_kind})", file=out, flush=True)
   for label, fn, args in jobs:

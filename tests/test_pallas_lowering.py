@@ -39,14 +39,20 @@ def _custom_call_targets(module_text):
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
 @pytest.mark.parametrize("bits,d,group_size", [(4, 128, 32), (4, 64, 64), (8, 256, 128)])
-def test_quantize_pack_lowers(platform, bits, d, group_size):
+@pytest.mark.parametrize("feedback", [False, True], ids=["nearest", "feedback"])
+def test_quantize_pack_lowers(platform, bits, d, group_size, feedback):
   fn = functools.partial(quantize_pack, bits=bits, group_size=group_size,
                          backend=BACKEND[platform], interpret=False)
   args = (jax.ShapeDtypeStruct((96, d), jnp.bfloat16), jax.ShapeDtypeStruct((d, d), jnp.float32),
           jax.ShapeDtypeStruct((d,), jnp.float32))
+  if feedback:  # error-feedback rounding: an extra [D, D] float32 matrix
+    args += (jax.ShapeDtypeStruct((d, d), jnp.float32),)
+    plain = fn
+    fn = lambda x, rotation, lam, f: plain(x, rotation, lam, feedback=f)
   text = _export(fn, args, platform)
   assert CUSTOM_CALL[platform] in text
-  assert f"quantize_pack_int{bits}_g{group_size}" in text
+  name = f"quantize_pack_int{bits}_g{group_size}"
+  assert (name + "_feedback" in text) == feedback and name in text
   code_shape = f"96x{d // 2}xui8" if bits == 4 else f"96x{d}xi8"
   assert code_shape in text  # codes come out of the kernel already packed
 
@@ -61,7 +67,8 @@ DECODE_CASES = [
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
 @pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: f"D{c[4]}-g{c[5]}-K{c[6]}V{c[7]}")
-def test_decode_attention_lowers(platform, case):
+@pytest.mark.parametrize("rope_pairs", [0, 1, 8], ids=lambda p: f"rope{p}")
+def test_decode_attention_lowers(platform, case, rope_pairs):
   b, h, n_rep, s, d, g, key_bits, value_bits, ring, window, softcap = case
 
   def code_struct(bits):
@@ -74,6 +81,12 @@ def test_decode_attention_lowers(platform, case):
   fn = functools.partial(decode_attention, key_bits=key_bits, value_bits=value_bits,
                          group_size=g, ring=ring, window=window, softcap=softcap,
                          backend=BACKEND[platform], interpret=False)
+  if rope_pairs:
+    # Rotary logit offsets: [B, Hq, 2P] coefficients and [P] frequencies.
+    args += (jax.ShapeDtypeStruct((b, h * n_rep, 2 * rope_pairs), jnp.float32),
+             jax.ShapeDtypeStruct((rope_pairs,), jnp.float32))
+    plain = fn
+    fn = lambda *a: plain(*a[:6], rope_coef=a[6], rope_freq=a[7])
   text = _export(fn, args, platform)
   assert CUSTOM_CALL[platform] in text
   assert f"decode_attention_k{key_bits}v{value_bits}_g{g}" in text
@@ -81,6 +94,11 @@ def test_decode_attention_lowers(platform, case):
   # tensor exists anywhere in the lowered program.
   for dtype in ("f32", "bf16", "f16"):
     assert f"{b}x{h}x{s}x{d}x{dtype}" not in text
+  # Nor per-slot rotary terms: cos/sin are computed inside the kernel, per block.
+  for width in {rope_pairs, 2 * rope_pairs} - {0}:
+    for shape in (f"{b}x{s}x{width}", f"{s}x{width}", f"{b}x{h}x{n_rep}x{s}",
+                  f"{b}x{h * n_rep}x{s}"):
+      assert f"tensor<{shape}xf32>" not in text
   # Exactly one kernel launch; everything else (query layout, split combine) is plain HLO.
   targets = [t for pair in _custom_call_targets(text) for t in pair if t]
   assert targets == [CUSTOM_CALL[platform]], targets

@@ -233,6 +233,7 @@ def test_interpreter_poisons_outputs():
     (dict(lam=np.ones(32, np.float32)), "lam must be"),
     (dict(bits=3), "bits must be"),
     (dict(group_size=48), "group_size must be"),
+    (dict(feedback=np.zeros((32, 32), np.float32)), "feedback must be"),
     (dict(x=np.ones((4, 96), np.float32), rotation=np.eye(96, dtype=np.float32),
           lam=np.ones(96, np.float32), group_size=64), "multiple of group_size"),
 ])
@@ -244,3 +245,144 @@ def test_bad_arguments_raise(kwargs, match):
     quantize_pack(args.pop("x"), args.pop("rotation"), args.pop("lam"), interpret=True, **args)
   with pytest.raises(TypeError, match="floating"):
     quantize_pack(np.ones((4, 64), np.int32), np.eye(64), np.ones(64), interpret=True)
+
+
+# Error-feedback rounding (kvjax.quantizer.feedback_levels) in the write kernel.
+
+def _feedback_from_hessian(seed, d):
+  """A random PD H [D, D] with a spread spectrum (like E[q~ q~^T]) and its LDLQ feedback.
+
+  F = U / diag(U)[:, None] with the diagonal zeroed, U the upper Cholesky factor of H^-1:
+  the feedback that minimizes e^T H e greedily, channel by channel.
+  """
+  rng = np.random.default_rng(seed)
+  a = rng.normal(size=(d, d)) * rng.uniform(0.1, 3.0, size=d)
+  h = a @ a.T / d + 1e-3 * np.eye(d)
+  u = np.linalg.cholesky(np.linalg.inv(h)).T
+  f = u / np.diag(u)[:, None]
+  np.fill_diagonal(f, 0.0)
+  return h, f.astype(np.float32)
+
+
+@pytest.mark.parametrize("backend", ["tpu", "gpu"])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("d,group_size", [(64, 32), (128, 64), (128, 32)])
+def test_feedback_kernel_matches_reference(backend, bits, d, group_size):
+  n = 45  # not a multiple of the 32-row block
+  x, rotation, lam = _inputs(d * 3 + group_size + bits, n, d)
+  x[5] = 0.0  # an all-zero row: scale 0, u = 0 everywhere, no 0/0
+  _, f = _feedback_from_hessian(d + group_size, d)
+  codes, scales = quantize_pack(x, rotation, lam, bits=bits, group_size=group_size, feedback=f,
+                                backend=backend, block_n=32, interpret=True)
+  ref_codes, ref_scales = quantize_pack_reference(x, rotation, lam, bits=bits,
+                                                  group_size=group_size, feedback=f)
+  assert codes.shape == ref_codes.shape and codes.dtype == ref_codes.dtype
+  assert scales.shape == ref_scales.shape and scales.dtype == ref_scales.dtype
+  s, rs = np.asarray(scales, np.float32), np.asarray(ref_scales, np.float32)
+  assert not np.isnan(s).any()
+  # Scales are the abs-max ones of y, feedback or not.
+  np.testing.assert_allclose(s, rs, rtol=BF16_EPS, atol=0)
+  assert np.mean(s == rs) >= 0.99
+  c, rc = _unpack(codes, bits), _unpack(ref_codes, bits)
+  # The kernels sum the propagated errors in another order than the XLA loop: only codes at
+  # a rounding boundary may move, by one level, and an early move would spread to its group.
+  assert np.abs(c - rc).max() <= STEP[bits]
+  assert np.mean(c != rc) <= 2e-3
+  assert np.all(c[5] == (1 if bits == 4 else 0)) and np.all(s[5] == 0)
+  # The feedback really acted: most rows differ from nearest rounding.
+  nearest, _ = quantize_pack_reference(x, rotation, lam, bits=bits, group_size=group_size)
+  assert np.mean(np.any(_unpack(nearest, bits) != c, axis=1)) > 0.5
+
+
+@pytest.mark.parametrize("backend", ["tpu", "gpu"])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_zero_feedback_gives_nearest_codes(backend, bits):
+  d, g = 128, 32
+  x, rotation, lam = _inputs(21 + bits, 40, d)
+  kwargs = dict(bits=bits, group_size=g, backend=backend, block_n=32, interpret=True)
+  codes, scales = quantize_pack(x, rotation, lam, feedback=np.zeros((d, d), np.float32), **kwargs)
+  near_codes, near_scales = quantize_pack(x, rotation, lam, **kwargs)
+  # u = y * (1 / s) with feedback, y / s without: they may differ in the last ulp, so
+  # codes are compared with the reference's tolerance, scales exactly.
+  np.testing.assert_array_equal(np.asarray(scales), np.asarray(near_scales))
+  c, nc = _unpack(codes, bits), _unpack(near_codes, bits)
+  assert np.abs(c - nc).max() <= STEP[bits] and np.mean(c != nc) <= 1e-3
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("d,group_size", [(64, 32), (128, 64)])
+def test_feedback_lowers_hessian_weighted_error(bits, d, group_size):
+  h, f = _feedback_from_hessian(7 * d + bits, d)
+  x, rotation, lam = _inputs(5 * d + group_size + bits, 45, d)
+  y64 = _rotated64(x, rotation, lam)
+
+  def weighted_error(feedback):
+    codes, scales = quantize_pack(x, rotation, lam, bits=bits, group_size=group_size,
+                                  feedback=feedback, block_n=32, interpret=True)
+    s = np.repeat(np.asarray(scales, np.float64), group_size, axis=1)
+    e = _unpack(codes, bits) * s - y64
+    return np.einsum("ni,ij,nj->n", e, h, e)  # per row
+
+  fb, nearest = weighted_error(f), weighted_error(None)
+  ratio = fb.mean() / nearest.mean()
+  print(f"[e^T H e: feedback / nearest = {ratio:.3f}, rows better {np.mean(fb < nearest):.2f}]",
+        end=" ")
+  # Measured about 0.4; nearest rounding minimizes the plain squared error, not this one.
+  assert ratio < 0.7
+  assert np.mean(fb < nearest) >= 0.9
+
+
+@pytest.mark.parametrize("backend", ["tpu", "gpu"])
+def test_feedback_reads_only_the_strict_upper_triangle(backend):
+  d, g = 64, 32
+  x, rotation, lam = _inputs(31, 40, d)
+  _, f = _feedback_from_hessian(32, d)
+  noise = np.tril(np.random.default_rng(33).normal(size=(d, d))).astype(np.float32)
+  kwargs = dict(bits=4, group_size=g, backend=backend, block_n=32, interpret=True)
+  codes, _ = quantize_pack(x, rotation, lam, feedback=f, **kwargs)
+  noisy, _ = quantize_pack(x, rotation, lam, feedback=f + noise, **kwargs)
+  np.testing.assert_array_equal(np.asarray(codes), np.asarray(noisy))
+
+
+def test_feedback_kernel_tpu_semantics_interpreter():
+  params = _compat.tpu_interpret_params()
+  if params is None:
+    pytest.skip("this jax has no pltpu.InterpretParams")
+  d, g = 128, 64
+  x, rotation, lam = _inputs(41, 40, d)
+  _, f = _feedback_from_hessian(42, d)
+  codes, scales = quantize_pack(x, rotation, lam, bits=4, group_size=g, feedback=f, block_n=32,
+                                interpret=params)
+  ref_codes, ref_scales = quantize_pack_reference(x, rotation, lam, bits=4, group_size=g,
+                                                  feedback=f)
+  c, rc = _unpack(codes, 4), _unpack(ref_codes, 4)
+  assert np.abs(c - rc).max() <= STEP[4] and np.mean(c != rc) <= 2e-3
+  np.testing.assert_allclose(np.asarray(scales, np.float32), np.asarray(ref_scales, np.float32),
+                             rtol=BF16_EPS)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("per_head", [False, True])
+def test_quantize_heads_with_feedback_matches_core_quantizer(bits, per_head):
+  # The cache's Pallas write path against its XLA path (kvjax.quantizer.quantize).
+  from kvjax import _pallas_dispatch, quantizer
+  b, t, h, d, g = 2, 11, 2, 64, 32
+  hr = h if per_head else 1
+  rng = np.random.default_rng(50 + bits + hr)
+  x = (rng.standard_t(df=5, size=(b, t, h, d)) * rng.uniform(0.2, 4.0, size=d)).astype(np.float32)
+  rotation = np.stack([_orthogonal(rng, d) for _ in range(hr)])
+  lam = rng.uniform(0.5, 2.0, size=(hr, d)).astype(np.float32)
+  feedback = np.stack([_feedback_from_hessian(60 + i, d)[1] for i in range(hr)])
+  codes, scales = _pallas_dispatch.quantize_heads(x, rotation, lam, bits=bits, group_size=g,
+                                                  scale_dtype=jnp.bfloat16, feedback=feedback)
+  core_codes, core_scales = quantizer.quantize(x, rotation, lam, bits=bits, group_size=g,
+                                               feedback=feedback)
+  assert codes.shape == core_codes.shape and scales.shape == core_scales.shape
+  c, cc = _unpack(codes, bits), _unpack(core_codes, bits)
+  assert np.abs(c - cc).max() <= STEP[bits] and np.mean(c != cc) <= 2e-3
+  np.testing.assert_allclose(np.asarray(scales, np.float32), np.asarray(core_scales, np.float32),
+                             rtol=BF16_EPS)
+  if per_head:  # each head used its own feedback: head 1's F on head 0 gives other codes
+    swapped, _ = quantizer.quantize(x, rotation, lam, bits=bits, group_size=g,
+                                    feedback=feedback[::-1])
+    assert np.mean(_unpack(swapped, bits) != c) > 0.05
