@@ -249,6 +249,8 @@ KVCache = Union[DenseKVCache, QuantizedKVCache]
 
 _PARAM_FIELDS = ("k_rotation", "v_rotation", "k_lambda", "v_lambda", "k_mean", "k_rope_freq",
                  "k_rope_channels", "k_rope_mean", "k_feedback")
+# Parameters shared by every KV head of a layer (no leading [Hr] axis): replicate when sharding.
+SHARED_PARAM_FIELDS = ("k_rope_freq", "k_rope_channels")
 
 
 def _check_positive_int(value, name):

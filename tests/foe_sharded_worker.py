@@ -49,8 +49,30 @@ def cache_kinds(clusters):
   # to keep the number of compilations down (its math is also checked on one device).
   # Exact float32 attention ("xla"): the CPU default for chunks rounds to bf16, whose matmul
   # blocking differs between shardings; this test compares shardings, not attention paths.
-  kinds = [("int4", kvjax.QuantConfig(attention_impl="xla"))]
+  # The int4 cache carries the calibrated recipe's per-layer fields (key mean, rotary offset in
+  # 4 channel pairs, feedback rounding) with random per-head values, so that their sharding
+  # (per-head fields split with the heads, per-layer ones replicated) is exercised too.
+  kinds = [("int4", kvjax.QuantConfig(attention_impl="xla", key_rope_pairs=4,
+                                      key_feedback=True))]
   return [("dense", None)] + kinds if clusters == 2 else kinds
+
+
+def make_cache(batch, num_kv_heads, head_dim, quant, seed=0):
+  """An empty cache of 16 slots; a quantized one gets random per-head calibration fields."""
+  if quant is None:
+    return kvjax.init_cache(batch, num_kv_heads, 16, head_dim, dtype=jnp.float32)
+  rng = np.random.default_rng(seed)
+  pairs = quant.key_rope_pairs
+  half = head_dim // 2
+  channels = np.stack([np.arange(pairs), np.arange(pairs) + half], 1)
+  key_rope = (rng.uniform(0.05, 1.0, pairs).astype(np.float32), channels,
+              rng.normal(size=(num_kv_heads, 2, pairs)).astype(np.float32))
+  feedback = np.triu(0.2 * rng.normal(size=(num_kv_heads, head_dim, head_dim)), 1)
+  return kvjax.init_cache(batch, num_kv_heads, 16, head_dim, quant=quant, dtype=jnp.float32,
+                          key_mean=rng.normal(size=(num_kv_heads, head_dim)).astype(np.float32),
+                          key_lambda=rng.uniform(0.5, 2.0, (num_kv_heads, head_dim)).astype(
+                              np.float32),
+                          key_rope=key_rope, key_feedback=feedback.astype(np.float32))
 
 
 def loss_of(out, aux, cotangent):
@@ -113,7 +135,7 @@ def check_foe(mesh, clusters, experts_axis, keys):
   result["cache"] = {}
   cached_block = foe.make_foe_block(cfg, mesh, with_cache=True)
   for name, quant in cache_kinds(clusters):
-    cache = kvjax.init_cache(batch, clusters, 16, cfg.head_dim, quant=quant, dtype=jnp.float32)
+    cache = make_cache(batch, clusters, cfg.head_dim, quant)
     p_sh, r_sh, c_sh = foe.shard_foe_inputs(mesh, params, residual, cache)
     s_sh = foe.shard_foe_inputs(mesh, params, step)[1]
     result["cache"][name] = compare_cached(cached_block, reference, (p_sh, r_sh, s_sh, c_sh),
@@ -136,8 +158,7 @@ def check_baseline(mesh, clusters, experts_axis, keys):
   result["cache"] = {}
   cached_block = foe.make_moe_block(cfg, mesh, with_cache=True)
   for name, quant in cache_kinds(clusters):
-    cache = kvjax.init_cache(batch, cfg.num_kv_heads, 16, cfg.head_dim, quant=quant,
-                             dtype=jnp.float32)
+    cache = make_cache(batch, cfg.num_kv_heads, cfg.head_dim, quant)
     p_sh, x_sh, c_sh = foe.shard_moe_inputs(mesh, params, x, cache)
     s_sh = foe.shard_moe_inputs(mesh, params, step)[1]
     result["cache"][name] = compare_cached(cached_block, reference, (p_sh, x_sh, s_sh, c_sh),

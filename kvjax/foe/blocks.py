@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from kvjax import cache as cache_lib
 from kvjax.foe import routing as routing_lib
 from kvjax.foe._shard_map import shard_map
 from kvjax.foe.attention import (apply_rope, cache_positions, cached_attention,
@@ -268,7 +269,8 @@ def cache_partition_specs(cache, batch_axes, head_axis):
   """PartitionSpecs for a kvjax cache: batch over `batch_axes`, KV heads over `head_axis`.
 
   Per docs/cache_layout.md: [B, H, ...] arrays (codes, scales, dense k/v) split on both;
-  [B] arrays (lengths, overflow) on batch; per-head parameters [Hr, ...] (rotations,
+  [B] arrays (lengths, overflow) on batch; parameters shared by all heads (rotary offset
+  frequencies and channel pairs) replicated; per-head parameters [Hr, ...] (rotations,
   lambdas, key means) split on heads when Hr is the head count, replicated when Hr == 1.
   """
   if cache is None:
@@ -285,6 +287,8 @@ def cache_partition_specs(cache, batch_axes, head_axis):
     name = getattr(path[-1], "name", getattr(path[-1], "key", str(path[-1])))
     if name in ("k", "v") or name.endswith("_codes") or name.endswith("_scales"):
       return P(batch_axes, head_axis)  # per-token storage [B, H, S, ...]
+    if name in cache_lib.SHARED_PARAM_FIELDS:
+      return P()  # one per layer, no head axis: rotary offset frequencies and channel pairs
     if leaf.ndim <= 1:
       return P(batch_axes) if leaf.ndim == 1 else P()  # per-sequence: lengths, overflow
     # Anything else is a per-head parameter [Hr, ...] (rotation, lambda, key mean).
