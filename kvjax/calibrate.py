@@ -286,7 +286,7 @@ def fake_quantize_ste(x: jax.Array, rotation: jax.Array, lam: jax.Array, mean: j
   y = jnp.matmul((x - mean) / lam, rotation.T, precision=jax.lax.Precision.HIGHEST)
   yg = y.reshape(n, d // group_size, group_size)
   s = jnp.max(jnp.abs(yg), axis=-1, keepdims=True) / q
-  s = s + jax.lax.stop_gradient(s.astype(scale_dtype).astype(jnp.float32) - s)
+  s = s + jax.lax.stop_gradient(quantizer.round_to_dtype(s, scale_dtype) - s)
   safe = jnp.where(s > 0, s, 1.0)
   u = yg / safe
   codes = jnp.clip(u + jax.lax.stop_gradient(quantizer.round_to_grid(u, bits) - u), -q, q)

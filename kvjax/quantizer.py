@@ -88,7 +88,25 @@ def group_absmax_scales(y: jax.Array, *, bits: int, group_size: int,
     raise ValueError(f"last axis {d} is not divisible by group_size={group_size}")
   yg = y.astype(jnp.float32).reshape(*y.shape[:-1], d // group_size, group_size)
   s = jnp.max(jnp.abs(yg), axis=-1) / qmax(bits)
-  return s.astype(scale_dtype)
+  return round_to_dtype(s, scale_dtype).astype(scale_dtype)
+
+
+def round_to_dtype(x: jax.Array, dtype) -> jax.Array:
+  """float32 x rounded to the nearest value of `dtype` (bfloat16, float16 or float32), kept in
+  float32.
+
+  Codes must be computed with exactly the scale that is stored. `x.astype(bf16).astype(f32)`
+  does not guarantee that: XLA (allow_excess_precision, on by default) may drop such a round
+  trip inside a fusion, and then whether codes see the rounded or the unrounded scale depends
+  on how the program was fused — chunked and token-by-token writes of the same keys gave
+  different codes for ~0.5% of them. `reduce_precision` is an explicit rounding XLA keeps.
+  """
+  dtype = jnp.dtype(dtype)
+  if dtype == jnp.dtype(jnp.float32):
+    return x.astype(jnp.float32)
+  info = jnp.finfo(dtype)
+  return jax.lax.reduce_precision(x.astype(jnp.float32), exponent_bits=info.nexp,
+                                  mantissa_bits=info.nmant)
 
 
 def feedback_levels(y: jax.Array, scales: jax.Array, feedback: jax.Array, *, bits: int,
@@ -142,8 +160,11 @@ def feedback_levels(y: jax.Array, scales: jax.Array, feedback: jax.Array, *, bit
       _, lev, err = jax.lax.fori_loop(0, g, step, (yv[:, g0:g0 + g], zeros, zeros))
       levels.append(lev)
       if g0 + g < d:
-        yv = yv.at[:, g0 + g:].add(-jnp.dot(err, fv[g0:g0 + g, g0 + g:],
-                                            precision=jax.lax.Precision.HIGHEST))
+        # A product and a sum over the group axis, not a dot: a dot's summation order can
+        # follow the number of rows (a chunk vs one decode token), and through the sequential
+        # rounding a last-bit difference here re-rolls later codes. This order is fixed.
+        push = jnp.sum(err[:, :, None] * fv[None, g0:g0 + g, g0 + g:], axis=1)
+        yv = yv.at[:, g0 + g:].add(-push)
     return jnp.concatenate(levels, axis=-1)
 
   out = jax.vmap(one_head)(yh, s, f)                                             # [H, N, D]

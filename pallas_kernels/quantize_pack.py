@@ -159,7 +159,9 @@ def _quantize_pack_kernel(x_ref, lam_ref, *refs, bits, group_size, num_groups, p
       part_max = jnp.max(jnp.where(in_group, jnp.abs(p), 0.0), axis=1, keepdims=True)
       amax = part_max if amax is None else jnp.maximum(amax, part_max)
     # The stored scale is the rounded one; codes are computed against it so that
-    # dequantization (codes * stored scale) is as accurate as the format allows.
+    # dequantization (codes * stored scale) is as accurate as the format allows. (Mosaic and
+    # Triton keep this narrowing round trip; XLA may drop it, so the jnp paths use
+    # quantizer.round_to_dtype. Pallas has no lowering for reduce_precision.)
     stored = (amax / qmax).astype(scale_dtype).astype(jnp.float32)  # [block_n, 1]
     scales_out = jnp.where(scale_cols == gi, stored, scales_out)
     divisor = jnp.where(stored == 0.0, 1.0, stored)
@@ -503,7 +505,8 @@ def quantize_pack_reference(x, rotation, lam, *, bits=4, group_size=32,
   qmax = float(_QMAX[bits])
   y = jnp.dot(x.astype(jnp.float32) / lam, rotation.T, precision=lax.Precision.HIGHEST)
   groups = y.reshape(n, d // group_size, group_size)
-  stored = (jnp.max(jnp.abs(groups), axis=-1) / qmax).astype(scale_dtype)
+  stored = quantizer.round_to_dtype(jnp.max(jnp.abs(groups), axis=-1) / qmax,
+                                    scale_dtype).astype(scale_dtype)
   divisor = jnp.where(stored == 0, 1.0, stored.astype(jnp.float32))
   if feedback is None:
     # The core quantizer's rounding (jnp.round for 8-bit), not the kernel's floor-only version.

@@ -153,3 +153,38 @@ def test_calibrated_parameters_are_used():
   np.testing.assert_array_equal(np.asarray(c.v_lambda[0]), lam)
   with pytest.raises(ValueError, match="key_rotation"):
     kvjax.init_cache(1, 2, 4, d, quant=kvjax.QuantConfig(), key_rotation=np.eye(32))
+
+
+@pytest.mark.parametrize("cfg", [
+    kvjax.QuantConfig(rotation="none"),
+    kvjax.QuantConfig(),
+    kvjax.QuantConfig(key_bits=8, group_size=64, scale_dtype="float16"),
+    kvjax.QuantConfig(key_feedback=True, key_rope_pairs=2),
+], ids=["none", "srft", "k8-g64-f16", "feedback-rotary"])
+def test_chunk_and_token_writes_under_jit_store_identical_codes(cfg):
+  # Decode writes one token per step, prefill a chunk; both are separately compiled programs.
+  # The codes must come from exactly the stored (rounded) scale in both, or a 4-bit cache is
+  # path-dependent: before round_to_dtype, ~0.5% of codes differed between the two.
+  # (Shapes as in Gemma-3: one KV head of 256 channels, a 512-token chunk.)
+  rng = np.random.default_rng(11)
+  b, h, d, n, m = 1, 1, 256, 512, 32
+  k = (rng.standard_normal((b, n, h, d)) * rng.uniform(0.1, 20, d)).astype(np.float32)
+  v = rng.standard_normal((b, n, h, d)).astype(np.float32)
+  # A feedback matrix as calibration makes it (U / diag U, (H + δ)^-1 = UᵀU) for queries that
+  # look along 16 main directions.
+  a = rng.standard_normal((d, 16))
+  hm = a @ a.T + 0.01 * np.trace(a @ a.T) / d * np.eye(d)
+  u = np.linalg.cholesky(np.linalg.inv(hm)).T
+  feedback = np.broadcast_to(np.triu(u / np.diag(u)[:, None], 1), (h, d, d)).astype(np.float32)
+  key_rope = (np.array([0.3, 0.01], np.float32), np.array([[0, 128], [1, 129]]),
+              rng.standard_normal((h, 2, 2)).astype(np.float32))
+  make = lambda: kvjax.init_cache(b, h, n, d, quant=cfg, key_feedback=feedback,
+                                  key_rope=key_rope if cfg.key_rope_pairs else None)
+  append = jax.jit(kvjax.append)
+  whole = append(make(), k, v)
+  steps = make()
+  for t in range(m):  # the first m tokens one at a time
+    steps = append(steps, k[:, t:t + 1], v[:, t:t + 1])
+  for name in ("k_codes", "k_scales", "v_codes", "v_scales"):
+    np.testing.assert_array_equal(np.asarray(getattr(whole, name))[:, :, :m],
+                                  np.asarray(getattr(steps, name))[:, :, :m], err_msg=name)
