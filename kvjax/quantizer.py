@@ -160,11 +160,8 @@ def feedback_levels(y: jax.Array, scales: jax.Array, feedback: jax.Array, *, bit
       _, lev, err = jax.lax.fori_loop(0, g, step, (yv[:, g0:g0 + g], zeros, zeros))
       levels.append(lev)
       if g0 + g < d:
-        # A product and a sum over the group axis, not a dot: a dot's summation order can
-        # follow the number of rows (a chunk vs one decode token), and through the sequential
-        # rounding a last-bit difference here re-rolls later codes. This order is fixed.
-        push = jnp.sum(err[:, :, None] * fv[None, g0:g0 + g, g0 + g:], axis=1)
-        yv = yv.at[:, g0 + g:].add(-push)
+        yv = yv.at[:, g0 + g:].add(-jnp.dot(err, fv[g0:g0 + g, g0 + g:],
+                                            precision=jax.lax.Precision.HIGHEST))
     return jnp.concatenate(levels, axis=-1)
 
   out = jax.vmap(one_head)(yh, s, f)                                             # [H, N, D]

@@ -159,9 +159,9 @@ def _quantize_pack_kernel(x_ref, lam_ref, *refs, bits, group_size, num_groups, p
       part_max = jnp.max(jnp.where(in_group, jnp.abs(p), 0.0), axis=1, keepdims=True)
       amax = part_max if amax is None else jnp.maximum(amax, part_max)
     # The stored scale is the rounded one; codes are computed against it so that
-    # dequantization (codes * stored scale) is as accurate as the format allows. (Mosaic and
-    # Triton keep this narrowing round trip; XLA may drop it, so the jnp paths use
-    # quantizer.round_to_dtype. Pallas has no lowering for reduce_precision.)
+    # dequantization (codes * stored scale) is as accurate as the format allows. (XLA may drop
+    # this narrowing round trip inside a fusion, so the jnp paths use quantizer.round_to_dtype;
+    # Pallas has no lowering for reduce_precision, and here it lowers to explicit conversions.)
     stored = (amax / qmax).astype(scale_dtype).astype(jnp.float32)  # [block_n, 1]
     scales_out = jnp.where(scale_cols == gi, stored, scales_out)
     divisor = jnp.where(stored == 0.0, 1.0, stored)
