@@ -67,6 +67,10 @@ def decode(q, cache, *, scale, softcap, window):
     from kvjax import rotary
     coef = rotary.coefficients(qg, cache.k_rope_channels, cache.k_rope_mean)   # [b, h, r, 2P]
     rope = {"rope_coef": scale * coef.reshape(b, hq, -1), "rope_freq": cache.k_rope_freq}
+  if cfg.key_sink:
+    # The sink key's rounding error e_0 goes back into its logit (kvjax.cache.QuantizedKVCache).
+    rope["sink_logit"] = scale * jnp.einsum("bhrd,bhd->bhr", qg, cache.k_sink,
+                                            precision=jax.lax.Precision.HIGHEST).reshape(b, hq)
   o_rot = pk.decode_attention(
       q_rot, cache.k_codes, cache.k_scales, cache.v_codes, cache.v_scales, cache.lengths,
       key_bits=cfg.key_bits, value_bits=cfg.value_bits, group_size=cfg.group_size,

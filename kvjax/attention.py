@@ -135,15 +135,20 @@ def _rotated_query(q, view, config):
 
 
 def _key_logit_offsets(qg, view, config, kv_pos):
-  """q . k_mean, plus q . c_t of the rotary key offset when the cache has one (unscaled).
+  """q . k_mean, plus q . c_t of the rotary key offset and q . e_0 at the sink slot (position 0)
+  when the cache has them (unscaled).
 
   qg [B, H, T, R, D] -> [B, H, T, R, 1] or [B, H, T, R, N]."""
   off = jnp.einsum("bhtrd,hd->bhtr", qg, view["k_mean"], precision=_HI)[..., None]
+  if (config.key_rope_pairs or config.key_sink) and kv_pos is None:
+    raise ValueError("a cache with rotary key offsets or an exact sink key needs the slot "
+                     "positions (kv_pos)")
   if config.key_rope_pairs:
-    if kv_pos is None:
-      raise ValueError("a cache with rotary key offsets needs the slot positions (kv_pos)")
     off = off + rotary.logit_offsets(qg, kv_pos, view["k_rope_freq"], view["k_rope_channels"],
                                      view["k_rope_mean"])
+  if config.key_sink:
+    sink = jnp.einsum("bhtrd,bhd->bhtr", qg, view["k_sink"], precision=_HI)[..., None]
+    off = off + jnp.where((kv_pos == 0)[:, None, None, None, :], sink, 0.0)
   return off
 
 
@@ -371,7 +376,8 @@ def quantized_attention_dequant(q, view: dict, mask, *, config, scale, softcap=N
 def _quant_view(c: QuantizedKVCache) -> dict:
   return {f: getattr(c, f) for f in ("k_codes", "k_scales", "v_codes", "v_scales",
                                      "k_rotation", "v_rotation", "k_lambda", "v_lambda",
-                                     "k_mean", "k_rope_freq", "k_rope_channels", "k_rope_mean")}
+                                     "k_mean", "k_rope_freq", "k_rope_channels", "k_rope_mean",
+                                     "k_sink")}
 
 
 def _dequantized_kv(c: QuantizedKVCache, view: dict, kv_pos):
@@ -389,6 +395,8 @@ def _dequantized_kv(c: QuantizedKVCache, view: dict, kv_pos):
     off = rotary.key_offset(kv_pos, view["k_rope_freq"], view["k_rope_channels"],
                             view["k_rope_mean"], c.head_dim)           # [B, N, Hr, D]
     k = k + off.transpose(0, 2, 1, 3)
+  if cfg.key_sink:
+    k = k + jnp.where((kv_pos == 0)[:, None, :, None], view["k_sink"][:, :, None, :], 0.0)
   v = deq(view["v_codes"], view["v_scales"], view["v_rotation"], view["v_lambda"], cfg.value_bits)
   return k, v
 
@@ -501,6 +509,8 @@ def append_and_attend(cache: cache_lib.KVCache, q: jax.Array, k: jax.Array, v: j
     view = _quant_view(cache)
     for n in ("k_codes", "k_scales", "v_codes", "v_scales"):
       view[n] = jnp.concatenate([view[n], chunk.arrays[n].swapaxes(1, 2)], axis=2)
+    if "k_sink" in chunk.arrays:
+      view["k_sink"] = chunk.arrays["k_sink"]
   out = _attend_view(q, cache, view, kv_pos, q_pos, scale=scale_, softcap=softcap,
                      window=window, impl=_chunk_impl(impl_))
   return out, cache_lib.write(cache, chunk)

@@ -82,7 +82,7 @@ class DenseKVCache:
 
 @_register(("k_codes", "k_scales", "v_codes", "v_scales", "k_rotation", "v_rotation",
             "k_lambda", "v_lambda", "k_mean", "k_rope_freq", "k_rope_channels", "k_rope_mean",
-            "k_feedback", "lengths", "overflow"), ("config",) + _COMMON_META)
+            "k_feedback", "k_sink", "lengths", "overflow"), ("config",) + _COMMON_META)
 @dataclasses.dataclass(frozen=True)
 class QuantizedKVCache:
   """Keys and values as rotated, per-group abs-max int4/int8 codes.
@@ -96,7 +96,10 @@ class QuantizedKVCache:
   a pre-RoPE key mean removed at each token's position in P channel pairs (attention adds
   q . c_t back per slot, exactly; `kvjax.rotary`), P = config.key_rope_pairs;
   k_feedback float32 [Hr, D, D]: the error-feedback matrix of key rounding when
-  config.key_feedback (`kvjax.quantizer.feedback_levels`); lengths int32 [B]; overflow bool [B].
+  config.key_feedback (`kvjax.quantizer.feedback_levels`); k_sink float32 [B, H, D] when
+  config.key_sink (else [B, H, 0]): the rounding error k_0 - k^_0 of each sequence's key at
+  position 0, set when that position is written (attention adds q . k_sink to its logit, so
+  the sink key is exact); lengths int32 [B]; overflow bool [B].
   """
 
   k_codes: jax.Array
@@ -112,6 +115,7 @@ class QuantizedKVCache:
   k_rope_channels: jax.Array
   k_rope_mean: jax.Array
   k_feedback: jax.Array
+  k_sink: jax.Array
   lengths: jax.Array
   overflow: jax.Array
   config: QuantConfig
@@ -372,6 +376,7 @@ def init_cache(batch: int, num_kv_heads: int, max_len: int, head_dim: int, *,
                                   (num_kv_heads, 2, npairs), "key_rope mean"),
       k_feedback=_per_head_param(key_feedback, np.zeros((head_dim, head_dim), np.float32),
                                  rot_shape, "key_feedback"),
+      k_sink=jnp.zeros((batch, num_kv_heads, head_dim if quant.key_sink else 0), jnp.float32),
       lengths=lengths, overflow=overflow, config=quant, capacity=capacity, window=window,
       ring=ring)
 
@@ -478,6 +483,8 @@ def encode(cache: KVCache, k: jax.Array, v: jax.Array, *, num_tokens=None,
   else:
     positions = cache.lengths[:, None] + jnp.arange(k.shape[1], dtype=jnp.int32)[None, :]
     arrays = _quantize_chunk(cache, k, v, positions, impl=impl)
+    if cache.config.key_sink:
+      arrays["k_sink"] = _sink_error(cache, k, positions, arrays, valid)
   return _Chunk(arrays, slots, new_lengths, new_overflow, valid)
 
 
@@ -489,6 +496,18 @@ def centred_keys(cache: QuantizedKVCache, k: jax.Array, positions: jax.Array) ->
     k = k - rotary.key_offset(positions, cache.k_rope_freq, cache.k_rope_channels,
                               cache.k_rope_mean, cache.head_dim)
   return k
+
+
+def _sink_error(cache: QuantizedKVCache, k, positions, arrays, valid) -> jax.Array:
+  """The new `k_sink` [B, H, D]: k_0 - k^_0 for sequences whose position 0 is in this chunk
+  (always its first token), the old value for the others."""
+  cfg = cache.config
+  exact = centred_keys(cache, k[:, :1], positions[:, :1])                     # [B, 1, H, D]
+  stored = quantizer.dequantize(arrays["k_codes"][:, :1], arrays["k_scales"][:, :1],
+                                cache.k_rotation, cache.k_lambda, bits=cfg.key_bits,
+                                group_size=cfg.group_size)
+  first = (cache.lengths == 0) & valid[:, 0]
+  return jnp.where(first[:, None, None], (exact - stored)[:, 0], cache.k_sink)
 
 
 def _quantize_chunk(cache: QuantizedKVCache, k, v, positions, *, impl: str):
@@ -519,6 +538,9 @@ def write(cache: KVCache, chunk: _Chunk) -> KVCache:
   b_idx = jnp.arange(cache.batch, dtype=jnp.int32)[:, None]
   updates = {}
   for name, vals in chunk.arrays.items():
+    if name == "k_sink":  # per sequence, not per slot: already the new value
+      updates[name] = vals
+      continue
     buf = getattr(cache, name)
     # buf[b, :, slot] has shape [B, T, H, ...] (advanced indices split by a slice
     # go first), which is exactly the chunk's layout: no transpose needed.

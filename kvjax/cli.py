@@ -14,7 +14,7 @@ def _eval(a):
   ev.run(a.model, text_file=a.text, contexts=a.contexts, specs=specs,
          incremental_steps=a.incremental_steps, calibration_tokens=a.calibration_tokens,
          chunk=a.chunk, out_dir=a.out, progress=not a.no_progress, plot=not a.no_plot,
-         calibration=a.calibration)
+         calibration=a.calibration, score_tokens=a.score_tokens)
 
 
 def _calibrate(a):
@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "'+k8@L1,L2,...' for 8-bit keys in those layers (e.g. int4+k8@1,2,4,10)")
   e.add_argument("--incremental-steps", type=int, default=64,
                  help="decode the last N positions of each window token by token (0: off)")
+  e.add_argument("--score-tokens", type=int, default=4096,
+                 help="tokens scored per context: ceil(N / context) disjoint windows of the "
+                      "text, each opened with BOS (default: %(default)s)")
   e.add_argument("--calibration-tokens", type=int, default=2048)
   e.add_argument("--chunk", type=int, default=512, help="prefill chunk length")
   e.add_argument("--out", default="results/eval")

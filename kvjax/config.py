@@ -35,6 +35,10 @@ class QuantConfig:
     key_feedback: choose key codes with error feedback through the cache's `k_feedback`
       matrix (`kvjax.quantizer.feedback_levels`; GPTQ-style rounding for the queries'
       second moment, filled in by calibration) instead of nearest rounding.
+    key_sink: keep the key at absolute position 0 (the attention sink: BOS, or whatever token
+      opens the sequence, draws much of every query's attention) exact. Its codes are written
+      as usual and its rounding error e_0 is kept in float32 (`k_sink`, one [D] vector per
+      sequence and KV head); attention adds q . e_0 to that slot's logit.
     attention_impl: the implementation `kvjax.attend(..., impl="auto")` uses
       over this cache: "auto" (Pallas kernel on TPU/GPU decode, "int8dot" on
       CPU decode, "dequant" for CPU chunks, "xla" for TPU/GPU chunks), or a fixed
@@ -51,6 +55,7 @@ class QuantConfig:
   scale_dtype: str = "bfloat16"
   key_rope_pairs: int = 0
   key_feedback: bool = False
+  key_sink: bool = False
   attention_impl: str = "auto"
 
   def __post_init__(self):
@@ -75,6 +80,8 @@ class QuantConfig:
                        f"{self.key_rope_pairs!r}")
     if not isinstance(self.key_feedback, bool):
       raise ValueError(f"QuantConfig.key_feedback must be a bool, got {self.key_feedback!r}")
+    if not isinstance(self.key_sink, bool):
+      raise ValueError(f"QuantConfig.key_sink must be a bool, got {self.key_sink!r}")
     if self.householder_reflectors is not None and self.householder_reflectors < 1:
       raise ValueError("QuantConfig.householder_reflectors must be >= 1 or None, got "
                        f"{self.householder_reflectors!r}")
@@ -106,7 +113,8 @@ class QuantConfig:
 
   @property
   def name(self) -> str:
-    """Short label such as 'K4V4-g32-srft' ('+rope16', '+fb' for rotary offsets, feedback)."""
-    extra = (f"+rope{self.key_rope_pairs}" if self.key_rope_pairs else "") + (
-        "+fb" if self.key_feedback else "")
+    """Short label such as 'K4V4-g32-srft' ('+rope16', '+fb', '+sink' for rotary offsets,
+    feedback rounding, an exact position-0 key)."""
+    extra = ((f"+rope{self.key_rope_pairs}" if self.key_rope_pairs else "")
+             + ("+fb" if self.key_feedback else "") + ("+sink" if self.key_sink else ""))
     return f"K{self.key_bits}V{self.value_bits}-g{self.group_size}-{self.rotation}{extra}"

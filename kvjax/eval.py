@@ -1,7 +1,11 @@
 """`kvjax eval`: quantized KV caches against the bf16 cache on a real model and real text.
 
-For each context length C and each cache, the first C tokens of the evaluation
-text (Pride and Prejudice unless `--text`) are scored:
+For each context length C and each cache, windows of C tokens of the evaluation text
+(Pride and Prejudice unless `--text`) are scored: consecutive, disjoint stretches of the
+text from its start, as many as make up `score_tokens` (default 4096: four windows at
+1K, one at 4K; at least one), each opened with BOS when the model's tokenizer adds one,
+so every window is a sequence as the model sees it. Scores are pooled over the windows'
+tokens, in two modes:
 
   hook         teacher-forced: the window goes through the model in chunks, every
                key/value passing through the cache (stored, then read back in its
@@ -16,8 +20,9 @@ distribution is available for KL without storing [C, vocab] logits.
 
 JSON schema (`eval.json`): {"meta": {...}, "rows": [{model, corpus, context, cache,
 mode, ppl, delta_ppl, delta_ppl_pct, kl_mean, top1_agree, cache_bytes,
-bits_per_value, tokens_scored}]}. Rows of mode "incremental" score only the last
-m positions of each window, and carry `hook_ppl_same_positions` for comparison.
+bits_per_value, tokens_scored, windows}]}. Rows of mode "incremental" score only the
+last m positions of each window, and carry `hook_ppl_same_positions` and
+`incremental_vs_hook_pct` for comparison.
 """
 
 from __future__ import annotations
@@ -80,10 +85,10 @@ def default_specs() -> list[CacheSpec]:
                 description="K4V4 g32, SRFT rotation only"),
       CacheSpec("int4", QuantConfig(rotation="srft"), calibrate=True,
                 description="kvjax default: K4V4 g32, SRFT + calibrated key offsets (constant "
-                            "and rotary), λ and feedback rounding"),
+                            "and rotary), λ, feedback rounding and exact sink key"),
       CacheSpec("K8V4", QuantConfig(key_bits=8, rotation="srft"), calibrate=True,
-                description="8-bit keys, 4-bit values, g32, SRFT + calibrated key offsets, λ "
-                            "and feedback rounding"),
+                description="8-bit keys, 4-bit values, g32, SRFT + calibrated key offsets, λ, "
+                            "feedback rounding and exact sink key"),
   ]
 
 
@@ -95,10 +100,16 @@ def ablation_specs() -> list[CacheSpec]:
                 description="K4V4 g32, SRFT + constant key offset and λ"),
       CacheSpec("int4-rotary", q, calibrate=True,
                 recipe=dataclasses.replace(KeyCalibration(), feedback=False),
-                description="K4V4 g32, SRFT + constant and rotary key offsets and λ"),
+                description="K4V4 g32, SRFT + constant and rotary key offsets, λ and exact "
+                            "sink key"),
       CacheSpec("int4-feedback", q, calibrate=True,
                 recipe=dataclasses.replace(KeyCalibration(), rope_pairs=0),
-                description="K4V4 g32, SRFT + constant key offset, λ and feedback rounding"),
+                description="K4V4 g32, SRFT + constant key offset, λ, feedback rounding and "
+                            "exact sink key"),
+      CacheSpec("int4-nosink", q, calibrate=True,
+                recipe=dataclasses.replace(KeyCalibration(), sink=False),
+                description="K4V4 g32, SRFT + constant and rotary key offsets, λ and feedback "
+                            "rounding (no exact sink key)"),
   ]
 
 
@@ -404,6 +415,40 @@ def evaluate_window(runner: _Runner, tokens: np.ndarray, specs: Sequence[CacheSp
   return result
 
 
+def windows(ids: Sequence[int], context: int, count: int, *, bos: bool) -> list[np.ndarray]:
+  """Up to `count` consecutive, disjoint windows of `context` tokens from the start of `ids`.
+
+  With bos (ids[0] is the BOS token) every window opens with BOS followed by the next
+  context - 1 tokens of text, as a fresh sequence would; otherwise windows are plain slices.
+  Returns at least one window (the caller checks that the text holds `context` tokens).
+  """
+  if bos:
+    body, first = list(ids[1:]), [ids[0]]
+    n = context - 1
+  else:
+    body, first, n = list(ids), [], context
+  count = max(1, min(count, len(body) // n))
+  return [np.asarray(first + body[i * n:(i + 1) * n], np.int32) for i in range(count)]
+
+
+def _pool_windows(per_window: Sequence[dict]) -> dict:
+  """Concatenates the per-token arrays of several `evaluate_window` results."""
+  out = {}
+  for name in per_window[0]:
+    r0 = per_window[0][name]
+    pooled = {"hook": tuple(np.concatenate([w[name]["hook"][i] for w in per_window])
+                            for i in range(3))}
+    if "incremental" in r0:
+      pooled["incremental"] = tuple(np.concatenate([w[name]["incremental"][i]
+                                                    for w in per_window]) for i in range(3))
+      # The hook scores of the same positions (each window's last m targets).
+      pooled["hook_same_positions"] = tuple(
+          np.concatenate([w[name]["hook"][i][w[name]["incremental_start"]:] for w in per_window])
+          for i in range(3))
+    out[name] = pooled
+  return out
+
+
 def _summary(nll, kl, agree):
   return {"ppl": float(math.exp(float(np.mean(nll)))), "kl_mean": float(np.mean(kl)),
           "top1_agree": float(np.mean(agree)), "tokens_scored": int(len(nll))}
@@ -414,11 +459,12 @@ def run(model_name: str = "gemma3-270m", *, text_file: str | None = None,
         incremental_steps: int = 64, incremental_specs: Sequence[str] = ("int4",),
         calibration_tokens: int = 2048, chunk: int = 512, out_dir: str = "results/eval",
         progress: bool = True, plot: bool = True, log=print,
-        calibration: str | None = None) -> dict:
+        calibration: str | None = None, score_tokens: int = 4096) -> dict:
   """The whole `kvjax eval` job; returns the JSON document it writes.
 
   calibration: directory written by `kvjax calibrate`; adds a cache "int4-learned" holding
   its learned R, λ and key offset.
+  score_tokens: each context C is scored on ceil(score_tokens / C) windows (`windows`).
   """
   from kvjax import corpus
   from kvjax.models import load
@@ -464,6 +510,8 @@ def run(model_name: str = "gemma3-270m", *, text_file: str | None = None,
     text, corpus_name = corpus.eval_text(), "austen:pride-and-prejudice"
   else:
     text, corpus_name = corpus.load_text(text_file), str(text_file)
+  if not isinstance(score_tokens, int) or score_tokens < 1:
+    raise ValueError(f"score_tokens must be a positive int, got {score_tokens!r}")
   ids = tokenizer.encode(text, add_bos=cfg.add_bos)
   if len(ids) < contexts[-1]:
     raise ValueError(f"the text has {len(ids)} tokens, fewer than the longest context "
@@ -485,10 +533,14 @@ def run(model_name: str = "gemma3-270m", *, text_file: str | None = None,
   rows = []
   max_len = contexts[-1]
   for c in contexts:
-    window = np.asarray(ids[:c], np.int32)
-    res = evaluate_window(runner, window, specs, max_len=max_len, stats=stats, chunk=chunk,
-                          incremental_steps=incremental_steps,
-                          incremental_specs=incremental_specs, progress=progress)
+    wins = windows(ids, c, -(-score_tokens // c), bos=cfg.add_bos)
+    if len(wins) < -(-score_tokens // c):
+      log(f"context {c}: the text holds {len(wins)} window(s), not {-(-score_tokens // c)}")
+    per_window = [evaluate_window(runner, w, specs, max_len=max_len, stats=stats, chunk=chunk,
+                                  incremental_steps=incremental_steps,
+                                  incremental_specs=incremental_specs, progress=progress)
+                  for w in wins]
+    res = _pool_windows(per_window)
     base = {}
     for s in specs:
       r = res[s.name]
@@ -496,6 +548,7 @@ def run(model_name: str = "gemma3-270m", *, text_file: str | None = None,
         if mode not in r:
           continue
         summ = _summary(*r[mode])
+        summ["windows"] = len(wins)
         if s.name == specs[0].name:
           base[mode] = summ["ppl"]
         row = {"model": model_name, "corpus": corpus_name, "context": c, "cache": s.name,
@@ -505,8 +558,7 @@ def run(model_name: str = "gemma3-270m", *, text_file: str | None = None,
         row["cache_bytes"] = cache_bytes(model, s, c)
         row["bits_per_value"] = bits_per_value(model, s, c)
         if mode == "incremental":
-          start = r["incremental_start"]
-          hook_same = _summary(*(x[start:] for x in r["hook"]))
+          hook_same = _summary(*r["hook_same_positions"])
           row["hook_ppl_same_positions"] = hook_same["ppl"]
           row["incremental_vs_hook_pct"] = 100.0 * (row["ppl"] / hook_same["ppl"] - 1.0)
         rows.append(row)
@@ -514,6 +566,7 @@ def run(model_name: str = "gemma3-270m", *, text_file: str | None = None,
                   "caches": {s.name: s.description or (s.quant.name if s.quant else "dense")
                              for s in specs},
                   "incremental_steps": incremental_steps, "calibration_tokens": calibration_tokens,
+                  "score_tokens": score_tokens,
                   "key_sensitivity": sensitivity,
                   "seconds": round(time.time() - t0, 1), "jax": jax.__version__,
                   "backend": jax.default_backend()},

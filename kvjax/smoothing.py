@@ -1,6 +1,6 @@
 """Closed-form key calibration from statistics: offsets, per-channel scales λ, rounding feedback.
 
-Four facts make 4-bit keys cheap to fix without touching attention's cost per token:
+Five facts make 4-bit keys cheap to fix without touching attention's cost per token:
 
 1. Offset. Softmax ignores a constant added to all logits of one query, and
    q . (k_t - μ) + q . μ = q . k_t. So keys can be stored minus a per-channel
@@ -29,7 +29,12 @@ Four facts make 4-bit keys cheap to fix without touching attention's cost per to
    quantization (rms of the keys after both offsets). q~ = R(λ ∘ q) absorbs λ on
    the query side once per query.
 
-4. Rounding. What a key's rounding error e (rotated domain) costs is the logit error
+4. Sink. Most queries put much of their attention on the sequence's first token (BOS: the
+   "attention sink"), so the rounding error of that one key moves every query's softmax.
+   The cache keeps that key exact (`QuantConfig.key_sink`: its rounding error is stored in
+   float32, 1 KiB per sequence, head and layer at D = 256, and added back to its logit).
+
+5. Rounding. What a key's rounding error e (rotated domain) costs is the logit error
    q~ . e, of mean square e^T H e with H = E[q~ q~^T] = R diag(λ) E[q q^T] diag(λ) R^T.
    Queries concentrate on few directions (H has a fast-decaying spectrum), so choosing
    the codes of one key channel by channel with error feedback (GPTQ / LDLQ: feedback
@@ -61,8 +66,8 @@ class KeyCalibration:
   (0 disables λ); clip: bound of λ relative to its geometric mean; rope_pairs: channel
   pairs that may get a rotary offset (fewer if fewer pairs gain; needs statistics
   gathered with RoPE frequencies); feedback: error-feedback key rounding; damping: δ of
-  fact 4, relative to the mean diagonal of H (guards against directions the calibration
-  queries never visited).
+  fact 5, relative to the mean diagonal of H (guards against directions the calibration
+  queries never visited); sink: keep the key at position 0 exact (fact 4).
   """
 
   offset: bool = True
@@ -71,6 +76,7 @@ class KeyCalibration:
   rope_pairs: int = 32
   feedback: bool = True
   damping: float = 0.01
+  sink: bool = True
 
   def __post_init__(self):
     if not isinstance(self.rope_pairs, int) or self.rope_pairs < 0:
@@ -79,8 +85,8 @@ class KeyCalibration:
       raise ValueError(f"KeyCalibration.damping must be > 0, got {self.damping!r}")
 
 
-# The constant and rotary offsets only, no λ or feedback: the recipe before facts 2 and 4.
-OFFSET_AND_LAMBDA = KeyCalibration(rope_pairs=0, feedback=False)
+# The constant key offset and λ only (facts 1 and 3).
+OFFSET_AND_LAMBDA = KeyCalibration(rope_pairs=0, feedback=False, sink=False)
 
 
 def balance_lambda(k_rms, q_rms, calib: KeyCalibration = KeyCalibration()):
@@ -184,7 +190,7 @@ def key_params(stats: StatsKVCache, calib: KeyCalibration = KeyCalibration()) ->
 
 
 def feedback_matrix(stats: StatsKVCache, k_lambda, rotation, *, damping: float = 0.01):
-  """The error-feedback matrix of fact 4, float32 [..., H, D, D] (strictly upper triangular).
+  """The error-feedback matrix of fact 5, float32 [..., H, D, D] (strictly upper triangular).
 
   k_lambda [..., H, D] and rotation [..., Hr, D, D] are the cache's (Hr in {1, H}).
   """
@@ -214,9 +220,9 @@ def calibrate_caches(quant_caches, stats_caches, calib: KeyCalibration = KeyCali
   `quant_caches` and `stats_caches` must have the same structure (e.g. both from
   `model.init_cache(...)`, the second wrapped with `kvjax.with_stats` and run
   over calibration text). Layer-stacked caches keep their stacking. Each cache's
-  config gets key_rope_pairs = calib.rope_pairs (when calib.offset) and key_feedback =
-  calib.feedback; its constant key mean, λ, rotary offsets and feedback matrix come
-  from the statistics.
+  config gets key_rope_pairs = calib.rope_pairs (when calib.offset), key_feedback =
+  calib.feedback and key_sink = calib.sink; its constant key mean, λ, rotary offsets and
+  feedback matrix come from the statistics.
   """
   is_cache = lambda x: isinstance(x, (DenseKVCache, QuantizedKVCache))
 
@@ -241,7 +247,9 @@ def calibrate_caches(quant_caches, stats_caches, calib: KeyCalibration = KeyCali
     else:
       fields["k_feedback"] = jnp.zeros(want + (qc.head_dim,), jnp.float32)
     config = dataclasses.replace(qc.config, key_rope_pairs=params["k_rope_freq"].shape[-1],
-                                 key_feedback=calib.feedback)
+                                 key_feedback=calib.feedback, key_sink=calib.sink)
+    fields["k_sink"] = jnp.zeros(qc.k_sink.shape[:-1] + (qc.head_dim if calib.sink else 0,),
+                                 jnp.float32)
     return dataclasses.replace(qc, config=config, **fields)
 
   return jax.tree_util.tree_map(one, quant_caches, stats_caches, is_leaf=is_cache)

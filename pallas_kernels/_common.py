@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax
 import jax.numpy as jnp
 
 # Running max before any valid score. Finite so that exp(m_old - m_new) never
@@ -112,6 +113,60 @@ def validate_rope(rope_coef, rope_freq, batch, q_heads):
                      f"coefficients of the P = {p} pairs of rope_freq), got {rope_coef.shape} "
                      f"{rope_coef.dtype}")
   return rope_coef.astype(jnp.float32), rope_freq.astype(jnp.float32)
+
+
+def validate_sink_logit(sink_logit, batch, q_heads):
+  """None, or a float [B, Hq] array (added to the logit of the key at position 0)."""
+  if sink_logit is None:
+    return None
+  if sink_logit.shape != (batch, q_heads) or not jnp.issubdtype(sink_logit.dtype, jnp.floating):
+    raise ValueError(f"sink_logit must be a float [B, Hq] = {(batch, q_heads)} array, got "
+                     f"{sink_logit.shape} {sink_logit.dtype}")
+  return sink_logit.astype(jnp.float32)
+
+
+def sink_split(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, sink_logit, *, key_bits,
+               value_bits, group_size, ring, window, scale, softcap, logit_offset, rope_coef,
+               rope_freq):
+  """The `sink_logit` correction as one more split-K state (m, l, acc) for `combine_splits`.
+
+  The kernels score the slot holding position 0 like any other, with logit z' (after the
+  offsets, before the soft-cap). With the correction its logit is z = z' + sink_logit, so
+  its softmax weight moves from exp(cap(z') - m) to exp(cap(z) - m): this state carries the
+  difference, exp(cap(z) - m) - exp(cap(z') - m) in l and that times the slot's value in
+  acc (it may be negative; the merged sum is the corrected one). O(B Hq D) work outside the
+  kernel: one slot's codes are read again. z' is recomputed in float32; the kernels'
+  bf16-split products carry ~16 bits, so the merge is exact to ~2^-16 of the sink's weight.
+  Returns m, l [B, H, 1, R] and acc [B, H, 1, R, D] (m = NO_SCORE_YET, l = acc = 0 where
+  position 0 is not visible to the query).
+  """
+  from kvjax.pallas_kernels import reference  # reference imports this module
+
+  b, hq, d = q_rot.shape
+  h, s = k_codes.shape[1], k_codes.shape[2]
+  r = hq // h
+  k0 = reference.dequantize_codes(k_codes[:, :, :1], k_scales[:, :, :1], bits=key_bits,
+                                  group_size=group_size)[:, :, 0]              # [B, H, D]
+  v0 = reference.dequantize_codes(v_codes[:, :, :1], v_scales[:, :, :1], bits=value_bits,
+                                  group_size=group_size)[:, :, 0]
+  q = q_rot.astype(jnp.float32).reshape(b, h, r, d)
+  z = jnp.einsum("bhrd,bhd->bhr", q, k0, precision=jax.lax.Precision.HIGHEST) * scale
+  if logit_offset is not None:
+    z = z + logit_offset.reshape(b, h, r)
+  if rope_coef is not None:  # at t = 0: cos = 1, sin = 0
+    z = z + jnp.sum(rope_coef.reshape(b, h, r, -1)[..., :rope_freq.shape[0]], axis=-1)
+  cap = (lambda x: x) if softcap is None else (lambda x: softcap * jnp.tanh(x / softcap))
+  old, new = cap(z), cap(z + sink_logit.reshape(b, h, r))
+  lengths = lengths.astype(jnp.int32)
+  _, _, base, write = slot_bounds(lengths, s, ring=ring, window=window)
+  zero = jnp.zeros_like(lengths)
+  seen = (slot_visible(zero, lengths, base, write, s, window)
+          & (slot_position(zero, base, write, s) == 0))[:, None, None]        # [B, 1, 1]
+  m = jnp.where(seen, jnp.maximum(old, new), NO_SCORE_YET)
+  l = jnp.where(seen, jnp.exp(new - m) - jnp.exp(old - m), 0.0)
+  # An invisible slot 0 may hold stale or never-written (even NaN) scales: keep them out.
+  acc = jnp.where(seen[..., None], l[..., None] * v0[:, :, None, :], 0.0)
+  return m[:, :, None], l[:, :, None], acc[:, :, None]
 
 
 def default_scale(head_dim, scale):

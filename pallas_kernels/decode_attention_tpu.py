@@ -234,7 +234,7 @@ def _decode_kernel(
 def decode_attention_tpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *, key_bits=4,
                          value_bits=4, group_size=32, ring=False, window=None, scale=None,
                          softcap=None, logit_offset=None, rope_coef=None, rope_freq=None,
-                         block_s=None, num_splits=None, interpret=None):
+                         sink_logit=None, block_s=None, num_splits=None, interpret=None):
   """Decode attention over a quantized cache with the Mosaic TPU kernel.
 
   Arguments and result as `decode_attention_reference` ([B, Hq, D] float32 in the
@@ -254,6 +254,7 @@ def decode_attention_tpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *
   logit_offset = _common.validate_logit_offset(logit_offset, b, shapes.q_heads)
   rope_coef, rope_freq = _common.validate_rope(rope_coef, rope_freq, b, shapes.q_heads)
   rope_pairs = 0 if rope_freq is None else rope_freq.shape[0]
+  sink_logit = _common.validate_sink_logit(sink_logit, b, shapes.q_heads)
   if block_s is None:
     block_s = tuning.decode_block_s("tpu", d)
   block_s = min(block_s, s)
@@ -349,5 +350,12 @@ def decode_attention_tpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *
     *rope_inputs, k_codes, k_scales, v_codes, v_scales)
   m, l = outs[0][..., 0], outs[1][..., 0]
   acc = jnp.concatenate(outs[2:], axis=-1) if num_value_parts == 2 else outs[2]
+  if sink_logit is not None:
+    extra = _common.sink_split(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, sink_logit,
+                               key_bits=key_bits, value_bits=value_bits, group_size=group_size,
+                               ring=ring, window=window, scale=scale, softcap=softcap,
+                               logit_offset=logit_offset, rope_coef=rope_coef,
+                               rope_freq=rope_freq)
+    m, l, acc = (jnp.concatenate([a, e], axis=2) for a, e in zip((m, l, acc), extra))
   out = _common.combine_splits(m, l, acc)  # [B, H, R, D]
   return out.reshape(b, shapes.q_heads, d)

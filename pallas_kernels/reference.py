@@ -33,7 +33,7 @@ def dequantize_codes(codes, scales, *, bits, group_size):
 def decode_attention_reference(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *,
                                key_bits=4, value_bits=4, group_size=32, ring=False, window=None,
                                scale=None, softcap=None, logit_offset=None, rope_coef=None,
-                               rope_freq=None):
+                               rope_freq=None, sink_logit=None):
   """One decode step of attention in the rotated domain.
 
   Args:
@@ -52,6 +52,9 @@ def decode_attention_reference(q_rot, k_codes, k_scales, v_codes, v_scales, leng
       gets, with the logit offset, after the scale and before the soft-cap,
         sum_p rope_coef[..., p] cos(float32(t) w_p) + rope_coef[..., P + p] sin(float32(t) w_p)
       with w = rope_freq; the caller has already multiplied rope_coef by the scale.
+    sink_logit: None or [B, Hq] float added (after the scale, before the soft-cap) to the
+      logit of the slot holding absolute position 0, when visible: scale * q . e_0 for a
+      cache that keeps the rounding error e_0 of its sink key (QuantConfig.key_sink).
 
   Returns:
     [B, Hq, D] float32 output in the rotated value domain; zeros for rows that see
@@ -81,6 +84,11 @@ def decode_attention_reference(q_rot, k_codes, k_scales, v_codes, v_scales, leng
     trig = jnp.concatenate([jnp.cos(angle), jnp.sin(angle)], axis=-1)  # [B, S, 2P]
     coef = rope_coef.reshape(b, h, shapes.n_rep, -1)
     logits = logits + jnp.einsum("bhrp,bsp->bhrs", coef, trig, precision=lax.Precision.HIGHEST)
+  sink_logit = _common.validate_sink_logit(sink_logit, b, hq)
+  if sink_logit is not None:
+    position = _common.slot_position(slots, base[:, None], write[:, None], s)  # [B, S]
+    logits = logits + jnp.where((position == 0)[:, None, None, :],
+                                sink_logit.reshape(b, h, shapes.n_rep, 1), 0.0)
   if softcap is not None:
     logits = softcap * jnp.tanh(logits / softcap)
   visible = _common.slot_visible(slots, lengths.astype(jnp.int32)[:, None], base[:, None],

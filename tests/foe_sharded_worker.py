@@ -50,10 +50,11 @@ def cache_kinds(clusters):
   # Exact float32 attention ("xla"): the CPU default for chunks rounds to bf16, whose matmul
   # blocking differs between shardings; this test compares shardings, not attention paths.
   # The int4 cache carries the calibrated recipe's per-layer fields (key mean, rotary offset in
-  # 4 channel pairs, feedback rounding) with random per-head values, so that their sharding
-  # (per-head fields split with the heads, per-layer ones replicated) is exercised too.
+  # 4 channel pairs, feedback rounding, exact sink key) with random per-head values, so that
+  # their sharding (per-head fields split with the heads, per-layer ones replicated, the
+  # per-sequence sink error split by batch and head) is exercised too.
   kinds = [("int4", kvjax.QuantConfig(attention_impl="xla", key_rope_pairs=4,
-                                      key_feedback=True))]
+                                      key_feedback=True, key_sink=True))]
   return [("dense", None)] + kinds if clusters == 2 else kinds
 
 

@@ -64,6 +64,14 @@ def test_calibration_statistics_and_params(tiny):
       lam = np.asarray(c.k_lambda)
       assert np.all(np.isfinite(lam)) and np.all(lam > 0)
       np.testing.assert_allclose(np.log(lam).mean(-1), 0.0, atol=1e-4)  # geometric mean 1
+      # The default recipe keeps the sink key exact: a [.., B, H, D] error buffer, stacked
+      # like the layer's other fields; without it the buffer is empty.
+      assert c.config.key_sink and c.k_sink.shape == c.k_codes.shape[:-2] + (cfg.head_dim,)
+  off = smoothing.calibrate_caches(q, stats, dataclasses.replace(smoothing.KeyCalibration(),
+                                                                 sink=False))
+  for c in jax.tree_util.tree_leaves(off, is_leaf=lambda x: isinstance(x, kvjax.QuantizedKVCache)):
+    if isinstance(c, kvjax.QuantizedKVCache):
+      assert not c.config.key_sink and c.k_sink.shape[-1] == 0
 
 
 def test_key_mean_is_exact_for_attention():
@@ -198,3 +206,14 @@ def test_retrieved_number_is_the_first_run_of_digits():
   assert retrieved_number(" 60494. Remember it, 123") == "60494"
   assert retrieved_number(" 6049.\n\n") == "6049"
   assert retrieved_number(" the key") is None
+
+
+def test_windows_are_disjoint_stretches_each_opened_with_bos():
+  ids = [2] + list(range(100, 140))               # BOS, then 40 text tokens
+  wins = ev.windows(ids, 10, 3, bos=True)
+  assert [w.tolist() for w in wins] == [[2] + list(range(100 + 9 * i, 109 + 9 * i))
+                                        for i in range(3)]
+  assert len(ev.windows(ids, 10, 99, bos=True)) == 4      # only 4 x 9 text tokens fit
+  plain = ev.windows(list(range(25)), 10, 5, bos=False)
+  assert [w.tolist() for w in plain] == [list(range(10)), list(range(10, 20))]
+  assert len(ev.windows(list(range(10)), 10, 0, bos=False)) == 1  # at least one

@@ -42,6 +42,7 @@ class Case:
   block_s: int = 32
   num_splits: int = 2
   rope_pairs: int = 0  # P > 0: random rotary logit offsets (rope_coef, rope_freq)
+  sink: bool = False  # random sink_logit (added to the logit of position 0)
 
 
 CASES = [
@@ -65,12 +66,25 @@ ROPE_CASES = [
          rope_pairs=3),
 ]
 
+# Sink logits (a correction to position 0's logit): position 0 visible (lengths 1, 45, 80 of
+# a linear cache; a ring that has not wrapped), hidden by a window (length 70, window 20) or
+# overwritten in a ring (lengths 150, 201); with a soft-cap, rotary offsets, GQA, 8-bit keys.
+SINK_CASES = [
+    Case(64, 32, 4, 4, 4, 80, (1, 45, 80), sink=True),
+    Case(128, 64, 8, 8, 4, 96, (0, 17, 70), window=20, softcap=30.0, kv_heads=1, num_splits=3,
+         sink=True),
+    Case(64, 32, 2, 4, 8, 64, (3, 40, 201), ring=True, window=48, softcap=20.0, rope_pairs=8,
+         sink=True),
+    Case(256, 128, 1, 4, 4, 64, (64, 2, 150), ring=True, sink=True),
+]
+
 
 def _case_id(c):
   mode = "ring" if c.ring else "linear"
   rope = f"-rope{c.rope_pairs}" if c.rope_pairs else ""
+  sink = "-sink" if c.sink else ""
   return (f"D{c.head_dim}-g{c.group_size}-rep{c.n_rep}-K{c.key_bits}V{c.value_bits}-{mode}"
-          f"-w{c.window}-cap{c.softcap}{rope}")
+          f"-w{c.window}-cap{c.softcap}{rope}{sink}")
 
 
 def _unpack(codes, bits):
@@ -140,11 +154,18 @@ def _make_inputs(case, seed):
     if case.softcap is not None:
       # With a soft-cap, both offsets must enter before it (checked by the oracle).
       inputs["logit_offset"] = rng.normal(size=(b, h * case.n_rep)).astype(np.float32)
+  if case.sink:
+    # Of the order of the logits, both signs (a sink key's error can raise or lower it).
+    inputs["sink_logit"] = (rng.normal(size=(b, h * case.n_rep)) * 3).astype(np.float32)
   return inputs
 
 
 def _without_rope(inputs):
   return {k: v for k, v in inputs.items() if k not in ("rope_coef", "rope_freq")}
+
+
+def _without_sink(inputs):
+  return {k: v for k, v in inputs.items() if k != "sink_logit"}
 
 
 def _static(case):
@@ -157,7 +178,8 @@ def _oracle(case, inputs, logit_offset=None):
 
   Rotary logit offsets (inputs rope_coef, rope_freq), built slot by slot: the angle
   float32(t) * w in float32 (the kernels' and the models' product), then cos and sin of
-  that angle in float64. A logit_offset in `inputs` is used unless one is passed.
+  that angle in float64. A logit_offset in `inputs` is used unless one is passed; a
+  sink_logit is added to the slot holding position 0.
   """
   b, hq, d = inputs["q_rot"].shape
   h, s, g = case.kv_heads, case.capacity, case.group_size
@@ -190,6 +212,9 @@ def _oracle(case, inputs, logit_offset=None):
           angle = (np.float32(positions[bi, slot]) * freq).astype(np.float64)  # [P]
           logits[slot_index] += (coef[bi, head, :p].astype(np.float64) @ np.cos(angle) +
                                  coef[bi, head, p:].astype(np.float64) @ np.sin(angle))
+      if "sink_logit" in inputs:
+        logits = logits + np.where(positions[bi, idx] == 0,
+                                   float(inputs["sink_logit"][bi, head]), 0.0)
       if case.softcap is not None:
         logits = case.softcap * np.tanh(logits / case.softcap)
       p = np.exp(logits - logits.max())
@@ -218,7 +243,7 @@ def _rows_with_keys(case, hq):
   return np.repeat(any_visible[:, None], hq, axis=1)
 
 
-@pytest.mark.parametrize("case", CASES + ROPE_CASES, ids=_case_id)
+@pytest.mark.parametrize("case", CASES + ROPE_CASES + SINK_CASES, ids=_case_id)
 def test_reference_matches_float64_oracle(case):
   inputs = _make_inputs(case, seed=zlib.crc32(_case_id(case).encode()))
   expected, vmax = _oracle(case, inputs)
@@ -232,6 +257,15 @@ def test_reference_matches_float64_oracle(case):
     # The rotary term is not a no-op: leaving it out changes the output by far more.
     without, _ = _oracle(case, _without_rope(inputs))
     assert np.abs(without - expected).max() > 1e-2
+  if case.sink:
+    # The sink logit moves only rows that see position 0 (not all of them noticeably: a
+    # row whose only key is position 0, or where it has a tiny weight), and some by far
+    # more than the bound.
+    without, _ = _oracle(case, _without_sink(inputs))
+    sees_0 = (_visible(case, case.capacity) & (_positions(case, case.capacity) == 0)).any(1)
+    change = np.abs(without - expected).max(axis=-1)   # [B, Hq]
+    assert np.all(change[~sees_0] == 0.0), change
+    assert change.max() > 1e-2, change
 
 
 # Both kernels multiply codes (exact in bf16) by a float32 operand split into two
@@ -241,8 +275,11 @@ KERNELS = [("tpu", decode_attention_tpu, 1e-4), ("gpu", decode_attention_gpu, 1e
 
 
 @pytest.mark.parametrize("target,kernel,rel_tol", KERNELS, ids=[k[0] for k in KERNELS])
-@pytest.mark.parametrize("case", CASES + ROPE_CASES, ids=_case_id)
+@pytest.mark.parametrize("case", CASES + ROPE_CASES + SINK_CASES, ids=_case_id)
 def test_kernel_matches_reference(case, target, kernel, rel_tol):
+  # Sink cases: the kernels score position 0 as usual and a split-K state added outside
+  # them moves its weight to the corrected logit (recomputed in float32; the kernel's own
+  # ~1e-5 logit error on that slot stays in the difference), within the same bound.
   # Rotary cases: the kernels form the same float32 angles as the reference and add
   # 2P float32 products (HIGHEST-precision [R, P] x [P, block_s] matmuls on TPU, FMAs
   # on GPU): logit errors ~1e-6, below the 1e-5 of the scores, so the bound stays

@@ -118,3 +118,26 @@ def test_decode_attention_with_logit_offset_lowers(platform):
 
   text = _export(fn, args, platform)
   assert CUSTOM_CALL[platform] in text
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_decode_attention_with_sink_logit_lowers(platform):
+  # The sink correction is a split-K state built outside the kernel from slot 0 alone: still
+  # one kernel launch, and no dequantized [B, H, S, D] K/V anywhere.
+  b, h, n_rep, s, d, g = 2, 2, 4, 256, 128, 32
+  codes = jax.ShapeDtypeStruct((b, h, s, d // 2), jnp.uint8)
+  scales = jax.ShapeDtypeStruct((b, h, s, d // g), jnp.bfloat16)
+  hq = jax.ShapeDtypeStruct((b, h * n_rep), jnp.float32)
+  args = (jax.ShapeDtypeStruct((b, h * n_rep, d), jnp.float32), codes, scales, codes, scales,
+          jax.ShapeDtypeStruct((b,), jnp.int32), hq, hq)
+
+  def fn(q, kc, ks, vc, vs, lengths, offset, sink):
+    return decode_attention(q, kc, ks, vc, vs, lengths, softcap=30.0, logit_offset=offset,
+                            sink_logit=sink, ring=True, window=128,
+                            backend=BACKEND[platform], interpret=False)
+
+  text = _export(fn, args, platform)
+  targets = [t for pair in _custom_call_targets(text) for t in pair if t]
+  assert targets == [CUSTOM_CALL[platform]], targets
+  for dtype in ("f32", "bf16", "f16"):
+    assert f"{b}x{h}x{s}x{d}x{dtype}" not in text

@@ -1,0 +1,137 @@
+"""The exact sink key (QuantConfig.key_sink): position 0's key read back exactly, on every path."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kvjax
+from kvjax import attention, cache as cache_lib
+
+
+def _rand(seed, *shape):
+  return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def _keys(seed, b, n, h, d):
+  # An un-centred outlier at position 0 (as a BOS key is), then ordinary keys.
+  k = _rand(seed, b, n, h, d) + 0.5
+  k[:, 0] *= 6.0
+  return jnp.asarray(k)
+
+
+def _row_rel_err(a, ref):
+  a = np.asarray(a, np.float64)
+  return np.linalg.norm(a - ref, axis=-1) / np.maximum(np.linalg.norm(ref, axis=-1), 1e-30)
+
+
+@pytest.mark.parametrize("ring", [False, True])
+def test_sink_key_is_stored_exactly_and_only_it(ring):
+  b, h, d, n = 2, 2, 64, 12
+  cfg = kvjax.QuantConfig(key_sink=True, seed=1)
+  c = kvjax.init_cache(b, h, 64, d, quant=cfg, window=16 if ring else None)
+  assert c.k_sink.shape == (b, h, d)
+  k, v = _keys(0, b, n, h, d), jnp.asarray(_rand(1, b, n, h, d))
+  c = kvjax.append(c, k, v, num_tokens=jnp.array([n, 5]))
+  k_hat, _ = attention._dequantized_kv(c, attention._quant_view(c), cache_lib.positions(c))
+  err = np.abs(np.asarray(k_hat)[:, :, :n] - np.asarray(k).transpose(0, 2, 1, 3))  # [B,H,n,D]
+  scale = np.abs(np.asarray(k)).max()
+  # float32 round trip of one vector: ~1e-7 of its size. Every other key keeps its 4-bit
+  # error (~5% of the row's largest entry), so the check cannot pass by accident.
+  assert err[:, :, 0].max() <= 1e-6 * scale
+  visible = 16 if ring else n   # slots of a 16-slot ring after 12 tokens: all still there
+  assert err[0, :, 1:min(n, visible)].max(axis=-1).min() > 1e-3 * scale
+  # Without key_sink the same position 0 has the ordinary 4-bit error.
+  plain = kvjax.append(kvjax.init_cache(b, h, 64, d, quant=kvjax.QuantConfig(seed=1),
+                                        window=16 if ring else None), k, v)
+  k_plain, _ = attention._dequantized_kv(plain, attention._quant_view(plain),
+                                         cache_lib.positions(plain))
+  assert plain.k_sink.shape == (b, h, 0)
+  assert np.abs(np.asarray(k_plain)[:, :, 0] - np.asarray(k)[:, 0]).max() > 1e-2 * scale
+
+
+# (ring, tokens written): position 0 visible; a ring that wrapped (position 0 overwritten)
+# and a window that no longer reaches it.
+SINK_STATES = [(False, 40), (True, 12), (True, 40)]
+
+
+@pytest.mark.parametrize("ring,n", SINK_STATES)
+@pytest.mark.parametrize("impl,bound", [("xla", 1e-5), ("int8dot", 1e-3), ("pallas", 1e-4)])
+def test_decode_paths_match_reference_with_sink(ring, n, impl, bound):
+  b, h, d, rep = 2, 2, 64, 4
+  cfg = kvjax.QuantConfig(key_sink=True, seed=2)
+  c = kvjax.init_cache(b, h, 64, d, quant=cfg, window=16 if ring else None)
+  c = kvjax.append(c, _keys(3, b, n, h, d), jnp.asarray(_rand(4, b, n, h, d)),
+                   num_tokens=jnp.array([n, n - 3]))
+  q = jnp.asarray(3 * _rand(5, b, 1, h * rep, d))
+  for softcap in (None, 5.0):
+    ref = np.asarray(attention.attend_reference(q, c, softcap=softcap), np.float64)
+    out = kvjax.attend(q, c, impl=impl, softcap=softcap)
+    # xla: the same float32 math in another order; int8dot: its two-level int8 rounding
+    # (test_attention); pallas: the kernel's bf16-split products (test_pallas_decode_attention).
+    assert _row_rel_err(out, ref).max() < bound
+
+
+@pytest.mark.parametrize("ring", [False, True])
+def test_chunk_paths_match_reference_with_sink(ring):
+  b, h, d, rep, n = 2, 2, 64, 2, 24
+  cfg = kvjax.QuantConfig(key_sink=True, seed=3)
+  k, v = _keys(6, b, n, h, d), jnp.asarray(_rand(7, b, n, h, d))
+  q = jnp.asarray(3 * _rand(8, b, n, h * rep, d))
+  outs = {}
+  for impl in ("reference", "xla", "dequant"):
+    c = kvjax.init_cache(b, h, 64, d, quant=cfg, window=16 if ring else None)
+    outs[impl], c = kvjax.append_and_attend(c, q, k, v, impl=impl)
+  ref = np.asarray(outs["reference"], np.float64)
+  assert _row_rel_err(outs["xla"], ref).max() < 1e-5
+  # "dequant" rounds q~, codes and weights to bf16: bounded, as in test_attention, by twice
+  # what a bf16 dense cache of the same keys and values loses against float32.
+  dense = {}
+  for dt in (jnp.float32, jnp.bfloat16):
+    c = kvjax.init_cache(b, h, 64, d, dtype=dt, window=16 if ring else None)
+    dense[dt], _ = kvjax.append_and_attend(c, q, k, v)
+  bf16_err = _row_rel_err(dense[jnp.bfloat16], np.asarray(dense[jnp.float32], np.float64)).max()
+  assert _row_rel_err(outs["dequant"], ref).max() < 2 * bf16_err
+
+
+def test_sink_changes_attention_towards_the_exact_keys():
+  """Against float attention over the original keys (values exact too), the sink cache's
+  scores are closer than the plain cache's for every row that sees position 0."""
+  b, h, d, n, rep = 2, 1, 64, 30, 4
+  k, v = _keys(9, b, n, h, d), jnp.asarray(_rand(10, b, n, h, d))
+  q = jnp.asarray(2 * _rand(11, b, 1, h * rep, d))
+  dense = kvjax.append(kvjax.init_cache(b, h, 64, d, dtype=jnp.float32), k, v)
+  exact = np.asarray(kvjax.attend(q, dense), np.float64)
+  errs = {}
+  for sink in (False, True):
+    c = kvjax.init_cache(b, h, 64, d, quant=kvjax.QuantConfig(key_sink=sink, value_bits=8,
+                                                               seed=4))
+    c = kvjax.append(c, k, v)
+    errs[sink] = _row_rel_err(kvjax.attend(q, c, impl="reference"), exact)
+  assert errs[True].mean() < errs[False].mean()
+
+
+def test_chunk_and_token_writes_store_the_same_sink_error():
+  b, h, d, n = 2, 2, 128, 20
+  cfg = kvjax.QuantConfig(key_sink=True, seed=5)
+  k, v = _keys(12, b, n, h, d), jnp.asarray(_rand(13, b, n, h, d))
+  step = jax.jit(kvjax.append)
+  whole = step(kvjax.init_cache(b, h, 64, d, quant=cfg), k, v)
+  one = kvjax.init_cache(b, h, 64, d, quant=cfg)
+  for t in range(n):
+    one = step(one, k[:, t:t + 1], v[:, t:t + 1])
+  np.testing.assert_array_equal(np.asarray(whole.k_sink), np.asarray(one.k_sink))
+  assert np.abs(np.asarray(whole.k_sink)).max() > 0
+  # Later chunks never touch it.
+  again = step(whole, k[:, :3], v[:, :3])
+  np.testing.assert_array_equal(np.asarray(again.k_sink), np.asarray(whole.k_sink))
+
+
+def test_sink_config_errors_and_bytes():
+  with pytest.raises(ValueError, match="key_sink must be a bool"):
+    kvjax.QuantConfig(key_sink=1)
+  on = kvjax.init_cache(3, 2, 100, 64, quant=kvjax.QuantConfig(key_sink=True))
+  off = kvjax.init_cache(3, 2, 100, 64, quant=kvjax.QuantConfig())
+  # One float32 vector per sequence and head is per-sequence storage: counted.
+  assert kvjax.nbytes(on) - kvjax.nbytes(off) == 3 * 2 * 64 * 4
+  assert kvjax.QuantConfig(key_sink=True).name.endswith("+sink")
