@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "'+k8@L1,L2,...' for 8-bit keys in those layers (e.g. int4+k8@1,2,4,10)")
   e.add_argument("--incremental-steps", type=int, default=64,
                  help="decode the last N positions of each window token by token (0: off)")
-  e.add_argument("--score-tokens", type=int, default=4096,
+  e.add_argument("--score-tokens", type=int, default=2048,
                  help="tokens scored per context: ceil(N / context) disjoint windows of the "
                       "text, each opened with BOS (default: %(default)s)")
   e.add_argument("--calibration-tokens", type=int, default=2048)

@@ -2,7 +2,7 @@
 
 For each context length C and each cache, windows of C tokens of the evaluation text
 (Pride and Prejudice unless `--text`) are scored: consecutive, disjoint stretches of the
-text from its start, as many as make up `score_tokens` (default 4096: four windows at
+text from its start, as many as make up `score_tokens` (default 2048: two windows at
 1K, one at 4K; at least one), each opened with BOS when the model's tokenizer adds one,
 so every window is a sequence as the model sees it. Scores are pooled over the windows'
 tokens, in two modes:
@@ -459,7 +459,7 @@ def run(model_name: str = "gemma3-270m", *, text_file: str | None = None,
         incremental_steps: int = 64, incremental_specs: Sequence[str] = ("int4",),
         calibration_tokens: int = 2048, chunk: int = 512, out_dir: str = "results/eval",
         progress: bool = True, plot: bool = True, log=print,
-        calibration: str | None = None, score_tokens: int = 4096) -> dict:
+        calibration: str | None = None, score_tokens: int = 2048) -> dict:
   """The whole `kvjax eval` job; returns the JSON document it writes.
 
   calibration: directory written by `kvjax calibrate`; adds a cache "int4-learned" holding
