@@ -169,6 +169,11 @@ def sink_split(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, sink_logit,
   return m[:, :, None], l[:, :, None], acc[:, :, None]
 
 
+def add_sink_split(states, *args, **kwargs):
+  """(m, l, acc) of the kernel's splits with the `sink_split` state appended on the split axis."""
+  return tuple(jnp.concatenate([a, e], axis=2) for a, e in zip(states, sink_split(*args, **kwargs)))
+
+
 def default_scale(head_dim, scale):
   return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
 

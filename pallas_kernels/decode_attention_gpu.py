@@ -304,11 +304,10 @@ def decode_attention_gpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *
     *([] if logit_offset is None else [logit_offset.reshape(b, h, n_rep)]),
     *([] if not rope_pairs else [rope_coef.reshape(b, h, n_rep, 2 * rope_pairs), rope_freq]))
   if sink_logit is not None:
-    extra = _common.sink_split(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, sink_logit,
-                               key_bits=key_bits, value_bits=value_bits, group_size=group_size,
-                               ring=ring, window=window, scale=scale, softcap=softcap,
-                               logit_offset=logit_offset, rope_coef=rope_coef,
-                               rope_freq=rope_freq)
-    m, l, acc = (jnp.concatenate([a, e], axis=2) for a, e in zip((m, l, acc), extra))
+    m, l, acc = _common.add_sink_split(
+        (m, l, acc), q_rot, k_codes, k_scales, v_codes, v_scales, lengths, sink_logit,
+        key_bits=key_bits, value_bits=value_bits, group_size=group_size, ring=ring,
+        window=window, scale=scale, softcap=softcap, logit_offset=logit_offset,
+        rope_coef=rope_coef, rope_freq=rope_freq)
   out = _common.combine_splits(m, l, acc)
   return out.reshape(b, shapes.q_heads, d)
