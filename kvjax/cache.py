@@ -500,14 +500,21 @@ def centred_keys(cache: QuantizedKVCache, k: jax.Array, positions: jax.Array) ->
 
 def _sink_error(cache: QuantizedKVCache, k, positions, arrays, valid) -> jax.Array:
   """The new `k_sink` [B, H, D]: k_0 - k^_0 for sequences whose position 0 is in this chunk
-  (always its first token), the old value for the others."""
+  (always its first token), the old value for the others.
+
+  Decode steps almost never start a sequence: the un-rotation of the first token is skipped
+  (a `cond`) unless some sequence of the batch does."""
   cfg = cache.config
-  exact = centred_keys(cache, k[:, :1], positions[:, :1])                     # [B, 1, H, D]
-  stored = quantizer.dequantize(arrays["k_codes"][:, :1], arrays["k_scales"][:, :1],
-                                cache.k_rotation, cache.k_lambda, bits=cfg.key_bits,
-                                group_size=cfg.group_size)
   first = (cache.lengths == 0) & valid[:, 0]
-  return jnp.where(first[:, None, None], (exact - stored)[:, 0], cache.k_sink)
+
+  def error():
+    exact = centred_keys(cache, k[:, :1], positions[:, :1])                   # [B, 1, H, D]
+    stored = quantizer.dequantize(arrays["k_codes"][:, :1], arrays["k_scales"][:, :1],
+                                  cache.k_rotation, cache.k_lambda, bits=cfg.key_bits,
+                                  group_size=cfg.group_size)
+    return jnp.where(first[:, None, None], (exact - stored)[:, 0], cache.k_sink)
+
+  return jax.lax.cond(jnp.any(first), error, lambda: cache.k_sink)
 
 
 def _quantize_chunk(cache: QuantizedKVCache, k, v, positions, *, impl: str):
