@@ -51,7 +51,7 @@ def main(argv=None):
     for name, make in kinds.items():
       caches = jax.block_until_ready(make())
       t0 = time.perf_counter()
-      logits, _, caches = ev.prefill(runner, ids, caches, chunk=a.chunk)
+      logits, caches = ev.prefill(runner, ids, caches, chunk=a.chunk)
       jax.block_until_ready(logits)
       times[name].append(time.perf_counter() - t0)
       print(f"repeat {r + 1}/{a.repeats} {name}: {times[name][-1]:.2f} s", flush=True)

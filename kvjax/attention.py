@@ -1,13 +1,14 @@
 """Attention over a KV cache: decode (one query token) and chunks, dense or quantized.
 
-Over a quantized cache the XLA path never forms dequantized keys or values per
+Over a quantized cache the XLA path never forms un-rotated keys or values per
 token. With q~ = R_k (lam_k * q) computed once per query,
 
     score_t = q . k_t = sum_groups s_{t,g} (q~_g . codes_{t,g})
     out     = lam_v * R_v^T (sum_t p_t s_{t,g} codes_{t,g})
 
 so the rotation costs O(D^2) per query, not per cached token, and the codes
-are only ever multiplied by one scale per group.
+are only ever multiplied by one scale per group (per query at decode; once per
+chunk, in float32, when a chunk's queries outnumber D / (R * G)).
 
 impl:
   "auto"      single-token decode over a quantized cache: the Pallas kernel on
@@ -165,17 +166,30 @@ def quantized_attention(q, view: dict, mask, *, config, scale, softcap=None, kv_
   kc = view["k_codes"]
   k_int = quantizer.unpack_int4(kc) if config.key_bits == 4 else kc
   k_int = k_int.reshape(b, h, n, G, g).astype(jnp.float32)
-  # Per-group partial dot products, then one multiply-add with the group scales.
-  part = jnp.einsum("bhtrGc,bhnGc->bhtrnG", qr, k_int, precision=_HI)
-  s = jnp.einsum("bhtrnG,bhnG->bhtrn", part, view["k_scales"].astype(jnp.float32),
-                 precision=_HI)
+  v_int = quantizer.unpack_int4(view["v_codes"]) if config.value_bits == 4 else view["v_codes"]
+  v_int = v_int.reshape(b, h, n, G, g).astype(jnp.float32)
+  k_sc = view["k_scales"].astype(jnp.float32)
+  v_sc = view["v_scales"].astype(jnp.float32)
+  if t * r * G <= d:
+    # Few queries (decode): per-group partial dot products [.., N, G], then one
+    # multiply-add with the group scales; nothing of size [N, D] beyond the codes.
+    part = jnp.einsum("bhtrGc,bhnGc->bhtrnG", qr, k_int, precision=_HI)
+    s = jnp.einsum("bhtrnG,bhnG->bhtrn", part, k_sc, precision=_HI)
+  else:
+    # Many queries (a chunk): the partial products would outgrow the keys themselves, so
+    # the keys are scaled once in float32. level * bf16 scale is exact in float32 (a 4- or
+    # 8-bit integer times an 8-bit significand), so this is the same sum in another order.
+    k_hat = (k_int * k_sc[..., None]).reshape(b, h, n, d)
+    s = jnp.einsum("bhtrd,bhnd->bhtrn", qr.reshape(b, h, t, r, d), k_hat, precision=_HI)
   # Keys were stored minus k_mean (and c_t): add q . k_mean (+ q . c_t) back (exact).
   s = (s + _key_logit_offsets(qg, view, config, kv_pos)) * scale
   p = _softmax_weights(s, mask[:, None, :, None, :], softcap)
-  v_int = quantizer.unpack_int4(view["v_codes"]) if config.value_bits == 4 else view["v_codes"]
-  v_int = v_int.reshape(b, h, n, G, g).astype(jnp.float32)
-  pw = p[..., None] * view["v_scales"].astype(jnp.float32)[:, :, None, None, :, :]
-  o_rot = jnp.einsum("bhtrnG,bhnGc->bhtrGc", pw, v_int, precision=_HI).reshape(b, h, t, r, d)
+  if t * r * G <= d:
+    pw = p[..., None] * v_sc[:, :, None, None, :, :]
+    o_rot = jnp.einsum("bhtrnG,bhnGc->bhtrGc", pw, v_int, precision=_HI).reshape(b, h, t, r, d)
+  else:
+    v_hat = (v_int * v_sc[..., None]).reshape(b, h, n, d)
+    o_rot = jnp.einsum("bhtrn,bhnd->bhtrd", p, v_hat, precision=_HI)
   rot, lam = view["v_rotation"], view["v_lambda"]
   o = jnp.einsum("bhtre,hed->bhtrd", o_rot, rot, precision=_HI) * lam[None, :, None, None, :]
   return _ungroup(o, q.dtype)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax.cache import DenseKVCache, QuantizedKVCache
-from kvjax.eval import _Runner, cache_bytes, parse_spec, separate_layers
+from kvjax.eval import _Runner, cache_bytes, parse_spec, with_layers_for
 
 _IS_CACHE = lambda x: isinstance(x, (DenseKVCache, QuantizedKVCache))
 
@@ -64,7 +64,9 @@ def run(model_name: str = "gemma3-270m", *, contexts=(256, 1024, 4096, 8192), re
                      "'+k8@auto' layers are chosen by kvjax eval, which prints them")
   if specs[0].quant is not None:
     specs.insert(0, parse_spec("bf16"))
-  model, _ = load(model_name, separate_layers=separate_layers(specs))
+  model, _ = load(model_name)
+  specs = [s.resolve_layers(model.config) for s in specs]
+  model = with_layers_for(model, specs)
   runner = _Runner(model)
   contexts = sorted(contexts)
   log(f"{model_name}: decode step time per token (caches allocated for each context + "

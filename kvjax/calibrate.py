@@ -242,7 +242,7 @@ def collect(runner, tokens: Sequence[int], *, query_samples: int = 256, chunk: i
     from tqdm.auto import tqdm
     bar = tqdm(total=n, desc="calibration prefill", unit="tok", leave=False)
   from kvjax.eval import prefill  # eval imports this module lazily; keep the import local
-  _, _, caches = prefill(runner, tokens, caches, chunk=chunk, bar=bar)
+  _, caches = prefill(runner, tokens, caches, chunk=chunk, bar=bar)
   if bar is not None:
     bar.close()
   h, d, hq = cfg.num_kv_heads, cfg.head_dim, cfg.num_heads

@@ -58,22 +58,74 @@ class CacheSpec:
   key8_layers: tuple[int, ...] = ()
   key8_auto: int = 0  # pick this many key8_layers by `key_sensitivity` on calibration text
   recipe: KeyCalibration = KeyCalibration()  # what `calibrate` derives from the statistics
+  # Other per-layer formats: ((QuantConfig field, value, layers), ...), applied in order after
+  # the 8-bit keys; layers are indices or "global" / "local" (see `resolve_layers`).
+  layer_formats: tuple[tuple[str, int, tuple[int | str, ...]], ...] = ()
 
   def __post_init__(self):
-    if (self.key8_layers or self.key8_auto) and (self.quant is None or self.calibration is not None):
-      raise ValueError(f"cache {self.name!r}: 8-bit key layers need a quantized cache without a "
-                       "learned calibration")
+    if ((self.key8_layers or self.key8_auto or self.layer_formats)
+        and (self.quant is None or self.calibration is not None)):
+      raise ValueError(f"cache {self.name!r}: per-layer formats (8-bit key layers, '+g<N>@', "
+                       "'+v8@') need a quantized cache without a learned calibration")
     if not isinstance(self.key8_auto, int) or self.key8_auto < 0:
       raise ValueError(f"cache {self.name!r}: key8_auto must be an int >= 0, got {self.key8_auto!r}")
+    for field, value, layers in self.layer_formats:
+      if field not in _LAYER_FIELDS:
+        raise ValueError(f"cache {self.name!r}: a per-layer format sets one of "
+                         f"{sorted(_LAYER_FIELDS)}, got {field!r}")
+      dataclasses.replace(self.quant, **{field: value})  # QuantConfig validates the value
+      if not layers or any(not isinstance(l, int) and l not in ("global", "local") for l in layers):
+        raise ValueError(f"cache {self.name!r}: per-layer format {field}={value} needs layer "
+                         f"indices or 'global'/'local', got {layers!r}")
+
+  def resolve_layers(self, config) -> "CacheSpec":
+    """This spec with 'global' / 'local' replaced by those layers of the model `config`."""
+    formats = []
+    for field, value, layers in self.layer_formats:
+      out = set()
+      for l in layers:
+        if isinstance(l, str):
+          out |= {i for i, kind in enumerate(config.layer_types) if kind == l}
+        elif not 0 <= l < config.num_layers:
+          raise ValueError(f"cache {self.name!r}: layer {l} is out of range for a model of "
+                           f"{config.num_layers} layers")
+        else:
+          out.add(l)
+      if not out:
+        raise ValueError(f"cache {self.name!r}: {layers} names no layer of this model "
+                         f"(layer types {sorted(set(config.layer_types))})")
+      formats.append((field, value, tuple(sorted(out))))
+    return dataclasses.replace(self, layer_formats=tuple(formats))
 
   def layer_quant(self) -> dict:
     """{layer: QuantConfig} overrides for `model.init_cache(layer_quant=...)`."""
-    return {l: dataclasses.replace(self.quant, key_bits=8) for l in self.key8_layers}
+    out = {l: dataclasses.replace(self.quant, key_bits=8) for l in self.key8_layers}
+    for field, value, layers in self.layer_formats:
+      if any(isinstance(l, str) for l in layers):
+        raise ValueError(f"cache {self.name!r}: resolve 'global' / 'local' layers first "
+                         "(CacheSpec.resolve_layers(model.config))")
+      for l in layers:
+        out[l] = dataclasses.replace(out.get(l, self.quant), **{field: value})
+    return out
+
+
+_LAYER_FIELDS = ("key_bits", "value_bits", "group_size")
+
+
+def with_layers_for(model, specs):
+  """`model`, or a copy scanning on their own the layers these resolved specs give their own
+  cache format (`kvjax.models.with_separate_layers`)."""
+  layers = separate_layers(specs)
+  if not layers:
+    return model
+  from kvjax.models import with_separate_layers
+  return with_separate_layers(model, layers)
 
 
 def separate_layers(specs) -> tuple[int, ...]:
-  """Layers the model must scan on their own for these specs' per-layer caches."""
-  return tuple(sorted({l for s in specs for l in s.key8_layers}))
+  """Layers the model must scan on their own for these specs' per-layer caches (resolved
+  specs: see `CacheSpec.resolve_layers`)."""
+  return tuple(sorted({l for s in specs for l in s.layer_quant()}))
 
 
 def default_specs() -> list[CacheSpec]:
@@ -118,29 +170,52 @@ SPEC_CHOICES = {s.name: s for s in default_specs() + ablation_specs()}
 
 def parse_spec(text: str) -> CacheSpec:
   """Parses a cache name: a default ('bf16', 'int4', ...) or 'K4V4-g64-srht[-cal]', optionally
-  followed by '+k8@L1,L2,...' (those layers' keys at 8 bits, e.g. 'int4+k8@1,2,4,10')."""
-  if "+k8@" in text:
-    base, layers = text.split("+k8@", 1)
+  followed by per-layer formats, each '+<what>@<layers>':
+    k8@L1,L2,...   those layers' keys at 8 bits (or k8@auto<N>: the N most key-sensitive);
+    v8@L1,...      those layers' values at 8 bits;
+    g<N>@L1,...    those layers' quantization group of N channels;
+  where layers are indices or 'global' / 'local' (the model's full-attention or
+  sliding-window layers), e.g. 'int4+g128@global+k8@4'."""
+  base, *formats = text.split("+")
+  if formats:
     spec = parse_spec(base)
-    if layers.startswith("auto"):
+    layer_formats, described = [], []
+    for part in formats:
+      what, at, layers = part.partition("@")
+      if not at or len(what) < 2 or what[0] not in "kvg" or not what[1:].isdigit():
+        raise ValueError(f"cache {text!r}: {'+' + part!r} is not a per-layer format; use "
+                         "+k8@L1,L2 / +v8@L1,L2 / +g<N>@L1,L2 (layers: indices, 'global' or "
+                         "'local'), or +k8@auto<N>")
+      field, value = {"k": "key_bits", "v": "value_bits", "g": "group_size"}[what[0]], int(what[1:])
+      if what == "k8" and layers.startswith("auto"):
+        try:
+          count = int(layers[4:])
+        except ValueError:
+          count = -1
+        if count < 1:
+          raise ValueError(f"cache {text!r}: '+k8@auto' must be followed by a positive count, "
+                           "e.g. int4+k8@auto4") from None
+        spec = dataclasses.replace(spec, key8_auto=count)
+        described.append(f"keys of the {count} most sensitive layers at 8 bits")
+        continue
       try:
-        count = int(layers[4:])
+        ids = tuple(l if l in ("global", "local") else int(l) for l in layers.split(","))
       except ValueError:
-        count = -1
-      if count < 1:
-        raise ValueError(f"cache {text!r}: '+k8@auto' must be followed by a positive count, "
-                         "e.g. int4+k8@auto4") from None
-      return dataclasses.replace(spec, name=text, key8_auto=count,
-                                 description=(spec.description or base)
-                                 + f"; keys of the {count} most sensitive layers at 8 bits")
+        raise ValueError(f"cache {text!r}: '+{what}@' must be followed by comma-separated layer "
+                         "indices (e.g. int4+k8@1,2,4,10), 'global' or 'local'"
+                         + (", or auto<count> (e.g. int4+k8@auto4)" if what == "k8" else "")) from None
+      if what == "k8" and all(isinstance(l, int) for l in ids):
+        spec = dataclasses.replace(spec, key8_layers=tuple(sorted(set(spec.key8_layers) | set(ids))))
+      else:
+        layer_formats.append((field, value, ids))
+      described.append({"key_bits": f"keys at {value} bits", "value_bits": f"values at {value} bits",
+                        "group_size": f"groups of {value}"}[field]
+                       + f" in layers {', '.join(map(str, ids))}")
     try:
-      key8 = tuple(sorted({int(x) for x in layers.split(",")}))
-    except ValueError:
-      raise ValueError(f"cache {text!r}: '+k8@' must be followed by comma-separated layer "
-                       "indices (e.g. int4+k8@1,2,4,10) or auto<count> (e.g. int4+k8@auto4)") from None
-    return dataclasses.replace(spec, name=text, key8_layers=key8,
-                               description=(spec.description or base)
-                               + f"; keys of layers {', '.join(map(str, key8))} at 8 bits")
+      return dataclasses.replace(spec, name=text, layer_formats=spec.layer_formats + tuple(layer_formats),
+                                 description="; ".join([spec.description or base] + described))
+    except ValueError as e:
+      raise ValueError(f"cache {text!r}: {e}") from None
   if text in SPEC_CHOICES:
     return SPEC_CHOICES[text]
   parts = text.split("-")
@@ -173,23 +248,46 @@ class _Runner:
       m = nnx.merge(graphdef, state)
       return m(tokens, caches, num_tokens=num_tokens)
 
-    self.fwd = jax.jit(fwd, donate_argnums=(2,))
+    def fwd_last(state, tokens, caches, num_tokens):
+      m = nnx.merge(graphdef, state)
+      logits, caches = m(tokens, caches, num_tokens=num_tokens, logits_at=num_tokens - 1)
+      return logits[:, 0], caches
 
-  def __call__(self, tokens, caches, num_tokens=None):
+    self.fwd = jax.jit(fwd, donate_argnums=(2,))
+    self.fwd_last = jax.jit(fwd_last, donate_argnums=(2,))
+
+  def __call__(self, tokens, caches, num_tokens=None, *, last_only: bool = False):
+    """(logits [B, T, V] float32, caches); last_only: logits [B, V] of each sequence's last
+    real token only (what a prefill needs: skips the vocabulary projection elsewhere)."""
     tokens = jnp.asarray(tokens, jnp.int32)
     if num_tokens is None:
       num_tokens = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
-    return self.fwd(self.state, tokens, caches, num_tokens)
+    fwd = self.fwd_last if last_only else self.fwd
+    return fwd(self.state, tokens, caches, num_tokens)
 
 
 @jax.jit
-def _token_stats(ref_logits, logits, targets, valid):
-  """Per-token NLL of `logits`, KL(ref ‖ logits) and top-1 agreement; [T] each."""
-  lp_ref = jax.nn.log_softmax(ref_logits.astype(jnp.float32), axis=-1)
-  lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(lp, targets[:, None], axis=-1)[:, 0]
-  kl = jnp.sum(jnp.exp(lp_ref) * (lp_ref - lp), axis=-1)
-  agree = (jnp.argmax(lp_ref, -1) == jnp.argmax(lp, -1)).astype(jnp.float32)
+def _reference_stats(ref_logits):
+  """What every cache's statistics need of the reference logits [T, V], computed once:
+  (logits, p_ref [T, V], logsumexp [T], argmax [T])."""
+  ref = ref_logits.astype(jnp.float32)
+  lse = jax.nn.logsumexp(ref, axis=-1)
+  return ref, jnp.exp(ref - lse[:, None]), lse, jnp.argmax(ref, axis=-1)
+
+
+@jax.jit
+def _token_stats(ref, logits, targets, valid):
+  """Per-token NLL of `logits` [T, V], KL(ref ‖ logits) and top-1 agreement; [T] each.
+
+  ref = `_reference_stats(ref_logits)`. KL = sum p_ref (log p_ref - log p) =
+  sum p_ref (ref - logits) + lse(logits) - lse(ref) (sum p_ref = 1): the quantized logits
+  are never normalized in memory, and the logit difference keeps small KLs exact."""
+  ref_logits, p_ref, lse_ref, top_ref = ref
+  logits = logits.astype(jnp.float32)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  nll = lse - jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+  kl = jnp.sum(p_ref * (ref_logits - logits), axis=-1) + (lse - lse_ref)
+  agree = (jnp.argmax(logits, axis=-1) == top_ref).astype(jnp.float32)
   z = jnp.zeros_like(nll)
   return jnp.where(valid, nll, z), jnp.where(valid, kl, z), jnp.where(valid, agree, z)
 
@@ -204,19 +302,20 @@ def _progress(total, desc, enabled):
 def prefill(runner: _Runner, tokens: Sequence[int], caches, *, chunk: int = 512, bar=None):
   """Feeds `tokens` through the caches in fixed-size chunks (one compiled shape).
 
-  The last chunk is right-padded and only its real tokens enter the caches.
-  Returns (logits of the last chunk [1, chunk, V], index of its last real token, caches).
+  The last chunk is right-padded and only its real tokens enter the caches; logits are
+  computed for the last token only. Returns (logits of the last token [1, V], caches).
   """
-  logits, last = None, -1
+  if len(tokens) < 1:
+    raise ValueError("prefill needs at least one token")
+  logits = None
   for lo in range(0, len(tokens), chunk):
     part = tokens[lo:lo + chunk]
     piece = np.zeros((1, chunk), np.int32)
     piece[0, :len(part)] = part
-    logits, caches = runner(piece, caches, jnp.asarray([len(part)], jnp.int32))
-    last = len(part) - 1
+    logits, caches = runner(piece, caches, jnp.asarray([len(part)], jnp.int32), last_only=True)
     if bar is not None:
       bar.update(len(part))
-  return logits, last, caches
+  return logits, caches
 
 
 def collect_stats(runner: _Runner, tokens: Sequence[int], *, chunk: int = 512,
@@ -227,7 +326,7 @@ def collect_stats(runner: _Runner, tokens: Sequence[int], *, chunk: int = 512,
   caches = with_stats(model.init_cache(1, n, dtype=jnp.float32),
                       rope_freq=model.rope_frequencies())
   bar = _progress(n, "calibration statistics", progress)
-  _, _, caches = prefill(runner, tokens, caches, chunk=chunk, bar=bar)
+  _, caches = prefill(runner, tokens, caches, chunk=chunk, bar=bar)
   if bar is not None:
     bar.close()
   return caches
@@ -368,12 +467,12 @@ def evaluate_window(runner: _Runner, tokens: np.ndarray, specs: Sequence[CacheSp
     t_part = targets_all[lo:lo + chunk]
     tgt[:len(t_part)] = t_part
     valid = jnp.arange(chunk) < len(t_part)
-    ref_logits = None
+    ref = None
     for s in specs:
       logits, caches[s.name] = runner(piece, caches[s.name], num)
-      if ref_logits is None:
-        ref_logits = logits[0]
-      stats_ = _token_stats(ref_logits, logits[0], jnp.asarray(tgt), valid)
+      if ref is None:
+        ref = _reference_stats(logits[0])
+      stats_ = _token_stats(ref, logits[0], jnp.asarray(tgt), valid)
       for acc, val in zip(out[s.name], stats_):
         acc.append(np.asarray(val)[:len(t_part)])
       if bar is not None:
@@ -388,20 +487,20 @@ def evaluate_window(runner: _Runner, tokens: np.ndarray, specs: Sequence[CacheSp
     inc_specs = [s for s in specs if s.name == ref_name or s.name in incremental_specs]
     caches = {s.name: _make_caches(model, s, max_len, stats) for s in inc_specs}
     for s in inc_specs:
-      _, _, caches[s.name] = prefill(runner, tokens[:n - m], caches[s.name], chunk=chunk)
+      _, caches[s.name] = prefill(runner, tokens[:n - m], caches[s.name], chunk=chunk)
     accs = {s.name: [[], [], []] for s in inc_specs}
     bar = _progress(m * len(inc_specs), f"incremental C={n}", progress)
     for i in range(n - m, n):
       tok = np.asarray([[tokens[i]]], np.int32)
-      ref_logits = None
+      ref = None
       # Position i predicts token i + 1; the window's last token has no target.
       has_target = i + 1 < n
       tgt = jnp.asarray([tokens[i + 1] if has_target else 0], jnp.int32)
       for s in inc_specs:
         logits, caches[s.name] = runner(tok, caches[s.name])
-        if ref_logits is None:
-          ref_logits = logits[0]
-        vals = _token_stats(ref_logits, logits[0], tgt, jnp.asarray([has_target]))
+        if ref is None:
+          ref = _reference_stats(logits[0])
+        vals = _token_stats(ref, logits[0], tgt, jnp.asarray([has_target]))
         if has_target:
           for acc, val in zip(accs[s.name], vals):
             acc.append(np.asarray(val))
@@ -481,6 +580,7 @@ def run(model_name: str = "gemma3-270m", *, text_file: str | None = None,
   if tokenizer is None:
     raise ValueError(f"{model_name} has no tokenizer; kvjax eval needs one to read text")
   cfg = model.config
+  specs = [s.resolve_layers(cfg) for s in specs]
   sensitivity = None
   if any(s.key8_auto for s in specs):
     cal_all = tokenizer.encode(corpus.calibration_text(), add_bos=cfg.add_bos)
@@ -503,9 +603,7 @@ def run(model_name: str = "gemma3-270m", *, text_file: str | None = None,
                                 description=f"{s.description} (layers {', '.join(map(str, top))})")
       resolved.append(s)
     specs = resolved
-  if separate_layers(specs):
-    from kvjax.models import with_separate_layers
-    model = with_separate_layers(model, separate_layers(specs))
+  model = with_layers_for(model, specs)
   if text_file is None:
     text, corpus_name = corpus.eval_text(), "austen:pride-and-prejudice"
   else:

@@ -55,8 +55,8 @@ def greedy_answer(runner, tokens: Sequence[int], spec, *, stats, new_tokens: int
   """Greedy continuation of `tokens` through the cache described by `spec`."""
   model = runner.model
   caches = ev._make_caches(model, spec, len(tokens) + new_tokens + 1, stats)
-  logits, last, caches = ev.prefill(runner, tokens, caches, chunk=chunk)
-  out = [int(jnp.argmax(logits[0, last]))]
+  logits, caches = ev.prefill(runner, tokens, caches, chunk=chunk)
+  out = [int(jnp.argmax(logits[0]))]
   for _ in range(new_tokens - 1):
     logits, caches = runner(np.asarray([[out[-1]]], np.int32), caches)
     out.append(int(jnp.argmax(logits[0, 0])))
@@ -76,7 +76,9 @@ def run(model_name: str = "gemma3-270m", *, lengths=(2048, 4096), depths=(0.1, 0
   if any(s.key8_auto for s in specs):
     raise ValueError("kvjax passkey needs explicit layers for 8-bit keys (e.g. int4+k8@2,3,4,10); "
                      "'+k8@auto' layers are chosen by kvjax eval, which prints them")
-  model, tok = load(model_name, separate_layers=ev.separate_layers(specs))
+  model, tok = load(model_name)
+  specs = [s.resolve_layers(model.config) for s in specs]
+  model = ev.with_layers_for(model, specs)
   runner = ev._Runner(model)
   stats = None
   if any(s.calibrate for s in specs):

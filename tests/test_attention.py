@@ -59,7 +59,7 @@ def test_dense_cache_equals_plain_attention_ragged(rep, tq):
 
 @pytest.mark.parametrize("kb,vb", [(4, 4), (8, 4), (8, 8)])
 @pytest.mark.parametrize("g", [32, 64])
-@pytest.mark.parametrize("tq", [1, 3])
+@pytest.mark.parametrize("tq", [1, 3, 17])  # 17 queries x 4 heads x G groups > D: chunk form
 def test_quantized_domain_equals_dequantize_reference(kb, vb, g, tq):
   b, h, rep, d, n = 2, 2, 4, 128, 40
   cfg = kvjax.QuantConfig(key_bits=kb, value_bits=vb, group_size=g, rotation="srft", seed=7)
