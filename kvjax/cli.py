@@ -54,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
   e.add_argument("--score-tokens", type=int, default=2048,
                  help="tokens scored per context: ceil(N / context) disjoint windows of the "
                       "text, each opened with BOS (default: %(default)s)")
-  e.add_argument("--calibration-tokens", type=int, default=2048)
+  e.add_argument("--calibration-tokens", type=int, default=2048,
+                 help="calibration statistics per context C from ceil(N / C) BOS-opened windows "
+                      "of C tokens of Emma (default: 2048)")
   e.add_argument("--chunk", type=int, default=512, help="prefill chunk length")
   e.add_argument("--out", default="results/eval")
   e.add_argument("--no-progress", action="store_true")

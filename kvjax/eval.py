@@ -318,15 +318,29 @@ def prefill(runner: _Runner, tokens: Sequence[int], caches, *, chunk: int = 512,
   return logits, caches
 
 
-def collect_stats(runner: _Runner, tokens: Sequence[int], *, chunk: int = 512,
-                  progress: bool = True):
-  """Runs the model over calibration tokens with statistics caches; returns them."""
+def collect_stats(runner: _Runner, tokens, *, chunk: int = 512, progress: bool = True):
+  """Runs the model over calibration tokens with statistics caches; returns them.
+
+  tokens: one sequence [n], or equal-length windows [W, n] run as one batch (the statistics
+  are sums over every sequence and position)."""
   model = runner.model
-  n = len(tokens)
-  caches = with_stats(model.init_cache(1, n, dtype=jnp.float32),
+  tokens = np.asarray(tokens, np.int32)
+  if tokens.ndim == 1:
+    tokens = tokens[None]
+  if tokens.ndim != 2 or tokens.shape[1] < 1:
+    raise ValueError(f"calibration tokens must be [n] or [windows, n] with n >= 1, got shape "
+                     f"{tokens.shape}")
+  w, n = tokens.shape
+  caches = with_stats(model.init_cache(w, n, dtype=jnp.float32),
                       rope_freq=model.rope_frequencies())
-  bar = _progress(n, "calibration statistics", progress)
-  _, caches = prefill(runner, tokens, caches, chunk=chunk, bar=bar)
+  bar = _progress(w * n, "calibration statistics", progress)
+  for lo in range(0, n, chunk):
+    part = tokens[:, lo:lo + chunk]
+    piece = np.zeros((w, chunk), np.int32)
+    piece[:, :part.shape[1]] = part
+    _, caches = runner(piece, caches, jnp.full((w,), part.shape[1], jnp.int32), last_only=True)
+    if bar is not None:
+      bar.update(part.size)
   if bar is not None:
     bar.close()
   return caches
@@ -564,6 +578,9 @@ def run(model_name: str = "gemma3-270m", *, text_file: str | None = None,
   calibration: directory written by `kvjax calibrate`; adds a cache "int4-learned" holding
   its learned R, λ and key offset.
   score_tokens: each context C is scored on ceil(score_tokens / C) windows (`windows`).
+  calibration_tokens: the calibrated caches of context C take their statistics from
+  ceil(calibration_tokens / C) BOS-opened windows of C tokens of the calibration book (so a
+  4K cache is calibrated on positions 0..4095, as it is used).
   """
   from kvjax import corpus
   from kvjax.models import load
@@ -621,16 +638,20 @@ def run(model_name: str = "gemma3-270m", *, text_file: str | None = None,
                            description=f"{learned.quant.name}: learned R, λ, key offset from "
                                        f"{calibration}"))
   runner = _Runner(model)
-  stats = None
+  cal_all = None
   if any(s.calibrate for s in specs):
-    cal_text = corpus.calibration_text()
-    cal_ids = tokenizer.encode(cal_text, add_bos=cfg.add_bos)[:calibration_tokens]
-    log(f"calibration statistics on {len(cal_ids)} tokens of {corpus.CALIBRATION_BOOK} "
-        "(disjoint from the evaluation text)")
-    stats = collect_stats(runner, cal_ids, chunk=chunk, progress=progress)
+    cal_all = tokenizer.encode(corpus.calibration_text(), add_bos=cfg.add_bos)
   rows = []
   max_len = contexts[-1]
   for c in contexts:
+    stats = None
+    if cal_all is not None:
+      # Statistics from windows of this context (each opened with BOS, as the scored windows
+      # are): key means, λ and H depend on the positions a cache holds.
+      cal_wins = np.stack(windows(cal_all, c, -(-calibration_tokens // c), bos=cfg.add_bos))
+      log(f"context {c}: calibration statistics on {cal_wins.shape[0]} window(s) of {c} tokens "
+          f"of {corpus.CALIBRATION_BOOK} (disjoint from the evaluation text)")
+      stats = collect_stats(runner, cal_wins, chunk=chunk, progress=progress)
     wins = windows(ids, c, -(-score_tokens // c), bos=cfg.add_bos)
     if len(wins) < -(-score_tokens // c):
       log(f"context {c}: the text holds {len(wins)} window(s), not {-(-score_tokens // c)}")
@@ -664,6 +685,8 @@ def run(model_name: str = "gemma3-270m", *, text_file: str | None = None,
                   "caches": {s.name: s.description or (s.quant.name if s.quant else "dense")
                              for s in specs},
                   "incremental_steps": incremental_steps, "calibration_tokens": calibration_tokens,
+                  "calibration_windows": "ceil(calibration_tokens / context) BOS-opened windows "
+                                         "of each context",
                   "score_tokens": score_tokens,
                   "key_sensitivity": sensitivity,
                   "seconds": round(time.time() - t0, 1), "jax": jax.__version__,

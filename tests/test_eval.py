@@ -46,6 +46,23 @@ def test_hook_and_incremental_agree_and_reference_is_exact(tiny):
   assert np.all(np.isfinite(res["int4"]["hook"][1])) and res["int4"]["hook"][1].mean() < 10
 
 
+def test_calibration_statistics_of_windows_are_sums(tiny):
+  model, runner = tiny
+  wins = np.random.default_rng(2).integers(3, model.config.vocab_size, (2, 24)).astype(np.int32)
+  both = ev.collect_stats(runner, wins, chunk=16, progress=False)
+  each = [ev.collect_stats(runner, w, chunk=16, progress=False) for w in wins]
+  is_stats = lambda x: isinstance(x, kvjax.StatsKVCache)
+  leaves = lambda t: [c for c in jax.tree_util.tree_leaves(t, is_leaf=is_stats) if is_stats(c)]
+  for b, e0, e1 in zip(leaves(both), leaves(each[0]), leaves(each[1])):
+    assert np.all(np.asarray(b.count) == 48)
+    for f in ("k_sum", "k_sq", "v_sq", "q_sq", "qq", "k_cos", "k_sin", "trig"):
+      np.testing.assert_allclose(np.asarray(getattr(b, f)),
+                                 np.asarray(getattr(e0, f)) + np.asarray(getattr(e1, f)),
+                                 rtol=1e-4, atol=1e-4, err_msg=f)
+  with pytest.raises(ValueError, match="calibration tokens"):
+    ev.collect_stats(runner, np.zeros((2, 3, 4), np.int32), progress=False)
+
+
 def test_token_stats_against_float64():
   rng = np.random.default_rng(5)
   t, v = 64, 3000
