@@ -80,14 +80,18 @@ def run(model_name: str = "gemma3-270m", *, lengths=(2048, 4096), depths=(0.1, 0
   specs = [s.resolve_layers(model.config) for s in specs]
   model = ev.with_layers_for(model, specs)
   runner = ev._Runner(model)
-  stats = None
+  cal_all = None
   if any(s.calibrate for s in specs):
-    cal = tok.encode(corpus.calibration_text(), add_bos=model.config.add_bos)[:calibration_tokens]
-    stats = ev.collect_stats(runner, cal, progress=False)
+    cal_all = tok.encode(corpus.calibration_text(), add_bos=model.config.add_bos)
   filler = corpus.eval_text()
   rng = random.Random(seed)
   rows = []
   for length in lengths:
+    stats = None
+    if cal_all is not None:  # as kvjax eval: windows of the prompt length, each opened with BOS
+      cal = np.stack(ev.windows(cal_all, length, -(-calibration_tokens // length),
+                                bos=model.config.add_bos))
+      stats = ev.collect_stats(runner, cal, progress=False)
     for depth in depths:
       key = f"{rng.randrange(10000, 99999)}"
       prompt = build_prompt(tok, filler, length=length, depth=depth, key=key,
