@@ -170,7 +170,10 @@ def quantized_attention(q, view: dict, mask, *, config, scale, softcap=None, kv_
   v_int = v_int.reshape(b, h, n, G, g).astype(jnp.float32)
   k_sc = view["k_scales"].astype(jnp.float32)
   v_sc = view["v_scales"].astype(jnp.float32)
-  if t * r * G <= d:
+  # Per-group partial products [.., T, R, N, G] are smaller than the scaled codes [.., N, D]
+  # only for few queries (decode); a chunk scales the codes once instead.
+  per_group = t * r * G <= d
+  if per_group:
     # Few queries (decode): per-group partial dot products [.., N, G], then one
     # multiply-add with the group scales; nothing of size [N, D] beyond the codes.
     part = jnp.einsum("bhtrGc,bhnGc->bhtrnG", qr, k_int, precision=_HI)
@@ -184,7 +187,7 @@ def quantized_attention(q, view: dict, mask, *, config, scale, softcap=None, kv_
   # Keys were stored minus k_mean (and c_t): add q . k_mean (+ q . c_t) back (exact).
   s = (s + _key_logit_offsets(qg, view, config, kv_pos)) * scale
   p = _softmax_weights(s, mask[:, None, :, None, :], softcap)
-  if t * r * G <= d:
+  if per_group:
     pw = p[..., None] * v_sc[:, :, None, None, :, :]
     o_rot = jnp.einsum("bhtrnG,bhnGc->bhtrGc", pw, v_int, precision=_HI).reshape(b, h, t, r, d)
   else:

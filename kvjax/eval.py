@@ -70,9 +70,9 @@ class CacheSpec:
     if not isinstance(self.key8_auto, int) or self.key8_auto < 0:
       raise ValueError(f"cache {self.name!r}: key8_auto must be an int >= 0, got {self.key8_auto!r}")
     for field, value, layers in self.layer_formats:
-      if field not in _LAYER_FIELDS:
+      if field not in _LAYER_FIELDS.values():
         raise ValueError(f"cache {self.name!r}: a per-layer format sets one of "
-                         f"{sorted(_LAYER_FIELDS)}, got {field!r}")
+                         f"{sorted(_LAYER_FIELDS.values())}, got {field!r}")
       dataclasses.replace(self.quant, **{field: value})  # QuantConfig validates the value
       if not layers or any(not isinstance(l, int) and l not in ("global", "local") for l in layers):
         raise ValueError(f"cache {self.name!r}: per-layer format {field}={value} needs layer "
@@ -109,7 +109,8 @@ class CacheSpec:
     return out
 
 
-_LAYER_FIELDS = ("key_bits", "value_bits", "group_size")
+# '+<letter><value>@layers' in a cache name -> the QuantConfig field it sets.
+_LAYER_FIELDS = {"k": "key_bits", "v": "value_bits", "g": "group_size"}
 
 
 def with_layers_for(model, specs):
@@ -186,7 +187,7 @@ def parse_spec(text: str) -> CacheSpec:
         raise ValueError(f"cache {text!r}: {'+' + part!r} is not a per-layer format; use "
                          "+k8@L1,L2 / +v8@L1,L2 / +g<N>@L1,L2 (layers: indices, 'global' or "
                          "'local'), or +k8@auto<N>")
-      field, value = {"k": "key_bits", "v": "value_bits", "g": "group_size"}[what[0]], int(what[1:])
+      field, value = _LAYER_FIELDS[what[0]], int(what[1:])
       if what == "k8" and layers.startswith("auto"):
         try:
           count = int(layers[4:])
@@ -299,22 +300,29 @@ def _progress(total, desc, enabled):
   return tqdm(total=total, desc=desc, unit="tok", leave=False)
 
 
-def prefill(runner: _Runner, tokens: Sequence[int], caches, *, chunk: int = 512, bar=None):
+def prefill(runner: _Runner, tokens, caches, *, chunk: int = 512, bar=None):
   """Feeds `tokens` through the caches in fixed-size chunks (one compiled shape).
 
-  The last chunk is right-padded and only its real tokens enter the caches; logits are
-  computed for the last token only. Returns (logits of the last token [1, V], caches).
+  tokens: one sequence [n], or equal-length sequences [B, n] (one per cache batch row). The
+  last chunk is right-padded and only its real tokens enter the caches; logits are computed
+  for the last token only. Returns (logits of the last token [B, V], caches).
   """
-  if len(tokens) < 1:
-    raise ValueError("prefill needs at least one token")
+  tokens = np.asarray(tokens, np.int32)
+  if tokens.ndim == 1:
+    tokens = tokens[None]
+  if tokens.ndim != 2 or tokens.shape[1] < 1:
+    raise ValueError(f"prefill tokens must be [n] or [batch, n] with n >= 1, got shape "
+                     f"{tokens.shape}")
+  w, n = tokens.shape
   logits = None
-  for lo in range(0, len(tokens), chunk):
-    part = tokens[lo:lo + chunk]
-    piece = np.zeros((1, chunk), np.int32)
-    piece[0, :len(part)] = part
-    logits, caches = runner(piece, caches, jnp.asarray([len(part)], jnp.int32), last_only=True)
+  for lo in range(0, n, chunk):
+    part = tokens[:, lo:lo + chunk]
+    piece = np.zeros((w, chunk), np.int32)
+    piece[:, :part.shape[1]] = part
+    logits, caches = runner(piece, caches, jnp.full((w,), part.shape[1], jnp.int32),
+                            last_only=True)
     if bar is not None:
-      bar.update(len(part))
+      bar.update(part.size)
   return logits, caches
 
 
@@ -324,23 +332,15 @@ def collect_stats(runner: _Runner, tokens, *, chunk: int = 512, progress: bool =
   tokens: one sequence [n], or equal-length windows [W, n] run as one batch (the statistics
   are sums over every sequence and position)."""
   model = runner.model
-  tokens = np.asarray(tokens, np.int32)
-  if tokens.ndim == 1:
-    tokens = tokens[None]
-  if tokens.ndim != 2 or tokens.shape[1] < 1:
+  shape = np.shape(tokens)
+  w, n = (1, shape[0]) if len(shape) == 1 else shape if len(shape) == 2 else (0, 0)
+  if not w or n < 1:
     raise ValueError(f"calibration tokens must be [n] or [windows, n] with n >= 1, got shape "
-                     f"{tokens.shape}")
-  w, n = tokens.shape
+                     f"{shape}")
   caches = with_stats(model.init_cache(w, n, dtype=jnp.float32),
                       rope_freq=model.rope_frequencies())
   bar = _progress(w * n, "calibration statistics", progress)
-  for lo in range(0, n, chunk):
-    part = tokens[:, lo:lo + chunk]
-    piece = np.zeros((w, chunk), np.int32)
-    piece[:, :part.shape[1]] = part
-    _, caches = runner(piece, caches, jnp.full((w,), part.shape[1], jnp.int32), last_only=True)
-    if bar is not None:
-      bar.update(part.size)
+  _, caches = prefill(runner, tokens, caches, chunk=chunk, bar=bar)
   if bar is not None:
     bar.close()
   return caches
