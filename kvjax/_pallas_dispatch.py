@@ -71,6 +71,11 @@ def decode(q, cache, *, scale, softcap, window):
     # The sink key's rounding error e_0 goes back into its logit (kvjax.cache.QuantizedKVCache).
     rope["sink_logit"] = scale * jnp.einsum("bhrd,bhd->bhr", qg, cache.k_sink,
                                             precision=jax.lax.Precision.HIGHEST).reshape(b, hq)
+  if cfg.value_sink:
+    # The sink value's rounding error e_0, in the kernel's (rotated) value domain.
+    rope["sink_value"] = jnp.einsum(
+        "bhd,hed->bhe", cache.v_sink / jnp.broadcast_to(cache.v_lambda, (h, d))[None],
+        jnp.broadcast_to(cache.v_rotation, (h, d, d)), precision=jax.lax.Precision.HIGHEST)
   o_rot = pk.decode_attention(
       q_rot, cache.k_codes, cache.k_scales, cache.v_codes, cache.v_scales, cache.lengths,
       key_bits=cfg.key_bits, value_bits=cfg.value_bits, group_size=cfg.group_size,

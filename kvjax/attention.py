@@ -153,6 +153,19 @@ def _key_logit_offsets(qg, view, config, kv_pos):
   return off
 
 
+def _sink_slots(config, kv_pos):
+  """bool [B, N]: the slot holding position 0, for a cache that keeps its sink value exact."""
+  if kv_pos is None:
+    raise ValueError("a cache with an exact sink value needs the slot positions (kv_pos)")
+  return kv_pos == 0
+
+
+def _add_value_sink(o, p0, view):
+  """o [B, H, T, R, D] (original domain) + p0 [B, H, T, R] times the sink value's rounding
+  error v_sink [B, H, D]: the attention output as if the sink value were stored exactly."""
+  return o + p0[..., None] * view["v_sink"][:, :, None, None, :]
+
+
 def quantized_attention(q, view: dict, mask, *, config, scale, softcap=None, kv_pos=None):
   """Attention in the rotated, quantized domain (no per-token dequantized K/V).
 
@@ -195,6 +208,9 @@ def quantized_attention(q, view: dict, mask, *, config, scale, softcap=None, kv_
     o_rot = jnp.einsum("bhtrn,bhnd->bhtrd", p, v_hat, precision=_HI)
   rot, lam = view["v_rotation"], view["v_lambda"]
   o = jnp.einsum("bhtre,hed->bhtrd", o_rot, rot, precision=_HI) * lam[None, :, None, None, :]
+  if config.value_sink:
+    sink = _sink_slots(config, kv_pos)[:, None, None, None, :]
+    o = _add_value_sink(o, jnp.sum(jnp.where(sink, p, 0.0), axis=-1), view)
   return _ungroup(o, q.dtype)
 
 
@@ -293,7 +309,7 @@ def quantized_attention_int8dot(q, view: dict, mask, *, config, scale, softcap=N
           .astype(jnp.float32) for p, gr in enumerate(vgroups)]    # [Gv, w] each
 
   def block(args):
-    qbd, qscale, qsum, offset, k_codes, k_scales, v_codes, v_scales, visible = args
+    qbd, qscale, qsum, offset, k_codes, k_scales, v_codes, v_scales, visible, sink = args
     c = qbd.shape[0]
     k_scales = k_scales.astype(jnp.float32)
     s = offset
@@ -339,22 +355,30 @@ def quantized_attention_int8dot(q, view: dict, mask, *, config, scale, softcap=N
         acc = acc + oj * vsel[p][j]
       outs.append(acc)                                              # [c,t,r,w]
     o = jnp.concatenate(outs, -1) if len(outs) > 1 else outs[0]
-    return o / jnp.where(denom > 0, denom, 1.0)[..., None]
+    inv = 1.0 / jnp.where(denom > 0, denom, 1.0)
+    p0 = jnp.sum(jnp.where(sink[:, None, None, :], w, 0.0), axis=-1) * inv  # sink slot's weight
+    return o * inv[..., None], p0
 
   visible = jnp.broadcast_to(mask[:, None], (b, h, t, n)).reshape(x, t, n)
+  sink = (_sink_slots(config, kv_pos) if config.value_sink
+          else jnp.zeros((b, n), bool))
+  sink = jnp.broadcast_to(sink[:, None], (b, h, n)).reshape(x, n)
   args = (qbd, qscale, qsum, offset,
           view["k_codes"].reshape(x, n, -1), view["k_scales"].reshape(x, n, G).swapaxes(1, 2),
           view["v_codes"].reshape(x, n, -1), view["v_scales"].reshape(x, n, G).swapaxes(1, 2),
-          visible)
+          visible, sink)
   cb = max(1, _INT8DOT_BLOCK_BYTES // max(1, n * d))
   cb = max(i for i in range(1, min(cb, x) + 1) if x % i == 0)
   if cb == x:
-    o_rot = block(args)
+    o_rot, p0 = block(args)
   else:
-    o_rot = jax.lax.map(block, jax.tree.map(lambda a: a.reshape(x // cb, cb, *a.shape[1:]), args))
+    o_rot, p0 = jax.lax.map(block, jax.tree.map(lambda a: a.reshape(x // cb, cb, *a.shape[1:]),
+                                                args))
   o_rot = o_rot.reshape(b, h, t, r, d)
   rot, lam = view["v_rotation"], view["v_lambda"]
   o = jnp.einsum("bhtre,hed->bhtrd", o_rot, rot, precision=_HI) * lam[None, :, None, None, :]
+  if config.value_sink:
+    o = _add_value_sink(o, p0.reshape(b, h, t, r), view)
   return _ungroup(o, q.dtype)
 
 
@@ -387,6 +411,9 @@ def quantized_attention_dequant(q, view: dict, mask, *, config, scale, softcap=N
                      preferred_element_type=jnp.float32)
   rot, lam = view["v_rotation"], view["v_lambda"]
   o = jnp.einsum("bhtre,hed->bhtrd", o_rot, rot, precision=_HI) * lam[None, :, None, None, :]
+  if config.value_sink:
+    sink = _sink_slots(config, kv_pos)[:, None, None, None, :]
+    o = _add_value_sink(o, jnp.sum(jnp.where(sink, p, 0.0), axis=-1), view)
   return _ungroup(o, q.dtype)
 
 
@@ -394,7 +421,7 @@ def _quant_view(c: QuantizedKVCache) -> dict:
   return {f: getattr(c, f) for f in ("k_codes", "k_scales", "v_codes", "v_scales",
                                      "k_rotation", "v_rotation", "k_lambda", "v_lambda",
                                      "k_mean", "k_rope_freq", "k_rope_channels", "k_rope_mean",
-                                     "k_sink")}
+                                     "k_sink", "v_sink")}
 
 
 def _dequantized_kv(c: QuantizedKVCache, view: dict, kv_pos):
@@ -415,6 +442,9 @@ def _dequantized_kv(c: QuantizedKVCache, view: dict, kv_pos):
   if cfg.key_sink:
     k = k + jnp.where((kv_pos == 0)[:, None, :, None], view["k_sink"][:, :, None, :], 0.0)
   v = deq(view["v_codes"], view["v_scales"], view["v_rotation"], view["v_lambda"], cfg.value_bits)
+  if cfg.value_sink:
+    v = v + jnp.where(_sink_slots(cfg, kv_pos)[:, None, :, None], view["v_sink"][:, :, None, :],
+                      0.0)
   return k, v
 
 
@@ -526,8 +556,9 @@ def append_and_attend(cache: cache_lib.KVCache, q: jax.Array, k: jax.Array, v: j
     view = _quant_view(cache)
     for n in ("k_codes", "k_scales", "v_codes", "v_scales"):
       view[n] = jnp.concatenate([view[n], chunk.arrays[n].swapaxes(1, 2)], axis=2)
-    if "k_sink" in chunk.arrays:
-      view["k_sink"] = chunk.arrays["k_sink"]
+    for n in ("k_sink", "v_sink"):
+      if n in chunk.arrays:
+        view[n] = chunk.arrays[n]
   out = _attend_view(q, cache, view, kv_pos, q_pos, scale=scale_, softcap=softcap,
                      window=window, impl=_chunk_impl(impl_))
   return out, cache_lib.write(cache, chunk)

@@ -8,7 +8,9 @@ cache allocated far beyond its contents would time the allocation, not the
 context. Then one-token decode steps
 run interleaved (bf16, int4, bf16, ...) in one process. Medians, the int4/bf16
 ratio, cache bytes and the process's peak memory are printed and saved as JSON
-and a PNG plot. Times are this machine's; the ratio is the result.
+and a PNG plot. Times are this machine's; the ratio is the result. A calibrated
+format ("int4", "K8V4") is timed in the config calibration gives it (rotary key
+offsets read, both feedback roundings and the sink key written every step).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import numpy as np
 
 from kvjax.cache import DenseKVCache, QuantizedKVCache
 from kvjax.eval import _Runner, cache_bytes, parse_spec, with_layers_for
+from kvjax.smoothing import calibrated_config
 
 _IS_CACHE = lambda x: isinstance(x, (DenseKVCache, QuantizedKVCache))
 
@@ -77,8 +80,16 @@ def run(model_name: str = "gemma3-270m", *, contexts=(256, 1024, 4096, 8192), re
     max_len = ctx + repeats + 2
     state = {}
     for s in specs:
-      base = (model.init_cache(1, max_len, dtype=jnp.bfloat16) if s.quant is None
-              else model.init_cache(1, max_len, quant=s.quant, layer_quant=s.layer_quant()))
+      if s.quant is None:
+        base = model.init_cache(1, max_len, dtype=jnp.bfloat16)
+      else:
+        # A calibrated format is timed in the config calibration gives it (rotary key
+        # offsets, feedback rounding of the written token, the sink slot); its parameters'
+        # values do not change the work.
+        fmt = ((lambda q: calibrated_config(q, s.recipe, head_dim=model.config.head_dim))
+               if s.calibrate else (lambda q: q))
+        base = model.init_cache(1, max_len, quant=fmt(s.quant),
+                                layer_quant={l: fmt(q) for l, q in s.layer_quant().items()})
       state[s.name] = fill_caches(base, ctx, jax.random.key(ctx))
       _, state[s.name] = runner(token, state[s.name])  # compile + warm up
       jax.block_until_ready(state[s.name])

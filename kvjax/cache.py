@@ -82,7 +82,8 @@ class DenseKVCache:
 
 @_register(("k_codes", "k_scales", "v_codes", "v_scales", "k_rotation", "v_rotation",
             "k_lambda", "v_lambda", "k_mean", "k_rope_freq", "k_rope_channels", "k_rope_mean",
-            "k_feedback", "k_sink", "lengths", "overflow"), ("config",) + _COMMON_META)
+            "k_feedback", "v_feedback", "k_sink", "v_sink", "lengths", "overflow"),
+           ("config",) + _COMMON_META)
 @dataclasses.dataclass(frozen=True)
 class QuantizedKVCache:
   """Keys and values as rotated, per-group abs-max int4/int8 codes.
@@ -96,10 +97,13 @@ class QuantizedKVCache:
   a pre-RoPE key mean removed at each token's position in P channel pairs (attention adds
   q . c_t back per slot, exactly; `kvjax.rotary`), P = config.key_rope_pairs;
   k_feedback float32 [Hr, D, D]: the error-feedback matrix of key rounding when
-  config.key_feedback (`kvjax.quantizer.feedback_levels`); k_sink float32 [B, H, D] when
+  config.key_feedback (`kvjax.quantizer.feedback_levels`); v_feedback float32 [Hr, D, D]: the
+  same for value rounding when config.value_feedback; k_sink float32 [B, H, D] when
   config.key_sink (else [B, H, 0]): the rounding error k_0 - k^_0 of each sequence's key at
   position 0, set when that position is written (attention adds q . k_sink to its logit, so
-  the sink key is exact); lengths int32 [B]; overflow bool [B].
+  the sink key is exact); v_sink float32 [B, H, D] when config.value_sink (else [B, H, 0]): the
+  same for the value (attention adds p_0 v_sink, p_0 the slot's weight); lengths int32 [B];
+  overflow bool [B].
   """
 
   k_codes: jax.Array
@@ -115,7 +119,9 @@ class QuantizedKVCache:
   k_rope_channels: jax.Array
   k_rope_mean: jax.Array
   k_feedback: jax.Array
+  v_feedback: jax.Array
   k_sink: jax.Array
+  v_sink: jax.Array
   lengths: jax.Array
   overflow: jax.Array
   config: QuantConfig
@@ -252,7 +258,7 @@ def accumulate_stats(cache: StatsKVCache, q, k, v, num_tokens=None) -> StatsKVCa
 KVCache = Union[DenseKVCache, QuantizedKVCache]
 
 _PARAM_FIELDS = ("k_rotation", "v_rotation", "k_lambda", "v_lambda", "k_mean", "k_rope_freq",
-                 "k_rope_channels", "k_rope_mean", "k_feedback")
+                 "k_rope_channels", "k_rope_mean", "k_feedback", "v_feedback")
 # Parameters shared by every KV head of a layer (no leading [Hr] axis): replicate when sharding.
 SHARED_PARAM_FIELDS = ("k_rope_freq", "k_rope_channels")
 
@@ -279,7 +285,7 @@ def init_cache(batch: int, num_kv_heads: int, max_len: int, head_dim: int, *,
                quant: QuantConfig | None = None, window: int | None = None,
                dtype=jnp.bfloat16, key_rotation=None, value_rotation=None,
                key_lambda=None, value_lambda=None, key_mean=None, key_rope=None,
-               key_feedback=None) -> KVCache:
+               key_feedback=None, value_feedback=None) -> KVCache:
   """Creates an empty cache for one attention layer.
 
   Args:
@@ -302,6 +308,7 @@ def init_cache(batch: int, num_kv_heads: int, max_len: int, head_dim: int, *,
       (i, i + D/2), i < P, with zero frequency and mean (no offset).
     key_feedback: optional error-feedback matrix [D, D] or [Hr, D, D] for
       quant.key_feedback (strictly upper triangular; default zeros = nearest rounding).
+    value_feedback: the same for values (quant.value_feedback).
   """
   for name, val in (("batch", batch), ("num_kv_heads", num_kv_heads), ("max_len", max_len),
                     ("head_dim", head_dim)):
@@ -376,7 +383,10 @@ def init_cache(batch: int, num_kv_heads: int, max_len: int, head_dim: int, *,
                                   (num_kv_heads, 2, npairs), "key_rope mean"),
       k_feedback=_per_head_param(key_feedback, np.zeros((head_dim, head_dim), np.float32),
                                  rot_shape, "key_feedback"),
+      v_feedback=_per_head_param(value_feedback, np.zeros((head_dim, head_dim), np.float32),
+                                 rot_shape, "value_feedback"),
       k_sink=jnp.zeros((batch, num_kv_heads, head_dim if quant.key_sink else 0), jnp.float32),
+      v_sink=jnp.zeros((batch, num_kv_heads, head_dim if quant.value_sink else 0), jnp.float32),
       lengths=lengths, overflow=overflow, config=quant, capacity=capacity, window=window,
       ring=ring)
 
@@ -483,8 +493,8 @@ def encode(cache: KVCache, k: jax.Array, v: jax.Array, *, num_tokens=None,
   else:
     positions = cache.lengths[:, None] + jnp.arange(k.shape[1], dtype=jnp.int32)[None, :]
     arrays = _quantize_chunk(cache, k, v, positions, impl=impl)
-    if cache.config.key_sink:
-      arrays["k_sink"] = _sink_error(cache, k, positions, arrays, valid)
+    if cache.config.key_sink or cache.config.value_sink:
+      arrays.update(_sink_errors(cache, k, v, positions, arrays, valid))
   return _Chunk(arrays, slots, new_lengths, new_overflow, valid)
 
 
@@ -498,23 +508,37 @@ def centred_keys(cache: QuantizedKVCache, k: jax.Array, positions: jax.Array) ->
   return k
 
 
-def _sink_error(cache: QuantizedKVCache, k, positions, arrays, valid) -> jax.Array:
-  """The new `k_sink` [B, H, D]: k_0 - k^_0 for sequences whose position 0 is in this chunk
-  (always its first token), the old value for the others.
+def _sink_errors(cache: QuantizedKVCache, k, v, positions, arrays, valid) -> dict:
+  """The new `k_sink` / `v_sink` [B, H, D] (those the config keeps): x_0 - x^_0 for sequences
+  whose position 0 is in this chunk (always its first token), the old value for the others.
 
   Decode steps almost never start a sequence: the un-rotation of the first token is skipped
   (a `cond`) unless some sequence of the batch does."""
   cfg = cache.config
   first = (cache.lengths == 0) & valid[:, 0]
+  old = {}
+  if cfg.key_sink:
+    old["k_sink"] = cache.k_sink
+  if cfg.value_sink:
+    old["v_sink"] = cache.v_sink
 
   def error():
-    exact = centred_keys(cache, k[:, :1], positions[:, :1])                   # [B, 1, H, D]
-    stored = quantizer.dequantize(arrays["k_codes"][:, :1], arrays["k_scales"][:, :1],
-                                  cache.k_rotation, cache.k_lambda, bits=cfg.key_bits,
-                                  group_size=cfg.group_size)
-    return jnp.where(first[:, None, None], (exact - stored)[:, 0], cache.k_sink)
+    out = {}
+    if cfg.key_sink:
+      exact = centred_keys(cache, k[:, :1], positions[:, :1])                 # [B, 1, H, D]
+      stored = quantizer.dequantize(arrays["k_codes"][:, :1], arrays["k_scales"][:, :1],
+                                    cache.k_rotation, cache.k_lambda, bits=cfg.key_bits,
+                                    group_size=cfg.group_size)
+      out["k_sink"] = jnp.where(first[:, None, None], (exact - stored)[:, 0], cache.k_sink)
+    if cfg.value_sink:
+      stored = quantizer.dequantize(arrays["v_codes"][:, :1], arrays["v_scales"][:, :1],
+                                    cache.v_rotation, cache.v_lambda, bits=cfg.value_bits,
+                                    group_size=cfg.group_size)
+      err = v[:, :1].astype(jnp.float32) - stored
+      out["v_sink"] = jnp.where(first[:, None, None], err[:, 0], cache.v_sink)
+    return out
 
-  return jax.lax.cond(jnp.any(first), error, lambda: cache.k_sink)
+  return jax.lax.cond(jnp.any(first), error, lambda: old)
 
 
 def _quantize_chunk(cache: QuantizedKVCache, k, v, positions, *, impl: str):
@@ -522,6 +546,7 @@ def _quantize_chunk(cache: QuantizedKVCache, k, v, positions, *, impl: str):
   sd = cfg.scale_jnp_dtype
   k = centred_keys(cache, k, positions)
   feedback = cache.k_feedback if cfg.key_feedback else None
+  v_feedback = cache.v_feedback if cfg.value_feedback else None
   if impl == "pallas":
     from kvjax import _pallas_dispatch
     kc, ks = _pallas_dispatch.quantize_heads(k, cache.k_rotation, cache.k_lambda,
@@ -529,12 +554,12 @@ def _quantize_chunk(cache: QuantizedKVCache, k, v, positions, *, impl: str):
                                              scale_dtype=sd, feedback=feedback)
     vc, vs = _pallas_dispatch.quantize_heads(v, cache.v_rotation, cache.v_lambda,
                                              bits=cfg.value_bits, group_size=cfg.group_size,
-                                             scale_dtype=sd)
+                                             scale_dtype=sd, feedback=v_feedback)
   elif impl in ("xla", "reference"):
     kc, ks = quantizer.quantize(k, cache.k_rotation, cache.k_lambda, bits=cfg.key_bits,
                                 group_size=cfg.group_size, scale_dtype=sd, feedback=feedback)
     vc, vs = quantizer.quantize(v, cache.v_rotation, cache.v_lambda, bits=cfg.value_bits,
-                                group_size=cfg.group_size, scale_dtype=sd)
+                                group_size=cfg.group_size, scale_dtype=sd, feedback=v_feedback)
   else:
     raise ValueError(f"impl must be 'xla', 'reference' or 'pallas', got {impl!r}")
   return {"k_codes": kc, "k_scales": ks, "v_codes": vc, "v_scales": vs}
@@ -545,7 +570,7 @@ def write(cache: KVCache, chunk: _Chunk) -> KVCache:
   b_idx = jnp.arange(cache.batch, dtype=jnp.int32)[:, None]
   updates = {}
   for name, vals in chunk.arrays.items():
-    if name == "k_sink":  # per sequence, not per slot: already the new value
+    if name in ("k_sink", "v_sink"):  # per sequence, not per slot: already the new value
       updates[name] = vals
       continue
     buf = getattr(cache, name)

@@ -35,10 +35,17 @@ class QuantConfig:
     key_feedback: choose key codes with error feedback through the cache's `k_feedback`
       matrix (`kvjax.quantizer.feedback_levels`; GPTQ-style rounding for the queries'
       second moment, filled in by calibration) instead of nearest rounding.
+    value_feedback: choose value codes with error feedback through the cache's `v_feedback`
+      matrix: the same rounding for the error a value's codes put into the attention
+      output after the output projection (`kvjax.smoothing`, fact 6).
     key_sink: keep the key at absolute position 0 (the attention sink: BOS, or whatever token
       opens the sequence, draws much of every query's attention) exact. Its codes are written
       as usual and its rounding error e_0 is kept in float32 (`k_sink`, one [D] vector per
       sequence and KV head); attention adds q . e_0 to that slot's logit.
+    value_sink: keep the value at absolute position 0 exact the same way (`v_sink`, its
+      rounding error in float32; attention adds p_0 e_0, p_0 the slot's attention weight).
+      The sink's weight is large in every query head at once, so its value error does not
+      average out.
     attention_impl: the implementation `kvjax.attend(..., impl="auto")` uses
       over this cache: "auto" (Pallas kernel on TPU/GPU decode, "int8dot" on
       CPU decode, "dequant" for CPU chunks, "xla" for TPU/GPU chunks), or a fixed
@@ -55,7 +62,9 @@ class QuantConfig:
   scale_dtype: str = "bfloat16"
   key_rope_pairs: int = 0
   key_feedback: bool = False
+  value_feedback: bool = False
   key_sink: bool = False
+  value_sink: bool = False
   attention_impl: str = "auto"
 
   def __post_init__(self):
@@ -80,8 +89,12 @@ class QuantConfig:
                        f"{self.key_rope_pairs!r}")
     if not isinstance(self.key_feedback, bool):
       raise ValueError(f"QuantConfig.key_feedback must be a bool, got {self.key_feedback!r}")
+    if not isinstance(self.value_feedback, bool):
+      raise ValueError(f"QuantConfig.value_feedback must be a bool, got {self.value_feedback!r}")
     if not isinstance(self.key_sink, bool):
       raise ValueError(f"QuantConfig.key_sink must be a bool, got {self.key_sink!r}")
+    if not isinstance(self.value_sink, bool):
+      raise ValueError(f"QuantConfig.value_sink must be a bool, got {self.value_sink!r}")
     if self.householder_reflectors is not None and self.householder_reflectors < 1:
       raise ValueError("QuantConfig.householder_reflectors must be >= 1 or None, got "
                        f"{self.householder_reflectors!r}")
@@ -113,8 +126,9 @@ class QuantConfig:
 
   @property
   def name(self) -> str:
-    """Short label such as 'K4V4-g32-srft' ('+rope16', '+fb', '+sink' for rotary offsets,
-    feedback rounding, an exact position-0 key)."""
+    """Short label such as 'K4V4-g32-srft' ('+rope16', '+fb', '+vfb', '+sink' for rotary
+    offsets, key and value feedback rounding, an exact position-0 key / value)."""
     extra = ((f"+rope{self.key_rope_pairs}" if self.key_rope_pairs else "")
-             + ("+fb" if self.key_feedback else "") + ("+sink" if self.key_sink else ""))
+             + ("+fb" if self.key_feedback else "") + ("+vfb" if self.value_feedback else "")
+             + ("+sink" if self.key_sink else "") + ("+vsink" if self.value_sink else ""))
     return f"K{self.key_bits}V{self.value_bits}-g{self.group_size}-{self.rotation}{extra}"

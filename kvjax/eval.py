@@ -40,7 +40,7 @@ import numpy as np
 
 from kvjax.cache import nbytes, with_stats
 from kvjax.config import QuantConfig
-from kvjax.smoothing import OFFSET_AND_LAMBDA, KeyCalibration, calibrate_caches
+from kvjax.smoothing import OFFSET_AND_LAMBDA, KeyCalibration, calibrate_caches, calibrated_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,10 +138,10 @@ def default_specs() -> list[CacheSpec]:
                 description="K4V4 g32, SRFT rotation only"),
       CacheSpec("int4", QuantConfig(rotation="srft"), calibrate=True,
                 description="kvjax default: K4V4 g32, SRFT + calibrated key offsets (constant "
-                            "and rotary), λ, feedback rounding and exact sink key"),
+                            "and rotary), λ, feedback rounding; exact sink key and value"),
       CacheSpec("K8V4", QuantConfig(key_bits=8, rotation="srft"), calibrate=True,
                 description="8-bit keys, 4-bit values, g32, SRFT + calibrated key offsets, λ, "
-                            "feedback rounding and exact sink key"),
+                            "feedback rounding; exact sink key and value"),
   ]
 
 
@@ -149,20 +149,32 @@ def ablation_specs() -> list[CacheSpec]:
   """The default int4 recipe with one calibration step at a time (what bought what)."""
   q = QuantConfig(rotation="srft")
   return [
+      CacheSpec("int4-novsink", q, calibrate=True,
+                recipe=dataclasses.replace(KeyCalibration(), value_sink=False),
+                description="K4V4 g32, the default without the exact sink value"),
+      CacheSpec("int4-value-lambda", q, calibrate=True,
+                recipe=dataclasses.replace(KeyCalibration(), value_alpha=0.5),
+                description="K4V4 g32, the default plus value λ balanced against the output "
+                            "projection (kvjax.smoothing fact 7)"),
+      CacheSpec("int4-value-feedback", q, calibrate=True,
+                recipe=dataclasses.replace(KeyCalibration(), value_alpha=0.5,
+                                           value_feedback=True),
+                description="K4V4 g32, the default plus value λ and value feedback rounding "
+                            "through the output projection (fact 7)"),
       CacheSpec("int4-offset-lambda", q, calibrate=True, recipe=OFFSET_AND_LAMBDA,
                 description="K4V4 g32, SRFT + constant key offset and λ"),
       CacheSpec("int4-rotary", q, calibrate=True,
                 recipe=dataclasses.replace(KeyCalibration(), feedback=False),
-                description="K4V4 g32, SRFT + constant and rotary key offsets, λ and exact "
-                            "sink key"),
+                description="K4V4 g32, SRFT + constant and rotary key offsets, λ; exact "
+                            "sink key and value"),
       CacheSpec("int4-feedback", q, calibrate=True,
                 recipe=dataclasses.replace(KeyCalibration(), rope_pairs=0),
-                description="K4V4 g32, SRFT + constant key offset, λ, feedback rounding and "
-                            "exact sink key"),
+                description="K4V4 g32, SRFT + constant key offset, λ, feedback rounding; "
+                            "exact sink key and value"),
       CacheSpec("int4-nosink", q, calibrate=True,
                 recipe=dataclasses.replace(KeyCalibration(), sink=False),
                 description="K4V4 g32, SRFT + constant and rotary key offsets, λ and feedback "
-                            "rounding (no exact sink key)"),
+                            "rounding; exact sink value (no exact sink key)"),
   ]
 
 
@@ -365,7 +377,9 @@ def _make_caches(model, spec: CacheSpec, max_len: int, stats):
   if spec.calibrate:
     if stats is None:
       raise ValueError(f"cache {spec.name!r} needs calibration statistics")
-    caches = calibrate_caches(caches, stats, spec.recipe)
+    metric = (model.value_output_metric(spec.recipe.value_head_correlation)
+              if spec.recipe.calibrates_values else None)
+    caches = calibrate_caches(caches, stats, spec.recipe, value_metric=metric)
   return caches
 
 
@@ -380,7 +394,11 @@ def _make_caches_shape(model, spec, context):
   # Learned rotations live in the per-layer parameters, not in the byte count.
   quant = (dataclasses.replace(spec.quant, rotation="srft") if spec.quant.rotation == "learned"
            else spec.quant)
-  return model.init_cache(1, context, quant=quant, layer_quant=spec.layer_quant())
+  fmt = lambda q: q
+  if spec.calibrate:  # as calibration configures it (the exact sink key's buffer counts)
+    fmt = lambda q: calibrated_config(q, spec.recipe, head_dim=model.config.head_dim)
+  return model.init_cache(1, context, quant=fmt(quant),
+                          layer_quant={l: fmt(q) for l, q in spec.layer_quant().items()})
 
 
 def bits_per_value(model, spec: CacheSpec, context: int) -> float:
@@ -439,14 +457,16 @@ def key_sensitivity(model, calibration_tokens: Sequence[int], probe_tokens: Sequ
 
   ref = log_probs(split.init_cache(1, max_len, dtype=jnp.bfloat16))
   is_cache = lambda x: isinstance(x, (DenseKVCache, QuantizedKVCache))
+  metric = split.value_output_metric(KeyCalibration().value_head_correlation)
   result = np.zeros(cfg.num_layers)
   bar = _progress(cfg.num_layers, "key sensitivity", progress)
   for layer in range(cfg.num_layers):
     caches = split.init_cache(1, max_len, dtype=jnp.bfloat16, layer_quant={layer: quant})
     if calibrate:
       caches = jax.tree_util.tree_map(
-          lambda c, st: calibrate_caches(c, st, KeyCalibration()) if isinstance(c, QuantizedKVCache) else c,
-          caches, stats, is_leaf=is_cache)
+          lambda c, st, m: (calibrate_caches(c, st, KeyCalibration(), value_metric=m)
+                            if isinstance(c, QuantizedKVCache) else c),
+          caches, stats, metric, is_leaf=is_cache)
     lp = log_probs(caches)
     result[layer] = float(jnp.mean(jnp.sum(jnp.exp(ref) * (ref - lp), axis=-1)))
     if bar is not None:

@@ -151,6 +151,40 @@ class CausalLM(nnx.Module):
     return {"groups": tuple(one(t, (num_groups, n)) for t, n, _ in group_runs),
             "tail": tuple(one(t, (n,)) for t, n, _ in tail_runs)}
 
+  def value_output_metric(self, head_correlation: float = 0.0) -> Caches:
+    """What a value error costs at each layer's output, per layer and KV head.
+
+    A value error e [D] of one token moves the layer's attention output by
+    Σ_h p_h W_h^T e over the query heads h that read its KV head (W_h [D, E]: head h's block
+    of the output projection times the post-attention norm's scale, where the model has
+    one; p_h: head h's attention weight on the token). Its expected square is e^T M e with
+
+        M = (1 - ρ) Σ_h W_h W_h^T + ρ (Σ_h W_h) (Σ_h W_h)^T,
+
+    ρ = `head_correlation` in [0, 1]: 0 treats the heads' weights on a token as independent,
+    1 as equal (e.g. a token every head attends to, like the attention sink). Returns
+    float32 [..., H_kv, D, D] laid out like `init_cache`'s caches (`kvjax.smoothing`,
+    fact 6)."""
+    if not 0.0 <= head_correlation <= 1.0:
+      raise ValueError(f"head_correlation must be in [0, 1], got {head_correlation!r}")
+    cfg = self.config
+    d, hq, hk = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+    hi = jax.lax.Precision.HIGHEST
+
+    def one(run):
+      w = jnp.asarray(run.attention.o_proj.kernel[...], jnp.float32)     # [..., Hq*D, E]
+      lead = w.shape[:-2]
+      if run.post_attention_norm is not None:
+        w = w * jnp.asarray(run.post_attention_norm.scale[...], jnp.float32)[..., None, :]
+      w = w.reshape(lead + (hk, hq // hk, d, w.shape[-1]))
+      ind = jnp.einsum("...grde,...grfe->...gdf", w, w, precision=hi)
+      ws = jnp.sum(w, axis=-3)
+      tied = jnp.einsum("...gde,...gfe->...gdf", ws, ws, precision=hi)
+      return (1.0 - head_correlation) * ind + head_correlation * tied
+
+    return {"groups": tuple(one(r) for r in self.group_runs),
+            "tail": tuple(one(r) for r in self.tail_runs)}
+
   def init_cache(self, batch: int, max_len: int, *, quant: kvjax.QuantConfig | None = None,
                  dtype=None, layer_quant=None) -> Caches:
     """Empty caches for `batch` sequences of up to `max_len` tokens.

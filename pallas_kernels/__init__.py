@@ -30,7 +30,8 @@ from kvjax.pallas_kernels.reference import decode_attention_reference
 def decode_attention(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *, key_bits=4,
                      value_bits=4, group_size=32, ring=False, window=None, scale=None,
                      softcap=None, logit_offset=None, rope_coef=None, rope_freq=None,
-                     sink_logit=None, backend=None, interpret=None, block_s=None, num_splits=None):
+                     sink_logit=None, sink_value=None, backend=None, interpret=None, block_s=None,
+                     num_splits=None):
   """One decode step of attention over a quantized cache, in the rotated domain.
 
   Args:
@@ -60,6 +61,9 @@ def decode_attention(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *, ke
       logit of the key at absolute position 0 while it is visible: scale * q . e_0 for a
       cache that keeps its sink key's rounding error e_0 (`QuantConfig.key_sink`). Applied
       outside the kernel as one more split-K state (`_common.sink_split`).
+    sink_value: None or float [B, H, D], added in the rotated value domain to the value at
+      absolute position 0 while it is visible: R_v (e_0 / lam_v) for a cache that keeps its
+      sink value's rounding error e_0 (`QuantConfig.value_sink`); the same split-K state.
     backend: "tpu" (Mosaic), "gpu" (Triton) or None to follow
       `jax.default_backend()` (the TPU kernel when interpreting on the CPU).
     interpret: None (interpret on CPU only), a bool, or for the TPU kernel a
@@ -75,7 +79,8 @@ def decode_attention(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *, ke
   return kernel(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, key_bits=key_bits,
                 value_bits=value_bits, group_size=group_size, ring=ring, window=window,
                 scale=scale, softcap=softcap, logit_offset=logit_offset, rope_coef=rope_coef,
-                rope_freq=rope_freq, sink_logit=sink_logit, block_s=block_s, num_splits=num_splits,
+                rope_freq=rope_freq, sink_logit=sink_logit, sink_value=sink_value, block_s=block_s,
+                num_splits=num_splits,
                 interpret=interpret)
 
 

@@ -125,10 +125,22 @@ def validate_sink_logit(sink_logit, batch, q_heads):
   return sink_logit.astype(jnp.float32)
 
 
+def validate_sink_value(sink_value, batch, kv_heads, head_dim):
+  """None, or a float [B, H, D] array (added to the value at position 0, rotated domain)."""
+  if sink_value is None:
+    return None
+  want = (batch, kv_heads, head_dim)
+  if sink_value.shape != want or not jnp.issubdtype(sink_value.dtype, jnp.floating):
+    raise ValueError(f"sink_value must be a float [B, H, D] = {want} array, got "
+                     f"{sink_value.shape} {sink_value.dtype}")
+  return sink_value.astype(jnp.float32)
+
+
 def sink_split(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, sink_logit, *, key_bits,
                value_bits, group_size, ring, window, scale, softcap, logit_offset, rope_coef,
-               rope_freq):
-  """The `sink_logit` correction as one more split-K state (m, l, acc) for `combine_splits`.
+               rope_freq, sink_value=None):
+  """The `sink_logit` / `sink_value` corrections as one more split-K state (m, l, acc) for
+  `combine_splits`.
 
   The kernels score the slot holding position 0 like any other, with logit z' (after the
   offsets, before the soft-cap). With the correction its logit is z = z' + sink_logit, so
@@ -137,6 +149,9 @@ def sink_split(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, sink_logit,
   acc (it may be negative; the merged sum is the corrected one). O(B Hq D) work outside the
   kernel: one slot's codes are read again. z' is recomputed in float32; the kernels'
   bf16-split products carry ~16 bits, so the merge is exact to ~2^-16 of the sink's weight.
+  sink_value e (rotated domain; the value's rounding error) adds exp(cap(z) - m) e to acc
+  and nothing to l: the merged output gains p_0 e, p_0 the slot's final weight. Either
+  correction may be None.
   Returns m, l [B, H, 1, R] and acc [B, H, 1, R, D] (m = NO_SCORE_YET, l = acc = 0 where
   position 0 is not visible to the query).
   """
@@ -156,7 +171,8 @@ def sink_split(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, sink_logit,
   if rope_coef is not None:  # at t = 0: cos = 1, sin = 0
     z = z + jnp.sum(rope_coef.reshape(b, h, r, -1)[..., :rope_freq.shape[0]], axis=-1)
   cap = (lambda x: x) if softcap is None else (lambda x: softcap * jnp.tanh(x / softcap))
-  old, new = cap(z), cap(z + sink_logit.reshape(b, h, r))
+  old = cap(z)
+  new = old if sink_logit is None else cap(z + sink_logit.reshape(b, h, r))
   lengths = lengths.astype(jnp.int32)
   _, _, base, write = slot_bounds(lengths, s, ring=ring, window=window)
   zero = jnp.zeros_like(lengths)
@@ -165,7 +181,10 @@ def sink_split(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, sink_logit,
   m = jnp.where(seen, jnp.maximum(old, new), NO_SCORE_YET)
   l = jnp.where(seen, jnp.exp(new - m) - jnp.exp(old - m), 0.0)
   # An invisible slot 0 may hold stale or never-written (even NaN) scales: keep them out.
-  acc = jnp.where(seen[..., None], l[..., None] * v0[:, :, None, :], 0.0)
+  acc = l[..., None] * v0[:, :, None, :]
+  if sink_value is not None:
+    acc = acc + jnp.exp(new - m)[..., None] * sink_value[:, :, None, :]
+  acc = jnp.where(seen[..., None], acc, 0.0)
   return m[:, :, None], l[:, :, None], acc[:, :, None]
 
 

@@ -33,7 +33,7 @@ def dequantize_codes(codes, scales, *, bits, group_size):
 def decode_attention_reference(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *,
                                key_bits=4, value_bits=4, group_size=32, ring=False, window=None,
                                scale=None, softcap=None, logit_offset=None, rope_coef=None,
-                               rope_freq=None, sink_logit=None):
+                               rope_freq=None, sink_logit=None, sink_value=None):
   """One decode step of attention in the rotated domain.
 
   Args:
@@ -55,6 +55,8 @@ def decode_attention_reference(q_rot, k_codes, k_scales, v_codes, v_scales, leng
     sink_logit: None or [B, Hq] float added (after the scale, before the soft-cap) to the
       logit of the slot holding absolute position 0, when visible: scale * q . e_0 for a
       cache that keeps the rounding error e_0 of its sink key (QuantConfig.key_sink).
+    sink_value: None or [B, H, D] float added (rotated domain) to the value of the slot
+      holding absolute position 0: the sink value's rounding error (QuantConfig.value_sink).
 
   Returns:
     [B, Hq, D] float32 output in the rotated value domain; zeros for rows that see
@@ -85,10 +87,13 @@ def decode_attention_reference(q_rot, k_codes, k_scales, v_codes, v_scales, leng
     coef = rope_coef.reshape(b, h, shapes.n_rep, -1)
     logits = logits + jnp.einsum("bhrp,bsp->bhrs", coef, trig, precision=lax.Precision.HIGHEST)
   sink_logit = _common.validate_sink_logit(sink_logit, b, hq)
+  sink_value = _common.validate_sink_value(sink_value, b, h, d)
+  position = _common.slot_position(slots, base[:, None], write[:, None], s)  # [B, S]
   if sink_logit is not None:
-    position = _common.slot_position(slots, base[:, None], write[:, None], s)  # [B, S]
     logits = logits + jnp.where((position == 0)[:, None, None, :],
                                 sink_logit.reshape(b, h, shapes.n_rep, 1), 0.0)
+  if sink_value is not None:
+    values = values + jnp.where((position == 0)[:, None, :, None], sink_value[:, :, None, :], 0.0)
   if softcap is not None:
     logits = softcap * jnp.tanh(logits / softcap)
   visible = _common.slot_visible(slots, lengths.astype(jnp.int32)[:, None], base[:, None],

@@ -159,7 +159,7 @@ def test_calibrated_parameters_are_used():
     kvjax.QuantConfig(rotation="none"),
     kvjax.QuantConfig(),
     kvjax.QuantConfig(key_bits=8, group_size=64, scale_dtype="float16"),
-    kvjax.QuantConfig(key_feedback=True, key_rope_pairs=2),
+    kvjax.QuantConfig(key_feedback=True, value_feedback=True, key_rope_pairs=2),
 ], ids=["none", "srft", "k8-g64-f16", "feedback-rotary"])
 def test_chunk_and_token_writes_under_jit_store_identical_codes(cfg):
   # Decode writes one token per step, prefill a chunk; both are separately compiled programs.
@@ -179,6 +179,7 @@ def test_chunk_and_token_writes_under_jit_store_identical_codes(cfg):
   key_rope = (np.array([0.3, 0.01], np.float32), np.array([[0, 128], [1, 129]]),
               rng.standard_normal((h, 2, 2)).astype(np.float32))
   make = lambda: kvjax.init_cache(b, h, n, d, quant=cfg, key_feedback=feedback,
+                                  value_feedback=feedback[:, ::-1, ::-1].transpose(0, 2, 1),
                                   key_rope=key_rope if cfg.key_rope_pairs else None)
   append = jax.jit(kvjax.append)
   whole = append(make(), k, v)

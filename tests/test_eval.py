@@ -99,7 +99,7 @@ def test_calibration_statistics_and_params(tiny):
       k = np.asarray(c.k, np.float64)[..., :40, :]      # [..., B, H, 40, D]
       np.testing.assert_allclose(np.asarray(c.k_sum), k.sum(axis=(-4, -2)), rtol=1e-4, atol=1e-4)
   q = model.init_cache(1, 64, quant=kvjax.QuantConfig())
-  cal = smoothing.calibrate_caches(q, stats)
+  cal = smoothing.calibrate_caches(q, stats, value_metric=model.value_output_metric())
   for c in jax.tree_util.tree_leaves(cal, is_leaf=lambda x: isinstance(x, kvjax.QuantizedKVCache)):
     if isinstance(c, kvjax.QuantizedKVCache):
       lam = np.asarray(c.k_lambda)
@@ -109,10 +109,84 @@ def test_calibration_statistics_and_params(tiny):
       # like the layer's other fields; without it the buffer is empty.
       assert c.config.key_sink and c.k_sink.shape == c.k_codes.shape[:-2] + (cfg.head_dim,)
   off = smoothing.calibrate_caches(q, stats, dataclasses.replace(smoothing.KeyCalibration(),
-                                                                 sink=False))
+                                                                 sink=False),
+                                   value_metric=model.value_output_metric())
   for c in jax.tree_util.tree_leaves(off, is_leaf=lambda x: isinstance(x, kvjax.QuantizedKVCache)):
     if isinstance(c, kvjax.QuantizedKVCache):
       assert not c.config.key_sink and c.k_sink.shape[-1] == 0
+
+
+def test_value_calibration_lowers_the_error_the_output_projection_sees():
+  # Values with uneven channel scales and a metric M = A A^T that reads 12 main directions
+  # (like the output projection): value λ and feedback rounding from `value_params` must cut
+  # the mean e^T M e of the stored values well below nearest rounding with λ = 1, on fresh
+  # values from the same distribution (not the calibration ones), and stay exact where M
+  # does not care (λ has geometric mean 1; feedback strictly upper triangular).
+  rng = np.random.default_rng(7)
+  b, n, h, d = 1, 256, 2, 64
+  chan = rng.uniform(0.2, 4.0, (h, d))
+  draw = lambda: (rng.standard_normal((b, n, h, d)) * chan).astype(np.float32)
+  a = rng.standard_normal((h, d, 12)) * rng.uniform(0.5, 2.0, (h, d, 1))
+  metric = np.einsum("hik,hjk->hij", a, a) + 1e-3 * np.eye(d)
+  stats = kvjax.with_stats(kvjax.init_cache(b, h, n, d, dtype=jnp.float32))
+  v_cal = draw()
+  stats = kvjax.cache.accumulate_stats(stats, draw(), draw(), v_cal)
+  q = kvjax.QuantConfig()
+  plain = kvjax.init_cache(b, h, n, d, quant=q)
+  recipe = dataclasses.replace(smoothing.KeyCalibration(), value_alpha=0.5, value_feedback=True)
+  params = smoothing.value_params(stats, metric, plain.v_rotation, recipe)
+  lam, fb = params["v_lambda"], params["v_feedback"]
+  assert lam.shape == (h, d) and fb.shape == (h, d, d)
+  np.testing.assert_allclose(np.log(lam).mean(-1), 0.0, atol=1e-6)
+  assert np.all(np.tril(fb) == 0) and np.abs(fb).max() > 0
+  cal = kvjax.init_cache(b, h, n, d, quant=dataclasses.replace(q, value_feedback=True),
+                         value_lambda=lam, value_feedback=fb)
+  v = draw()
+  k = draw()
+
+  def cost(cache):
+    c = kvjax.append(cache, k, v)
+    seq = lambda x: jnp.swapaxes(x, 1, 2)[:, :n]                   # [B, N, H, ...]
+    v_hat = np.asarray(kvjax.quantizer.dequantize(seq(c.v_codes), seq(c.v_scales),
+                                                  c.v_rotation, c.v_lambda, bits=4,
+                                                  group_size=32), np.float64)
+    e = v_hat - np.asarray(v, np.float64)                            # [B, N, H, D]
+    return np.einsum("bnhd,hde,bnhe->", e, metric, e) / n
+
+  base, better = cost(plain), cost(cal)
+  assert better < 0.5 * base, (better, base)
+  # Only λ (no feedback) already helps, less.
+  lam_only = kvjax.init_cache(b, h, n, d, quant=q, value_lambda=lam)
+  assert better < cost(lam_only) < base
+  with pytest.raises(ValueError, match="value_metric must be"):
+    smoothing.value_params(stats, metric[:, :-1], plain.v_rotation, recipe)
+
+
+def test_calibrate_caches_value_options(tiny):
+  # The default recipe keeps the sink value exact and needs no value metric; value λ and
+  # feedback (fact 7) need the model's output-projection metric and say so without it.
+  model, runner = tiny
+  tokens = np.random.default_rng(2).integers(3, model.config.vocab_size, 24).astype(np.int32)
+  stats = ev.collect_stats(runner, tokens, chunk=8, progress=False)
+  q = model.init_cache(1, 32, quant=kvjax.QuantConfig())
+  base = smoothing.calibrate_caches(q, stats)
+  values = dataclasses.replace(smoothing.KeyCalibration(), value_alpha=0.5, value_feedback=True)
+  with pytest.raises(ValueError, match="value_metric"):
+    smoothing.calibrate_caches(q, stats, values)
+  full = smoothing.calibrate_caches(q, stats, values, value_metric=model.value_output_metric(0.5))
+  is_q = lambda x: isinstance(x, kvjax.QuantizedKVCache)
+  for a, c in zip(jax.tree_util.tree_leaves(base, is_leaf=is_q),
+                  jax.tree_util.tree_leaves(full, is_leaf=is_q)):
+    if is_q(a):
+      assert a.config.value_sink and a.v_sink.shape == a.k_sink.shape
+      assert not a.config.value_feedback and c.config.value_feedback
+      assert np.all(np.asarray(a.v_lambda) == 1.0) and np.all(np.asarray(a.v_feedback) == 0)
+      assert np.abs(np.asarray(c.v_feedback)).max() > 0
+      lam = np.asarray(c.v_lambda)
+      assert np.all(lam > 0) and np.abs(np.log(lam)).max() > 1e-3
+      np.testing.assert_array_equal(np.asarray(a.k_lambda), np.asarray(c.k_lambda))
+  with pytest.raises(ValueError, match="head_correlation"):
+    model.value_output_metric(1.5)
 
 
 def test_key_mean_is_exact_for_attention():

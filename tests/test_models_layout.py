@@ -71,3 +71,36 @@ def test_layer_quant_bad_input():
     split.init_cache(1, 8, layer_quant={4: "int8"})
   with pytest.raises(ValueError, match="separate_layers"):
     with_separate_layers(model, (13,))
+
+
+def test_value_output_metric_is_what_a_value_error_costs_per_layer():
+  # e^T M e must equal the squared change of the layer's attention output (after the output
+  # projection and the post-attention norm's scale) that a value error e in one KV head causes
+  # when every query head reading it gives that token weight 1; checked per checkpoint layer,
+  # in the stacked layout and with layers split off, which must agree.
+  model = _tiny13()
+  cfg = model.config
+  d, hq, hk = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+  rng = np.random.default_rng(0)
+  for run in list(model.group_runs) + list(model.tail_runs):  # norm scales other than ones
+    scale = run.post_attention_norm.scale
+    scale.value = jnp.asarray(rng.uniform(0.2, 3.0, scale.value.shape), scale.value.dtype)
+  split = with_separate_layers(model, (4, 12))
+  for m in (model, split):
+    metric = m.value_output_metric()
+    num_groups, group_runs, tail_runs = layer_layout(m.config)
+    slots = [("groups", r, (g, s)) for r, (_, n, _) in enumerate(group_runs)
+             for g in range(num_groups) for s in range(n)]
+    slots += [("tail", r, (s,)) for r, (_, n, _) in enumerate(tail_runs) for s in range(n)]
+    assert len(slots) == cfg.num_layers
+    for part, r, idx in slots:
+      run = (m.group_runs if part == "groups" else m.tail_runs)[r]
+      w = np.asarray(run.attention.o_proj.kernel[...], np.float64)[idx]       # [Hq*D, E]
+      g = np.asarray(run.post_attention_norm.scale[...], np.float64)[idx]     # [E]
+      got = np.asarray(metric[part][r], np.float64)[idx]                      # [Hk, D, D]
+      assert got.shape == (hk, d, d)
+      for kv in range(hk):
+        e = rng.standard_normal(d)
+        heads = range(kv * (hq // hk), (kv + 1) * (hq // hk))
+        want = sum(np.sum((g * (e @ w[h * d:(h + 1) * d])) ** 2) for h in heads)
+        np.testing.assert_allclose(e @ got[kv] @ e, want, rtol=1e-5)

@@ -43,6 +43,7 @@ class Case:
   num_splits: int = 2
   rope_pairs: int = 0  # P > 0: random rotary logit offsets (rope_coef, rope_freq)
   sink: bool = False  # random sink_logit (added to the logit of position 0)
+  sink_value: bool = False  # random sink_value (added to the value at position 0)
 
 
 CASES = [
@@ -76,13 +77,17 @@ SINK_CASES = [
     Case(64, 32, 2, 4, 8, 64, (3, 40, 201), ring=True, window=48, softcap=20.0, rope_pairs=8,
          sink=True),
     Case(256, 128, 1, 4, 4, 64, (64, 2, 150), ring=True, sink=True),
+    # Sink values (the value's rounding error at position 0), alone and with a sink logit.
+    Case(64, 32, 4, 4, 4, 80, (1, 45, 80), sink_value=True),
+    Case(64, 32, 2, 4, 8, 64, (3, 40, 201), ring=True, window=48, softcap=20.0, rope_pairs=8,
+         sink=True, sink_value=True),
 ]
 
 
 def _case_id(c):
   mode = "ring" if c.ring else "linear"
   rope = f"-rope{c.rope_pairs}" if c.rope_pairs else ""
-  sink = "-sink" if c.sink else ""
+  sink = ("-sink" if c.sink else "") + ("-vsink" if c.sink_value else "")
   return (f"D{c.head_dim}-g{c.group_size}-rep{c.n_rep}-K{c.key_bits}V{c.value_bits}-{mode}"
           f"-w{c.window}-cap{c.softcap}{rope}{sink}")
 
@@ -157,6 +162,9 @@ def _make_inputs(case, seed):
   if case.sink:
     # Of the order of the logits, both signs (a sink key's error can raise or lower it).
     inputs["sink_logit"] = (rng.normal(size=(b, h * case.n_rep)) * 3).astype(np.float32)
+  if case.sink_value:
+    # Of the order of a 4-bit value's rounding error relative to the values (order 1).
+    inputs["sink_value"] = (rng.normal(size=(b, h, d)) * 0.3).astype(np.float32)
   return inputs
 
 
@@ -165,7 +173,7 @@ def _without_rope(inputs):
 
 
 def _without_sink(inputs):
-  return {k: v for k, v in inputs.items() if k != "sink_logit"}
+  return {k: v for k, v in inputs.items() if k not in ("sink_logit", "sink_value")}
 
 
 def _static(case):
@@ -192,6 +200,10 @@ def _oracle(case, inputs, logit_offset=None):
   values = dequant(inputs["v_codes"], inputs["v_scales"], case.value_bits)
   visible = _visible(case, s)
   positions = _positions(case, s)
+  if "sink_value" in inputs:
+    at0 = (positions == 0) & visible                                   # [B, S]
+    values = values + np.where(at0[:, None, :, None],
+                               np.asarray(inputs["sink_value"], np.float64)[:, :, None, :], 0.0)
   if logit_offset is None:
     logit_offset = inputs.get("logit_offset")
   coef, freq = inputs.get("rope_coef"), inputs.get("rope_freq")
@@ -257,8 +269,8 @@ def test_reference_matches_float64_oracle(case):
     # The rotary term is not a no-op: leaving it out changes the output by far more.
     without, _ = _oracle(case, _without_rope(inputs))
     assert np.abs(without - expected).max() > 1e-2
-  if case.sink:
-    # The sink logit moves only rows that see position 0 (not all of them noticeably: a
+  if case.sink or case.sink_value:
+    # The sink logit / value moves only rows that see position 0 (not all of them noticeably: a
     # row whose only key is position 0, or where it has a tiny weight), and some by far
     # more than the bound.
     without, _ = _oracle(case, _without_sink(inputs))

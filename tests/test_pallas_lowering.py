@@ -122,18 +122,19 @@ def test_decode_attention_with_logit_offset_lowers(platform):
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
 def test_decode_attention_with_sink_logit_lowers(platform):
-  # The sink correction is a split-K state built outside the kernel from slot 0 alone: still
+  # The sink corrections (logit and value) are a split-K state built outside the kernel from slot 0 alone: still
   # one kernel launch, and no dequantized [B, H, S, D] K/V anywhere.
   b, h, n_rep, s, d, g = 2, 2, 4, 256, 128, 32
   codes = jax.ShapeDtypeStruct((b, h, s, d // 2), jnp.uint8)
   scales = jax.ShapeDtypeStruct((b, h, s, d // g), jnp.bfloat16)
   hq = jax.ShapeDtypeStruct((b, h * n_rep), jnp.float32)
   args = (jax.ShapeDtypeStruct((b, h * n_rep, d), jnp.float32), codes, scales, codes, scales,
-          jax.ShapeDtypeStruct((b,), jnp.int32), hq, hq)
+          jax.ShapeDtypeStruct((b,), jnp.int32), hq, hq,
+          jax.ShapeDtypeStruct((b, h, d), jnp.float32))
 
-  def fn(q, kc, ks, vc, vs, lengths, offset, sink):
+  def fn(q, kc, ks, vc, vs, lengths, offset, sink, sink_value):
     return decode_attention(q, kc, ks, vc, vs, lengths, softcap=30.0, logit_offset=offset,
-                            sink_logit=sink, ring=True, window=128,
+                            sink_logit=sink, sink_value=sink_value, ring=True, window=128,
                             backend=BACKEND[platform], interpret=False)
 
   text = _export(fn, args, platform)

@@ -1,4 +1,5 @@
-"""The exact sink key (QuantConfig.key_sink): position 0's key read back exactly, on every path."""
+"""The exact sink key and value (QuantConfig.key_sink, value_sink): position 0's key / value
+read back exactly, on every path."""
 
 import jax
 import jax.numpy as jnp
@@ -20,33 +21,44 @@ def _keys(seed, b, n, h, d):
   return jnp.asarray(k)
 
 
+# Which of position 0's vectors the cache keeps exact.
+SINKS = [dict(key_sink=True), dict(value_sink=True), dict(key_sink=True, value_sink=True)]
+SINK_IDS = ["key", "value", "both"]
+
+
 def _row_rel_err(a, ref):
   a = np.asarray(a, np.float64)
   return np.linalg.norm(a - ref, axis=-1) / np.maximum(np.linalg.norm(ref, axis=-1), 1e-30)
 
 
+@pytest.mark.parametrize("sink", SINKS, ids=SINK_IDS)
 @pytest.mark.parametrize("ring", [False, True])
-def test_sink_key_is_stored_exactly_and_only_it(ring):
+def test_sink_is_stored_exactly_and_only_it(ring, sink):
   b, h, d, n = 2, 2, 64, 12
-  cfg = kvjax.QuantConfig(key_sink=True, seed=1)
+  cfg = kvjax.QuantConfig(seed=1, **sink)
   c = kvjax.init_cache(b, h, 64, d, quant=cfg, window=16 if ring else None)
-  assert c.k_sink.shape == (b, h, d)
-  k, v = _keys(0, b, n, h, d), jnp.asarray(_rand(1, b, n, h, d))
+  assert c.k_sink.shape == (b, h, d if cfg.key_sink else 0)
+  assert c.v_sink.shape == (b, h, d if cfg.value_sink else 0)
+  k, v = _keys(0, b, n, h, d), _keys(1, b, n, h, d)
   c = kvjax.append(c, k, v, num_tokens=jnp.array([n, 5]))
-  k_hat, _ = attention._dequantized_kv(c, attention._quant_view(c), cache_lib.positions(c))
-  err = np.abs(np.asarray(k_hat)[:, :, :n] - np.asarray(k).transpose(0, 2, 1, 3))  # [B,H,n,D]
-  scale = np.abs(np.asarray(k)).max()
-  # float32 round trip of one vector: ~1e-7 of its size. Every other key keeps its 4-bit
-  # error (~5% of the row's largest entry), so the check cannot pass by accident.
-  assert err[:, :, 0].max() <= 1e-6 * scale
-  visible = 16 if ring else n   # slots of a 16-slot ring after 12 tokens: all still there
-  assert err[0, :, 1:min(n, visible)].max(axis=-1).min() > 1e-3 * scale
+  kv_hat = attention._dequantized_kv(c, attention._quant_view(c), cache_lib.positions(c))
+  for x_hat, x, exact in zip(kv_hat, (k, v), (cfg.key_sink, cfg.value_sink)):
+    err = np.abs(np.asarray(x_hat)[:, :, :n] - np.asarray(x).transpose(0, 2, 1, 3))  # [B,H,n,D]
+    scale = np.abs(np.asarray(x)).max()
+    # float32 round trip of one vector: ~1e-7 of its size. Every other vector keeps its 4-bit
+    # error (~5% of the row's largest entry), so the check cannot pass by accident.
+    if exact:
+      assert err[:, :, 0].max() <= 1e-6 * scale
+    else:
+      assert err[:, :, 0].max() > 1e-3 * scale
+    visible = 16 if ring else n   # slots of a 16-slot ring after 12 tokens: all still there
+    assert err[0, :, 1:min(n, visible)].max(axis=-1).min() > 1e-3 * scale
   # Without key_sink the same position 0 has the ordinary 4-bit error.
   plain = kvjax.append(kvjax.init_cache(b, h, 64, d, quant=kvjax.QuantConfig(seed=1),
                                         window=16 if ring else None), k, v)
   k_plain, _ = attention._dequantized_kv(plain, attention._quant_view(plain),
                                          cache_lib.positions(plain))
-  assert plain.k_sink.shape == (b, h, 0)
+  assert plain.k_sink.shape == (b, h, 0) and plain.v_sink.shape == (b, h, 0)
   assert np.abs(np.asarray(k_plain)[:, :, 0] - np.asarray(k)[:, 0]).max() > 1e-2 * scale
 
 
@@ -55,13 +67,14 @@ def test_sink_key_is_stored_exactly_and_only_it(ring):
 SINK_STATES = [(False, 40), (True, 12), (True, 40)]
 
 
+@pytest.mark.parametrize("sink", SINKS[::2], ids=SINK_IDS[::2])  # value alone: kernel tests
 @pytest.mark.parametrize("ring,n", SINK_STATES)
 @pytest.mark.parametrize("impl,bound", [("xla", 1e-5), ("int8dot", 1e-3), ("pallas", 1e-4)])
-def test_decode_paths_match_reference_with_sink(ring, n, impl, bound):
+def test_decode_paths_match_reference_with_sink(ring, n, impl, bound, sink):
   b, h, d, rep = 2, 2, 64, 4
-  cfg = kvjax.QuantConfig(key_sink=True, seed=2)
+  cfg = kvjax.QuantConfig(seed=2, **sink)
   c = kvjax.init_cache(b, h, 64, d, quant=cfg, window=16 if ring else None)
-  c = kvjax.append(c, _keys(3, b, n, h, d), jnp.asarray(_rand(4, b, n, h, d)),
+  c = kvjax.append(c, _keys(3, b, n, h, d), _keys(4, b, n, h, d),
                    num_tokens=jnp.array([n, n - 3]))
   q = jnp.asarray(3 * _rand(5, b, 1, h * rep, d))
   for softcap in (None, 5.0):
@@ -72,11 +85,12 @@ def test_decode_paths_match_reference_with_sink(ring, n, impl, bound):
     assert _row_rel_err(out, ref).max() < bound
 
 
+@pytest.mark.parametrize("sink", SINKS[::2], ids=SINK_IDS[::2])
 @pytest.mark.parametrize("ring", [False, True])
-def test_chunk_paths_match_reference_with_sink(ring):
+def test_chunk_paths_match_reference_with_sink(ring, sink):
   b, h, d, rep, n = 2, 2, 64, 2, 24
-  cfg = kvjax.QuantConfig(key_sink=True, seed=3)
-  k, v = _keys(6, b, n, h, d), jnp.asarray(_rand(7, b, n, h, d))
+  cfg = kvjax.QuantConfig(seed=3, **sink)
+  k, v = _keys(6, b, n, h, d), _keys(7, b, n, h, d)
   q = jnp.asarray(3 * _rand(8, b, n, h * rep, d))
   outs = {}
   for impl in ("reference", "xla", "dequant"):
@@ -111,20 +125,40 @@ def test_sink_changes_attention_towards_the_exact_keys():
   assert errs[True].mean() < errs[False].mean()
 
 
+def test_value_sink_moves_outputs_towards_the_exact_values():
+  """Queries that put most of their weight on position 0 (a sink-like key) with 8-bit keys:
+  keeping the sink value exact removes most of the output error (the rest is the other
+  values' error times their small weights)."""
+  b, h, d, n, rep = 2, 1, 64, 30, 4
+  k, v = _keys(14, b, n, h, d), _keys(15, b, n, h, d)
+  q = jnp.asarray(np.broadcast_to(np.asarray(k)[:, :1, :, None], (b, 1, h, rep, d))
+                  .reshape(b, 1, h * rep, d) * 0.3 + 0.3 * _rand(16, b, 1, h * rep, d))
+  dense = kvjax.append(kvjax.init_cache(b, h, 64, d, dtype=jnp.float32), k, v)
+  exact = np.asarray(kvjax.attend(q, dense), np.float64)
+  errs = {}
+  for sink in (False, True):
+    c = kvjax.init_cache(b, h, 64, d, quant=kvjax.QuantConfig(value_sink=sink, key_bits=8,
+                                                               seed=4))
+    errs[sink] = _row_rel_err(kvjax.attend(q, kvjax.append(c, k, v), impl="xla"), exact)
+  assert errs[True].max() < 0.5 * errs[False].min()
+
+
 def test_chunk_and_token_writes_store_the_same_sink_error():
   b, h, d, n = 2, 2, 128, 20
-  cfg = kvjax.QuantConfig(key_sink=True, seed=5)
+  cfg = kvjax.QuantConfig(key_sink=True, value_sink=True, seed=5)
   k, v = _keys(12, b, n, h, d), jnp.asarray(_rand(13, b, n, h, d))
   step = jax.jit(kvjax.append)
   whole = step(kvjax.init_cache(b, h, 64, d, quant=cfg), k, v)
   one = kvjax.init_cache(b, h, 64, d, quant=cfg)
   for t in range(n):
     one = step(one, k[:, t:t + 1], v[:, t:t + 1])
-  np.testing.assert_array_equal(np.asarray(whole.k_sink), np.asarray(one.k_sink))
-  assert np.abs(np.asarray(whole.k_sink)).max() > 0
-  # Later chunks never touch it.
+  for name in ("k_sink", "v_sink"):
+    np.testing.assert_array_equal(np.asarray(getattr(whole, name)), np.asarray(getattr(one, name)))
+    assert np.abs(np.asarray(getattr(whole, name))).max() > 0
+  # Later chunks never touch them.
   again = step(whole, k[:, :3], v[:, :3])
-  np.testing.assert_array_equal(np.asarray(again.k_sink), np.asarray(whole.k_sink))
+  for name in ("k_sink", "v_sink"):
+    np.testing.assert_array_equal(np.asarray(getattr(again, name)), np.asarray(getattr(whole, name)))
 
 
 def test_sink_config_errors_and_bytes():
@@ -135,3 +169,8 @@ def test_sink_config_errors_and_bytes():
   # One float32 vector per sequence and head is per-sequence storage: counted.
   assert kvjax.nbytes(on) - kvjax.nbytes(off) == 3 * 2 * 64 * 4
   assert kvjax.QuantConfig(key_sink=True).name.endswith("+sink")
+  with pytest.raises(ValueError, match="value_sink must be a bool"):
+    kvjax.QuantConfig(value_sink="yes")
+  both = kvjax.init_cache(3, 2, 100, 64, quant=kvjax.QuantConfig(key_sink=True, value_sink=True))
+  assert kvjax.nbytes(both) - kvjax.nbytes(on) == 3 * 2 * 64 * 4
+  assert kvjax.QuantConfig(value_sink=True).name.endswith("+vsink")
