@@ -1,6 +1,8 @@
-"""Closed-form key calibration from statistics: offsets, per-channel scales λ, rounding feedback.
+"""Closed-form cache calibration from statistics: key offsets, per-channel scales λ, rounding
+feedback, the exact sink.
 
-Five facts make 4-bit keys cheap to fix without touching attention's cost per token:
+Five facts make 4-bit keys cheap to fix without touching attention's cost per token; the sixth
+is the same for values, the seventh is what did not carry over to them:
 
 1. Offset. Softmax ignores a constant added to all logits of one query, and
    q . (k_t - μ) + q . μ = q . k_t. So keys can be stored minus a per-channel
@@ -112,6 +114,11 @@ class KeyCalibration:
       raise ValueError(f"KeyCalibration.rope_pairs must be an int >= 0, got {self.rope_pairs!r}")
     if not self.damping > 0:
       raise ValueError(f"KeyCalibration.damping must be > 0, got {self.damping!r}")
+    if not self.value_alpha >= 0:
+      raise ValueError(f"KeyCalibration.value_alpha must be >= 0, got {self.value_alpha!r}")
+    if not 0.0 <= self.value_head_correlation <= 1.0:
+      raise ValueError("KeyCalibration.value_head_correlation must be in [0, 1], got "
+                       f"{self.value_head_correlation!r}")
 
 
 # The constant key offset and λ only (facts 1 and 3).
@@ -250,9 +257,9 @@ def feedback_matrix(stats: StatsKVCache, k_lambda, rotation, *, damping: float =
 
 def value_params(stats: StatsKVCache, value_metric, v_rotation,
                  calib: KeyCalibration = KeyCalibration()) -> dict:
-  """Value λ and feedback matrix of fact 6 from statistics and the output-projection metric.
+  """Value λ and feedback matrix of fact 7 from statistics and the output-projection metric.
 
-  value_metric: [..., H, D, D], the stats' leading axes then Σ_h W_h^T W_h per KV head
+  value_metric: [..., H, D, D], the stats' leading axes then the metric M per KV head
   (`CausalLM.value_output_metric`). Returns numpy v_lambda [..., H, D] (geometric mean 1;
   ones when calib.value_alpha == 0) and v_feedback [..., H, D, D] (zeros when
   not calib.value_feedback).
