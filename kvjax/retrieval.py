@@ -17,6 +17,7 @@ import random
 import re
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -50,17 +51,25 @@ def retrieved_number(text: str) -> str | None:
   return m.group(0) if m else None
 
 
+def first_token_margin(logits) -> float:
+  """log p(top-1) - log p(top-2) of one row of logits [V]: how close the greedy choice was."""
+  top2 = jax.lax.top_k(jnp.asarray(logits, jnp.float32), 2)[0]
+  return float(top2[0] - top2[1])
+
+
 def greedy_answer(runner, tokens: Sequence[int], spec, *, stats, new_tokens: int = 8,
-                  chunk: int = 512) -> list[int]:
-  """Greedy continuation of `tokens` through the cache described by `spec`."""
+                  chunk: int = 512) -> tuple[list[int], float]:
+  """Greedy continuation of `tokens` through the cache described by `spec`, and the first
+  token's margin (`first_token_margin`)."""
   model = runner.model
   caches = ev._make_caches(model, spec, len(tokens) + new_tokens + 1, stats)
   logits, caches = ev.prefill(runner, tokens, caches, chunk=chunk)
+  margin = first_token_margin(logits[0])
   out = [int(jnp.argmax(logits[0]))]
   for _ in range(new_tokens - 1):
     logits, caches = runner(np.asarray([[out[-1]]], np.int32), caches)
     out.append(int(jnp.argmax(logits[0, 0])))
-  return out
+  return out, margin
 
 
 def run(model_name: str = "gemma3-270m", *, lengths=(2048, 4096), depths=(0.1, 0.5, 0.9),
@@ -96,9 +105,10 @@ def run(model_name: str = "gemma3-270m", *, lengths=(2048, 4096), depths=(0.1, 0
       key = f"{rng.randrange(10000, 99999)}"
       prompt = build_prompt(tok, filler, length=length, depth=depth, key=key,
                             add_bos=model.config.add_bos)
-      answers = {}
+      answers, margins = {}, {}
       for s in specs:
-        ids = greedy_answer(runner, prompt, s, stats=stats, new_tokens=new_tokens)
+        ids, margins[s.name] = greedy_answer(runner, prompt, s, stats=stats,
+                                             new_tokens=new_tokens)
         answers[s.name] = tok.decode(ids)
       ref = answers[specs[0].name]
       for s in specs:
@@ -107,11 +117,12 @@ def run(model_name: str = "gemma3-270m", *, lengths=(2048, 4096), depths=(0.1, 0
                "cache": s.name, "answer": text, "retrieved": retrieved_number(text),
                "agrees_with_bf16": retrieved_number(text) == retrieved_number(ref),
                "same_text_as_bf16": text == ref,
-               "contains_key": bool(re.search(re.escape(key), text))}
+               "contains_key": bool(re.search(re.escape(key), text)),
+               "first_token_margin": margins[s.name]}
         rows.append(row)
         log(f"{length:>6} depth {depth:4.2f} {s.name:<11} agree={row['agrees_with_bf16']!s:<5} "
             f"same text={row['same_text_as_bf16']!s:<5} correct={row['contains_key']!s:<5} "
-            f"{text!r}")
+            f"margin {margins[s.name]:5.2f}  {text!r}")
   summary = {}
   for s in specs:
     rs = [r for r in rows if r["cache"] == s.name]
@@ -124,7 +135,9 @@ def run(model_name: str = "gemma3-270m", *, lengths=(2048, 4096), depths=(0.1, 0
         f"{summary[s.name]['accuracy']:.2f}")
   doc = {"meta": {"model": model_name, "lengths": list(lengths), "depths": list(depths),
                   "new_tokens": new_tokens,
-                  "agreement": "the first number of each answer equals the bf16 cache's"},
+                  "agreement": "the first number of each answer equals the bf16 cache's",
+                  "first_token_margin": "logit of the first answer token minus the runner-up's "
+                                        "(a log-probability gap; small = a near tie)"},
          "summary": summary, "rows": rows}
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)

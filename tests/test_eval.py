@@ -349,6 +349,17 @@ def test_retrieved_number_is_the_first_run_of_digits():
   assert retrieved_number(" the key") is None
 
 
+def test_first_token_margin_is_the_log_probability_gap():
+  from kvjax import retrieval
+  rng = np.random.default_rng(3)
+  logits = rng.standard_normal(500).astype(np.float32) * 4
+  lp = logits - np.log(np.exp(logits.astype(np.float64)).sum())
+  top = np.sort(lp)[::-1]
+  assert retrieval.first_token_margin(logits) == pytest.approx(top[0] - top[1], rel=1e-5)
+  logits[7] = logits[3] = logits.max() + 1.0    # an exact tie
+  assert retrieval.first_token_margin(logits) == 0.0
+
+
 def test_windows_are_disjoint_stretches_each_opened_with_bos():
   ids = [2] + list(range(100, 140))               # BOS, then 40 text tokens
   wins = ev.windows(ids, 10, 3, bos=True)
