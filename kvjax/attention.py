@@ -153,11 +153,16 @@ def _key_logit_offsets(qg, view, config, kv_pos):
   return off
 
 
-def _sink_slots(config, kv_pos):
+def _sink_slots(kv_pos):
   """bool [B, N]: the slot holding position 0, for a cache that keeps its sink value exact."""
   if kv_pos is None:
     raise ValueError("a cache with an exact sink value needs the slot positions (kv_pos)")
   return kv_pos == 0
+
+
+def _sink_weight(p, kv_pos):
+  """p0 [B, H, T, R]: the weight of the slot holding position 0 in softmax weights p [.., N]."""
+  return jnp.sum(jnp.where(_sink_slots(kv_pos)[:, None, None, None, :], p, 0.0), axis=-1)
 
 
 def _add_value_sink(o, p0, view):
@@ -209,8 +214,7 @@ def quantized_attention(q, view: dict, mask, *, config, scale, softcap=None, kv_
   rot, lam = view["v_rotation"], view["v_lambda"]
   o = jnp.einsum("bhtre,hed->bhtrd", o_rot, rot, precision=_HI) * lam[None, :, None, None, :]
   if config.value_sink:
-    sink = _sink_slots(config, kv_pos)[:, None, None, None, :]
-    o = _add_value_sink(o, jnp.sum(jnp.where(sink, p, 0.0), axis=-1), view)
+    o = _add_value_sink(o, _sink_weight(p, kv_pos), view)
   return _ungroup(o, q.dtype)
 
 
@@ -309,7 +313,7 @@ def quantized_attention_int8dot(q, view: dict, mask, *, config, scale, softcap=N
           .astype(jnp.float32) for p, gr in enumerate(vgroups)]    # [Gv, w] each
 
   def block(args):
-    qbd, qscale, qsum, offset, k_codes, k_scales, v_codes, v_scales, visible, sink = args
+    qbd, qscale, qsum, offset, k_codes, k_scales, v_codes, v_scales, visible, *sink = args
     c = qbd.shape[0]
     k_scales = k_scales.astype(jnp.float32)
     s = offset
@@ -356,17 +360,18 @@ def quantized_attention_int8dot(q, view: dict, mask, *, config, scale, softcap=N
       outs.append(acc)                                              # [c,t,r,w]
     o = jnp.concatenate(outs, -1) if len(outs) > 1 else outs[0]
     inv = 1.0 / jnp.where(denom > 0, denom, 1.0)
-    p0 = jnp.sum(jnp.where(sink[:, None, None, :], w, 0.0), axis=-1) * inv  # sink slot's weight
+    if not sink:
+      return o * inv[..., None], ()
+    p0 = jnp.sum(jnp.where(sink[0][:, None, None, :], w, 0.0), axis=-1) * inv  # sink's weight
     return o * inv[..., None], p0
 
   visible = jnp.broadcast_to(mask[:, None], (b, h, t, n)).reshape(x, t, n)
-  sink = (_sink_slots(config, kv_pos) if config.value_sink
-          else jnp.zeros((b, n), bool))
-  sink = jnp.broadcast_to(sink[:, None], (b, h, n)).reshape(x, n)
   args = (qbd, qscale, qsum, offset,
           view["k_codes"].reshape(x, n, -1), view["k_scales"].reshape(x, n, G).swapaxes(1, 2),
           view["v_codes"].reshape(x, n, -1), view["v_scales"].reshape(x, n, G).swapaxes(1, 2),
-          visible, sink)
+          visible)
+  if config.value_sink:  # the sink slot per (sequence, head), for its weight p0
+    args += (jnp.broadcast_to(_sink_slots(kv_pos)[:, None], (b, h, n)).reshape(x, n),)
   cb = max(1, _INT8DOT_BLOCK_BYTES // max(1, n * d))
   cb = max(i for i in range(1, min(cb, x) + 1) if x % i == 0)
   if cb == x:
@@ -412,8 +417,7 @@ def quantized_attention_dequant(q, view: dict, mask, *, config, scale, softcap=N
   rot, lam = view["v_rotation"], view["v_lambda"]
   o = jnp.einsum("bhtre,hed->bhtrd", o_rot, rot, precision=_HI) * lam[None, :, None, None, :]
   if config.value_sink:
-    sink = _sink_slots(config, kv_pos)[:, None, None, None, :]
-    o = _add_value_sink(o, jnp.sum(jnp.where(sink, p, 0.0), axis=-1), view)
+    o = _add_value_sink(o, _sink_weight(p, kv_pos), view)
   return _ungroup(o, q.dtype)
 
 
@@ -443,8 +447,7 @@ def _dequantized_kv(c: QuantizedKVCache, view: dict, kv_pos):
     k = k + jnp.where((kv_pos == 0)[:, None, :, None], view["k_sink"][:, :, None, :], 0.0)
   v = deq(view["v_codes"], view["v_scales"], view["v_rotation"], view["v_lambda"], cfg.value_bits)
   if cfg.value_sink:
-    v = v + jnp.where(_sink_slots(cfg, kv_pos)[:, None, :, None], view["v_sink"][:, :, None, :],
-                      0.0)
+    v = v + jnp.where(_sink_slots(kv_pos)[:, None, :, None], view["v_sink"][:, :, None, :], 0.0)
   return k, v
 
 

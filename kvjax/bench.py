@@ -28,7 +28,6 @@ import numpy as np
 
 from kvjax.cache import DenseKVCache, QuantizedKVCache
 from kvjax.eval import _Runner, cache_bytes, parse_spec, with_layers_for
-from kvjax.smoothing import calibrated_config
 
 _IS_CACHE = lambda x: isinstance(x, (DenseKVCache, QuantizedKVCache))
 
@@ -83,13 +82,10 @@ def run(model_name: str = "gemma3-270m", *, contexts=(256, 1024, 4096, 8192), re
       if s.quant is None:
         base = model.init_cache(1, max_len, dtype=jnp.bfloat16)
       else:
-        # A calibrated format is timed in the config calibration gives it (rotary key
-        # offsets, feedback rounding of the written token, the sink slot); its parameters'
+        # A calibrated format is timed in the config calibration gives it; its parameters'
         # values do not change the work.
-        fmt = ((lambda q: calibrated_config(q, s.recipe, head_dim=model.config.head_dim))
-               if s.calibrate else (lambda q: q))
-        base = model.init_cache(1, max_len, quant=fmt(s.quant),
-                                layer_quant={l: fmt(q) for l, q in s.layer_quant().items()})
+        quant, layer_quant = s.formats(model.config.head_dim)
+        base = model.init_cache(1, max_len, quant=quant, layer_quant=layer_quant)
       state[s.name] = fill_caches(base, ctx, jax.random.key(ctx))
       _, state[s.name] = runner(token, state[s.name])  # compile + warm up
       jax.block_until_ready(state[s.name])

@@ -97,6 +97,14 @@ class CacheSpec:
       formats.append((field, value, tuple(sorted(out))))
     return dataclasses.replace(self, layer_formats=tuple(formats))
 
+  def formats(self, head_dim: int):
+    """(quant, {layer: QuantConfig}) as this spec's caches really run: for a calibrated spec,
+    the configs `calibrate_caches` gives them (rotary key offsets, feedback rounding, the sink
+    buffers), which change a step's work and the bytes held."""
+    fmt = ((lambda q: calibrated_config(q, self.recipe, head_dim=head_dim)) if self.calibrate
+           else (lambda q: q))
+    return fmt(self.quant), {l: fmt(q) for l, q in self.layer_quant().items()}
+
   def layer_quant(self) -> dict:
     """{layer: QuantConfig} overrides for `model.init_cache(layer_quant=...)`."""
     out = {l: dataclasses.replace(self.quant, key_bits=8) for l in self.key8_layers}
@@ -394,11 +402,9 @@ def _make_caches_shape(model, spec, context):
   # Learned rotations live in the per-layer parameters, not in the byte count.
   quant = (dataclasses.replace(spec.quant, rotation="srft") if spec.quant.rotation == "learned"
            else spec.quant)
-  fmt = lambda q: q
-  if spec.calibrate:  # as calibration configures it (the exact sink key's buffer counts)
-    fmt = lambda q: calibrated_config(q, spec.recipe, head_dim=model.config.head_dim)
-  return model.init_cache(1, context, quant=fmt(quant),
-                          layer_quant={l: fmt(q) for l, q in spec.layer_quant().items()})
+  # As calibration configures the caches (the exact sink buffers count).
+  quant, layer_quant = dataclasses.replace(spec, quant=quant).formats(model.config.head_dim)
+  return model.init_cache(1, context, quant=quant, layer_quant=layer_quant)
 
 
 def bits_per_value(model, spec: CacheSpec, context: int) -> float:

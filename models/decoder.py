@@ -164,7 +164,7 @@ class CausalLM(nnx.Module):
     ρ = `head_correlation` in [0, 1]: 0 treats the heads' weights on a token as independent,
     1 as equal (e.g. a token every head attends to, like the attention sink). Returns
     float32 [..., H_kv, D, D] laid out like `init_cache`'s caches (`kvjax.smoothing`,
-    fact 6)."""
+    fact 7)."""
     if not 0.0 <= head_correlation <= 1.0:
       raise ValueError(f"head_correlation must be in [0, 1], got {head_correlation!r}")
     cfg = self.config

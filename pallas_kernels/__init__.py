@@ -80,8 +80,7 @@ def decode_attention(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *, ke
                 value_bits=value_bits, group_size=group_size, ring=ring, window=window,
                 scale=scale, softcap=softcap, logit_offset=logit_offset, rope_coef=rope_coef,
                 rope_freq=rope_freq, sink_logit=sink_logit, sink_value=sink_value, block_s=block_s,
-                num_splits=num_splits,
-                interpret=interpret)
+                num_splits=num_splits, interpret=interpret)
 
 
 __all__ = [

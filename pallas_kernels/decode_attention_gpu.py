@@ -223,8 +223,8 @@ def _decode_kernel(
 def decode_attention_gpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *, key_bits=4,
                          value_bits=4, group_size=32, ring=False, window=None, scale=None,
                          softcap=None, logit_offset=None, rope_coef=None, rope_freq=None,
-                         sink_logit=None, sink_value=None, block_s=None, num_splits=None, num_warps=4, num_stages=2,
-                         interpret=None):
+                         sink_logit=None, sink_value=None, block_s=None, num_splits=None,
+                         num_warps=4, num_stages=2, interpret=None):
   """Decode attention over a quantized cache with the Triton GPU kernel.
 
   Arguments and result as `decode_attention_reference` ([B, Hq, D] float32 in the
