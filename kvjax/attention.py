@@ -171,12 +171,49 @@ def _add_value_sink(o, p0, view):
   return o + p0[..., None] * view["v_sink"][:, :, None, None, :]
 
 
-def quantized_attention(q, view: dict, mask, *, config, scale, softcap=None, kv_pos=None):
+def _current_slots(kv_pos, q_pos):
+  """bool [B, T, N]: the slot holding each query's own position."""
+  if kv_pos is None:
+    raise ValueError("a cache that reads the current value exact needs the slot positions")
+  return kv_pos[:, None, :] == q_pos[:, :, None]
+
+
+def _add_current_value(o, p_cur, current):
+  """o [B, H, T, R, D] (original domain) + the weight p_cur [B, H, T, R] each query gives its
+  own slot times that token's value rounding error (current = (errors [B, H, T, D], q_pos))."""
+  return o + p_cur[..., None] * current[0][:, :, :, None, :]
+
+
+def _current_weight(p, kv_pos, current):
+  """[B, H, T, R]: the weight of each query's own slot in p [B, H, T, R, N]."""
+  own = _current_slots(kv_pos, current[1])[:, None, :, None, :]
+  return jnp.sum(jnp.where(own, p, 0.0), axis=-1)
+
+
+def _current_value_errors(cache: QuantizedKVCache, chunk, v, q_pos):
+  """(errors float32 [B, H, T, D], q_pos [B, T]) for QuantConfig.value_current: each new
+  value minus what the chunk stores for it; zero for tokens not written and, when the cache
+  keeps the sink value, at position 0 (already exact through v_sink)."""
+  cfg = cache.config
+  stored = quantizer.dequantize(chunk.arrays["v_codes"], chunk.arrays["v_scales"],
+                                cache.v_rotation, cache.v_lambda, bits=cfg.value_bits,
+                                group_size=cfg.group_size)                     # [B, T, H, D]
+  keep = chunk.valid
+  if cfg.value_sink:
+    keep = keep & (q_pos != 0)
+  err = jnp.where(keep[:, :, None, None], v.astype(jnp.float32) - stored, 0.0)
+  return err.swapaxes(1, 2), q_pos
+
+
+def quantized_attention(q, view: dict, mask, *, config, scale, softcap=None, kv_pos=None,
+                        current=None):
   """Attention in the rotated, quantized domain (no per-token dequantized K/V).
 
   q: [B, Tq, Hq, D]; view: k_codes/k_scales/v_codes/v_scales [B, H, N, ...] and
   the cache's parameters; mask: bool [B, Tq, N]; kv_pos: int [B, N] slot positions
-  (needed for rotary key offsets).
+  (needed for rotary key offsets); current: None or (errors [B, H, Tq, D], q_pos [B, Tq]),
+  the new tokens' value rounding errors each query adds for its own slot
+  (QuantConfig.value_current).
   """
   qg, qr = _rotated_query(q, view, config)
   b, h, t, r, G, g = qr.shape
@@ -215,6 +252,8 @@ def quantized_attention(q, view: dict, mask, *, config, scale, softcap=None, kv_
   o = jnp.einsum("bhtre,hed->bhtrd", o_rot, rot, precision=_HI) * lam[None, :, None, None, :]
   if config.value_sink:
     o = _add_value_sink(o, _sink_weight(p, kv_pos), view)
+  if current is not None:
+    o = _add_current_value(o, _current_weight(p, kv_pos, current), current)
   return _ungroup(o, q.dtype)
 
 
@@ -257,7 +296,7 @@ def _piece_groups(d, g, pieces):
 
 
 def quantized_attention_int8dot(q, view: dict, mask, *, config, scale, softcap=None,
-                                kv_pos=None):
+                                kv_pos=None, current=None):
   """The CPU fast path: the quantized-domain math with int8 x int8 -> int32 dot products.
 
   Scores. q~ = R_k (lam_k q) is split per (query head, group) into two int8 levels,
@@ -313,7 +352,7 @@ def quantized_attention_int8dot(q, view: dict, mask, *, config, scale, softcap=N
           .astype(jnp.float32) for p, gr in enumerate(vgroups)]    # [Gv, w] each
 
   def block(args):
-    qbd, qscale, qsum, offset, k_codes, k_scales, v_codes, v_scales, visible, *sink = args
+    qbd, qscale, qsum, offset, k_codes, k_scales, v_codes, v_scales, visible, *slots = args
     c = qbd.shape[0]
     k_scales = k_scales.astype(jnp.float32)
     s = offset
@@ -360,10 +399,9 @@ def quantized_attention_int8dot(q, view: dict, mask, *, config, scale, softcap=N
       outs.append(acc)                                              # [c,t,r,w]
     o = jnp.concatenate(outs, -1) if len(outs) > 1 else outs[0]
     inv = 1.0 / jnp.where(denom > 0, denom, 1.0)
-    if not sink:
-      return o * inv[..., None], ()
-    p0 = jnp.sum(jnp.where(sink[0][:, None, None, :], w, 0.0), axis=-1) * inv  # sink's weight
-    return o * inv[..., None], p0
+    # The weights of the slots with an exact-value correction (sink; each query's own).
+    weights = tuple(jnp.sum(jnp.where(sl[:, :, None, :], w, 0.0), axis=-1) * inv for sl in slots)
+    return o * inv[..., None], weights
 
   visible = jnp.broadcast_to(mask[:, None], (b, h, t, n)).reshape(x, t, n)
   args = (qbd, qscale, qsum, offset,
@@ -371,24 +409,30 @@ def quantized_attention_int8dot(q, view: dict, mask, *, config, scale, softcap=N
           view["v_codes"].reshape(x, n, -1), view["v_scales"].reshape(x, n, G).swapaxes(1, 2),
           visible)
   if config.value_sink:  # the sink slot per (sequence, head), for its weight p0
-    args += (jnp.broadcast_to(_sink_slots(kv_pos)[:, None], (b, h, n)).reshape(x, n),)
+    args += (jnp.broadcast_to(_sink_slots(kv_pos)[:, None, None], (b, h, 1, n)).reshape(x, 1, n),)
+  if current is not None:  # each query's own slot, for its weight
+    own = _current_slots(kv_pos, current[1])
+    args += (jnp.broadcast_to(own[:, None], (b, h, t, n)).reshape(x, t, n),)
   cb = max(1, _INT8DOT_BLOCK_BYTES // max(1, n * d))
   cb = max(i for i in range(1, min(cb, x) + 1) if x % i == 0)
   if cb == x:
-    o_rot, p0 = block(args)
+    o_rot, weights = block(args)
   else:
-    o_rot, p0 = jax.lax.map(block, jax.tree.map(lambda a: a.reshape(x // cb, cb, *a.shape[1:]),
-                                                args))
+    o_rot, weights = jax.lax.map(
+        block, jax.tree.map(lambda a: a.reshape(x // cb, cb, *a.shape[1:]), args))
   o_rot = o_rot.reshape(b, h, t, r, d)
   rot, lam = view["v_rotation"], view["v_lambda"]
   o = jnp.einsum("bhtre,hed->bhtrd", o_rot, rot, precision=_HI) * lam[None, :, None, None, :]
+  weights = [wt.reshape(b, h, t, r) for wt in weights]
   if config.value_sink:
-    o = _add_value_sink(o, p0.reshape(b, h, t, r), view)
+    o = _add_value_sink(o, weights.pop(0), view)
+  if current is not None:
+    o = _add_current_value(o, weights.pop(0), current)
   return _ungroup(o, q.dtype)
 
 
 def quantized_attention_dequant(q, view: dict, mask, *, config, scale, softcap=None,
-                                kv_pos=None):
+                                kv_pos=None, current=None):
   """The CPU chunk path: rotated-domain dequantization to bf16, then bf16 matmuls.
 
   With many queries per step (a prefill chunk) the codes are worth dequantizing once:
@@ -418,6 +462,8 @@ def quantized_attention_dequant(q, view: dict, mask, *, config, scale, softcap=N
   o = jnp.einsum("bhtre,hed->bhtrd", o_rot, rot, precision=_HI) * lam[None, :, None, None, :]
   if config.value_sink:
     o = _add_value_sink(o, _sink_weight(p, kv_pos), view)
+  if current is not None:
+    o = _add_current_value(o, _current_weight(p, kv_pos, current), current)
   return _ungroup(o, q.dtype)
 
 
@@ -451,21 +497,30 @@ def _dequantized_kv(c: QuantizedKVCache, view: dict, kv_pos):
   return k, v
 
 
-def _attend_view(q, c, view, kv_pos, q_pos, *, scale, softcap, window, impl):
+def _reference_attention(q, k, v, mask, *, scale, softcap, kv_pos, current):
+  """The oracle over dequantized k, v [B, H, N, D] (float32), plus each query's own value
+  correction when `current` is given."""
+  if current is None:
+    return dense_attention(q, k, v, mask, scale=scale, softcap=softcap)
+  qg = _grouped_q(q.astype(jnp.float32), k.shape[1])
+  s = jnp.einsum("bhtrd,bhnd->bhtrn", qg, k, precision=_HI) * scale
+  p = _softmax_weights(s, mask[:, None, :, None, :], softcap)
+  o = jnp.einsum("bhtrn,bhnd->bhtrd", p, v, precision=_HI)
+  return _ungroup(_add_current_value(o, _current_weight(p, kv_pos, current), current), q.dtype)
+
+
+def _attend_view(q, c, view, kv_pos, q_pos, *, scale, softcap, window, impl, current=None):
   mask = visibility_mask(q_pos, kv_pos, window)
   if isinstance(c, DenseKVCache):
     return dense_attention(q, view["k"], view["v"], mask, scale=scale, softcap=softcap)
   if impl == "reference":
     k, v = _dequantized_kv(c, view, kv_pos)
-    return dense_attention(q, k, v, mask, scale=scale, softcap=softcap)
-  if impl == "int8dot":
-    return quantized_attention_int8dot(q, view, mask, config=c.config, scale=scale,
-                                       softcap=softcap, kv_pos=kv_pos)
-  if impl == "dequant":
-    return quantized_attention_dequant(q, view, mask, config=c.config, scale=scale,
-                                       softcap=softcap, kv_pos=kv_pos)
-  return quantized_attention(q, view, mask, config=c.config, scale=scale, softcap=softcap,
-                             kv_pos=kv_pos)
+    return _reference_attention(q, k, v, mask, scale=scale, softcap=softcap, kv_pos=kv_pos,
+                                current=current)
+  fn = {"int8dot": quantized_attention_int8dot,
+        "dequant": quantized_attention_dequant}.get(impl, quantized_attention)
+  return fn(q, view, mask, config=c.config, scale=scale, softcap=softcap, kv_pos=kv_pos,
+            current=current)
 
 
 def _resolve(q, c, scale, window, impl, softcap=None):
@@ -503,6 +558,11 @@ def attend(q: jax.Array, cache: cache_lib.KVCache, *, scale: float | None = None
   Returns [B, Tq, Hq, D] in q's dtype; a query with no visible key gets zeros.
   """
   scale, window, impl = _resolve(q, cache, scale, window, impl, softcap)
+  return _attend(q, cache, scale=scale, softcap=softcap, window=window, q_positions=q_positions,
+                 impl=impl)
+
+
+def _attend(q, cache, *, scale, softcap, window, q_positions, impl, current=None):
   tq = q.shape[1]
   if cache.ring and tq > 1:
     raise ValueError("attend over a ring-buffer (sliding-window) cache takes one query token; "
@@ -513,10 +573,11 @@ def attend(q: jax.Array, cache: cache_lib.KVCache, *, scale: float | None = None
     if not isinstance(cache, QuantizedKVCache) or tq != 1:
       raise ValueError("impl='pallas' is the single-token decode kernel over a quantized cache")
     from kvjax import _pallas_dispatch
-    return _pallas_dispatch.decode(q, cache, scale=scale, softcap=softcap, window=window)
+    return _pallas_dispatch.decode(q, cache, scale=scale, softcap=softcap, window=window,
+                                   current=None if current is None else current[0][:, :, 0])
   view = {"k": cache.k, "v": cache.v} if isinstance(cache, DenseKVCache) else _quant_view(cache)
   return _attend_view(q, cache, view, cache_lib.positions(cache), q_positions, scale=scale,
-                      softcap=softcap, window=window, impl=impl)
+                      softcap=softcap, window=window, impl=impl, current=current)
 
 
 def append_and_attend(cache: cache_lib.KVCache, q: jax.Array, k: jax.Array, v: jax.Array, *,
@@ -542,14 +603,16 @@ def append_and_attend(cache: cache_lib.KVCache, q: jax.Array, k: jax.Array, v: j
   if isinstance(cache, cache_lib.StatsKVCache):
     cache = cache_lib.accumulate_stats(cache, q, k, v, num_tokens)
   append_impl = "pallas" if impl_ == "pallas" else "xla"
-  if not cache.ring or t == 1:
-    new = cache_lib.append(cache, k, v, num_tokens=num_tokens, impl=append_impl)
-    q_pos = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-    out = attend(q, new, scale=scale_, softcap=softcap, window=window, q_positions=q_pos,
-                 impl=impl_ if t == 1 else _chunk_impl(impl_))
-    return out, new
   chunk = cache_lib.encode(cache, k, v, num_tokens=num_tokens, impl=append_impl)
   q_pos = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+  current = None
+  if isinstance(cache, QuantizedKVCache) and cache.config.value_current:
+    current = _current_value_errors(cache, chunk, v, q_pos)
+  if not cache.ring or t == 1:
+    new = cache_lib.write(cache, chunk)
+    out = _attend(q, new, scale=scale_, softcap=softcap, window=window, q_positions=q_pos,
+                  impl=impl_ if t == 1 else _chunk_impl(impl_), current=current)
+    return out, new
   chunk_pos = jnp.where(chunk.valid, q_pos, -1)
   kv_pos = jnp.concatenate([cache_lib.positions(cache), chunk_pos], axis=1)
   if isinstance(cache, DenseKVCache):
@@ -563,7 +626,7 @@ def append_and_attend(cache: cache_lib.KVCache, q: jax.Array, k: jax.Array, v: j
       if n in chunk.arrays:
         view[n] = chunk.arrays[n]
   out = _attend_view(q, cache, view, kv_pos, q_pos, scale=scale_, softcap=softcap,
-                     window=window, impl=_chunk_impl(impl_))
+                     window=window, impl=_chunk_impl(impl_), current=current)
   return out, cache_lib.write(cache, chunk)
 
 

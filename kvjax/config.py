@@ -46,6 +46,11 @@ class QuantConfig:
       rounding error in float32; attention adds p_0 e_0, p_0 the slot's attention weight).
       The sink's weight is large in every query head at once, so its value error does not
       average out.
+    value_current: each new token's query reads that token's own value exact. The value is
+      stored as usual; `kvjax.append_and_attend`, which has the exact value in hand, adds
+      p_t e_t to each new query's output (e_t the value's rounding error, p_t the weight the
+      query gives its own slot). Costs no memory; later queries read the stored value.
+      `kvjax.attend` over a cache alone has no new value and reads the stored one.
     attention_impl: the implementation `kvjax.attend(..., impl="auto")` uses
       over this cache: "auto" (Pallas kernel on TPU/GPU decode, "int8dot" on
       CPU decode, "dequant" for CPU chunks, "xla" for TPU/GPU chunks), or a fixed
@@ -65,6 +70,7 @@ class QuantConfig:
   value_feedback: bool = False
   key_sink: bool = False
   value_sink: bool = False
+  value_current: bool = False
   attention_impl: str = "auto"
 
   def __post_init__(self):
@@ -95,6 +101,8 @@ class QuantConfig:
       raise ValueError(f"QuantConfig.key_sink must be a bool, got {self.key_sink!r}")
     if not isinstance(self.value_sink, bool):
       raise ValueError(f"QuantConfig.value_sink must be a bool, got {self.value_sink!r}")
+    if not isinstance(self.value_current, bool):
+      raise ValueError(f"QuantConfig.value_current must be a bool, got {self.value_current!r}")
     if self.householder_reflectors is not None and self.householder_reflectors < 1:
       raise ValueError("QuantConfig.householder_reflectors must be >= 1 or None, got "
                        f"{self.householder_reflectors!r}")
@@ -127,8 +135,10 @@ class QuantConfig:
   @property
   def name(self) -> str:
     """Short label such as 'K4V4-g32-srft' ('+rope16', '+fb', '+vfb', '+sink' for rotary
-    offsets, key and value feedback rounding, an exact position-0 key / value)."""
+    offsets, key and value feedback rounding, an exact position-0 key / value; '+vcur' for
+    the current token's exact value)."""
     extra = ((f"+rope{self.key_rope_pairs}" if self.key_rope_pairs else "")
              + ("+fb" if self.key_feedback else "") + ("+vfb" if self.value_feedback else "")
-             + ("+sink" if self.key_sink else "") + ("+vsink" if self.value_sink else ""))
+             + ("+sink" if self.key_sink else "") + ("+vsink" if self.value_sink else "")
+             + ("+vcur" if self.value_current else ""))
     return f"K{self.key_bits}V{self.value_bits}-g{self.group_size}-{self.rotation}{extra}"

@@ -146,10 +146,11 @@ def default_specs() -> list[CacheSpec]:
                 description="K4V4 g32, SRFT rotation only"),
       CacheSpec("int4", QuantConfig(rotation="srft"), calibrate=True,
                 description="kvjax default: K4V4 g32, SRFT + calibrated key offsets (constant "
-                            "and rotary), λ, feedback rounding; exact sink key and value"),
+                            "and rotary), λ, feedback rounding; exact sink key and value, "
+                            "exact current value"),
       CacheSpec("K8V4", QuantConfig(key_bits=8, rotation="srft"), calibrate=True,
                 description="8-bit keys, 4-bit values, g32, SRFT + calibrated key offsets, λ, "
-                            "feedback rounding; exact sink key and value"),
+                            "feedback rounding; exact sink key and value, exact current value"),
   ]
 
 
@@ -157,6 +158,9 @@ def ablation_specs() -> list[CacheSpec]:
   """The default int4 recipe with one calibration step at a time (what bought what)."""
   q = QuantConfig(rotation="srft")
   return [
+      CacheSpec("int4-novcur", q, calibrate=True,
+                recipe=dataclasses.replace(KeyCalibration(), value_current=False),
+                description="K4V4 g32, the default without the exact current value"),
       CacheSpec("int4-novsink", q, calibrate=True,
                 recipe=dataclasses.replace(KeyCalibration(), value_sink=False),
                 description="K4V4 g32, the default without the exact sink value"),

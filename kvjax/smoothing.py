@@ -88,7 +88,8 @@ class KeyCalibration:
   gathered with RoPE frequencies); feedback: error-feedback key rounding; damping: δ of
   fact 5, relative to the mean diagonal of H (guards against directions the calibration
   queries never visited); sink: keep the key at position 0 exact (fact 4); value_sink: the
-  same for its value (fact 6); value_alpha, value_feedback, value_head_correlation: value λ
+  same for its value (fact 6); value_current: each new token's query reads its own value
+  exact (`QuantConfig.value_current`, fact 8; no statistics involved); value_alpha, value_feedback, value_head_correlation: value λ
   exponent, feedback rounding of values and the head correlation ρ of their metric (fact 7;
   they need the model's output-projection metric, `calibrate_caches(..., value_metric=...)`).
   """
@@ -101,6 +102,7 @@ class KeyCalibration:
   damping: float = 0.01
   sink: bool = True
   value_sink: bool = True
+  value_current: bool = True
   value_alpha: float = 0.0
   value_feedback: bool = False
   value_head_correlation: float = 0.0
@@ -122,7 +124,8 @@ class KeyCalibration:
 
 
 # The constant key offset and λ only (facts 1 and 3).
-OFFSET_AND_LAMBDA = KeyCalibration(rope_pairs=0, feedback=False, sink=False, value_sink=False)
+OFFSET_AND_LAMBDA = KeyCalibration(rope_pairs=0, feedback=False, sink=False, value_sink=False,
+                                   value_current=False)
 
 
 def balance_lambda(k_rms, q_rms, calib: KeyCalibration = KeyCalibration()):
@@ -290,6 +293,7 @@ def calibrated_config(quant, calib: KeyCalibration = KeyCalibration(), *, head_d
   pairs = min(calib.rope_pairs, head_dim // 2) if calib.offset else 0
   return dataclasses.replace(quant, key_rope_pairs=pairs, key_feedback=calib.feedback,
                              key_sink=calib.sink, value_sink=calib.value_sink,
+                             value_current=calib.value_current,
                              value_feedback=calib.calibrates_values and calib.value_feedback)
 
 
@@ -304,7 +308,8 @@ def calibrate_caches(quant_caches, stats_caches, calib: KeyCalibration = KeyCali
   calib.feedback and key_sink = calib.sink; its constant key mean, λ, rotary offsets and
   feedback matrix come from the statistics.
 
-  value_sink = calib.value_sink in each config (fact 6). value_metric: the model's
+  value_sink = calib.value_sink and value_current = calib.value_current in each config
+  (facts 6, 8). value_metric: the model's
   output-projection metric in the caches' layout
   (`model.value_output_metric(calib.value_head_correlation)`), needed only when
   `calib.calibrates_values` (value_alpha != 0 or value_feedback; fact 7): the value λ and

@@ -125,72 +125,98 @@ def validate_sink_logit(sink_logit, batch, q_heads):
   return sink_logit.astype(jnp.float32)
 
 
-def validate_sink_value(sink_value, batch, kv_heads, head_dim):
-  """None, or a float [B, H, D] array (added to the value at position 0, rotated domain)."""
-  if sink_value is None:
+def validate_value_delta(value, batch, kv_heads, head_dim, *, name):
+  """None, or a float [B, H, D] array `name` (added to one slot's value, rotated domain)."""
+  if value is None:
     return None
   want = (batch, kv_heads, head_dim)
-  if sink_value.shape != want or not jnp.issubdtype(sink_value.dtype, jnp.floating):
-    raise ValueError(f"sink_value must be a float [B, H, D] = {want} array, got "
-                     f"{sink_value.shape} {sink_value.dtype}")
-  return sink_value.astype(jnp.float32)
+  if value.shape != want or not jnp.issubdtype(value.dtype, jnp.floating):
+    raise ValueError(f"{name} must be a float [B, H, D] = {want} array, got "
+                     f"{value.shape} {value.dtype}")
+  return value.astype(jnp.float32)
 
 
-def sink_split(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, sink_logit, *, key_bits,
-               value_bits, group_size, ring, window, scale, softcap, logit_offset, rope_coef,
-               rope_freq, sink_value=None):
-  """The `sink_logit` / `sink_value` corrections as one more split-K state (m, l, acc) for
+def slot_split(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, position, *,
+               logit_delta=None, value_delta=None, logit_base=None, key_bits, value_bits,
+               group_size, ring, window, scale, softcap, logit_offset, rope_coef, rope_freq):
+  """A correction to one slot's logit and value as one more split-K state (m, l, acc) for
   `combine_splits`.
 
-  The kernels score the slot holding position 0 like any other, with logit z' (after the
-  offsets, before the soft-cap). With the correction its logit is z = z' + sink_logit, so
-  its softmax weight moves from exp(cap(z') - m) to exp(cap(z) - m): this state carries the
-  difference, exp(cap(z) - m) - exp(cap(z') - m) in l and that times the slot's value in
-  acc (it may be negative; the merged sum is the corrected one). O(B Hq D) work outside the
-  kernel: one slot's codes are read again. z' is recomputed in float32; the kernels'
-  bf16-split products carry ~16 bits, so the merge is exact to ~2^-16 of the sink's weight.
-  sink_value e (rotated domain; the value's rounding error) adds exp(cap(z) - m) e to acc
-  and nothing to l: the merged output gains p_0 e, p_0 the slot's final weight. Either
-  correction may be None.
+  position: int32 [B], the absolute position of the corrected slot (0 for the sink, L - 1
+  for the query's own token). The kernels score that slot like any other, with logit z'
+  (after the offsets, before the soft-cap). With logit_delta [B, Hq] its logit is
+  z = z' + logit_delta, so its softmax weight moves from exp(cap(z') - m) to
+  exp(cap(z) - m): this state carries the difference, exp(cap(z) - m) - exp(cap(z') - m)
+  in l and that times the slot's value in acc (it may be negative; the merged sum is the
+  corrected one). value_delta e [B, H, D] (rotated domain) adds exp(cap(z) - m) e to acc and
+  nothing to l: the merged output gains p e, p the slot's final weight. Either may be None.
+  logit_base: None or [B, Hq], a correction to the same slot's logit that another state
+  already carries (the sink logit when L = 1 puts the query's own token at position 0):
+  part of z' here, so the weight is the corrected one, and not moved again.
+  O(B Hq D) work outside the kernel: one slot's codes are read again. z' is recomputed in
+  float32; the kernels' bf16-split products carry ~16 bits, so the merge is exact to ~2^-16
+  of the slot's weight.
   Returns m, l [B, H, 1, R] and acc [B, H, 1, R, D] (m = NO_SCORE_YET, l = acc = 0 where
-  position 0 is not visible to the query).
+  the position is not visible to the query).
   """
   from kvjax.pallas_kernels import reference  # reference imports this module
 
   b, hq, d = q_rot.shape
   h, s = k_codes.shape[1], k_codes.shape[2]
   r = hq // h
-  k0 = reference.dequantize_codes(k_codes[:, :, :1], k_scales[:, :, :1], bits=key_bits,
+  lengths = lengths.astype(jnp.int32)
+  position = position.astype(jnp.int32)
+  slot = jnp.mod(jnp.maximum(position, 0), s)                                   # [B]
+  take = lambda a: jnp.take_along_axis(a, slot[:, None, None, None], axis=2)
+  k0 = reference.dequantize_codes(take(k_codes), take(k_scales), bits=key_bits,
                                   group_size=group_size)[:, :, 0]              # [B, H, D]
-  v0 = reference.dequantize_codes(v_codes[:, :, :1], v_scales[:, :, :1], bits=value_bits,
+  v0 = reference.dequantize_codes(take(v_codes), take(v_scales), bits=value_bits,
                                   group_size=group_size)[:, :, 0]
   q = q_rot.astype(jnp.float32).reshape(b, h, r, d)
   z = jnp.einsum("bhrd,bhd->bhr", q, k0, precision=jax.lax.Precision.HIGHEST) * scale
   if logit_offset is not None:
     z = z + logit_offset.reshape(b, h, r)
-  if rope_coef is not None:  # at t = 0: cos = 1, sin = 0
-    z = z + jnp.sum(rope_coef.reshape(b, h, r, -1)[..., :rope_freq.shape[0]], axis=-1)
+  if logit_base is not None:
+    z = z + logit_base.reshape(b, h, r)
+  if rope_coef is not None:
+    angle = rope_angles(position[:, None], rope_freq)                          # [B, P]
+    trig = jnp.concatenate([jnp.cos(angle), jnp.sin(angle)], axis=-1)          # [B, 2P]
+    z = z + jnp.einsum("bhrp,bp->bhr", rope_coef.reshape(b, h, r, -1), trig,
+                       precision=jax.lax.Precision.HIGHEST)
   cap = (lambda x: x) if softcap is None else (lambda x: softcap * jnp.tanh(x / softcap))
   old = cap(z)
-  new = old if sink_logit is None else cap(z + sink_logit.reshape(b, h, r))
-  lengths = lengths.astype(jnp.int32)
+  new = old if logit_delta is None else cap(z + logit_delta.reshape(b, h, r))
   _, _, base, write = slot_bounds(lengths, s, ring=ring, window=window)
-  zero = jnp.zeros_like(lengths)
-  seen = (slot_visible(zero, lengths, base, write, s, window)
-          & (slot_position(zero, base, write, s) == 0))[:, None, None]        # [B, 1, 1]
+  seen = (slot_visible(slot, lengths, base, write, s, window)
+          & (slot_position(slot, base, write, s) == position))[:, None, None]   # [B, 1, 1]
   m = jnp.where(seen, jnp.maximum(old, new), NO_SCORE_YET)
   l = jnp.where(seen, jnp.exp(new - m) - jnp.exp(old - m), 0.0)
-  # An invisible slot 0 may hold stale or never-written (even NaN) scales: keep them out.
+  # An invisible slot may hold stale or never-written (even NaN) scales: keep them out.
   acc = l[..., None] * v0[:, :, None, :]
-  if sink_value is not None:
-    acc = acc + jnp.exp(new - m)[..., None] * sink_value[:, :, None, :]
+  if value_delta is not None:
+    acc = acc + jnp.exp(new - m)[..., None] * value_delta[:, :, None, :]
   acc = jnp.where(seen[..., None], acc, 0.0)
   return m[:, :, None], l[:, :, None], acc[:, :, None]
 
 
-def add_sink_split(states, *args, **kwargs):
-  """(m, l, acc) of the kernel's splits with the `sink_split` state appended on the split axis."""
-  return tuple(jnp.concatenate([a, e], axis=2) for a, e in zip(states, sink_split(*args, **kwargs)))
+def add_slot_corrections(states, q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *,
+                         sink_logit=None, sink_value=None, last_value=None, **kwargs):
+  """(m, l, acc) of the kernel's splits with `slot_split` states appended on the split axis:
+  one for the sink (position 0: sink_logit, sink_value) and one for the query's own token
+  (position L - 1: last_value), each only when given. kwargs: those of `slot_split`."""
+  args = (q_rot, k_codes, k_scales, v_codes, v_scales, lengths)
+  extra = []
+  if sink_logit is not None or sink_value is not None:
+    extra.append(slot_split(*args, jnp.zeros_like(lengths, jnp.int32), logit_delta=sink_logit,
+                            value_delta=sink_value, **kwargs))
+  if last_value is not None:
+    last = lengths.astype(jnp.int32) - 1
+    # At L = 1 the own slot is the sink slot: its weight is the one with the sink logit.
+    base = None if sink_logit is None else jnp.where((last == 0)[:, None], sink_logit, 0.0)
+    extra.append(slot_split(*args, last, value_delta=last_value, logit_base=base, **kwargs))
+  for e in extra:
+    states = tuple(jnp.concatenate([a, x], axis=2) for a, x in zip(states, e))
+  return states
 
 
 def default_scale(head_dim, scale):

@@ -223,7 +223,7 @@ def _decode_kernel(
 def decode_attention_gpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *, key_bits=4,
                          value_bits=4, group_size=32, ring=False, window=None, scale=None,
                          softcap=None, logit_offset=None, rope_coef=None, rope_freq=None,
-                         sink_logit=None, sink_value=None, block_s=None, num_splits=None,
+                         sink_logit=None, sink_value=None, last_value=None, block_s=None, num_splits=None,
                          num_warps=4, num_stages=2, interpret=None):
   """Decode attention over a quantized cache with the Triton GPU kernel.
 
@@ -244,7 +244,10 @@ def decode_attention_gpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *
   rope_coef, rope_freq = _common.validate_rope(rope_coef, rope_freq, b, shapes.q_heads)
   rope_pairs = 0 if rope_freq is None else rope_freq.shape[0]
   sink_logit = _common.validate_sink_logit(sink_logit, b, shapes.q_heads)
-  sink_value = _common.validate_sink_value(sink_value, b, shapes.kv_heads, shapes.head_dim)
+  sink_value = _common.validate_value_delta(sink_value, b, shapes.kv_heads, shapes.head_dim,
+                                            name="sink_value")
+  last_value = _common.validate_value_delta(last_value, b, shapes.kv_heads, shapes.head_dim,
+                                            name="last_value")
   if d & (d - 1):
     raise ValueError(f"the GPU kernel needs a power-of-two head_dim (Triton tiles), got {d}")
   if block_s is None:
@@ -304,11 +307,10 @@ def decode_attention_gpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *
   )(q, k_codes, k_scales, v_codes, v_scales, lengths.astype(jnp.int32), lo, hi, base, write,
     *([] if logit_offset is None else [logit_offset.reshape(b, h, n_rep)]),
     *([] if not rope_pairs else [rope_coef.reshape(b, h, n_rep, 2 * rope_pairs), rope_freq]))
-  if sink_logit is not None or sink_value is not None:
-    m, l, acc = _common.add_sink_split(
-        (m, l, acc), q_rot, k_codes, k_scales, v_codes, v_scales, lengths, sink_logit,
-        key_bits=key_bits, value_bits=value_bits, group_size=group_size, ring=ring,
-        window=window, scale=scale, softcap=softcap, logit_offset=logit_offset,
-        rope_coef=rope_coef, rope_freq=rope_freq, sink_value=sink_value)
+  m, l, acc = _common.add_slot_corrections(
+      (m, l, acc), q_rot, k_codes, k_scales, v_codes, v_scales, lengths, sink_logit=sink_logit,
+      sink_value=sink_value, last_value=last_value, key_bits=key_bits, value_bits=value_bits,
+      group_size=group_size, ring=ring, window=window, scale=scale, softcap=softcap,
+      logit_offset=logit_offset, rope_coef=rope_coef, rope_freq=rope_freq)
   out = _common.combine_splits(m, l, acc)
   return out.reshape(b, shapes.q_heads, d)

@@ -122,20 +122,21 @@ def test_decode_attention_with_logit_offset_lowers(platform):
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
 def test_decode_attention_with_sink_logit_lowers(platform):
-  # The sink corrections (logit and value) are a split-K state built outside the kernel from slot 0 alone: still
-  # one kernel launch, and no dequantized [B, H, S, D] K/V anywhere.
+  # The sink corrections (logit and value) and the query's own value correction are split-K
+  # states built outside the kernel from one slot each: still one kernel launch, and no
+  # dequantized [B, H, S, D] K/V anywhere.
   b, h, n_rep, s, d, g = 2, 2, 4, 256, 128, 32
   codes = jax.ShapeDtypeStruct((b, h, s, d // 2), jnp.uint8)
   scales = jax.ShapeDtypeStruct((b, h, s, d // g), jnp.bfloat16)
   hq = jax.ShapeDtypeStruct((b, h * n_rep), jnp.float32)
+  hd = jax.ShapeDtypeStruct((b, h, d), jnp.float32)
   args = (jax.ShapeDtypeStruct((b, h * n_rep, d), jnp.float32), codes, scales, codes, scales,
-          jax.ShapeDtypeStruct((b,), jnp.int32), hq, hq,
-          jax.ShapeDtypeStruct((b, h, d), jnp.float32))
+          jax.ShapeDtypeStruct((b,), jnp.int32), hq, hq, hd, hd)
 
-  def fn(q, kc, ks, vc, vs, lengths, offset, sink, sink_value):
+  def fn(q, kc, ks, vc, vs, lengths, offset, sink, sink_value, last_value):
     return decode_attention(q, kc, ks, vc, vs, lengths, softcap=30.0, logit_offset=offset,
-                            sink_logit=sink, sink_value=sink_value, ring=True, window=128,
-                            backend=BACKEND[platform], interpret=False)
+                            sink_logit=sink, sink_value=sink_value, last_value=last_value,
+                            ring=True, window=128, backend=BACKEND[platform], interpret=False)
 
   text = _export(fn, args, platform)
   targets = [t for pair in _custom_call_targets(text) for t in pair if t]
