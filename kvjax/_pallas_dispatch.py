@@ -43,11 +43,11 @@ def quantize_heads(x, rotation, lam, *, bits, group_size, scale_dtype, feedback=
           scales.reshape(h, b, t, -1).transpose(1, 2, 0, 3))
 
 
-def decode(q, cache, *, scale, softcap, window, current=None):
+def decode(q, cache, *, scale, softcap, window, recent=None):
   """Single-token decode over a QuantizedKVCache with the fused kernel. q: [B, 1, Hq, D].
 
-  current: None or float32 [B, H, D], the rounding error of the query's own value
-  (QuantConfig.value_current), added to its slot's value."""
+  recent: None or float32 [B, H, W, D], the rounding errors of the values at positions
+  L - 1 - w (QuantConfig.value_recent), added to those slots' values."""
   pk = _kernels()
   b, _, hq, d = q.shape
   h = cache.num_kv_heads
@@ -74,13 +74,13 @@ def decode(q, cache, *, scale, softcap, window, current=None):
     # The sink key's rounding error e_0 goes back into its logit (kvjax.cache.QuantizedKVCache).
     rope["sink_logit"] = scale * jnp.einsum("bhrd,bhd->bhr", qg, cache.k_sink,
                                             precision=jax.lax.Precision.HIGHEST).reshape(b, hq)
-  to_rotated = lambda e: jnp.einsum(  # a value error into the kernel's (rotated) value domain
-      "bhd,hed->bhe", e / jnp.broadcast_to(cache.v_lambda, (h, d))[None],
+  to_rotated = lambda e: jnp.einsum(  # value errors into the kernel's (rotated) value domain
+      "bh...d,hed->bh...e", e / jnp.broadcast_to(cache.v_lambda, (h, d))[None, :, None],
       jnp.broadcast_to(cache.v_rotation, (h, d, d)), precision=jax.lax.Precision.HIGHEST)
   if cfg.value_sink:
-    rope["sink_value"] = to_rotated(cache.v_sink)   # the sink value's rounding error e_0
-  if current is not None:
-    rope["last_value"] = to_rotated(current)         # the new token's value rounding error
+    rope["sink_value"] = to_rotated(cache.v_sink[:, :, None])[:, :, 0]   # its rounding error e_0
+  if recent is not None:
+    rope["recent_values"] = to_rotated(recent)       # the recent values' rounding errors
   o_rot = pk.decode_attention(
       q_rot, cache.k_codes, cache.k_scales, cache.v_codes, cache.v_scales, cache.lengths,
       key_bits=cfg.key_bits, value_bits=cfg.value_bits, group_size=cfg.group_size,

@@ -171,49 +171,57 @@ def _add_value_sink(o, p0, view):
   return o + p0[..., None] * view["v_sink"][:, :, None, None, :]
 
 
-def _current_slots(kv_pos, q_pos):
-  """bool [B, T, N]: the slot holding each query's own position."""
+def _recent_onehot(kv_pos, positions):
+  """float32 [B, T, W, N]: 1 where slot n holds position positions[b, t, w]."""
   if kv_pos is None:
-    raise ValueError("a cache that reads the current value exact needs the slot positions")
-  return kv_pos[:, None, :] == q_pos[:, :, None]
+    raise ValueError("a cache that reads recent values exact needs the slot positions (kv_pos)")
+  return (kv_pos[:, None, None, :] == positions[..., None]).astype(jnp.float32)
 
 
-def _add_current_value(o, p_cur, current):
-  """o [B, H, T, R, D] (original domain) + the weight p_cur [B, H, T, R] each query gives its
-  own slot times that token's value rounding error (current = (errors [B, H, T, D], q_pos))."""
-  return o + p_cur[..., None] * current[0][:, :, :, None, :]
+def _recent_weights(p, kv_pos, recent):
+  """[B, H, T, R, W]: the weight each query gives the slot of each of its recent positions."""
+  return jnp.einsum("bhtrn,btwn->bhtrw", p, _recent_onehot(kv_pos, recent[1]), precision=_HI)
 
 
-def _current_weight(p, kv_pos, current):
-  """[B, H, T, R]: the weight of each query's own slot in p [B, H, T, R, N]."""
-  own = _current_slots(kv_pos, current[1])[:, None, :, None, :]
-  return jnp.sum(jnp.where(own, p, 0.0), axis=-1)
+def _add_recent_values(o, weights, recent):
+  """o [B, H, T, R, D] (original domain) + the recent values' rounding errors
+  (recent = (errors [B, H, T, W, D], positions [B, T, W])) times their weights [B, H, T, R, W]:
+  the attention output as if those values were stored exactly."""
+  return o + jnp.einsum("bhtrw,bhtwd->bhtrd", weights, recent[0], precision=_HI)
 
 
-def _current_value_errors(cache: QuantizedKVCache, chunk, v, q_pos):
-  """(errors float32 [B, H, T, D], q_pos [B, T]) for QuantConfig.value_current: each new
-  value minus what the chunk stores for it; zero for tokens not written and, when the cache
-  keeps the sink value, at position 0 (already exact through v_sink)."""
-  cfg = cache.config
-  stored = quantizer.dequantize(chunk.arrays["v_codes"], chunk.arrays["v_scales"],
-                                cache.v_rotation, cache.v_lambda, bits=cfg.value_bits,
-                                group_size=cfg.group_size)                     # [B, T, H, D]
-  keep = chunk.valid
-  if cfg.value_sink:
-    keep = keep & (q_pos != 0)
-  err = jnp.where(keep[:, :, None, None], v.astype(jnp.float32) - stored, 0.0)
-  return err.swapaxes(1, 2), q_pos
+def _recent_value_errors(cache: QuantizedKVCache, chunk, q_pos):
+  """(errors float32 [B, H, T, W, D], positions int32 [B, T, W]) for QuantConfig.value_recent =
+  W: for query t and w < W, the rounding error of the value at position q_pos - w, from the
+  chunk itself or, before it, from the cache's `v_recent` ring; position -2 (no slot) where
+  q_pos - w < 0."""
+  w_count = cache.config.value_recent
+  rows = cache_lib.recent_rows(cache.config)
+  err = chunk.value_errors                                                     # [B, T, H, D]
+  b, t = err.shape[:2]
+  b_idx = jnp.arange(b, dtype=jnp.int32)[:, None]
+  errors, positions = [], []
+  for w in range(w_count):
+    pos = q_pos - w
+    from_chunk = jnp.pad(err, ((0, 0), (w, 0), (0, 0), (0, 0)))[:, :t]      # token t - w
+    if rows:
+      from_ring = cache.v_recent[b_idx, :, jnp.mod(pos, rows)]              # [B, T, H, D]
+      e = jnp.where((jnp.arange(t) >= w)[None, :, None, None], from_chunk, from_ring)
+    else:
+      e = from_chunk
+    errors.append(jnp.where((pos >= 0)[:, :, None, None], e, 0.0))
+    positions.append(jnp.where(pos >= 0, pos, -2))
+  return jnp.stack(errors, 2).transpose(0, 3, 1, 2, 4), jnp.stack(positions, -1)
 
 
 def quantized_attention(q, view: dict, mask, *, config, scale, softcap=None, kv_pos=None,
-                        current=None):
+                        recent=None):
   """Attention in the rotated, quantized domain (no per-token dequantized K/V).
 
   q: [B, Tq, Hq, D]; view: k_codes/k_scales/v_codes/v_scales [B, H, N, ...] and
   the cache's parameters; mask: bool [B, Tq, N]; kv_pos: int [B, N] slot positions
-  (needed for rotary key offsets); current: None or (errors [B, H, Tq, D], q_pos [B, Tq]),
-  the new tokens' value rounding errors each query adds for its own slot
-  (QuantConfig.value_current).
+  (needed for rotary key offsets); recent: None or `_recent_value_errors`' (errors,
+  positions): the recent values' rounding errors each query adds (QuantConfig.value_recent).
   """
   qg, qr = _rotated_query(q, view, config)
   b, h, t, r, G, g = qr.shape
@@ -252,8 +260,8 @@ def quantized_attention(q, view: dict, mask, *, config, scale, softcap=None, kv_
   o = jnp.einsum("bhtre,hed->bhtrd", o_rot, rot, precision=_HI) * lam[None, :, None, None, :]
   if config.value_sink:
     o = _add_value_sink(o, _sink_weight(p, kv_pos), view)
-  if current is not None:
-    o = _add_current_value(o, _current_weight(p, kv_pos, current), current)
+  if recent is not None:
+    o = _add_recent_values(o, _recent_weights(p, kv_pos, recent), recent)
   return _ungroup(o, q.dtype)
 
 
@@ -296,7 +304,7 @@ def _piece_groups(d, g, pieces):
 
 
 def quantized_attention_int8dot(q, view: dict, mask, *, config, scale, softcap=None,
-                                kv_pos=None, current=None):
+                                kv_pos=None, recent=None):
   """The CPU fast path: the quantized-domain math with int8 x int8 -> int32 dot products.
 
   Scores. q~ = R_k (lam_k q) is split per (query head, group) into two int8 levels,
@@ -400,7 +408,11 @@ def quantized_attention_int8dot(q, view: dict, mask, *, config, scale, softcap=N
     o = jnp.concatenate(outs, -1) if len(outs) > 1 else outs[0]
     inv = 1.0 / jnp.where(denom > 0, denom, 1.0)
     # The weights of the slots with an exact-value correction (sink; each query's own).
-    weights = tuple(jnp.sum(jnp.where(sl[:, :, None, :], w, 0.0), axis=-1) * inv for sl in slots)
+    if not slots:
+      return o * inv[..., None], ()
+    # slots[0] [c, t, K, n] one-hot: the weight [c, t, r, K] of each slot with an exact-value
+    # correction (the sink; each query's recent positions).
+    weights = jnp.einsum("xtrn,xtkn->xtrk", w, slots[0], precision=_HI) * inv[..., None]
     return o * inv[..., None], weights
 
   visible = jnp.broadcast_to(mask[:, None], (b, h, t, n)).reshape(x, t, n)
@@ -408,11 +420,16 @@ def quantized_attention_int8dot(q, view: dict, mask, *, config, scale, softcap=N
           view["k_codes"].reshape(x, n, -1), view["k_scales"].reshape(x, n, G).swapaxes(1, 2),
           view["v_codes"].reshape(x, n, -1), view["v_scales"].reshape(x, n, G).swapaxes(1, 2),
           visible)
-  if config.value_sink:  # the sink slot per (sequence, head), for its weight p0
-    args += (jnp.broadcast_to(_sink_slots(kv_pos)[:, None, None], (b, h, 1, n)).reshape(x, 1, n),)
-  if current is not None:  # each query's own slot, for its weight
-    own = _current_slots(kv_pos, current[1])
-    args += (jnp.broadcast_to(own[:, None], (b, h, t, n)).reshape(x, t, n),)
+  sel = []  # one-hot slots whose weights the value corrections need: [b, t, K, n]
+  corrected = config.value_sink or recent is not None
+  if config.value_sink:  # the sink slot per sequence
+    sel.append(jnp.broadcast_to(_sink_slots(kv_pos)[:, None, None].astype(jnp.float32),
+                                (b, t, 1, n)))
+  if recent is not None:  # each query's recent positions
+    sel.append(_recent_onehot(kv_pos, recent[1]))
+  if corrected:
+    sel = jnp.concatenate(sel, axis=2)
+    args += (jnp.broadcast_to(sel[:, None], (b, h) + sel.shape[1:]).reshape(x, *sel.shape[1:]),)
   cb = max(1, _INT8DOT_BLOCK_BYTES // max(1, n * d))
   cb = max(i for i in range(1, min(cb, x) + 1) if x % i == 0)
   if cb == x:
@@ -423,16 +440,17 @@ def quantized_attention_int8dot(q, view: dict, mask, *, config, scale, softcap=N
   o_rot = o_rot.reshape(b, h, t, r, d)
   rot, lam = view["v_rotation"], view["v_lambda"]
   o = jnp.einsum("bhtre,hed->bhtrd", o_rot, rot, precision=_HI) * lam[None, :, None, None, :]
-  weights = [wt.reshape(b, h, t, r) for wt in weights]
-  if config.value_sink:
-    o = _add_value_sink(o, weights.pop(0), view)
-  if current is not None:
-    o = _add_current_value(o, weights.pop(0), current)
+  if corrected:
+    weights = weights.reshape(b, h, t, r, -1)
+    if config.value_sink:
+      o = _add_value_sink(o, weights[..., 0], view)
+    if recent is not None:
+      o = _add_recent_values(o, weights[..., -recent[1].shape[-1]:], recent)
   return _ungroup(o, q.dtype)
 
 
 def quantized_attention_dequant(q, view: dict, mask, *, config, scale, softcap=None,
-                                kv_pos=None, current=None):
+                                kv_pos=None, recent=None):
   """The CPU chunk path: rotated-domain dequantization to bf16, then bf16 matmuls.
 
   With many queries per step (a prefill chunk) the codes are worth dequantizing once:
@@ -462,8 +480,8 @@ def quantized_attention_dequant(q, view: dict, mask, *, config, scale, softcap=N
   o = jnp.einsum("bhtre,hed->bhtrd", o_rot, rot, precision=_HI) * lam[None, :, None, None, :]
   if config.value_sink:
     o = _add_value_sink(o, _sink_weight(p, kv_pos), view)
-  if current is not None:
-    o = _add_current_value(o, _current_weight(p, kv_pos, current), current)
+  if recent is not None:
+    o = _add_recent_values(o, _recent_weights(p, kv_pos, recent), recent)
   return _ungroup(o, q.dtype)
 
 
@@ -497,30 +515,30 @@ def _dequantized_kv(c: QuantizedKVCache, view: dict, kv_pos):
   return k, v
 
 
-def _reference_attention(q, k, v, mask, *, scale, softcap, kv_pos, current):
-  """The oracle over dequantized k, v [B, H, N, D] (float32), plus each query's own value
-  correction when `current` is given."""
-  if current is None:
+def _reference_attention(q, k, v, mask, *, scale, softcap, kv_pos, recent):
+  """The oracle over dequantized k, v [B, H, N, D] (float32), plus the recent values'
+  corrections when `recent` is given."""
+  if recent is None:
     return dense_attention(q, k, v, mask, scale=scale, softcap=softcap)
   qg = _grouped_q(q.astype(jnp.float32), k.shape[1])
   s = jnp.einsum("bhtrd,bhnd->bhtrn", qg, k, precision=_HI) * scale
   p = _softmax_weights(s, mask[:, None, :, None, :], softcap)
   o = jnp.einsum("bhtrn,bhnd->bhtrd", p, v, precision=_HI)
-  return _ungroup(_add_current_value(o, _current_weight(p, kv_pos, current), current), q.dtype)
+  return _ungroup(_add_recent_values(o, _recent_weights(p, kv_pos, recent), recent), q.dtype)
 
 
-def _attend_view(q, c, view, kv_pos, q_pos, *, scale, softcap, window, impl, current=None):
+def _attend_view(q, c, view, kv_pos, q_pos, *, scale, softcap, window, impl, recent=None):
   mask = visibility_mask(q_pos, kv_pos, window)
   if isinstance(c, DenseKVCache):
     return dense_attention(q, view["k"], view["v"], mask, scale=scale, softcap=softcap)
   if impl == "reference":
     k, v = _dequantized_kv(c, view, kv_pos)
     return _reference_attention(q, k, v, mask, scale=scale, softcap=softcap, kv_pos=kv_pos,
-                                current=current)
+                                recent=recent)
   fn = {"int8dot": quantized_attention_int8dot,
         "dequant": quantized_attention_dequant}.get(impl, quantized_attention)
   return fn(q, view, mask, config=c.config, scale=scale, softcap=softcap, kv_pos=kv_pos,
-            current=current)
+            recent=recent)
 
 
 def _resolve(q, c, scale, window, impl, softcap=None):
@@ -562,7 +580,7 @@ def attend(q: jax.Array, cache: cache_lib.KVCache, *, scale: float | None = None
                  impl=impl)
 
 
-def _attend(q, cache, *, scale, softcap, window, q_positions, impl, current=None):
+def _attend(q, cache, *, scale, softcap, window, q_positions, impl, recent=None):
   tq = q.shape[1]
   if cache.ring and tq > 1:
     raise ValueError("attend over a ring-buffer (sliding-window) cache takes one query token; "
@@ -574,10 +592,10 @@ def _attend(q, cache, *, scale, softcap, window, q_positions, impl, current=None
       raise ValueError("impl='pallas' is the single-token decode kernel over a quantized cache")
     from kvjax import _pallas_dispatch
     return _pallas_dispatch.decode(q, cache, scale=scale, softcap=softcap, window=window,
-                                   current=None if current is None else current[0][:, :, 0])
+                                   recent=None if recent is None else recent[0][:, :, 0])  # [B, H, W, D]
   view = {"k": cache.k, "v": cache.v} if isinstance(cache, DenseKVCache) else _quant_view(cache)
   return _attend_view(q, cache, view, cache_lib.positions(cache), q_positions, scale=scale,
-                      softcap=softcap, window=window, impl=impl, current=current)
+                      softcap=softcap, window=window, impl=impl, recent=recent)
 
 
 def append_and_attend(cache: cache_lib.KVCache, q: jax.Array, k: jax.Array, v: jax.Array, *,
@@ -605,13 +623,13 @@ def append_and_attend(cache: cache_lib.KVCache, q: jax.Array, k: jax.Array, v: j
   append_impl = "pallas" if impl_ == "pallas" else "xla"
   chunk = cache_lib.encode(cache, k, v, num_tokens=num_tokens, impl=append_impl)
   q_pos = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-  current = None
-  if isinstance(cache, QuantizedKVCache) and cache.config.value_current:
-    current = _current_value_errors(cache, chunk, v, q_pos)
+  recent = None
+  if isinstance(cache, QuantizedKVCache) and cache.config.value_recent:
+    recent = _recent_value_errors(cache, chunk, q_pos)
   if not cache.ring or t == 1:
     new = cache_lib.write(cache, chunk)
     out = _attend(q, new, scale=scale_, softcap=softcap, window=window, q_positions=q_pos,
-                  impl=impl_ if t == 1 else _chunk_impl(impl_), current=current)
+                  impl=impl_ if t == 1 else _chunk_impl(impl_), recent=recent)
     return out, new
   chunk_pos = jnp.where(chunk.valid, q_pos, -1)
   kv_pos = jnp.concatenate([cache_lib.positions(cache), chunk_pos], axis=1)
@@ -626,7 +644,7 @@ def append_and_attend(cache: cache_lib.KVCache, q: jax.Array, k: jax.Array, v: j
       if n in chunk.arrays:
         view[n] = chunk.arrays[n]
   out = _attend_view(q, cache, view, kv_pos, q_pos, scale=scale_, softcap=softcap,
-                     window=window, impl=_chunk_impl(impl_), current=current)
+                     window=window, impl=_chunk_impl(impl_), recent=recent)
   return out, cache_lib.write(cache, chunk)
 
 

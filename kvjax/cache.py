@@ -82,7 +82,7 @@ class DenseKVCache:
 
 @_register(("k_codes", "k_scales", "v_codes", "v_scales", "k_rotation", "v_rotation",
             "k_lambda", "v_lambda", "k_mean", "k_rope_freq", "k_rope_channels", "k_rope_mean",
-            "k_feedback", "v_feedback", "k_sink", "v_sink", "lengths", "overflow"),
+            "k_feedback", "v_feedback", "k_sink", "v_sink", "v_recent", "lengths", "overflow"),
            ("config",) + _COMMON_META)
 @dataclasses.dataclass(frozen=True)
 class QuantizedKVCache:
@@ -102,8 +102,11 @@ class QuantizedKVCache:
   config.key_sink (else [B, H, 0]): the rounding error k_0 - k^_0 of each sequence's key at
   position 0, set when that position is written (attention adds q . k_sink to its logit, so
   the sink key is exact); v_sink float32 [B, H, D] when config.value_sink (else [B, H, 0]): the
-  same for the value (attention adds p_0 v_sink, p_0 the slot's weight); lengths int32 [B];
-  overflow bool [B].
+  same for the value (attention adds p_0 v_sink, p_0 the slot's weight); v_recent float32
+  [B, H, W - 1, D] for config.value_recent = W >= 2 (else [B, H, 0, D]): the value rounding
+  errors of the last W - 1 tokens written, the token at position p in row p mod (W - 1)
+  (`kvjax.append_and_attend` adds them, times their weights, to the next queries' outputs);
+  lengths int32 [B]; overflow bool [B].
   """
 
   k_codes: jax.Array
@@ -122,6 +125,7 @@ class QuantizedKVCache:
   v_feedback: jax.Array
   k_sink: jax.Array
   v_sink: jax.Array
+  v_recent: jax.Array
   lengths: jax.Array
   overflow: jax.Array
   config: QuantConfig
@@ -387,6 +391,7 @@ def init_cache(batch: int, num_kv_heads: int, max_len: int, head_dim: int, *,
                                  rot_shape, "value_feedback"),
       k_sink=jnp.zeros((batch, num_kv_heads, head_dim if quant.key_sink else 0), jnp.float32),
       v_sink=jnp.zeros((batch, num_kv_heads, head_dim if quant.value_sink else 0), jnp.float32),
+      v_recent=jnp.zeros((batch, num_kv_heads, recent_rows(quant), head_dim), jnp.float32),
       lengths=lengths, overflow=overflow, config=quant, capacity=capacity, window=window,
       ring=ring)
 
@@ -451,6 +456,7 @@ class _Chunk:
   new_lengths: jax.Array  # int32 [B]
   new_overflow: jax.Array  # bool [B]
   valid: jax.Array        # bool [B, T]: token t of sequence b is real (t < num_tokens[b])
+  value_errors: jax.Array | None = None  # float32 [B, T, H, D] with config.value_recent
 
 
 def _plan(cache: KVCache, seq: int, num_tokens) -> tuple[jax.Array, ...]:
@@ -495,7 +501,39 @@ def encode(cache: KVCache, k: jax.Array, v: jax.Array, *, num_tokens=None,
     arrays = _quantize_chunk(cache, k, v, positions, impl=impl)
     if cache.config.key_sink or cache.config.value_sink:
       arrays.update(_sink_errors(cache, k, v, positions, arrays, valid))
+    if cache.config.value_recent:
+      errors = value_errors(cache, arrays, v, positions, valid)
+      if recent_rows(cache.config):
+        arrays["v_recent"] = _recent_ring(cache, errors, positions, valid, new_lengths)
+      return _Chunk(arrays, slots, new_lengths, new_overflow, valid, errors)
   return _Chunk(arrays, slots, new_lengths, new_overflow, valid)
+
+
+def recent_rows(config: QuantConfig) -> int:
+  """Rows of `v_recent`: W - 1 for value_recent = W >= 1 (the newest value is in hand)."""
+  return max(config.value_recent - 1, 0)
+
+
+def value_errors(cache: QuantizedKVCache, arrays: dict, v, positions, valid) -> jax.Array:
+  """float32 [B, T, H, D]: each new value minus what the chunk stores for it (zero for tokens
+  not written and, with the exact sink value, at position 0, already exact through v_sink)."""
+  cfg = cache.config
+  stored = quantizer.dequantize(arrays["v_codes"], arrays["v_scales"], cache.v_rotation,
+                                cache.v_lambda, bits=cfg.value_bits, group_size=cfg.group_size)
+  keep = valid
+  if cfg.value_sink:
+    keep = keep & (positions != 0)
+  return jnp.where(keep[:, :, None, None], v.astype(jnp.float32) - stored, 0.0)
+
+
+def _recent_ring(cache: QuantizedKVCache, errors, positions, valid, new_lengths) -> jax.Array:
+  """The new `v_recent`: the chunk's last W - 1 written tokens' errors into rows p mod (W - 1)
+  (distinct rows, so the scatter has no duplicate indices); the other rows keep theirs."""
+  rows = recent_rows(cache.config)
+  newest = valid & (positions >= new_lengths[:, None] - rows)
+  row = jnp.where(newest, positions % rows, rows)                             # rows: dropped
+  b_idx = jnp.arange(cache.batch, dtype=jnp.int32)[:, None]
+  return cache.v_recent.at[b_idx, :, row].set(errors, mode="drop")
 
 
 def centred_keys(cache: QuantizedKVCache, k: jax.Array, positions: jax.Array) -> jax.Array:
@@ -570,7 +608,7 @@ def write(cache: KVCache, chunk: _Chunk) -> KVCache:
   b_idx = jnp.arange(cache.batch, dtype=jnp.int32)[:, None]
   updates = {}
   for name, vals in chunk.arrays.items():
-    if name in ("k_sink", "v_sink"):  # per sequence, not per slot: already the new value
+    if name in ("k_sink", "v_sink", "v_recent"):  # per sequence: already the new value
       updates[name] = vals
       continue
     buf = getattr(cache, name)

@@ -10,6 +10,7 @@ ROTATIONS = ("none", "srht", "srft", "householder", "learned")
 GROUP_SIZES = (32, 64, 128)
 BITS = (4, 8)
 _SCALE_DTYPES = ("bfloat16", "float16", "float32")
+MAX_VALUE_RECENT = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,11 +47,13 @@ class QuantConfig:
       rounding error in float32; attention adds p_0 e_0, p_0 the slot's attention weight).
       The sink's weight is large in every query head at once, so its value error does not
       average out.
-    value_current: each new token's query reads that token's own value exact. The value is
-      stored as usual; `kvjax.append_and_attend`, which has the exact value in hand, adds
-      p_t e_t to each new query's output (e_t the value's rounding error, p_t the weight the
-      query gives its own slot). Costs no memory; later queries read the stored value.
-      `kvjax.attend` over a cache alone has no new value and reads the stored one.
+    value_recent: W >= 0. Each new token's query reads the values of the W most recent tokens
+      (its own included) exact. Values are stored as usual; `kvjax.append_and_attend` adds
+      sum_w p_w e_w to each new query's output (e_w the rounding error of the value at
+      position t - w, p_w the weight the query gives that slot). The query's own error is in
+      hand; those of the W - 1 tokens before it are kept per sequence in float32 (`v_recent`
+      [B, H, W - 1, D], a ring by position). Older positions, and `kvjax.attend` over a cache
+      alone, read the stored values. 0: off.
     attention_impl: the implementation `kvjax.attend(..., impl="auto")` uses
       over this cache: "auto" (Pallas kernel on TPU/GPU decode, "int8dot" on
       CPU decode, "dequant" for CPU chunks, "xla" for TPU/GPU chunks), or a fixed
@@ -70,7 +73,7 @@ class QuantConfig:
   value_feedback: bool = False
   key_sink: bool = False
   value_sink: bool = False
-  value_current: bool = False
+  value_recent: int = 0
   attention_impl: str = "auto"
 
   def __post_init__(self):
@@ -101,8 +104,10 @@ class QuantConfig:
       raise ValueError(f"QuantConfig.key_sink must be a bool, got {self.key_sink!r}")
     if not isinstance(self.value_sink, bool):
       raise ValueError(f"QuantConfig.value_sink must be a bool, got {self.value_sink!r}")
-    if not isinstance(self.value_current, bool):
-      raise ValueError(f"QuantConfig.value_current must be a bool, got {self.value_current!r}")
+    if (not isinstance(self.value_recent, int) or isinstance(self.value_recent, bool)
+        or not 0 <= self.value_recent <= MAX_VALUE_RECENT):
+      raise ValueError(f"QuantConfig.value_recent must be an int in [0, {MAX_VALUE_RECENT}], "
+                       f"got {self.value_recent!r}")
     if self.householder_reflectors is not None and self.householder_reflectors < 1:
       raise ValueError("QuantConfig.householder_reflectors must be >= 1 or None, got "
                        f"{self.householder_reflectors!r}")
@@ -135,10 +140,10 @@ class QuantConfig:
   @property
   def name(self) -> str:
     """Short label such as 'K4V4-g32-srft' ('+rope16', '+fb', '+vfb', '+sink' for rotary
-    offsets, key and value feedback rounding, an exact position-0 key / value; '+vcur' for
-    the current token's exact value)."""
+    offsets, key and value feedback rounding, an exact position-0 key / value; '+vrec<W>' for
+    the W most recent values exact)."""
     extra = ((f"+rope{self.key_rope_pairs}" if self.key_rope_pairs else "")
              + ("+fb" if self.key_feedback else "") + ("+vfb" if self.value_feedback else "")
              + ("+sink" if self.key_sink else "") + ("+vsink" if self.value_sink else "")
-             + ("+vcur" if self.value_current else ""))
+             + (f"+vrec{self.value_recent}" if self.value_recent else ""))
     return f"K{self.key_bits}V{self.value_bits}-g{self.group_size}-{self.rotation}{extra}"

@@ -147,10 +147,10 @@ def default_specs() -> list[CacheSpec]:
       CacheSpec("int4", QuantConfig(rotation="srft"), calibrate=True,
                 description="kvjax default: K4V4 g32, SRFT + calibrated key offsets (constant "
                             "and rotary), λ, feedback rounding; exact sink key and value, "
-                            "exact current value"),
+                            "exact recent values (4)"),
       CacheSpec("K8V4", QuantConfig(key_bits=8, rotation="srft"), calibrate=True,
                 description="8-bit keys, 4-bit values, g32, SRFT + calibrated key offsets, λ, "
-                            "feedback rounding; exact sink key and value, exact current value"),
+                            "feedback rounding; exact sink key and value, exact recent values (4)"),
   ]
 
 
@@ -158,9 +158,12 @@ def ablation_specs() -> list[CacheSpec]:
   """The default int4 recipe with one calibration step at a time (what bought what)."""
   q = QuantConfig(rotation="srft")
   return [
-      CacheSpec("int4-novcur", q, calibrate=True,
-                recipe=dataclasses.replace(KeyCalibration(), value_current=False),
-                description="K4V4 g32, the default without the exact current value"),
+      CacheSpec("int4-novrec", q, calibrate=True,
+                recipe=dataclasses.replace(KeyCalibration(), value_recent=0),
+                description="K4V4 g32, the default without the exact recent values"),
+      CacheSpec("int4-vrec1", q, calibrate=True,
+                recipe=dataclasses.replace(KeyCalibration(), value_recent=1),
+                description="K4V4 g32, the default with only the current value exact"),
       CacheSpec("int4-novsink", q, calibrate=True,
                 recipe=dataclasses.replace(KeyCalibration(), value_sink=False),
                 description="K4V4 g32, the default without the exact sink value"),

@@ -30,7 +30,7 @@ from kvjax.pallas_kernels.reference import decode_attention_reference
 def decode_attention(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *, key_bits=4,
                      value_bits=4, group_size=32, ring=False, window=None, scale=None,
                      softcap=None, logit_offset=None, rope_coef=None, rope_freq=None,
-                     sink_logit=None, sink_value=None, last_value=None, backend=None,
+                     sink_logit=None, sink_value=None, recent_values=None, backend=None,
                      interpret=None, block_s=None, num_splits=None):
   """One decode step of attention over a quantized cache, in the rotated domain.
 
@@ -64,10 +64,10 @@ def decode_attention(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *, ke
     sink_value: None or float [B, H, D], added in the rotated value domain to the value at
       absolute position 0 while it is visible: R_v (e_0 / lam_v) for a cache that keeps its
       sink value's rounding error e_0 (`QuantConfig.value_sink`); the same split-K state.
-    last_value: None or float [B, H, D], added in the rotated value domain to the value of
-      the query's own slot (position L - 1): R_v (e_t / lam_v) for the new token's value
-      rounding error e_t (`QuantConfig.value_current`); one more split-K state. Where L = 1
-      the slot is also position 0 and both corrections are added.
+    recent_values: None or float [B, H, W, D]: row w is added in the rotated value domain to
+      the value at position L - 1 - w (w = 0: the query's own token): R_v (e / lam_v) for the
+      recent values' rounding errors e (`QuantConfig.value_recent`); one more split-K state
+      per row. At position 0 it adds to the sink value.
     backend: "tpu" (Mosaic), "gpu" (Triton) or None to follow
       `jax.default_backend()` (the TPU kernel when interpreting on the CPU).
     interpret: None (interpret on CPU only), a bool, or for the TPU kernel a
@@ -84,7 +84,7 @@ def decode_attention(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *, ke
                 value_bits=value_bits, group_size=group_size, ring=ring, window=window,
                 scale=scale, softcap=softcap, logit_offset=logit_offset, rope_coef=rope_coef,
                 rope_freq=rope_freq, sink_logit=sink_logit, sink_value=sink_value,
-                last_value=last_value, block_s=block_s, num_splits=num_splits,
+                recent_values=recent_values, block_s=block_s, num_splits=num_splits,
                 interpret=interpret)
 
 

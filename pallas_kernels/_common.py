@@ -136,6 +136,17 @@ def validate_value_delta(value, batch, kv_heads, head_dim, *, name):
   return value.astype(jnp.float32)
 
 
+def validate_recent_values(values, batch, kv_heads, head_dim):
+  """None, or a float [B, H, W, D] array, W >= 1 (rows added to the values at L - 1 - w)."""
+  if values is None:
+    return None
+  if (values.ndim != 4 or values.shape[:2] != (batch, kv_heads) or values.shape[2] < 1
+      or values.shape[3] != head_dim or not jnp.issubdtype(values.dtype, jnp.floating)):
+    raise ValueError(f"recent_values must be a float [B, H, W, D] = [{batch}, {kv_heads}, W >= 1, "
+                     f"{head_dim}] array, got {values.shape} {values.dtype}")
+  return values.astype(jnp.float32)
+
+
 def slot_split(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, position, *,
                logit_delta=None, value_delta=None, logit_base=None, key_bits, value_bits,
                group_size, ring, window, scale, softcap, logit_offset, rope_coef, rope_freq):
@@ -200,20 +211,21 @@ def slot_split(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, position, *
 
 
 def add_slot_corrections(states, q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *,
-                         sink_logit=None, sink_value=None, last_value=None, **kwargs):
+                         sink_logit=None, sink_value=None, recent_values=None, **kwargs):
   """(m, l, acc) of the kernel's splits with `slot_split` states appended on the split axis:
-  one for the sink (position 0: sink_logit, sink_value) and one for the query's own token
-  (position L - 1: last_value), each only when given. kwargs: those of `slot_split`."""
+  one for the sink (position 0: sink_logit, sink_value) and one per row w of recent_values
+  (position L - 1 - w), each only when given. kwargs: those of `slot_split`."""
   args = (q_rot, k_codes, k_scales, v_codes, v_scales, lengths)
   extra = []
   if sink_logit is not None or sink_value is not None:
     extra.append(slot_split(*args, jnp.zeros_like(lengths, jnp.int32), logit_delta=sink_logit,
                             value_delta=sink_value, **kwargs))
-  if last_value is not None:
-    last = lengths.astype(jnp.int32) - 1
-    # At L = 1 the own slot is the sink slot: its weight is the one with the sink logit.
-    base = None if sink_logit is None else jnp.where((last == 0)[:, None], sink_logit, 0.0)
-    extra.append(slot_split(*args, last, value_delta=last_value, logit_base=base, **kwargs))
+  for w in range(0 if recent_values is None else recent_values.shape[2]):
+    position = lengths.astype(jnp.int32) - 1 - w
+    # At position 0 the slot is the sink slot: its weight is the one with the sink logit.
+    base = None if sink_logit is None else jnp.where((position == 0)[:, None], sink_logit, 0.0)
+    extra.append(slot_split(*args, position, value_delta=recent_values[:, :, w],
+                            logit_base=base, **kwargs))
   for e in extra:
     states = tuple(jnp.concatenate([a, x], axis=2) for a, x in zip(states, e))
   return states

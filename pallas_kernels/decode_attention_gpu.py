@@ -223,7 +223,7 @@ def _decode_kernel(
 def decode_attention_gpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *, key_bits=4,
                          value_bits=4, group_size=32, ring=False, window=None, scale=None,
                          softcap=None, logit_offset=None, rope_coef=None, rope_freq=None,
-                         sink_logit=None, sink_value=None, last_value=None, block_s=None, num_splits=None,
+                         sink_logit=None, sink_value=None, recent_values=None, block_s=None, num_splits=None,
                          num_warps=4, num_stages=2, interpret=None):
   """Decode attention over a quantized cache with the Triton GPU kernel.
 
@@ -246,8 +246,8 @@ def decode_attention_gpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *
   sink_logit = _common.validate_sink_logit(sink_logit, b, shapes.q_heads)
   sink_value = _common.validate_value_delta(sink_value, b, shapes.kv_heads, shapes.head_dim,
                                             name="sink_value")
-  last_value = _common.validate_value_delta(last_value, b, shapes.kv_heads, shapes.head_dim,
-                                            name="last_value")
+  recent_values = _common.validate_recent_values(recent_values, b, shapes.kv_heads,
+                                                 shapes.head_dim)
   if d & (d - 1):
     raise ValueError(f"the GPU kernel needs a power-of-two head_dim (Triton tiles), got {d}")
   if block_s is None:
@@ -309,7 +309,7 @@ def decode_attention_gpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *
     *([] if not rope_pairs else [rope_coef.reshape(b, h, n_rep, 2 * rope_pairs), rope_freq]))
   m, l, acc = _common.add_slot_corrections(
       (m, l, acc), q_rot, k_codes, k_scales, v_codes, v_scales, lengths, sink_logit=sink_logit,
-      sink_value=sink_value, last_value=last_value, key_bits=key_bits, value_bits=value_bits,
+      sink_value=sink_value, recent_values=recent_values, key_bits=key_bits, value_bits=value_bits,
       group_size=group_size, ring=ring, window=window, scale=scale, softcap=softcap,
       logit_offset=logit_offset, rope_coef=rope_coef, rope_freq=rope_freq)
   out = _common.combine_splits(m, l, acc)

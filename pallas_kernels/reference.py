@@ -34,7 +34,7 @@ def decode_attention_reference(q_rot, k_codes, k_scales, v_codes, v_scales, leng
                                key_bits=4, value_bits=4, group_size=32, ring=False, window=None,
                                scale=None, softcap=None, logit_offset=None, rope_coef=None,
                                rope_freq=None, sink_logit=None, sink_value=None,
-                               last_value=None):
+                               recent_values=None):
   """One decode step of attention in the rotated domain.
 
   Args:
@@ -58,9 +58,10 @@ def decode_attention_reference(q_rot, k_codes, k_scales, v_codes, v_scales, leng
       cache that keeps the rounding error e_0 of its sink key (QuantConfig.key_sink).
     sink_value: None or [B, H, D] float added (rotated domain) to the value of the slot
       holding absolute position 0: the sink value's rounding error (QuantConfig.value_sink).
-    last_value: None or [B, H, D] float added (rotated domain) to the value of the slot
-      holding the query's own position L - 1: the new token's value rounding error
-      (QuantConfig.value_current). Both are added where the two positions coincide (L = 1).
+    recent_values: None or [B, H, W, D] float: row w added (rotated domain) to the value of
+      the slot holding position L - 1 - w (w = 0 is the query's own token): the recent values'
+      rounding errors (QuantConfig.value_recent). Added to the sink value where a position
+      is 0.
 
   Returns:
     [B, Hq, D] float32 output in the rotated value domain; zeros for rows that see
@@ -92,16 +93,17 @@ def decode_attention_reference(q_rot, k_codes, k_scales, v_codes, v_scales, leng
     logits = logits + jnp.einsum("bhrp,bsp->bhrs", coef, trig, precision=lax.Precision.HIGHEST)
   sink_logit = _common.validate_sink_logit(sink_logit, b, hq)
   sink_value = _common.validate_value_delta(sink_value, b, h, d, name="sink_value")
-  last_value = _common.validate_value_delta(last_value, b, h, d, name="last_value")
+  recent_values = _common.validate_recent_values(recent_values, b, h, d)
   position = _common.slot_position(slots, base[:, None], write[:, None], s)  # [B, S]
   if sink_logit is not None:
     logits = logits + jnp.where((position == 0)[:, None, None, :],
                                 sink_logit.reshape(b, h, shapes.n_rep, 1), 0.0)
   if sink_value is not None:
     values = values + jnp.where((position == 0)[:, None, :, None], sink_value[:, :, None, :], 0.0)
-  if last_value is not None:
-    own = position == lengths.astype(jnp.int32)[:, None] - 1                     # [B, S]
-    values = values + jnp.where(own[:, None, :, None], last_value[:, :, None, :], 0.0)
+  if recent_values is not None:
+    for w in range(recent_values.shape[2]):
+      at = position == lengths.astype(jnp.int32)[:, None] - 1 - w                # [B, S]
+      values = values + jnp.where(at[:, None, :, None], recent_values[:, :, w, None, :], 0.0)
   if softcap is not None:
     logits = softcap * jnp.tanh(logits / softcap)
   visible = _common.slot_visible(slots, lengths.astype(jnp.int32)[:, None], base[:, None],

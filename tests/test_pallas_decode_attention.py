@@ -44,7 +44,7 @@ class Case:
   rope_pairs: int = 0  # P > 0: random rotary logit offsets (rope_coef, rope_freq)
   sink: bool = False  # random sink_logit (added to the logit of position 0)
   sink_value: bool = False  # random sink_value (added to the value at position 0)
-  last_value: bool = False  # random last_value (added to the value at position L - 1)
+  recent: int = 0  # W > 0: random recent_values [B, H, W, D] (added at positions L - 1 - w)
 
 
 CASES = [
@@ -82,15 +82,15 @@ SINK_CASES = [
     Case(64, 32, 4, 4, 4, 80, (1, 45, 80), sink_value=True),
     Case(64, 32, 2, 4, 8, 64, (3, 40, 201), ring=True, window=48, softcap=20.0, rope_pairs=8,
          sink=True, sink_value=True),
-    # The query's own value (position L - 1): linear and ring caches (a wrapped ring puts it
-    # mid-buffer), length 1 (position 0 too: added with the sink value), 8-bit values, rotary
-    # offsets and a soft-cap (its weight must be computed with both), empty rows.
-    Case(64, 32, 4, 4, 4, 80, (1, 45, 80), last_value=True),
-    Case(64, 32, 4, 4, 4, 80, (1, 45, 0), last_value=True, sink_value=True, sink=True),
+    # Recent values (positions L - 1 - w): linear and ring caches (a wrapped ring puts them
+    # mid-buffer), lengths shorter than W (position 0 among them: added with the sink value),
+    # 8-bit values, rotary offsets and a soft-cap (their weights need both), empty rows.
+    Case(64, 32, 4, 4, 4, 80, (1, 45, 80), recent=1),
+    Case(64, 32, 4, 4, 4, 80, (1, 3, 0), recent=4, sink_value=True, sink=True),
     Case(64, 32, 2, 4, 8, 64, (3, 40, 201), ring=True, window=48, softcap=20.0, rope_pairs=8,
-         last_value=True),
+         recent=4),
     Case(128, 64, 8, 8, 4, 96, (0, 17, 70), window=20, softcap=30.0, kv_heads=1, num_splits=3,
-         last_value=True),
+         recent=2),
 ]
 
 
@@ -98,7 +98,7 @@ def _case_id(c):
   mode = "ring" if c.ring else "linear"
   rope = f"-rope{c.rope_pairs}" if c.rope_pairs else ""
   sink = (("-sink" if c.sink else "") + ("-vsink" if c.sink_value else "")
-          + ("-vlast" if c.last_value else ""))
+          + (f"-vrec{c.recent}" if c.recent else ""))
   return (f"D{c.head_dim}-g{c.group_size}-rep{c.n_rep}-K{c.key_bits}V{c.value_bits}-{mode}"
           f"-w{c.window}-cap{c.softcap}{rope}{sink}")
 
@@ -176,8 +176,8 @@ def _make_inputs(case, seed):
   if case.sink_value:
     # Of the order of a 4-bit value's rounding error relative to the values (order 1).
     inputs["sink_value"] = (rng.normal(size=(b, h, d)) * 0.3).astype(np.float32)
-  if case.last_value:
-    inputs["last_value"] = (rng.normal(size=(b, h, d)) * 0.3).astype(np.float32)
+  if case.recent:
+    inputs["recent_values"] = (rng.normal(size=(b, h, case.recent, d)) * 0.3).astype(np.float32)
   return inputs
 
 
@@ -186,7 +186,7 @@ def _without_rope(inputs):
 
 
 def _without_sink(inputs):
-  return {k: v for k, v in inputs.items() if k not in ("sink_logit", "sink_value", "last_value")}
+  return {k: v for k, v in inputs.items() if k not in ("sink_logit", "sink_value", "recent_values")}
 
 
 def _static(case):
@@ -217,10 +217,11 @@ def _oracle(case, inputs, logit_offset=None):
     at0 = (positions == 0) & visible                                   # [B, S]
     values = values + np.where(at0[:, None, :, None],
                                np.asarray(inputs["sink_value"], np.float64)[:, :, None, :], 0.0)
-  if "last_value" in inputs:
-    own = (positions == np.asarray(case.lengths)[:, None] - 1) & visible    # [B, S]
-    values = values + np.where(own[:, None, :, None],
-                               np.asarray(inputs["last_value"], np.float64)[:, :, None, :], 0.0)
+  if "recent_values" in inputs:
+    rec = np.asarray(inputs["recent_values"], np.float64)
+    for w in range(rec.shape[2]):
+      at = (positions == np.asarray(case.lengths)[:, None] - 1 - w) & visible  # [B, S]
+      values = values + np.where(at[:, None, :, None], rec[:, :, w, None, :], 0.0)
   if logit_offset is None:
     logit_offset = inputs.get("logit_offset")
   coef, freq = inputs.get("rope_coef"), inputs.get("rope_freq")
@@ -286,13 +287,13 @@ def test_reference_matches_float64_oracle(case):
     # The rotary term is not a no-op: leaving it out changes the output by far more.
     without, _ = _oracle(case, _without_rope(inputs))
     assert np.abs(without - expected).max() > 1e-2
-  if case.sink or case.sink_value or case.last_value:
+  if case.sink or case.sink_value or case.recent:
     # The sink logit / value moves only rows that see position 0 (not all of them noticeably: a
     # row whose only key is position 0, or where it has a tiny weight), the last value every
     # row with a key; some by far more than the bound.
     without, _ = _oracle(case, _without_sink(inputs))
     sees = (_visible(case, case.capacity) & (_positions(case, case.capacity) == 0)).any(1)
-    if case.last_value:
+    if case.recent:
       sees = np.asarray(case.lengths) > 0
     change = np.abs(without - expected).max(axis=-1)   # [B, Hq]
     assert np.all(change[~sees] == 0.0), change

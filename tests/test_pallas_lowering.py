@@ -131,11 +131,12 @@ def test_decode_attention_with_sink_logit_lowers(platform):
   hq = jax.ShapeDtypeStruct((b, h * n_rep), jnp.float32)
   hd = jax.ShapeDtypeStruct((b, h, d), jnp.float32)
   args = (jax.ShapeDtypeStruct((b, h * n_rep, d), jnp.float32), codes, scales, codes, scales,
-          jax.ShapeDtypeStruct((b,), jnp.int32), hq, hq, hd, hd)
+          jax.ShapeDtypeStruct((b,), jnp.int32), hq, hq, hd,
+          jax.ShapeDtypeStruct((b, h, 4, d), jnp.float32))
 
-  def fn(q, kc, ks, vc, vs, lengths, offset, sink, sink_value, last_value):
+  def fn(q, kc, ks, vc, vs, lengths, offset, sink, sink_value, recent_values):
     return decode_attention(q, kc, ks, vc, vs, lengths, softcap=30.0, logit_offset=offset,
-                            sink_logit=sink, sink_value=sink_value, last_value=last_value,
+                            sink_logit=sink, sink_value=sink_value, recent_values=recent_values,
                             ring=True, window=128, backend=BACKEND[platform], interpret=False)
 
   text = _export(fn, args, platform)

@@ -287,8 +287,8 @@ def cache_partition_specs(cache, batch_axes, head_axis):
     name = getattr(path[-1], "name", getattr(path[-1], "key", str(path[-1])))
     if name in ("k", "v") or name.endswith("_codes") or name.endswith("_scales"):
       return P(batch_axes, head_axis)  # per-token storage [B, H, S, ...]
-    if name in ("k_sink", "v_sink"):
-      return P(batch_axes, head_axis)  # per sequence and head [B, H, D]
+    if name in ("k_sink", "v_sink", "v_recent"):
+      return P(batch_axes, head_axis)  # per sequence and head [B, H, D] / [B, H, W - 1, D]
     if name in cache_lib.SHARED_PARAM_FIELDS:
       return P()  # one per layer, no head axis: rotary offset frequencies and channel pairs
     if leaf.ndim <= 1:

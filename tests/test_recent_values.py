@@ -1,5 +1,6 @@
-"""The exact current value (QuantConfig.value_current): each new token's query reads its own
-value exact, on every path, at no cost in memory."""
+"""Exact recent values (QuantConfig.value_recent = W): each new token's query reads the values
+of the W most recent tokens (its own included) exact, on every path; chunks, token-by-token
+decode and the kernels agree."""
 
 import dataclasses
 
@@ -23,8 +24,8 @@ def _row_rel_err(a, ref):
 
 def _oracle(cfg, q, k, v, q_positions, *, window, softcap, d, h):
   """float64 numpy: every query attends to the stored (dequantized) keys and values of
-  positions <= its own inside the window, with its own value replaced by the exact one
-  (when cfg.value_current)."""
+  positions <= its own inside the window, with the values of the cfg.value_recent most recent
+  positions (its own included) replaced by the exact ones."""
   lin = kvjax.append(kvjax.init_cache(k.shape[0], h, 64, d, quant=cfg), k, v)
   kd, vd = attention._dequantized_kv(lin, attention._quant_view(lin), cache_lib.positions(lin))
   kd, vd = np.asarray(kd, np.float64), np.asarray(vd, np.float64)              # [B, H, N, D]
@@ -43,15 +44,15 @@ def _oracle(cfg, q, k, v, q_positions, *, window, softcap, d, h):
         p = np.exp(logits - logits.max())
         p /= p.sum()
         vals = vd[bi, kv, lo:pos + 1].copy()
-        if cfg.value_current:
-          vals[-1] = v[bi, pos, kv]          # the query's own value, exact
+        for w in range(min(cfg.value_recent, pos + 1 - lo)):
+          vals[-1 - w] = v[bi, pos - w, kv]  # the recent values, exact
         out[bi, ti, head] = p @ vals
   return out
 
 
-CONFIGS = [dict(value_current=True), dict(value_current=True, value_sink=True, key_sink=True),
-           dict(value_current=True, key_bits=8, value_bits=8)]
-CONFIG_IDS = ["plain", "with-sink", "K8V8"]
+CONFIGS = [dict(value_recent=1), dict(value_recent=4, value_sink=True, key_sink=True),
+           dict(value_recent=3, key_bits=8, value_bits=8)]
+CONFIG_IDS = ["own", "recent4-with-sink", "recent3-K8V8"]
 
 
 @pytest.mark.parametrize("extra", CONFIGS, ids=CONFIG_IDS)
@@ -65,7 +66,7 @@ def test_chunk_paths_read_the_own_value_exact(ring, extra):
   w = window if ring else None
   for softcap in ((5.0,) if ring else (None,)):  # the soft-cap on one of the two layouts
     expected = _oracle(cfg, q, k, v, range(n), window=w, softcap=softcap, d=d, h=h)
-    plain = _oracle(dataclasses.replace(cfg, value_current=False), q, k, v, range(n), window=w,
+    plain = _oracle(dataclasses.replace(cfg, value_recent=0), q, k, v, range(n), window=w,
                     softcap=softcap, d=d, h=h)
     outs = {}
     for impl in ("reference", "xla", "int8dot", "dequant"):
@@ -117,12 +118,12 @@ def test_decode_steps_read_the_own_value_exact(ring, extra, impl, bound):
 def test_attend_over_the_cache_alone_reads_the_stored_value():
   # kvjax.attend has no new value in hand: it reads what the cache stores.
   b, h, d, n = 1, 2, 64, 10
-  on = kvjax.QuantConfig(seed=5, value_current=True)
+  on = kvjax.QuantConfig(seed=5, value_recent=3)
   k, v = jnp.asarray(_rand(7, b, n, h, d)), jnp.asarray(_rand(8, b, n, h, d))
   q = jnp.asarray(_rand(9, b, 1, h, d))
   c_on = kvjax.append(kvjax.init_cache(b, h, 32, d, quant=on), k, v)
   c_off = kvjax.append(kvjax.init_cache(b, h, 32, d, quant=dataclasses.replace(
-      on, value_current=False)), k, v)
+      on, value_recent=0)), k, v)
   np.testing.assert_array_equal(np.asarray(kvjax.attend(q, c_on, impl="xla")),
                                 np.asarray(kvjax.attend(q, c_off, impl="xla")))
   # ... while append_and_attend of the same last token does read it exact.
@@ -133,7 +134,7 @@ def test_attend_over_the_cache_alone_reads_the_stored_value():
 
 def test_own_value_moves_outputs_towards_the_exact_values():
   """Queries that look mostly at their own key (8-bit keys, 4-bit values): against float
-  attention over the original keys and values, every row is closer with value_current."""
+  attention over the original keys and values, every row is closer with value_recent."""
   b, h, d, n, rep = 2, 1, 64, 20, 4
   k, v = jnp.asarray(_rand(10, b, n, h, d)), jnp.asarray(_rand(11, b, n, h, d))
   q = jnp.asarray(np.repeat(np.asarray(k), rep, axis=2) * 0.6 + 0.3 * _rand(12, b, n, h * rep, d))
@@ -142,7 +143,7 @@ def test_own_value_moves_outputs_towards_the_exact_values():
   exact = np.asarray(exact, np.float64)
   errs = {}
   for on in (False, True):
-    c = kvjax.init_cache(b, h, 64, d, quant=kvjax.QuantConfig(key_bits=8, value_current=on,
+    c = kvjax.init_cache(b, h, 64, d, quant=kvjax.QuantConfig(key_bits=8, value_recent=int(on),
                                                                seed=6))
     out, _ = kvjax.append_and_attend(c, q, k, v, impl="xla")
     errs[on] = _row_rel_err(out, exact)
@@ -150,16 +151,45 @@ def test_own_value_moves_outputs_towards_the_exact_values():
   assert errs[True].mean() < 0.5 * errs[False].mean()
 
 
-def test_value_current_config():
-  with pytest.raises(ValueError, match="value_current must be a bool"):
-    kvjax.QuantConfig(value_current=1)
-  assert kvjax.QuantConfig(value_current=True).name.endswith("+vcur")
-  # No storage of its own.
-  on = kvjax.init_cache(3, 2, 100, 64, quant=kvjax.QuantConfig(value_current=True))
+def test_value_recent_config_and_bytes():
+  for bad in (True, -1, 2.0, 65):
+    with pytest.raises(ValueError, match="value_recent must be an int"):
+      kvjax.QuantConfig(value_recent=bad)
+  assert kvjax.QuantConfig(value_recent=4).name.endswith("+vrec4")
+  # The own value costs nothing; W - 1 float32 error vectors per sequence and head are counted.
   off = kvjax.init_cache(3, 2, 100, 64, quant=kvjax.QuantConfig())
-  assert kvjax.nbytes(on) == kvjax.nbytes(off)
+  own = kvjax.init_cache(3, 2, 100, 64, quant=kvjax.QuantConfig(value_recent=1))
+  four = kvjax.init_cache(3, 2, 100, 64, quant=kvjax.QuantConfig(value_recent=4))
+  assert kvjax.nbytes(own) == kvjax.nbytes(off)
+  assert four.v_recent.shape == (3, 2, 3, 64)
+  assert kvjax.nbytes(four) - kvjax.nbytes(off) == 3 * 2 * 3 * 64 * 4
   # The default calibration recipe turns it on; the recipe can turn it off.
   q = kvjax.QuantConfig()
-  assert smoothing.calibrated_config(q, head_dim=64).value_current
-  off_recipe = dataclasses.replace(smoothing.KeyCalibration(), value_current=False)
-  assert not smoothing.calibrated_config(q, off_recipe, head_dim=64).value_current
+  assert smoothing.calibrated_config(q, head_dim=64).value_recent == 4
+  off_recipe = dataclasses.replace(smoothing.KeyCalibration(), value_recent=0)
+  assert smoothing.calibrated_config(q, off_recipe, head_dim=64).value_recent == 0
+
+
+def test_ring_holds_the_last_errors_for_any_chunking():
+  """Writing in one chunk, token by token, or in ragged chunks leaves the same v_recent, and
+  its rows are the value errors of the last W - 1 positions (row p mod (W - 1))."""
+  b, h, d, n, w = 2, 2, 64, 11, 4
+  cfg = kvjax.QuantConfig(seed=7, value_recent=w)
+  k, v = jnp.asarray(_rand(20, b, n, h, d)), jnp.asarray(_rand(21, b, n, h, d))
+  step = jax.jit(kvjax.append)
+  whole = step(kvjax.init_cache(b, h, 32, d, quant=cfg), k, v)
+  one = kvjax.init_cache(b, h, 32, d, quant=cfg)
+  for t in range(n):
+    one = step(one, k[:, t:t + 1], v[:, t:t + 1])
+  np.testing.assert_array_equal(np.asarray(whole.v_recent), np.asarray(one.v_recent))
+  _, vd = attention._dequantized_kv(whole, attention._quant_view(whole),
+                                    cache_lib.positions(whole))
+  err = np.asarray(v).transpose(0, 2, 1, 3) - np.asarray(vd)[:, :, :n]          # [B, H, n, D]
+  for p in range(n - (w - 1), n):
+    np.testing.assert_allclose(np.asarray(whole.v_recent)[:, :, p % (w - 1)], err[:, :, p],
+                               atol=1e-6)
+  # Ragged: sequence 1 writes fewer tokens; its rows hold its own last positions.
+  rag = step(kvjax.init_cache(b, h, 32, d, quant=cfg), k, v, num_tokens=jnp.array([n, 6]))
+  for p in range(6 - (w - 1), 6):
+    np.testing.assert_allclose(np.asarray(rag.v_recent)[1, :, p % (w - 1)], err[1, :, p],
+                               atol=1e-6)
