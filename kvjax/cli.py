@@ -12,7 +12,8 @@ def _eval(a):
   if a.caches:
     specs = [ev.parse_spec(s) for s in a.caches]
   ev.run(a.model, text_file=a.text, contexts=a.contexts, specs=specs,
-         incremental_steps=a.incremental_steps, calibration_tokens=a.calibration_tokens,
+         incremental_steps=a.incremental_steps, incremental_windows=a.incremental_windows,
+         calibration_tokens=a.calibration_tokens,
          chunk=a.chunk, out_dir=a.out, progress=not a.no_progress, plot=not a.no_plot,
          calibration=a.calibration, score_tokens=a.score_tokens)
 
@@ -50,7 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
                       "descriptions like K4V4-g64-srht or K4V4-g32-srft-cal, with an optional "
                       "'+k8@L1,L2,...' for 8-bit keys in those layers (e.g. int4+k8@1,2,4,10)")
   e.add_argument("--incremental-steps", type=int, default=64,
-                 help="decode the last N positions of each window token by token (0: off)")
+                 help="decode the last N positions of each window token by token, against "
+                      "teacher forcing from the same prefilled cache (0: off)")
+  e.add_argument("--incremental-windows", type=int, default=None,
+                 help="windows per context for the incremental rows, run as one batch "
+                      "(default: the scored windows)")
   e.add_argument("--score-tokens", type=int, default=2048,
                  help="tokens scored per context: ceil(N / context) disjoint windows of the "
                       "text, each opened with BOS (default: %(default)s)")

@@ -10,8 +10,11 @@ tokens, in two modes:
   hook         teacher-forced: the window goes through the model in chunks, every
                key/value passing through the cache (stored, then read back in its
                storage form), so each position sees exactly what decode would see;
-  incremental  true decode: the first C - m tokens are prefilled through the cache,
-               then the last m tokens are fed one at a time, as generation does.
+  incremental  true decode: the first C - m tokens of each window are prefilled through
+               the cache, then the last m tokens are fed one at a time, as generation
+               does; from the same prefilled cache they are also fed teacher-forced, so
+               the two modes are compared token by token from an identical start
+               (`evaluate_incremental`; the windows run as one batch).
 
 Reported per (context, cache, mode): perplexity, ΔPPL (absolute and %), mean
 per-token KL(bf16 ‖ cache) in nats, top-1 agreement with the bf16 cache, and the
@@ -21,8 +24,10 @@ distribution is available for KL without storing [C, vocab] logits.
 JSON schema (`eval.json`): {"meta": {...}, "rows": [{model, corpus, context, cache,
 mode, ppl, delta_ppl, delta_ppl_pct, kl_mean, top1_agree, cache_bytes,
 bits_per_value, tokens_scored, windows}]}. Rows of mode "incremental" score only the
-last m positions of each window, and carry `hook_ppl_same_positions` and
-`incremental_vs_hook_pct` for comparison.
+last m - 1 positions of each of their windows (`incremental_windows`, default the scored
+ones), and carry `hook_ppl_same_positions` (teacher-forced from the same prefilled cache),
+`incremental_vs_hook_pct` (PPL ratio - 1 over the same tokens) and
+`incremental_vs_hook_ci95_pct` (its 95% interval, `paired_ppl_ratio`).
 """
 
 from __future__ import annotations
@@ -373,9 +378,9 @@ def collect_stats(runner: _Runner, tokens, *, chunk: int = 512, progress: bool =
   return caches
 
 
-def _make_caches(model, spec: CacheSpec, max_len: int, stats):
+def _make_caches(model, spec: CacheSpec, max_len: int, stats, *, batch: int = 1):
   if spec.quant is None:
-    return model.init_cache(1, max_len, dtype=jnp.bfloat16)
+    return model.init_cache(batch, max_len, dtype=jnp.bfloat16)
   # Quality is measured with the exact quantized-domain XLA path in both modes, so
   # hook and incremental differ only in how tokens enter the cache. (The CPU decode
   # default "int8dot" adds ~2e-4 per attention row; through 4-bit codes even that small
@@ -385,8 +390,8 @@ def _make_caches(model, spec: CacheSpec, max_len: int, stats):
   if spec.calibration is not None:
     from kvjax import calibrate
     learned = calibrate.load_calibration(spec.calibration, model_config=model.config)
-    return calibrate.init_calibrated_cache(model, 1, max_len, learned, attention_impl="xla")
-  caches = model.init_cache(1, max_len, quant=quant,
+    return calibrate.init_calibrated_cache(model, batch, max_len, learned, attention_impl="xla")
+  caches = model.init_cache(batch, max_len, quant=quant,
                             layer_quant={l: dataclasses.replace(q, attention_impl="xla")
                                          for l, q in spec.layer_quant().items()})
   if spec.calibrate:
@@ -490,18 +495,17 @@ def key_sensitivity(model, calibration_tokens: Sequence[int], probe_tokens: Sequ
 
 
 def evaluate_window(runner: _Runner, tokens: np.ndarray, specs: Sequence[CacheSpec], *,
-                    max_len: int, stats=None, chunk: int = 512, incremental_steps: int = 0,
-                    incremental_specs: Sequence[str] = (), progress: bool = True) -> dict:
-  """Scores one window of tokens under every cache, in lockstep with the first spec (the reference).
+                    max_len: int, stats=None, chunk: int = 512, progress: bool = True) -> dict:
+  """Scores one window of tokens under every cache in hook mode, in lockstep with the first
+  spec (the reference).
 
-  Returns {spec name: {"hook": (nll[T-1], kl, agree), "incremental": (...) or absent}}.
+  Returns {spec name: {"hook": (nll [T-1], kl [T-1], agree [T-1])}}.
   """
   model = runner.model
   n = len(tokens)
   if n < 2:
     raise ValueError("a window needs at least 2 tokens")
   caches = {s.name: _make_caches(model, s, max_len, stats) for s in specs}
-  ref_name = specs[0].name
   out = {s.name: [[], [], []] for s in specs}
   bar = _progress(n * len(specs), f"hook C={n}", progress)
   targets_all = np.asarray(tokens[1:], np.int32)
@@ -526,39 +530,125 @@ def evaluate_window(runner: _Runner, tokens: np.ndarray, specs: Sequence[CacheSp
         bar.update(len(part))
   if bar is not None:
     bar.close()
-  result = {name: {"hook": tuple(np.concatenate(a) for a in accs)} for name, accs in out.items()}
-  del caches
+  return {name: {"hook": tuple(np.concatenate(a) for a in accs)} for name, accs in out.items()}
 
-  if incremental_steps:
-    m = min(incremental_steps, n - 1)
-    inc_specs = [s for s in specs if s.name == ref_name or s.name in incremental_specs]
-    caches = {s.name: _make_caches(model, s, max_len, stats) for s in inc_specs}
-    for s in inc_specs:
-      _, caches[s.name] = prefill(runner, tokens[:n - m], caches[s.name], chunk=chunk)
-    accs = {s.name: [[], [], []] for s in inc_specs}
-    bar = _progress(m * len(inc_specs), f"incremental C={n}", progress)
-    for i in range(n - m, n):
-      tok = np.asarray([[tokens[i]]], np.int32)
-      ref = None
-      # Position i predicts token i + 1; the window's last token has no target.
-      has_target = i + 1 < n
-      tgt = jnp.asarray([tokens[i + 1] if has_target else 0], jnp.int32)
-      for s in inc_specs:
-        logits, caches[s.name] = runner(tok, caches[s.name])
-        if ref is None:
-          ref = _reference_stats(logits[0])
-        vals = _token_stats(ref, logits[0], tgt, jnp.asarray([has_target]))
-        if has_target:
-          for acc, val in zip(accs[s.name], vals):
-            acc.append(np.asarray(val))
-        if bar is not None:
-          bar.update(1)
+
+def evaluate_incremental(runner: _Runner, windows_: np.ndarray, specs: Sequence[CacheSpec], *,
+                         steps: int, max_len: int, stats=None, chunk: int = 512,
+                         progress: bool = True) -> dict:
+  """True decode against teacher forcing over the last `steps` positions of each window.
+
+  windows_: [W, C] equal-length windows, run as one batch. For each cache (in lockstep with
+  the first spec, the reference), the first C - m tokens (m = min(steps, C - 1)) are prefilled
+  once; from that one prefilled cache the last m tokens are then fed (a) teacher-forced in
+  chunks, as hook mode does, and (b) one at a time, as generation does. Both modes thus start
+  from the identical cache and differ only in how the last m tokens enter it, so the paired
+  per-token difference measures exactly what decode changes.
+
+  Returns {spec name: {"hook": (nll, kl, agree), "incremental": (nll, kl, agree)}}, each array
+  [W, m - 1] (position i predicts token i + 1; a window's last token has no target), KL and
+  top-1 against the reference in the same mode.
+  """
+  model = runner.model
+  wins = np.asarray(windows_, np.int32)
+  if wins.ndim != 2 or wins.shape[1] < 2:
+    raise ValueError(f"windows must be [W, C] with C >= 2, got shape {wins.shape}")
+  if not isinstance(steps, int) or steps < 2:
+    raise ValueError(f"steps must be an int >= 2 (one scored position needs two tokens), got "
+                     f"{steps!r}")
+  w, n = wins.shape
+  m = min(steps, n - 1)
+  start = n - m
+  scored = m - 1
+  # Teacher-forced chunks of the suffix hold at most `chunk` token rows in all (the [rows,
+  # vocab] logits of a 262K vocabulary are the memory that matters).
+  sub = max(1, chunk // w)
+  prefilled = {}
+  bar = _progress(w * (start + 2 * m) * len(specs), f"incremental C={n} x{w}", progress)
+  for s in specs:
+    caches = _make_caches(model, s, max_len, stats, batch=w)
+    _, prefilled[s.name] = prefill(runner, wins[:, :start], caches, chunk=chunk)
     if bar is not None:
-      bar.close()
-    for name, a in accs.items():
-      result[name]["incremental"] = tuple(np.concatenate(x) for x in a)
-      result[name]["incremental_start"] = n - m
+      bar.update(w * start)
+  out = {s.name: {"hook": [[], [], []], "incremental": [[], [], []]} for s in specs}
+
+  def score(mode, name, logits, ref, targets, valid):
+    """logits [W, T, V] at positions whose next tokens are targets [W, T] (valid [W, T])."""
+    t = targets.shape[1]
+    vals = _token_stats(ref, logits.reshape(w * t, -1), jnp.asarray(targets.reshape(-1)),
+                        jnp.asarray(valid.reshape(-1)))
+    for acc, v in zip(out[name][mode], vals):
+      acc.append(np.asarray(v).reshape(w, t))
+
+  # (a) teacher-forced: copies of the prefilled caches (the runner donates what it is given).
+  hook = {name: jax.tree_util.tree_map(jnp.copy, c) for name, c in prefilled.items()}
+  for lo in range(start, n, sub):
+    hi = min(lo + sub, n)
+    piece = np.zeros((w, sub), np.int32)
+    piece[:, :hi - lo] = wins[:, lo:hi]
+    targets = np.zeros((w, sub), np.int32)
+    t_hi = min(hi, n - 1)
+    targets[:, :t_hi - lo] = wins[:, lo + 1:t_hi + 1]
+    valid = np.broadcast_to(np.arange(sub) < t_hi - lo, (w, sub))
+    num = jnp.full((w,), hi - lo, jnp.int32)
+    ref = None
+    for s in specs:
+      logits, hook[s.name] = runner(piece, hook[s.name], num)
+      if ref is None:
+        ref = _reference_stats(logits.reshape(w * sub, -1))
+      score("hook", s.name, logits, ref, targets, valid)
+      if bar is not None:
+        bar.update(w * (hi - lo))
+  del hook
+
+  # (b) one token at a time from the same prefilled caches.
+  caches = prefilled
+  for i in range(start, n - 1):  # the window's last token has no target to score
+    tok = wins[:, i:i + 1]
+    targets = wins[:, i + 1:i + 2]
+    valid = np.ones((w, 1), bool)
+    ref = None
+    for s in specs:
+      logits, caches[s.name] = runner(tok, caches[s.name])
+      if ref is None:
+        ref = _reference_stats(logits.reshape(w, -1))
+      score("incremental", s.name, logits, ref, targets, valid)
+      if bar is not None:
+        bar.update(w)
+  if bar is not None:
+    bar.close()
+  result = {}
+  for name, modes in out.items():
+    result[name] = {}
+    for mode, accs in modes.items():
+      arrays = tuple(np.concatenate(a, axis=1)[:, :scored] for a in accs)
+      result[name][mode] = arrays
   return result
+
+
+def paired_ppl_ratio(nll_a, nll_b) -> dict:
+  """PPL(a) / PPL(b) - 1 in % over the same tokens, with a 95% interval.
+
+  nll_a, nll_b: [W, T] per-token NLLs of two passes over the same W windows. The ratio is
+  exp(mean(d)) - 1 for d = nll_a - nll_b. Its standard error is the larger of the i.i.d.
+  token estimate std(d) / sqrt(N) and the cluster-robust one over windows (tokens of one
+  window share a cache, so their differences may be correlated); the interval is
+  exp(mean(d) +- 1.96 se) - 1. Returns {"pct", "ci95_pct": [lo, hi], "se_nats", "tokens"}.
+  """
+  if np.ndim(nll_a) != 2 or np.shape(nll_a) != np.shape(nll_b) or np.size(nll_a) < 2:
+    raise ValueError(f"nll_a and nll_b must be equal [windows, tokens] arrays with at least 2 "
+                     f"tokens, got {np.shape(nll_a)} and {np.shape(nll_b)}")
+  d = np.asarray(nll_a, np.float64) - np.asarray(nll_b, np.float64)
+  n = d.size
+  mean = float(d.mean())
+  se = float(d.std(ddof=1) / math.sqrt(n))
+  if d.shape[0] > 1:
+    resid = (d - mean).sum(axis=1)  # per-window sums of deviations
+    g = d.shape[0]
+    se = max(se, float(math.sqrt(g / (g - 1) * np.sum(resid ** 2)) / n))
+  pct = lambda x: 100.0 * math.expm1(x)
+  return {"pct": pct(mean), "ci95_pct": [pct(mean - 1.96 * se), pct(mean + 1.96 * se)],
+          "se_nats": se, "tokens": int(n)}
 
 
 def windows(ids: Sequence[int], context: int, count: int, *, bos: bool) -> list[np.ndarray]:
@@ -579,30 +669,20 @@ def windows(ids: Sequence[int], context: int, count: int, *, bos: bool) -> list[
 
 def _pool_windows(per_window: Sequence[dict]) -> dict:
   """Concatenates the per-token arrays of several `evaluate_window` results."""
-  out = {}
-  for name in per_window[0]:
-    r0 = per_window[0][name]
-    pooled = {"hook": tuple(np.concatenate([w[name]["hook"][i] for w in per_window])
-                            for i in range(3))}
-    if "incremental" in r0:
-      pooled["incremental"] = tuple(np.concatenate([w[name]["incremental"][i]
-                                                    for w in per_window]) for i in range(3))
-      # The hook scores of the same positions (each window's last m targets).
-      pooled["hook_same_positions"] = tuple(
-          np.concatenate([w[name]["hook"][i][w[name]["incremental_start"]:] for w in per_window])
-          for i in range(3))
-    out[name] = pooled
-  return out
+  return {name: {"hook": tuple(np.concatenate([w[name]["hook"][i] for w in per_window])
+                               for i in range(3))}
+          for name in per_window[0]}
 
 
 def _summary(nll, kl, agree):
   return {"ppl": float(math.exp(float(np.mean(nll)))), "kl_mean": float(np.mean(kl)),
-          "top1_agree": float(np.mean(agree)), "tokens_scored": int(len(nll))}
+          "top1_agree": float(np.mean(agree)), "tokens_scored": int(np.size(nll))}
 
 
 def run(model_name: str = "gemma3-270m", *, text_file: str | None = None,
         contexts: Sequence[int] = (1024, 4096), specs: Sequence[CacheSpec] | None = None,
         incremental_steps: int = 64, incremental_specs: Sequence[str] = ("int4",),
+        incremental_windows: int | None = None,
         calibration_tokens: int = 2048, chunk: int = 512, out_dir: str = "results/eval",
         progress: bool = True, plot: bool = True, log=print,
         calibration: str | None = None, score_tokens: int = 2048) -> dict:
@@ -611,6 +691,10 @@ def run(model_name: str = "gemma3-270m", *, text_file: str | None = None,
   calibration: directory written by `kvjax calibrate`; adds a cache "int4-learned" holding
   its learned R, λ and key offset.
   score_tokens: each context C is scored on ceil(score_tokens / C) windows (`windows`).
+  incremental_steps, incremental_windows: decode the last incremental_steps positions of
+  this many windows of each context (default: the scored windows; 0 steps: no incremental
+  rows) as one batch, against teacher forcing from the same prefilled cache
+  (`evaluate_incremental`), for the reference and `incremental_specs`.
   calibration_tokens: the calibrated caches of context C take their statistics from
   ceil(calibration_tokens / C) BOS-opened windows of C tokens of the calibration book (so a
   4K cache is calibrated on positions 0..4095, as it is used).
@@ -660,6 +744,16 @@ def run(model_name: str = "gemma3-270m", *, text_file: str | None = None,
     text, corpus_name = corpus.load_text(text_file), str(text_file)
   if not isinstance(score_tokens, int) or score_tokens < 1:
     raise ValueError(f"score_tokens must be a positive int, got {score_tokens!r}")
+  if not isinstance(incremental_steps, int) or incremental_steps < 0 or incremental_steps == 1:
+    raise ValueError(f"incremental_steps must be 0 (off) or an int >= 2, got "
+                     f"{incremental_steps!r}")
+  if incremental_windows is not None and (not isinstance(incremental_windows, int)
+                                          or incremental_windows < 1):
+    raise ValueError(f"incremental_windows must be a positive int, got {incremental_windows!r}")
+  unknown = [n for n in incremental_specs if n not in {s.name for s in specs}]
+  if incremental_steps and unknown:
+    raise ValueError(f"incremental_specs {unknown} are not among the caches evaluated "
+                     f"({[s.name for s in specs]})")
   ids = tokenizer.encode(text, add_bos=cfg.add_bos)
   if len(ids) < contexts[-1]:
     raise ValueError(f"the text has {len(ids)} tokens, fewer than the longest context "
@@ -689,18 +783,28 @@ def run(model_name: str = "gemma3-270m", *, text_file: str | None = None,
     if len(wins) < -(-score_tokens // c):
       log(f"context {c}: the text holds {len(wins)} window(s), not {-(-score_tokens // c)}")
     per_window = [evaluate_window(runner, w, specs, max_len=max_len, stats=stats, chunk=chunk,
-                                  incremental_steps=incremental_steps,
-                                  incremental_specs=incremental_specs, progress=progress)
-                  for w in wins]
+                                  progress=progress) for w in wins]
     res = _pool_windows(per_window)
+    inc = None
+    if incremental_steps:
+      count = incremental_windows or len(wins)
+      inc_wins = windows(ids, c, count, bos=cfg.add_bos)
+      if len(inc_wins) < count:
+        log(f"context {c}: the text holds {len(inc_wins)} window(s) for the incremental rows, "
+            f"not {count}")
+      inc_specs = [specs[0]] + [s for s in specs[1:] if s.name in incremental_specs]
+      inc = evaluate_incremental(runner, np.stack(inc_wins), inc_specs, steps=incremental_steps,
+                                 max_len=max_len, stats=stats, chunk=chunk, progress=progress)
     base = {}
     for s in specs:
-      r = res[s.name]
       for mode in ("hook", "incremental"):
-        if mode not in r:
+        if mode == "hook":
+          summ, n_windows = _summary(*res[s.name]["hook"]), len(wins)
+        elif inc is not None and s.name in inc:
+          summ, n_windows = _summary(*inc[s.name]["incremental"]), len(inc_wins)
+        else:
           continue
-        summ = _summary(*r[mode])
-        summ["windows"] = len(wins)
+        summ["windows"] = n_windows
         if s.name == specs[0].name:
           base[mode] = summ["ppl"]
         row = {"model": model_name, "corpus": corpus_name, "context": c, "cache": s.name,
@@ -710,14 +814,18 @@ def run(model_name: str = "gemma3-270m", *, text_file: str | None = None,
         row["cache_bytes"] = cache_bytes(model, s, c)
         row["bits_per_value"] = bits_per_value(model, s, c)
         if mode == "incremental":
-          hook_same = _summary(*r["hook_same_positions"])
-          row["hook_ppl_same_positions"] = hook_same["ppl"]
-          row["incremental_vs_hook_pct"] = 100.0 * (row["ppl"] / hook_same["ppl"] - 1.0)
+          # Teacher-forced from the same prefilled cache, over the same positions.
+          row["hook_ppl_same_positions"] = _summary(*inc[s.name]["hook"])["ppl"]
+          paired = paired_ppl_ratio(inc[s.name]["incremental"][0], inc[s.name]["hook"][0])
+          row["incremental_vs_hook_pct"] = paired["pct"]
+          row["incremental_vs_hook_ci95_pct"] = paired["ci95_pct"]
         rows.append(row)
   doc = {"meta": {"model": model_name, "corpus": corpus_name, "contexts": contexts,
                   "caches": {s.name: s.description or (s.quant.name if s.quant else "dense")
                              for s in specs},
-                  "incremental_steps": incremental_steps, "calibration_tokens": calibration_tokens,
+                  "incremental_steps": incremental_steps,
+                  "incremental_windows": incremental_windows,
+                  "calibration_tokens": calibration_tokens,
                   "calibration_windows": "ceil(calibration_tokens / context) BOS-opened windows "
                                          "of each context",
                   "score_tokens": score_tokens,

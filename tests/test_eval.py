@@ -21,29 +21,80 @@ def tiny():
   return model, ev._Runner(model)
 
 
-def test_hook_and_incremental_agree_and_reference_is_exact(tiny):
+def test_hook_reference_is_exact(tiny):
   model, runner = tiny
   cfg = model.config
   tokens = np.random.default_rng(0).integers(3, cfg.vocab_size, 70).astype(np.int32)
   specs = [ev.CacheSpec("f32", None), ev.CacheSpec("same", None),
            ev.CacheSpec("int4", kvjax.QuantConfig())]
-  # f32 reference: replace the dense dtype via a bf16-free spec by evaluating two identical dense caches.
-  res = ev.evaluate_window(runner, tokens, specs, max_len=80, chunk=32, incremental_steps=12,
-                           incremental_specs=("int4",), progress=False)
+  res = ev.evaluate_window(runner, tokens, specs, max_len=80, chunk=32, progress=False)
   nll, kl, agree = res["same"]["hook"]
   assert len(nll) == len(tokens) - 1
   np.testing.assert_allclose(kl, 0.0, atol=1e-6)
   assert agree.min() == 1.0
-  # Incremental decode through the int4 cache scores the last positions like the hook pass.
-  start = res["int4"]["incremental_start"]
-  inc = res["int4"]["incremental"][0]
-  hook = res["int4"]["hook"][0][start:]
-  assert inc.shape == hook.shape
-  np.testing.assert_allclose(inc, hook, rtol=2e-3, atol=2e-3)
   # The int4 cache really quantizes (other NLLs), and its KL is finite. (This random model's
   # distributions are nearly one-hot: its true KL, ~1e-13, is below float32 resolution.)
   assert np.abs(res["int4"]["hook"][0] - res["f32"]["hook"][0]).max() > 1e-4
   assert np.all(np.isfinite(res["int4"]["hook"][1])) and res["int4"]["hook"][1].mean() < 10
+
+
+@pytest.mark.parametrize("recipe", ["plain", "calibrated"])
+def test_incremental_decode_matches_teacher_forcing_from_the_same_prefill(tiny, recipe):
+  """Windows batched, prefilled once; the last m tokens one at a time vs in chunks. Both start
+  from the same cache, so they differ only by float rounding: per token to 2e-3 relative
+  (this random model's NLLs are ~50 nats; its int4 codes rarely sit on a rounding boundary), while the hook
+  scores equal `evaluate_window`'s for those positions and the int4 cache differs from f32."""
+  model, runner = tiny
+  cfg = model.config
+  wins = np.random.default_rng(1).integers(3, cfg.vocab_size, (3, 40)).astype(np.int32)
+  wins[:, 0] = 2
+  stats = (ev.collect_stats(runner, np.random.default_rng(2).integers(
+      3, cfg.vocab_size, (2, 40)).astype(np.int32), chunk=16, progress=False)
+           if recipe == "calibrated" else None)
+  int4 = ev.CacheSpec("int4", kvjax.QuantConfig(), calibrate=recipe == "calibrated")
+  if recipe == "calibrated":  # the default recipe: sink key and value, 4 recent values, ...
+    assert ev.SPEC_CHOICES["int4"].recipe == int4.recipe and int4.recipe.value_recent == 4
+  specs = [ev.CacheSpec("f32", None), int4]
+  res = ev.evaluate_incremental(runner, wins, specs, steps=13, max_len=48, stats=stats,
+                                chunk=16, progress=False)
+  for name in ("f32", "int4"):
+    for mode in ("hook", "incremental"):
+      assert all(a.shape == (3, 12) for a in res[name][mode])
+    np.testing.assert_allclose(res[name]["incremental"][0], res[name]["hook"][0], rtol=2e-3,
+                               atol=2e-3)
+  np.testing.assert_allclose(res["f32"]["hook"][1], 0.0, atol=1e-6)
+  assert np.abs(res["int4"]["hook"][0] - res["f32"]["hook"][0]).max() > 1e-4
+  # The teacher-forced suffix scores what the whole-window hook pass scores there.
+  one = ev.evaluate_window(runner, wins[1], specs, max_len=48, stats=stats, chunk=16,
+                           progress=False)
+  np.testing.assert_allclose(res["int4"]["hook"][0][1], one["int4"]["hook"][0][27:], rtol=2e-3,
+                             atol=2e-3)
+  with pytest.raises(ValueError, match="steps"):
+    ev.evaluate_incremental(runner, wins, specs, steps=1, max_len=48, progress=False)
+  with pytest.raises(ValueError, match="windows"):
+    ev.evaluate_incremental(runner, wins[0], specs, steps=4, max_len=48, progress=False)
+
+
+def test_paired_ppl_ratio_and_its_interval():
+  rng = np.random.default_rng(7)
+  b = rng.uniform(1.0, 5.0, (6, 200))
+  shift = 0.01
+  a = b + shift + 0.05 * rng.standard_normal(b.shape)
+  r = ev.paired_ppl_ratio(a, b)
+  want = 100 * np.expm1(np.mean(a - b))
+  assert r["pct"] == pytest.approx(want) and r["tokens"] == 1200
+  lo, hi = r["ci95_pct"]
+  assert lo < 100 * np.expm1(shift) < hi and lo < r["pct"] < hi
+  # Token-level se of i.i.d. differences: 0.05 / sqrt(1200).
+  assert r["se_nats"] == pytest.approx(0.05 / np.sqrt(1200), rel=0.15)
+  # A bias shared by all tokens of a window (correlated errors) widens the interval.
+  c = a + rng.standard_normal((6, 1)) * 0.05
+  assert ev.paired_ppl_ratio(c, b)["se_nats"] > 3 * r["se_nats"]
+  assert ev.paired_ppl_ratio(b, b)["pct"] == 0.0
+  with pytest.raises(ValueError, match="nll_a and nll_b"):
+    ev.paired_ppl_ratio(a[0], b[0])
+  with pytest.raises(ValueError, match="nll_a and nll_b"):
+    ev.paired_ppl_ratio(a, b[:, :5])
 
 
 def test_calibration_statistics_of_windows_are_sums(tiny):
