@@ -854,6 +854,15 @@ def format_table(rows) -> str:
                  f"{r['delta_ppl']:+8.3f} {r['delta_ppl_pct']:+6.2f}% {r['kl_mean']:7.4f} "
                  f"{r['top1_agree']:6.3f} {r['bits_per_value']:5.2f} "
                  f"{r['cache_bytes'] / 2**20:7.2f}")
+  paired = [r for r in rows if "incremental_vs_hook_ci95_pct" in r]
+  if paired:
+    lines.append("incremental vs hook, same tokens from the same prefilled cache (PPL ratio - 1, "
+                 "95% interval):")
+    for r in paired:
+      lo, hi = r["incremental_vs_hook_ci95_pct"]
+      lines.append(f"{r['context']:>7} {r['cache']:<{w}} {r['incremental_vs_hook_pct']:+6.2f}% "
+                   f"[{lo:+.2f}%, {hi:+.2f}%] over {r['tokens_scored']} tokens, "
+                   f"{r['windows']} windows")
   return "\n".join(lines)
 
 

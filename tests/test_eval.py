@@ -420,3 +420,13 @@ def test_windows_are_disjoint_stretches_each_opened_with_bos():
   plain = ev.windows(list(range(25)), 10, 5, bos=False)
   assert [w.tolist() for w in plain] == [list(range(10)), list(range(10, 20))]
   assert len(ev.windows(list(range(10)), 10, 0, bos=False)) == 1  # at least one
+
+
+def test_table_lists_the_paired_incremental_interval():
+  row = dict(context=1024, cache="int4", mode="incremental", ppl=20.0, delta_ppl=0.1,
+             delta_ppl_pct=0.5, kl_mean=0.01, top1_agree=0.9, bits_per_value=4.5,
+             cache_bytes=2**20, tokens_scored=1008, windows=16, incremental_vs_hook_pct=0.2,
+             incremental_vs_hook_ci95_pct=[-0.21, 0.62])
+  table = ev.format_table([dict(row, mode="hook"), row])
+  assert "+0.20% [-0.21%, +0.62%] over 1008 tokens, 16 windows" in table
+  assert "incremental vs hook" not in ev.format_table([dict(row, mode="hook")])
