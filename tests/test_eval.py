@@ -427,6 +427,7 @@ def test_table_lists_the_paired_incremental_interval():
              delta_ppl_pct=0.5, kl_mean=0.01, top1_agree=0.9, bits_per_value=4.5,
              cache_bytes=2**20, tokens_scored=1008, windows=16, incremental_vs_hook_pct=0.2,
              incremental_vs_hook_ci95_pct=[-0.21, 0.62])
-  table = ev.format_table([dict(row, mode="hook"), row])
+  hook = {k: v for k, v in row.items() if not k.startswith("incremental_vs")} | {"mode": "hook"}
+  table = ev.format_table([hook, row])
   assert "+0.20% [-0.21%, +0.62%] over 1008 tokens, 16 windows" in table
-  assert "incremental vs hook" not in ev.format_table([dict(row, mode="hook")])
+  assert "incremental vs hook" not in ev.format_table([hook])
