@@ -494,6 +494,24 @@ def key_sensitivity(model, calibration_tokens: Sequence[int], probe_tokens: Sequ
   return result
 
 
+def _lockstep(runner: _Runner, caches: dict, specs, tokens, targets, valid, num=None) -> dict:
+  """Feeds tokens [B, T] to every spec's caches (updated in `caches`), the first spec being
+  the reference; returns {name: (nll, kl, agree)}, numpy [B, T] each, of the logits at
+  positions whose next tokens are targets [B, T] (valid [B, T])."""
+  b, t = np.shape(targets)
+  targets = jnp.asarray(np.reshape(targets, -1), jnp.int32)
+  valid = jnp.asarray(np.reshape(valid, -1))
+  ref, out = None, {}
+  for s in specs:
+    logits, caches[s.name] = runner(tokens, caches[s.name], num)
+    logits = logits.reshape(b * t, -1)
+    if ref is None:
+      ref = _reference_stats(logits)
+    out[s.name] = tuple(np.asarray(v).reshape(b, t)
+                        for v in _token_stats(ref, logits, targets, valid))
+  return out
+
+
 def evaluate_window(runner: _Runner, tokens: np.ndarray, specs: Sequence[CacheSpec], *,
                     max_len: int, stats=None, chunk: int = 512, progress: bool = True) -> dict:
   """Scores one window of tokens under every cache in hook mode, in lockstep with the first
@@ -513,21 +531,17 @@ def evaluate_window(runner: _Runner, tokens: np.ndarray, specs: Sequence[CacheSp
     part = tokens[lo:lo + chunk]
     piece = np.zeros((1, chunk), np.int32)
     piece[0, :len(part)] = part
-    num = jnp.asarray([len(part)], jnp.int32)
-    tgt = np.zeros((chunk,), np.int32)
+    tgt = np.zeros((1, chunk), np.int32)
     t_part = targets_all[lo:lo + chunk]
-    tgt[:len(t_part)] = t_part
-    valid = jnp.arange(chunk) < len(t_part)
-    ref = None
-    for s in specs:
-      logits, caches[s.name] = runner(piece, caches[s.name], num)
-      if ref is None:
-        ref = _reference_stats(logits[0])
-      stats_ = _token_stats(ref, logits[0], jnp.asarray(tgt), valid)
-      for acc, val in zip(out[s.name], stats_):
-        acc.append(np.asarray(val)[:len(t_part)])
-      if bar is not None:
-        bar.update(len(part))
+    tgt[0, :len(t_part)] = t_part
+    valid = (np.arange(chunk) < len(t_part))[None]
+    stats_ = _lockstep(runner, caches, specs, piece, tgt, valid,
+                       jnp.asarray([len(part)], jnp.int32))
+    for name, vals in stats_.items():
+      for acc, val in zip(out[name], vals):
+        acc.append(val[0, :len(t_part)])
+    if bar is not None:
+      bar.update(len(part) * len(specs))
   if bar is not None:
     bar.close()
   return {name: {"hook": tuple(np.concatenate(a) for a in accs)} for name, accs in out.items()}
@@ -564,7 +578,7 @@ def evaluate_incremental(runner: _Runner, windows_: np.ndarray, specs: Sequence[
   # vocab] logits of a 262K vocabulary are the memory that matters).
   sub = max(1, chunk // w)
   prefilled = {}
-  bar = _progress(w * (start + 2 * m) * len(specs), f"incremental C={n} x{w}", progress)
+  bar = _progress(w * (start + 2 * m - 1) * len(specs), f"incremental C={n} x{w}", progress)
   for s in specs:
     caches = _make_caches(model, s, max_len, stats, batch=w)
     _, prefilled[s.name] = prefill(runner, wins[:, :start], caches, chunk=chunk)
@@ -572,13 +586,10 @@ def evaluate_incremental(runner: _Runner, windows_: np.ndarray, specs: Sequence[
       bar.update(w * start)
   out = {s.name: {"hook": [[], [], []], "incremental": [[], [], []]} for s in specs}
 
-  def score(mode, name, logits, ref, targets, valid):
-    """logits [W, T, V] at positions whose next tokens are targets [W, T] (valid [W, T])."""
-    t = targets.shape[1]
-    vals = _token_stats(ref, logits.reshape(w * t, -1), jnp.asarray(targets.reshape(-1)),
-                        jnp.asarray(valid.reshape(-1)))
-    for acc, v in zip(out[name][mode], vals):
-      acc.append(np.asarray(v).reshape(w, t))
+  def record(mode, stats_):
+    for name, vals in stats_.items():
+      for acc, v in zip(out[name][mode], vals):
+        acc.append(v)
 
   # (a) teacher-forced: copies of the prefilled caches (the runner donates what it is given).
   hook = {name: jax.tree_util.tree_map(jnp.copy, c) for name, c in prefilled.items()}
@@ -590,31 +601,18 @@ def evaluate_incremental(runner: _Runner, windows_: np.ndarray, specs: Sequence[
     t_hi = min(hi, n - 1)
     targets[:, :t_hi - lo] = wins[:, lo + 1:t_hi + 1]
     valid = np.broadcast_to(np.arange(sub) < t_hi - lo, (w, sub))
-    num = jnp.full((w,), hi - lo, jnp.int32)
-    ref = None
-    for s in specs:
-      logits, hook[s.name] = runner(piece, hook[s.name], num)
-      if ref is None:
-        ref = _reference_stats(logits.reshape(w * sub, -1))
-      score("hook", s.name, logits, ref, targets, valid)
-      if bar is not None:
-        bar.update(w * (hi - lo))
+    record("hook", _lockstep(runner, hook, specs, piece, targets, valid,
+                             jnp.full((w,), hi - lo, jnp.int32)))
+    if bar is not None:
+      bar.update(w * (hi - lo) * len(specs))
   del hook
 
   # (b) one token at a time from the same prefilled caches.
-  caches = prefilled
   for i in range(start, n - 1):  # the window's last token has no target to score
-    tok = wins[:, i:i + 1]
-    targets = wins[:, i + 1:i + 2]
-    valid = np.ones((w, 1), bool)
-    ref = None
-    for s in specs:
-      logits, caches[s.name] = runner(tok, caches[s.name])
-      if ref is None:
-        ref = _reference_stats(logits.reshape(w, -1))
-      score("incremental", s.name, logits, ref, targets, valid)
-      if bar is not None:
-        bar.update(w)
+    record("incremental", _lockstep(runner, prefilled, specs, wins[:, i:i + 1],
+                                    wins[:, i + 1:i + 2], np.ones((w, 1), bool)))
+    if bar is not None:
+      bar.update(w * len(specs))
   if bar is not None:
     bar.close()
   result = {}
@@ -752,8 +750,8 @@ def run(model_name: str = "gemma3-270m", *, text_file: str | None = None,
     raise ValueError(f"incremental_windows must be a positive int, got {incremental_windows!r}")
   unknown = [n for n in incremental_specs if n not in {s.name for s in specs}]
   if incremental_steps and unknown:
-    raise ValueError(f"incremental_specs {unknown} are not among the caches evaluated "
-                     f"({[s.name for s in specs]})")
+    log(f"incremental rows: {unknown} not among the caches evaluated; incremental rows for "
+        f"{[s.name for s in specs if s.name in incremental_specs] or 'the reference only'}")
   ids = tokenizer.encode(text, add_bos=cfg.add_bos)
   if len(ids) < contexts[-1]:
     raise ValueError(f"the text has {len(ids)} tokens, fewer than the longest context "
