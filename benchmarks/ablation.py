@@ -29,6 +29,7 @@ import numpy as np
 from kvjax import calibrate as cal
 from kvjax import corpus
 from kvjax import eval as ev
+from kvjax.models.runner import Runner
 from kvjax import smoothing
 from kvjax.config import QuantConfig
 from kvjax.rotations import rotation_matrix_np
@@ -75,7 +76,7 @@ def main(argv=None):
   cfg = model.config
   d = cfg.head_dim
   quant = QuantConfig(key_bits=4, value_bits=4, group_size=32, rotation="srft")
-  runner = ev._Runner(model)
+  runner = Runner(model)
   cal_ids = tok.encode(corpus.calibration_text(), add_bos=cfg.add_bos)[:a.calibration_tokens]
   eval_ids = tok.encode(corpus.eval_text(), add_bos=cfg.add_bos)
   print(f"[{time.time() - t0:.0f}s] collecting calibration data on {len(cal_ids)} tokens of Emma",

@@ -23,6 +23,7 @@ import numpy as np
 
 import kvjax
 from kvjax import eval as ev
+from kvjax.models.runner import Runner
 from kvjax.models import load
 
 
@@ -35,7 +36,7 @@ def main(argv=None):
   p.add_argument("--out", default="results/prefill_cpu")
   a = p.parse_args(argv)
   model, _ = load(a.model)
-  runner = ev._Runner(model)
+  runner = Runner(model)
   ids = np.random.default_rng(0).integers(3, model.config.vocab_size, a.tokens).tolist()
   kinds = {
       "bf16": lambda: model.init_cache(1, a.tokens, dtype=jnp.bfloat16),

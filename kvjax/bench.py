@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax.cache import DenseKVCache, QuantizedKVCache
-from kvjax.eval import _Runner, cache_bytes, parse_spec, with_layers_for
+from kvjax.eval import cache_bytes, calibrations_for, parse_spec, with_layers_for
+from kvjax.models.runner import Runner
 
 _IS_CACHE = lambda x: isinstance(x, (DenseKVCache, QuantizedKVCache))
 
@@ -57,7 +58,12 @@ def fill_caches(caches, length: int, key):
 
 
 def run(model_name: str = "gemma3-270m", *, contexts=(256, 1024, 4096, 8192), repeats: int = 10,
-        caches=None, out_dir: str = "results/bench", log=print) -> dict:
+        caches=None, out_dir: str = "results/bench", calibration: str | None = None,
+        log=print) -> dict:
+  """Times one decode step per cache and context. The int4 cache is built from `calibration`
+  (an artifact directory; default the model's own, "auto"), as users get it; other calibrated
+  caches run in the config calibration gives them (their tensors' values do not change the
+  work)."""
   from kvjax.models import load
 
   specs = [parse_spec(s) for s in (caches or ["bf16", "int4"])]
@@ -66,10 +72,15 @@ def run(model_name: str = "gemma3-270m", *, contexts=(256, 1024, 4096, 8192), re
                      "'+k8@auto' layers are chosen by kvjax eval, which prints them")
   if specs[0].quant is not None:
     specs.insert(0, parse_spec("bf16"))
-  model, _ = load(model_name)
+  if calibration is not None:
+    specs = [dataclasses.replace(s, calibration=str(calibration)) if s.name == "int4" else s
+             for s in specs]
+  model, tokenizer = load(model_name)
   specs = [s.resolve_layers(model.config) for s in specs]
   model = with_layers_for(model, specs)
-  runner = _Runner(model)
+  cals = calibrations_for(model, [s for s in specs if s.calibration is not None],
+                          tokenizer=tokenizer, log=log)
+  runner = Runner(model)
   contexts = sorted(contexts)
   log(f"{model_name}: decode step time per token (caches allocated for each context + "
       f"{repeats + 2} tokens), backend {jax.default_backend()}, {repeats} interleaved repeats")
@@ -81,6 +92,8 @@ def run(model_name: str = "gemma3-270m", *, contexts=(256, 1024, 4096, 8192), re
     for s in specs:
       if s.quant is None:
         base = model.init_cache(1, max_len, dtype=jnp.bfloat16)
+      elif s.name in cals:
+        base = model.init_cache(1, max_len, calibration=cals[s.name])
       else:
         # A calibrated format is timed in the config calibration gives it; its parameters'
         # values do not change the work.

@@ -1,14 +1,26 @@
-"""`kvjax calibrate`: learn a rotation R and per-channel scales λ per layer and KV head.
+"""`kvjax calibrate`: the calibration artifact of a model's int4 KV cache.
 
-The quantized cache stores y = R ((x - μ) / λ) as 4-bit group abs-max codes
-(docs/cache_layout.md). SRFT/SRHT rotations are random; here R and λ are fitted
-to the post-RoPE keys and values a model really produces, on calibration text
-disjoint from the evaluation text (Emma; evaluation is Pride and Prejudice):
+    kvjax calibrate --model gemma3-270m --out cal/gemma3-270m            # closed form (default)
+    kvjax calibrate --model gemma3-270m --out cal/learned --learned      # + learned R and λ
+    kvjax calibrate --model qwen2.5-coder-0.5b --text my.txt --out cal/q # your own text
+
+    cal = kvjax.calibrate.calibrate(model, tokens)     # -> kvjax.calibration.Calibration
+
+By default this writes the closed-form recipe that `kvjax eval`'s `int4` row measures
+(`kvjax.models.calibrated`, `kvjax.smoothing`): key offsets (constant and rotary), λ, feedback
+rounding, exact sink key and value, exact recent values, from one pass over calibration windows
+of 1,024, 1,024 and 4,096 tokens of *Emma* (disjoint from the evaluation text) or of `--text`.
+The artifact (`kvjax.calibration`: a JSON manifest and Orbax tensors, written atomically) is what
+`kvjax.models.load(..., calibration=DIR)`, `model.init_cache(..., calibration=DIR)`,
+`kvjax.generate(..., calibration=DIR)` and `kvjax eval|bench|passkey --calibration DIR` read.
+
+`--learned` is the ablation of the learned rotation: on top of the closed form, R and λ per
+layer and KV head are fitted to the post-RoPE keys and values the model really produces:
 
   R = cayley(W) @ base      orthogonal for every W (kvjax.rotations.LearnedRotation);
                             base is the SRFT matrix the cache would use, or I;
   λ = exp(log_λ)            positive for every log_λ;
-  μ                         the calibration keys' per-channel mean (exact offset, optional).
+  μ                         the calibration keys' per-channel mean (exact offset).
 
 The 4-bit rounding is made differentiable with a straight-through estimator
 (forward: exactly the cache's quantizer, bf16 scale rounding included;
@@ -20,15 +32,11 @@ warmup + cosine schedule (optax). Objectives:
                queries, plus the relative error of the attention outputs
                softmax(q K^T) V over the calibration keys/values.
 
-Runs are deterministic under `seed` (each step's minibatch comes from
-fold_in(seed, step)), checkpointed with orbax every `checkpoint_every` steps,
-and an interrupted run resumes from its last checkpoint to the same final
-result. The output directory holds an orbax checkpoint `result/` with R, λ, μ
-per (layer, KV head), the QuantConfig and metadata; `load_calibration` reads
-it back, refusing a checkpoint made for another architecture, and
-`apply_calibration` / `init_calibrated_cache` put it into a model's caches.
-
-    python -m kvjax.calibrate --model gemma3-270m --out results/calibration/gemma3-270m
+The learned R and λ replace the closed form's; its key offsets stay, and the key feedback
+matrix is recomputed for the new R and λ from the same statistics. Training runs are
+deterministic under `seed` (each step's minibatch comes from fold_in(seed, step)) and
+checkpointed with Orbax every `checkpoint_every` steps; an interrupted run resumes from its
+last checkpoint to the same final result.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import pathlib
 import time
 from typing import Callable, Sequence
@@ -45,19 +54,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax import quantizer
+from kvjax import calibration as artifact
+from kvjax import quantizer, smoothing
 from kvjax.cache import (_STATS_FIELDS, DenseKVCache, QuantizedKVCache, StatsKVCache,
                          stats_fields)
 from kvjax.config import QuantConfig
+from kvjax.models import calibrated
+from kvjax.models.runner import Runner
 from kvjax.rotations import rotation_matrix_np
 
-FORMAT_VERSION = 1
 OBJECTIVES = ("mse", "attention")
 BASES = ("srft", "none")
 INITS = ("identity", "closed-form")
-# Fields of a ModelConfig that fix the shapes and meaning of calibrated parameters.
-_ARCH_FIELDS = ("arch", "num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size",
-                "vocab_size", "layer_types")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,18 +211,8 @@ def _is_cache(x):
 
 
 def _layer_slots(cfg):
-  """[(part, run, index tuple, layer number)] for every stacked cache slot of a model."""
-  from kvjax.models.decoder import layer_index, layer_layout
-  num_groups, group_runs, tail_runs = layer_layout(cfg)
-  out = []
-  for r, (_, n, _) in enumerate(group_runs):
-    for g in range(num_groups):
-      for s in range(n):
-        out.append(("groups", r, (g, s), layer_index(cfg, "groups", r, g, s)))
-  for r, (_, n, _) in enumerate(tail_runs):
-    for s in range(n):
-      out.append(("tail", r, (s,), layer_index(cfg, "tail", r, s)))
-  return out
+  from kvjax.models.decoder import layer_slots
+  return layer_slots(cfg)
 
 
 def collect(runner, tokens: Sequence[int], *, query_samples: int = 256, chunk: int = 512,
@@ -224,7 +222,7 @@ def collect(runner, tokens: Sequence[int], *, query_samples: int = 256, chunk: i
   Returns the CalibrationData, or (data, caches) with `return_caches`: the caches are
   `kvjax.StatsKVCache`s (subclass) usable by `kvjax.smoothing.calibrate_caches`.
 
-  `runner` is a `kvjax.eval._Runner`. A dense float32 cache of len(tokens) slots holds
+  `runner` is a `kvjax.models.Runner`. A dense float32 cache of len(tokens) slots holds
   every key of the global layers and the last window of the sliding-window layers.
   """
   model = runner.model
@@ -241,7 +239,7 @@ def collect(runner, tokens: Sequence[int], *, query_samples: int = 256, chunk: i
   if progress:
     from tqdm.auto import tqdm
     bar = tqdm(total=n, desc="calibration prefill", unit="tok", leave=False)
-  from kvjax.eval import prefill  # eval imports this module lazily; keep the import local
+  from kvjax.models.runner import prefill
   _, caches = prefill(runner, tokens, caches, chunk=chunk, bar=bar)
   if bar is not None:
     bar.close()
@@ -532,28 +530,6 @@ def train(data: CalibrationData, quant: QuantConfig, cc: CalibrationConfig, *,
 # --------------------------------------------------------------------------- result
 
 
-@dataclasses.dataclass(frozen=True)
-class Calibration:
-  """Learned cache parameters per layer (checkpoint order) and KV head.
-
-  k_rotation, v_rotation: float32 [L, H, D, D] (orthogonal); k_lambda, v_lambda,
-  k_mean: float32 [L, H, D]; quant: the QuantConfig they were fitted for (rotation
-  "learned"); metadata: model, corpus slice, steps, losses, shapes (JSON-able dict).
-  """
-
-  k_rotation: np.ndarray
-  v_rotation: np.ndarray
-  k_lambda: np.ndarray
-  v_lambda: np.ndarray
-  k_mean: np.ndarray
-  quant: QuantConfig
-  metadata: dict
-
-  def arrays(self) -> dict:
-    return {n: getattr(self, n) for n in ("k_rotation", "v_rotation", "k_lambda", "v_lambda",
-                                          "k_mean")}
-
-
 def finalize(params, fixed) -> dict:
   """Dense R = cayley(W) @ base, λ = exp(log λ) and μ as host float32 arrays."""
   out = {}
@@ -564,121 +540,6 @@ def finalize(params, fixed) -> dict:
     out[f"{which}_lambda"] = np.exp(np.asarray(params[f"{which}_log_lambda"], np.float32))
   out["k_mean"] = np.asarray(fixed["k_mean"], np.float32)
   return out
-
-
-def architecture(model_config) -> dict:
-  """The fields of a ModelConfig that a calibration must match, as JSON-able values."""
-  out = {}
-  for f in _ARCH_FIELDS:
-    v = getattr(model_config, f)
-    out[f] = list(v) if isinstance(v, tuple) else v
-  return out
-
-
-def save_calibration(directory: str | pathlib.Path, calibration: Calibration) -> pathlib.Path:
-  """Writes `calibration` as an orbax checkpoint at `directory` (must not exist yet)."""
-  import orbax.checkpoint as ocp
-  path = pathlib.Path(directory).absolute()
-  meta = dict(calibration.metadata)
-  meta["quant"] = dataclasses.asdict(calibration.quant)
-  meta["format_version"] = FORMAT_VERSION
-  ckpt = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-  ckpt.save(path, args=ocp.args.Composite(
-      params=ocp.args.StandardSave({k: jnp.asarray(v) for k, v in calibration.arrays().items()}),
-      metadata=ocp.args.JsonSave(meta)))
-  ckpt.close()
-  return path
-
-
-def _result_path(directory) -> pathlib.Path:
-  path = pathlib.Path(directory).absolute()
-  if (path / "result").is_dir():
-    return path / "result"
-  return path
-
-
-def load_calibration(directory: str | pathlib.Path, *, model_config) -> Calibration:
-  """Reads a calibration written by `calibrate` / `save_calibration`.
-
-  `directory` is the run's output directory or its `result/` checkpoint. Raises
-  ValueError if it was made for a model whose architecture (layers, heads,
-  head_dim, ...) differs from `model_config`, or if its arrays have the wrong shapes.
-  """
-  import orbax.checkpoint as ocp
-  path = _result_path(directory)
-  if not path.is_dir():
-    raise FileNotFoundError(f"no calibration checkpoint at {directory}")
-  ckpt = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-  meta = ckpt.restore(path, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
-  if meta is None or "architecture" not in meta:
-    raise ValueError(f"{path} is not a kvjax calibration checkpoint (no metadata)")
-  want = architecture(model_config)
-  got = meta["architecture"]
-  diff = {k: (got.get(k), want[k]) for k in want if got.get(k) != want[k]}
-  if diff:
-    details = ", ".join(f"{k}: checkpoint {a!r} vs model {b!r}" for k, (a, b) in diff.items())
-    raise ValueError(f"calibration at {path} was made for model {meta.get('model')!r} and does "
-                     f"not match this model's architecture ({details})")
-  arrays = ckpt.restore(path, args=ocp.args.Composite(params=ocp.args.StandardRestore()))["params"]
-  ckpt.close()
-  arrays = {k: np.asarray(v, np.float32) for k, v in arrays.items()}
-  l, h, d = model_config.num_layers, model_config.num_kv_heads, model_config.head_dim
-  for name, shape in (("k_rotation", (l, h, d, d)), ("v_rotation", (l, h, d, d)),
-                      ("k_lambda", (l, h, d)), ("v_lambda", (l, h, d)), ("k_mean", (l, h, d))):
-    if arrays[name].shape != shape:
-      raise ValueError(f"calibration {name} has shape {arrays[name].shape}, expected {shape}")
-  quant = QuantConfig(**meta["quant"])
-  return Calibration(quant=quant, metadata=meta, **arrays)
-
-
-def apply_calibration(caches, calibration: Calibration, model_config):
-  """Puts learned R, λ, μ into the quantized caches of `model.init_cache(...)`.
-
-  Layer-stacked leaves [groups, run, Hr, ...] become [groups, run, H, ...] holding each
-  layer's own parameters (layer order from `kvjax.models.decoder.layer_index`). The
-  caches' bit widths and group size must match the ones the calibration was fitted for.
-  """
-  from kvjax.models.decoder import layer_layout
-  if not isinstance(caches, dict) or set(caches) != {"groups", "tail"}:
-    raise ValueError("caches must be the {'groups': ..., 'tail': ...} structure of "
-                     "model.init_cache(...)")
-  cq = calibration.quant
-  slots = _layer_slots(model_config)
-  arrays = calibration.arrays()
-
-  def stacked(part, run, lead, name):
-    out = np.zeros(lead + arrays[name].shape[1:], np.float32)
-    for p, r, index, layer in slots:
-      if p == part and r == run:
-        out[index] = arrays[name][layer]
-    return jnp.asarray(out)
-
-  new = {"groups": [], "tail": []}
-  for part in ("groups", "tail"):
-    for run, c in enumerate(caches[part]):
-      if not isinstance(c, QuantizedKVCache):
-        raise TypeError(f"caches[{part!r}][{run}] is a {type(c).__name__}; a calibration "
-                        "applies to quantized caches (model.init_cache(..., quant=...))")
-      qc = c.config
-      if (qc.key_bits, qc.value_bits, qc.group_size) != (cq.key_bits, cq.value_bits,
-                                                          cq.group_size):
-        raise ValueError(f"the calibration was fitted for {cq.name}, the caches are {qc.name}: "
-                         "bit widths and group size must match")
-      lead = c.lengths.shape[:-1]
-      fields = {n: stacked(part, run, lead, n) for n in arrays}
-      new[part].append(dataclasses.replace(
-          c, config=dataclasses.replace(qc, rotation="learned"), **fields))
-  return {"groups": tuple(new["groups"]), "tail": tuple(new["tail"])}
-
-
-def init_calibrated_cache(model, batch: int, max_len: int, calibration: Calibration, *,
-                          attention_impl: str | None = None):
-  """`model.init_cache(batch, max_len, quant=calibration.quant)` holding the learned parameters."""
-  quant = dataclasses.replace(calibration.quant, rotation="srft")
-  if attention_impl is not None:
-    quant = dataclasses.replace(quant, attention_impl=attention_impl)
-  caches = model.init_cache(batch, max_len, quant=quant)
-  return apply_calibration(caches, calibration, model.config)
 
 
 # --------------------------------------------------------------------------- evaluation helpers
@@ -719,65 +580,132 @@ def reconstruction_mse(data: CalibrationData, arrays: dict, quant: QuantConfig) 
 # --------------------------------------------------------------------------- the job
 
 
-def calibrate(model_name: str = "gemma3-270m", *, out_dir: str | pathlib.Path,
-              quant: QuantConfig | None = None, config: CalibrationConfig = CalibrationConfig(),
-              calibration_tokens: int = 2048, query_samples: int = 256, chunk: int = 512,
-              progress: bool = True, model=None, tokens: Sequence[int] | None = None,
-              corpus_name: str | None = None, log=print) -> Calibration:
-  """The whole job: collect K/V/queries on calibration text, train, save, return the result.
+def learned_tensors(closed: "artifact.Calibration", arrays: dict, stats_per_layer: list,
+                    recipe) -> list[dict]:
+  """Per-layer tensors of a learned calibration: the closed form's, with the learned R and λ
+  (`finalize`'s [L, H, ...] arrays) and the key feedback matrix recomputed for them from each
+  layer's query second moment (`stats_per_layer[l]`: qq [H, D, D] and count)."""
+  out = []
+  for layer, t in enumerate(closed.tensors):
+    new = dict(t)
+    for name in ("k_rotation", "v_rotation", "k_lambda", "v_lambda"):
+      new[name] = np.asarray(arrays[name][layer], np.float32)
+    if recipe.feedback:
+      qq = stats_per_layer[layer]
+      new["k_feedback"] = smoothing._feedback_from_moment(qq, new["k_lambda"], new["k_rotation"],
+                                                          (), recipe.damping)
+    out.append(new)
+  return out
 
-  `model` / `tokens` may be given directly (tests: a random model and random tokens);
-  by default the named checkpoint is loaded and the first `calibration_tokens` tokens of
-  the calibration book are used. Writes `out_dir/train/` (resumable training state) and
-  `out_dir/result/` (the calibration checkpoint).
-  """
-  from kvjax.eval import _Runner
+
+def calibrate(model, tokens: Sequence[int], *, quant: QuantConfig | None = None,
+              layer_quant=None, recipe: smoothing.KeyCalibration = smoothing.KeyCalibration(),
+              learned: CalibrationConfig | None = None,
+              window_lengths: Sequence[int] = calibrated.DEFAULT_WINDOWS,
+              text_name: str | None = None, query_samples: int = 256, chunk: int = 512,
+              checkpoint_dir: str | pathlib.Path | None = None, progress: bool = True,
+              log=print) -> "artifact.Calibration":
+  """The calibration of `model` on `tokens` (ids of a calibration text, BOS first when the model
+  adds one): the closed-form recipe (`kvjax.models.calibrated.calibrate`), and with `learned`
+  the Optax R + λ ablation on top (trained on the longest calibration window; its resumable
+  state under `checkpoint_dir` when given)."""
+  if learned is not None and not isinstance(learned, CalibrationConfig):
+    raise TypeError(f"learned must be a CalibrationConfig or None, got {type(learned).__name__}")
+  if learned is not None and layer_quant:
+    raise ValueError("the learned ablation fits one format for every layer; give no layer_quant")
   t0 = time.time()
   quant = QuantConfig() if quant is None else quant
-  quant = dataclasses.replace(quant, rotation="learned")
-  out = pathlib.Path(out_dir)
-  if (out / "result").exists():
-    raise ValueError(f"{out / 'result'} already exists; choose another out_dir or remove it")
-  if model is None:
-    from kvjax import corpus
-    from kvjax.models import load
-    log(f"loading {model_name} ...")
-    model, tokenizer = load(model_name)
-    if tokenizer is None:
-      raise ValueError(f"{model_name} has no tokenizer; calibration needs one to read text")
-    ids = tokenizer.encode(corpus.calibration_text(), add_bos=model.config.add_bos)
-    tokens = ids[:calibration_tokens]
-    corpus_name = f"austen:{corpus.CALIBRATION_BOOK}"
-  elif tokens is None:
-    raise ValueError("tokens must be given together with model")
   cfg = model.config
-  quant.check_head_dim(cfg.head_dim)
-  corpus_slice = {"corpus": corpus_name or "tokens given by the caller", "first_token": 0,
-                  "num_tokens": len(tokens)}
-  log(f"collecting post-RoPE K/V/queries on {len(tokens)} tokens of {corpus_slice['corpus']}")
-  runner = _Runner(model)
-  data = collect(runner, list(tokens), query_samples=query_samples, chunk=chunk,
+  ids = [int(t) for t in np.asarray(tokens).reshape(-1)]
+  wins = calibrated.calibration_windows(ids, window_lengths, bos=cfg.add_bos)  # checks length
+  log(f"closed-form calibration: statistics over windows of {[len(w) for w in wins]} tokens "
+      f"of {text_name or 'the given tokens'}")
+  runner = Runner(model)
+  stats = calibrated.collect_window_stats(model, wins, chunk=chunk, progress=progress,
+                                          runner=runner)
+  text = {"name": text_name or "tokens given by the caller",
+          "tokens": int(sum(len(w) for w in wins)), "windows": [len(w) for w in wins]}
+  closed = calibrated.from_stats(model, stats, quant=quant, layer_quant=layer_quant,
+                                 recipe=recipe, manifest={"text": text})
+  if learned is None:
+    log(f"closed form done in {time.time() - t0:.0f} s")
+    return closed
+  longest = max(wins, key=len)
+  lq = dataclasses.replace(closed.configs[0], rotation="learned")
+  log(f"learned ablation: collecting K/V/queries on {len(longest)} tokens, then {learned.steps} "
+      f"Adam steps ({learned.objective} objective, base {learned.base})")
+  data = collect(runner, list(longest), query_samples=query_samples, chunk=chunk,
                  progress=progress)
-  log(f"training R and λ: {cfg.num_layers} layers x {cfg.num_kv_heads} KV heads, "
-      f"head_dim {cfg.head_dim}, objective {config.objective}, base {config.base}, "
-      f"{config.steps} steps")
-  params, fixed, losses = train(data, quant, config, attn_scale=cfg.query_scale,
-                                checkpoint_dir=out / "train", progress=progress)
+  params, fixed, losses = train(data, lq, learned, attn_scale=cfg.query_scale,
+                                checkpoint_dir=checkpoint_dir, progress=progress)
   arrays = finalize(params, fixed)
-  mse = reconstruction_mse(data, arrays, quant)
-  meta = {"model": model_name, "architecture": architecture(cfg), "corpus": corpus_slice,
-          "config": dataclasses.asdict(config), "steps": config.steps, "losses": losses,
-          "head_dim": cfg.head_dim, "num_layers": cfg.num_layers,
-          "num_kv_heads": cfg.num_kv_heads,
-          "key_mse_per_layer": mse["key"].tolist(), "value_mse_per_layer": mse["value"].tolist(),
-          "seconds": round(time.time() - t0, 1), "jax": jax.__version__}
-  result = Calibration(quant=quant, metadata=meta, **arrays)
-  save_calibration(out / "result", result)
-  log(f"final loss {losses[-1]:.5f} (first {losses[0]:.5f}); key rel. MSE "
-      f"{mse['key'].mean():.5f}, value rel. MSE {mse['value'].mean():.5f}; wrote "
-      f"{out / 'result'} in {time.time() - t0:.0f} s")
-  meta["quant"] = dataclasses.asdict(quant)
-  return dataclasses.replace(result, metadata=meta)
+  mse = reconstruction_mse(data, arrays, lq)
+  qq = [None] * cfg.num_layers
+  for part, run, index, layer in _layer_slots(cfg):
+    qq[layer] = np.asarray(stats[part][run].qq[index], np.float64)
+  tensors = learned_tensors(closed, arrays, qq, recipe)
+  manifest = dict(closed.manifest)
+  manifest.update({
+      "method": "closed-form (kvjax.smoothing) + learned R and λ (Optax, kvjax.calibrate)",
+      "learned": {"config": dataclasses.asdict(learned), "losses": losses,
+                  "tokens": len(longest),
+                  "key_mse_per_layer": mse["key"].tolist(),
+                  "value_mse_per_layer": mse["value"].tolist()}})
+  log(f"learned R and λ: loss {losses[0]:.5f} -> {losses[-1]:.5f}; key rel. MSE "
+      f"{mse['key'].mean():.5f}, value rel. MSE {mse['value'].mean():.5f} "
+      f"({time.time() - t0:.0f} s)")
+  return artifact.Calibration(configs=tuple(dataclasses.replace(c, rotation="learned")
+                                            for c in closed.configs),
+                              tensors=tuple(tensors), manifest=manifest)
+
+
+def _check_out(out: pathlib.Path, overwrite: bool) -> None:
+  """Fails before any slow work if `out` cannot become the artifact."""
+  if out.exists() and not overwrite:
+    raise ValueError(f"--out {out} already exists; choose another directory or pass --overwrite")
+  if out.exists() and not out.is_dir():
+    raise ValueError(f"--out {out} is a file, not a directory")
+  parent = out.parent
+  while not parent.exists():
+    parent = parent.parent
+  if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+    raise ValueError(f"--out {out}: cannot create it ({parent} is not a writable directory)")
+
+
+def run(model_name: str = "gemma3-270m", *, out: str | pathlib.Path,
+        text_file: str | None = None, learned: CalibrationConfig | None = None,
+        quant: QuantConfig | None = None,
+        window_lengths: Sequence[int] = calibrated.DEFAULT_WINDOWS, chunk: int = 512,
+        overwrite: bool = False, progress: bool = True, log=print) -> "artifact.Calibration":
+  """The whole `kvjax calibrate` job: load the model, read the text, calibrate, save to `out`
+  (atomically: an interrupted run leaves no `out`). Returns the calibration."""
+  from kvjax import corpus
+  from kvjax.models import load
+  from kvjax.models.generate import encode
+  out = pathlib.Path(out).expanduser().absolute()
+  _check_out(out, overwrite)
+  if not isinstance(chunk, int) or chunk < 1:
+    raise ValueError(f"--chunk must be a positive int, got {chunk!r}")
+  text = corpus.load_text(text_file) if text_file is not None else None  # checked up front
+  log(f"loading {model_name} ...")
+  model, tokenizer = load(model_name, progress=progress)
+  if tokenizer is None:
+    raise ValueError(f"{model_name} has no tokenizer; calibration needs one to read text")
+  if text is None:
+    text, text_name = corpus.calibration_text(), f"austen:{corpus.CALIBRATION_BOOK}"
+  else:
+    text_name = str(text_file)
+  ids = encode(tokenizer, text, model.config)
+  ckpt = out.parent / f".{out.name}.train" if learned is not None else None
+  cal = calibrate(model, ids, quant=quant, learned=learned, window_lengths=window_lengths,
+                  text_name=text_name, chunk=chunk, checkpoint_dir=ckpt, progress=progress,
+                  log=log)
+  path = artifact.save(cal, out, overwrite=overwrite)
+  if ckpt is not None:
+    import shutil
+    shutil.rmtree(ckpt, ignore_errors=True)
+  log(f"wrote {path}: {cal.configs[0].name}, {cal.num_layers} layers")
+  return cal
 
 
 def add_arguments(p) -> None:
@@ -785,55 +713,67 @@ def add_arguments(p) -> None:
   d = CalibrationConfig()
   p.add_argument("--model", default="gemma3-270m", help="checkpoint name or path "
                  "(default: %(default)s)")
-  p.add_argument("--out", required=True, help="output directory (train/ and result/ inside)")
-  p.add_argument("--objective", choices=OBJECTIVES, default=d.objective)
-  p.add_argument("--base", choices=BASES, default=d.base,
-                 help="fixed rotation R starts from and multiplies (default: %(default)s)")
-  p.add_argument("--no-lambda", action="store_true", help="learn R only (λ stays at --init)")
-  p.add_argument("--no-rotation", action="store_true", help="learn λ only (R = --base)")
-  p.add_argument("--init", choices=INITS, default=d.init,
-                 help="start of the key λ (default: %(default)s)")
-  p.add_argument("--no-key-offset", action="store_true", help="do not remove the key mean")
-  p.add_argument("--steps", type=int, default=d.steps)
-  p.add_argument("--learning-rate", type=float, default=d.learning_rate)
-  p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-  p.add_argument("--batch-tokens", type=int, default=d.batch_tokens)
-  p.add_argument("--batch-queries", type=int, default=d.batch_queries)
-  p.add_argument("--seed", type=int, default=d.seed)
-  p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
-  p.add_argument("--calibration-tokens", type=int, default=2048)
-  p.add_argument("--query-samples", type=int, default=256)
+  p.add_argument("--out", required=True, help="the artifact directory to write (must not exist)")
+  p.add_argument("--text", default=None, metavar="FILE",
+                 help="calibrate on this UTF-8 text instead of Emma")
+  p.add_argument("--windows", type=int, nargs="+", default=list(calibrated.DEFAULT_WINDOWS),
+                 help="calibration window lengths in tokens, consecutive and disjoint "
+                      "(default: %(default)s)")
   p.add_argument("--group-size", type=int, default=32)
   p.add_argument("--key-bits", type=int, default=4)
   p.add_argument("--value-bits", type=int, default=4)
   p.add_argument("--chunk", type=int, default=512)
+  p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
   p.add_argument("--no-progress", action="store_true")
+  g = p.add_argument_group("learned ablation (--learned)")
+  g.add_argument("--learned", action="store_true",
+                 help="fit R and λ with Optax on top of the closed form")
+  g.add_argument("--objective", choices=OBJECTIVES, default=d.objective)
+  g.add_argument("--base", choices=BASES, default=d.base,
+                 help="fixed rotation R starts from and multiplies (default: %(default)s)")
+  g.add_argument("--no-lambda", action="store_true", help="learn R only (λ stays at --init)")
+  g.add_argument("--no-rotation", action="store_true", help="learn λ only (R = --base)")
+  g.add_argument("--init", choices=INITS, default="closed-form",
+                 help="start of the key λ (default: %(default)s)")
+  g.add_argument("--steps", type=int, default=d.steps)
+  g.add_argument("--learning-rate", type=float, default=d.learning_rate)
+  g.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+  g.add_argument("--batch-tokens", type=int, default=d.batch_tokens)
+  g.add_argument("--batch-queries", type=int, default=d.batch_queries)
+  g.add_argument("--seed", type=int, default=d.seed)
+  g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
 
 
-def run_from_args(a) -> Calibration:
-  config = CalibrationConfig(
-      objective=a.objective, base=a.base, learn_lambda=not a.no_lambda,
-      learn_rotation=not a.no_rotation, init=a.init,
-      key_offset=not a.no_key_offset, steps=a.steps, learning_rate=a.learning_rate,
-      warmup_steps=a.warmup_steps, batch_tokens=a.batch_tokens, batch_queries=a.batch_queries,
-      seed=a.seed, checkpoint_every=a.checkpoint_every)
-  quant = QuantConfig(key_bits=a.key_bits, value_bits=a.value_bits, group_size=a.group_size,
-                      rotation="learned")
-  return calibrate(a.model, out_dir=a.out, quant=quant, config=config,
-                   calibration_tokens=a.calibration_tokens, query_samples=a.query_samples,
-                   chunk=a.chunk, progress=not a.no_progress)
+def run_from_args(a) -> "artifact.Calibration":
+  # Every argument is checked here, before the model loads.
+  quant = QuantConfig(key_bits=a.key_bits, value_bits=a.value_bits, group_size=a.group_size)
+  learned = None
+  if a.learned:
+    learned = CalibrationConfig(
+        objective=a.objective, base=a.base, learn_lambda=not a.no_lambda,
+        learn_rotation=not a.no_rotation, init=a.init, steps=a.steps,
+        learning_rate=a.learning_rate, warmup_steps=a.warmup_steps,
+        batch_tokens=a.batch_tokens, batch_queries=a.batch_queries, seed=a.seed,
+        checkpoint_every=a.checkpoint_every)
+  if any(w < 2 for w in a.windows):
+    raise ValueError(f"--windows must be token counts >= 2, got {a.windows}")
+  if a.text is not None and not os.path.isfile(a.text):
+    raise FileNotFoundError(f"--text {a.text}: no such file")
+  return run(a.model, out=a.out, text_file=a.text, learned=learned, quant=quant,
+             window_lengths=tuple(a.windows), chunk=a.chunk, overwrite=a.overwrite,
+             progress=not a.no_progress)
 
 
 def main(argv=None) -> int:
   import argparse
   import sys
   p = argparse.ArgumentParser(prog="python -m kvjax.calibrate",
-                              description="learn rotations R and scales λ for a 4-bit KV cache")
+                              description="calibrate a model's 4-bit KV cache; write the artifact")
   add_arguments(p)
   a = p.parse_args(argv)
   try:
     run_from_args(a)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError, FileExistsError) as e:
     print(f"kvjax calibrate: error: {e}", file=sys.stderr)
     return 2
   return 0

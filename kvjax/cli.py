@@ -13,7 +13,7 @@ def _eval(a):
     specs = [ev.parse_spec(s) for s in a.caches]
   ev.run(a.model, text_file=a.text, contexts=a.contexts, specs=specs,
          incremental_steps=a.incremental_steps, incremental_windows=a.incremental_windows,
-         calibration_tokens=a.calibration_tokens,
+         calibration_windows=tuple(a.calibration_windows),
          chunk=a.chunk, out_dir=a.out, progress=not a.no_progress, plot=not a.no_plot,
          calibration=a.calibration, score_tokens=a.score_tokens)
 
@@ -26,13 +26,14 @@ def _calibrate(a):
 def _bench(a):
   from kvjax import bench
   bench.run(a.model, contexts=a.contexts, repeats=a.repeats, out_dir=a.out,
-            caches=a.caches or None)
+            caches=a.caches or None, calibration=a.calibration)
 
 
 def _passkey(a):
   from kvjax import eval as ev, retrieval
   specs = [ev.parse_spec(s) for s in a.caches] if a.caches else None
-  retrieval.run(a.model, lengths=a.lengths, depths=a.depths, specs=specs, out_dir=a.out)
+  retrieval.run(a.model, lengths=a.lengths, depths=a.depths, specs=specs, out_dir=a.out,
+                calibration=a.calibration)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,20 +60,21 @@ def build_parser() -> argparse.ArgumentParser:
   e.add_argument("--score-tokens", type=int, default=2048,
                  help="tokens scored per context: ceil(N / context) disjoint windows of the "
                       "text, each opened with BOS (default: %(default)s)")
-  e.add_argument("--calibration-tokens", type=int, default=2048,
-                 help="calibration statistics per context C from ceil(N / C) BOS-opened windows "
-                      "of C tokens of Emma (default: 2048)")
+  e.add_argument("--calibration-windows", type=int, nargs="+", default=[1024, 1024, 4096],
+                 help="window lengths (tokens of Emma, consecutive) of the calibrations made in "
+                      "process for calibrated rows other than int4 (default: %(default)s)")
   e.add_argument("--chunk", type=int, default=512, help="prefill chunk length")
   e.add_argument("--out", default="results/eval")
   e.add_argument("--no-progress", action="store_true")
   e.add_argument("--no-plot", action="store_true")
   e.add_argument("--calibration", default=None, metavar="DIR",
-                 help="also evaluate a cache with the learned R, λ and key offset saved by "
-                      "`kvjax calibrate --out DIR`")
+                 help="the calibration artifact of the int4 row (`kvjax calibrate --out DIR`; "
+                      "default: the model's own, computed on first use and kept in the user "
+                      "cache); also '--caches int4:DIR' for extra rows")
   e.set_defaults(func=_eval)
 
-  c = sub.add_parser("calibrate", help="learn rotations R and scales λ per layer and KV head "
-                     "on calibration text (Optax), saved as an Orbax checkpoint")
+  c = sub.add_parser("calibrate", help="calibrate a model's int4 cache and write the artifact "
+                     "(closed form; --learned: + Optax R and λ), saved with Orbax")
   from kvjax.calibrate import add_arguments
   add_arguments(c)
   c.set_defaults(func=_calibrate)
@@ -83,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
   b.add_argument("--caches", nargs="+", default=None)
   b.add_argument("--repeats", type=int, default=10)
   b.add_argument("--out", default="results/bench")
+  b.add_argument("--calibration", default=None, metavar="DIR",
+                 help="calibration artifact of the int4 cache (default: the model's own)")
   b.set_defaults(func=_bench)
   r = sub.add_parser("passkey", help="passkey retrieval: int4 answers vs the bf16 cache's")
   r.add_argument("--model", default="gemma3-270m")
@@ -90,15 +94,30 @@ def build_parser() -> argparse.ArgumentParser:
   r.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
   r.add_argument("--caches", nargs="+", default=None)
   r.add_argument("--out", default="results/passkey")
+  r.add_argument("--calibration", default=None, metavar="DIR",
+                 help="calibration artifact of the int4 cache (default: the model's own)")
   r.set_defaults(func=_passkey)
   return p
 
 
+def _terminate(signum, frame):
+  # SIGTERM ends the job the way Ctrl-C does, so writers clean up their temporary files.
+  raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv=None) -> int:
+  import signal
   args = build_parser().parse_args(argv)
   try:
+    signal.signal(signal.SIGTERM, _terminate)
+  except ValueError:  # not the main thread
+    pass
+  try:
     args.func(args)
-  except (ValueError, FileNotFoundError, RuntimeError) as e:
+  except KeyboardInterrupt:
+    print(f"kvjax {args.command}: interrupted", file=sys.stderr)
+    return 130
+  except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
     print(f"kvjax {args.command}: error: {e}", file=sys.stderr)
     return 2
   return 0

@@ -43,17 +43,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.cache import nbytes, with_stats
+from kvjax import calibration as artifact
+from kvjax.cache import nbytes
 from kvjax.config import QuantConfig
+from kvjax.models import calibrated
+from kvjax.models.runner import Runner, collect_stats, prefill, progress_bar as _progress, windows
 from kvjax.smoothing import OFFSET_AND_LAMBDA, KeyCalibration, calibrate_caches, calibrated_config
 
 
 @dataclasses.dataclass(frozen=True)
 class CacheSpec:
-  """A cache to evaluate. quant None = dense (bf16); calibrate = key offset + λ from statistics;
-  calibration = directory of a `kvjax calibrate` checkpoint whose learned R, λ and key offset
-  go into the quantized caches; key8_layers = layers whose keys are stored at 8 bits (the
-  model is then loaded with them as separate layers, `ModelConfig.separate_layers`)."""
+  """A cache to evaluate. quant None = dense (bf16); calibrate = the closed-form recipe `recipe`
+  (`kvjax.models.calibrated`), made in process once per run; calibration = a calibration
+  artifact directory (`kvjax calibrate --out DIR`) or "auto" (the model's default one, from the
+  user cache) that the cache is built from instead; key8_layers = layers whose keys are stored
+  at 8 bits (the model is then loaded with them as separate layers,
+  `ModelConfig.separate_layers`)."""
 
   name: str
   quant: QuantConfig | None
@@ -71,7 +76,7 @@ class CacheSpec:
     if ((self.key8_layers or self.key8_auto or self.layer_formats)
         and (self.quant is None or self.calibration is not None)):
       raise ValueError(f"cache {self.name!r}: per-layer formats (8-bit key layers, '+g<N>@', "
-                       "'+v8@') need a quantized cache without a learned calibration")
+                       "'+v8@') need a quantized cache calibrated in process, not an artifact")
     if not isinstance(self.key8_auto, int) or self.key8_auto < 0:
       raise ValueError(f"cache {self.name!r}: key8_auto must be an int >= 0, got {self.key8_auto!r}")
     for field, value, layers in self.layer_formats:
@@ -149,7 +154,7 @@ def default_specs() -> list[CacheSpec]:
                 description="K4V4 g32, per-token abs-max, no rotation"),
       CacheSpec("int4-srft", QuantConfig(rotation="srft"),
                 description="K4V4 g32, SRFT rotation only"),
-      CacheSpec("int4", QuantConfig(rotation="srft"), calibrate=True,
+      CacheSpec("int4", QuantConfig(rotation="srft"), calibrate=True, calibration="auto",
                 description="kvjax default: K4V4 g32, SRFT + calibrated key offsets (constant "
                             "and rotary), λ, feedback rounding; exact sink key and value, "
                             "exact recent values (4)"),
@@ -209,9 +214,20 @@ def parse_spec(text: str) -> CacheSpec:
     g<N>@L1,...    those layers' quantization group of N channels;
   where layers are indices or 'global' / 'local' (the model's full-attention or
   sliding-window layers), e.g. 'int4+g128@global+k8@4'."""
+  if ":" in text:  # '<cache>:<artifact directory>'
+    base, _, path = text.partition(":")
+    spec = parse_spec(base)
+    if spec.quant is None or not spec.calibrate or spec.layer_formats or spec.key8_layers:
+      raise ValueError(f"cache {text!r}: '<cache>:DIR' takes a calibrated cache without "
+                       "per-layer formats before the colon (e.g. int4:cal/gemma3-270m)")
+    if not path:
+      raise ValueError(f"cache {text!r}: give the artifact directory after the colon")
+    return dataclasses.replace(spec, name=text, calibration=path,
+                               description=f"{spec.description} (artifact {path})")
   base, *formats = text.split("+")
   if formats:
     spec = parse_spec(base)
+    spec = dataclasses.replace(spec, calibration=None)  # per-layer formats: calibrated in process
     layer_formats, described = [], []
     for part in formats:
       what, at, layers = part.partition("@")
@@ -268,37 +284,6 @@ def parse_spec(text: str) -> CacheSpec:
 # ------------------------------------------------------------------------------ model steps
 
 
-class _Runner:
-  """Jitted chunk and decode steps for one model (compiled once per cache structure)."""
-
-  def __init__(self, model):
-    from flax import nnx
-    self.model = model
-    self.graphdef, self.state = nnx.split(model)
-    graphdef = self.graphdef
-
-    def fwd(state, tokens, caches, num_tokens):
-      m = nnx.merge(graphdef, state)
-      return m(tokens, caches, num_tokens=num_tokens)
-
-    def fwd_last(state, tokens, caches, num_tokens):
-      m = nnx.merge(graphdef, state)
-      logits, caches = m(tokens, caches, num_tokens=num_tokens, logits_at=num_tokens - 1)
-      return logits[:, 0], caches
-
-    self.fwd = jax.jit(fwd, donate_argnums=(2,))
-    self.fwd_last = jax.jit(fwd_last, donate_argnums=(2,))
-
-  def __call__(self, tokens, caches, num_tokens=None, *, last_only: bool = False):
-    """(logits [B, T, V] float32, caches); last_only: logits [B, V] of each sequence's last
-    real token only (what a prefill needs: skips the vocabulary projection elsewhere)."""
-    tokens = jnp.asarray(tokens, jnp.int32)
-    if num_tokens is None:
-      num_tokens = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
-    fwd = self.fwd_last if last_only else self.fwd
-    return fwd(self.state, tokens, caches, num_tokens)
-
-
 @jax.jit
 def _reference_stats(ref_logits):
   """What every cache's statistics need of the reference logits [T, V], computed once:
@@ -325,60 +310,7 @@ def _token_stats(ref, logits, targets, valid):
   return jnp.where(valid, nll, z), jnp.where(valid, kl, z), jnp.where(valid, agree, z)
 
 
-def _progress(total, desc, enabled):
-  if not enabled:
-    return None
-  from tqdm.auto import tqdm
-  return tqdm(total=total, desc=desc, unit="tok", leave=False)
-
-
-def prefill(runner: _Runner, tokens, caches, *, chunk: int = 512, bar=None):
-  """Feeds `tokens` through the caches in fixed-size chunks (one compiled shape).
-
-  tokens: one sequence [n], or equal-length sequences [B, n] (one per cache batch row). The
-  last chunk is right-padded and only its real tokens enter the caches; logits are computed
-  for the last token only. Returns (logits of the last token [B, V], caches).
-  """
-  tokens = np.asarray(tokens, np.int32)
-  if tokens.ndim == 1:
-    tokens = tokens[None]
-  if tokens.ndim != 2 or tokens.shape[1] < 1:
-    raise ValueError(f"prefill tokens must be [n] or [batch, n] with n >= 1, got shape "
-                     f"{tokens.shape}")
-  w, n = tokens.shape
-  logits = None
-  for lo in range(0, n, chunk):
-    part = tokens[:, lo:lo + chunk]
-    piece = np.zeros((w, chunk), np.int32)
-    piece[:, :part.shape[1]] = part
-    logits, caches = runner(piece, caches, jnp.full((w,), part.shape[1], jnp.int32),
-                            last_only=True)
-    if bar is not None:
-      bar.update(part.size)
-  return logits, caches
-
-
-def collect_stats(runner: _Runner, tokens, *, chunk: int = 512, progress: bool = True):
-  """Runs the model over calibration tokens with statistics caches; returns them.
-
-  tokens: one sequence [n], or equal-length windows [W, n] run as one batch (the statistics
-  are sums over every sequence and position)."""
-  model = runner.model
-  shape = np.shape(tokens)
-  w, n = (1, shape[0]) if len(shape) == 1 else shape if len(shape) == 2 else (0, 0)
-  if not w or n < 1:
-    raise ValueError(f"calibration tokens must be [n] or [windows, n] with n >= 1, got shape "
-                     f"{shape}")
-  caches = with_stats(model.init_cache(w, n, dtype=jnp.float32),
-                      rope_freq=model.rope_frequencies())
-  bar = _progress(w * n, "calibration statistics", progress)
-  _, caches = prefill(runner, tokens, caches, chunk=chunk, bar=bar)
-  if bar is not None:
-    bar.close()
-  return caches
-
-
-def _make_caches(model, spec: CacheSpec, max_len: int, stats, *, batch: int = 1):
+def _make_caches(model, spec: CacheSpec, max_len: int, calibrations=None, *, batch: int = 1):
   if spec.quant is None:
     return model.init_cache(batch, max_len, dtype=jnp.bfloat16)
   # Quality is measured with the exact quantized-domain XLA path in both modes, so
@@ -386,21 +318,55 @@ def _make_caches(model, spec: CacheSpec, max_len: int, stats, *, batch: int = 1)
   # default "int8dot" adds ~2e-4 per attention row; through 4-bit codes even that small
   # difference re-rolls the rounding of later layers' K/V, which reads as +-2% PPL
   # noise over a few dozen tokens.)
+  if spec.calibrate or spec.calibration is not None:
+    cal = (calibrations or {}).get(spec.name)
+    if cal is None:
+      raise ValueError(f"cache {spec.name!r} is calibrated: pass calibrations="
+                       "calibrations_for(model, specs, ...) holding its Calibration")
+    # The path every user takes: model.init_cache(..., calibration=...).
+    return model.init_cache(batch, max_len, calibration=cal, attention_impl="xla")
   quant = dataclasses.replace(spec.quant, attention_impl="xla")
-  if spec.calibration is not None:
-    from kvjax import calibrate
-    learned = calibrate.load_calibration(spec.calibration, model_config=model.config)
-    return calibrate.init_calibrated_cache(model, batch, max_len, learned, attention_impl="xla")
-  caches = model.init_cache(batch, max_len, quant=quant,
-                            layer_quant={l: dataclasses.replace(q, attention_impl="xla")
-                                         for l, q in spec.layer_quant().items()})
-  if spec.calibrate:
+  return model.init_cache(batch, max_len, quant=quant,
+                          layer_quant={l: dataclasses.replace(q, attention_impl="xla")
+                                       for l, q in spec.layer_quant().items()})
+
+
+def calibrations_for(model, specs: Sequence[CacheSpec], *, tokenizer=None, ids=None,
+                     stats=None, window_lengths: Sequence[int] = calibrated.DEFAULT_WINDOWS,
+                     chunk: int = 512, progress: bool = True, log=print) -> dict:
+  """{spec name: kvjax.calibration.Calibration} for the calibrated specs, each made once and
+  used at every context.
+
+  A spec with `calibration` reads that artifact ("auto": the model's default calibration from
+  the user cache, computed on first use exactly as `kvjax.models.load(..., calibration="auto")`
+  does; needs `tokenizer`). A spec with `calibrate` and no artifact is calibrated in process
+  with its own recipe and per-layer formats (`kvjax.models.calibrated.from_stats`) from `stats`,
+  or from statistics over `window_lengths` windows of `ids` (calibration text token ids),
+  gathered once for all such specs.
+  """
+  out = {}
+  fp = None
+  for s in specs:
+    if s.quant is None or not (s.calibrate or s.calibration is not None):
+      continue
+    if s.calibration is not None:
+      if s.calibration == "auto":
+        out[s.name] = calibrated.auto(model, tokenizer, quant=s.quant, recipe=s.recipe,
+                                      window_lengths=window_lengths, progress=progress, log=log)
+      else:
+        fp = fp or calibrated.fingerprint(model)
+        out[s.name] = artifact.load(s.calibration, fingerprint=fp)
+      continue
     if stats is None:
-      raise ValueError(f"cache {spec.name!r} needs calibration statistics")
-    metric = (model.value_output_metric(spec.recipe.value_head_correlation)
-              if spec.recipe.calibrates_values else None)
-    caches = calibrate_caches(caches, stats, spec.recipe, value_metric=metric)
-  return caches
+      if ids is None:
+        raise ValueError(f"cache {s.name!r} is calibrated in process: give ids (calibration "
+                         "text) or stats")
+      wins = calibrated.calibration_windows(ids, window_lengths, bos=model.config.add_bos)
+      log(f"calibration statistics over windows of {[len(w) for w in wins]} tokens")
+      stats = calibrated.collect_window_stats(model, wins, chunk=chunk, progress=progress)
+    out[s.name] = calibrated.from_stats(model, stats, quant=s.quant, layer_quant=s.layer_quant(),
+                                        recipe=s.recipe)
+  return out
 
 
 def cache_bytes(model, spec: CacheSpec, context: int) -> int:
@@ -460,7 +426,7 @@ def key_sensitivity(model, calibration_tokens: Sequence[int], probe_tokens: Sequ
 
   cfg = model.config
   split = with_separate_layers(model, range(cfg.num_layers))
-  runner = _Runner(split)
+  runner = Runner(split)
   stats = collect_stats(runner, calibration_tokens, chunk=chunk, progress=False) if calibrate else None
   quant = dataclasses.replace(quant, attention_impl="xla")
   max_len = len(probe_tokens)
@@ -494,7 +460,7 @@ def key_sensitivity(model, calibration_tokens: Sequence[int], probe_tokens: Sequ
   return result
 
 
-def _lockstep(runner: _Runner, caches: dict, specs, tokens, targets, valid, num=None) -> dict:
+def _lockstep(runner: Runner, caches: dict, specs, tokens, targets, valid, num=None) -> dict:
   """Feeds tokens [B, T] to every spec's caches (updated in `caches`), the first spec being
   the reference; returns {name: (nll, kl, agree)}, numpy [B, T] each, of the logits at
   positions whose next tokens are targets [B, T] (valid [B, T])."""
@@ -512,8 +478,9 @@ def _lockstep(runner: _Runner, caches: dict, specs, tokens, targets, valid, num=
   return out
 
 
-def evaluate_window(runner: _Runner, tokens: np.ndarray, specs: Sequence[CacheSpec], *,
-                    max_len: int, stats=None, chunk: int = 512, progress: bool = True) -> dict:
+def evaluate_window(runner: Runner, tokens: np.ndarray, specs: Sequence[CacheSpec], *,
+                    max_len: int, calibrations=None, chunk: int = 512,
+                    progress: bool = True) -> dict:
   """Scores one window of tokens under every cache in hook mode, in lockstep with the first
   spec (the reference).
 
@@ -523,7 +490,7 @@ def evaluate_window(runner: _Runner, tokens: np.ndarray, specs: Sequence[CacheSp
   n = len(tokens)
   if n < 2:
     raise ValueError("a window needs at least 2 tokens")
-  caches = {s.name: _make_caches(model, s, max_len, stats) for s in specs}
+  caches = {s.name: _make_caches(model, s, max_len, calibrations) for s in specs}
   out = {s.name: [[], [], []] for s in specs}
   bar = _progress(n * len(specs), f"hook C={n}", progress)
   targets_all = np.asarray(tokens[1:], np.int32)
@@ -547,8 +514,8 @@ def evaluate_window(runner: _Runner, tokens: np.ndarray, specs: Sequence[CacheSp
   return {name: {"hook": tuple(np.concatenate(a) for a in accs)} for name, accs in out.items()}
 
 
-def evaluate_incremental(runner: _Runner, windows_: np.ndarray, specs: Sequence[CacheSpec], *,
-                         steps: int, max_len: int, stats=None, chunk: int = 512,
+def evaluate_incremental(runner: Runner, windows_: np.ndarray, specs: Sequence[CacheSpec], *,
+                         steps: int, max_len: int, calibrations=None, chunk: int = 512,
                          progress: bool = True) -> dict:
   """True decode against teacher forcing over the last `steps` positions of each window.
 
@@ -580,7 +547,7 @@ def evaluate_incremental(runner: _Runner, windows_: np.ndarray, specs: Sequence[
   prefilled = {}
   bar = _progress(w * (start + 2 * m - 1) * len(specs), f"incremental C={n} x{w}", progress)
   for s in specs:
-    caches = _make_caches(model, s, max_len, stats, batch=w)
+    caches = _make_caches(model, s, max_len, calibrations, batch=w)
     _, prefilled[s.name] = prefill(runner, wins[:, :start], caches, chunk=chunk)
     if bar is not None:
       bar.update(w * start)
@@ -649,22 +616,6 @@ def paired_ppl_ratio(nll_a, nll_b) -> dict:
           "se_nats": se, "tokens": int(n)}
 
 
-def windows(ids: Sequence[int], context: int, count: int, *, bos: bool) -> list[np.ndarray]:
-  """Up to `count` consecutive, disjoint windows of `context` tokens from the start of `ids`.
-
-  With bos (ids[0] is the BOS token) every window opens with BOS followed by the next
-  context - 1 tokens of text, as a fresh sequence would; otherwise windows are plain slices.
-  Returns at least one window (the caller checks that the text holds `context` tokens).
-  """
-  if bos:
-    body, first = list(ids[1:]), [ids[0]]
-    n = context - 1
-  else:
-    body, first, n = list(ids), [], context
-  count = max(1, min(count, len(body) // n))
-  return [np.asarray(first + body[i * n:(i + 1) * n], np.int32) for i in range(count)]
-
-
 def _pool_windows(per_window: Sequence[dict]) -> dict:
   """Concatenates the per-token arrays of several `evaluate_window` results."""
   return {name: {"hook": tuple(np.concatenate([w[name]["hook"][i] for w in per_window])
@@ -681,21 +632,22 @@ def run(model_name: str = "gemma3-270m", *, text_file: str | None = None,
         contexts: Sequence[int] = (1024, 4096), specs: Sequence[CacheSpec] | None = None,
         incremental_steps: int = 64, incremental_specs: Sequence[str] = ("int4",),
         incremental_windows: int | None = None,
-        calibration_tokens: int = 2048, chunk: int = 512, out_dir: str = "results/eval",
-        progress: bool = True, plot: bool = True, log=print,
+        calibration_windows: Sequence[int] = calibrated.DEFAULT_WINDOWS, chunk: int = 512,
+        out_dir: str = "results/eval", progress: bool = True, plot: bool = True, log=print,
         calibration: str | None = None, score_tokens: int = 2048) -> dict:
   """The whole `kvjax eval` job; returns the JSON document it writes.
 
-  calibration: directory written by `kvjax calibrate`; adds a cache "int4-learned" holding
-  its learned R, λ and key offset.
+  calibration: an artifact directory written by `kvjax calibrate`: the `int4` row's cache
+  (default "auto": the model's default calibration from the user cache, computed on first use,
+  exactly what `kvjax.models.load(..., calibration="auto")` serves).
   score_tokens: each context C is scored on ceil(score_tokens / C) windows (`windows`).
   incremental_steps, incremental_windows: decode the last incremental_steps positions of
   this many windows of each context (default: the scored windows; 0 steps: no incremental
   rows) as one batch, against teacher forcing from the same prefilled cache
   (`evaluate_incremental`), for the reference and `incremental_specs`.
-  calibration_tokens: the calibrated caches of context C take their statistics from
-  ceil(calibration_tokens / C) BOS-opened windows of C tokens of the calibration book (so a
-  4K cache is calibrated on positions 0..4095, as it is used).
+  calibration_windows: window lengths of the in-process calibrations (the calibrated rows other
+  than `int4`: consecutive BOS-opened windows of the calibration book, statistics summed), made
+  once and used at every context, as the artifact is.
   """
   from kvjax import corpus
   from kvjax.models import load
@@ -716,15 +668,16 @@ def run(model_name: str = "gemma3-270m", *, text_file: str | None = None,
   sensitivity = None
   if any(s.key8_auto for s in specs):
     cal_all = tokenizer.encode(corpus.calibration_text(), add_bos=cfg.add_bos)
-    probe = cal_all[calibration_tokens:calibration_tokens + 1024]
+    ncal = sum(calibration_windows)
+    probe = cal_all[ncal:ncal + 1024]
     log(f"key sensitivity per layer: {cfg.num_layers} runs over {len(probe)} tokens of "
-        f"{corpus.CALIBRATION_BOOK} (after the {calibration_tokens} calibration tokens)")
+        f"{corpus.CALIBRATION_BOOK} (after the {ncal} calibration tokens)")
     resolved, scans = [], {}
     for s in specs:
       if s.key8_auto:
         if (s.quant, s.calibrate) not in scans:  # one scan per cache format
           scans[s.quant, s.calibrate] = key_sensitivity(
-              model, cal_all[:calibration_tokens], probe, s.quant, calibrate=s.calibrate,
+              model, cal_all[:2048], probe, s.quant, calibrate=s.calibrate,
               chunk=chunk, progress=progress)
         sens = scans[s.quant, s.calibrate]
         sensitivity = {int(l): float(v) for l, v in enumerate(sens)}
@@ -757,30 +710,28 @@ def run(model_name: str = "gemma3-270m", *, text_file: str | None = None,
     raise ValueError(f"the text has {len(ids)} tokens, fewer than the longest context "
                      f"{contexts[-1]}; give a longer --text or shorter --contexts")
   if calibration is not None:
-    from kvjax.calibrate import load_calibration
-    learned = load_calibration(calibration, model_config=cfg)  # refuses another model early
-    specs.append(CacheSpec("int4-learned", learned.quant, calibration=str(calibration),
-                           description=f"{learned.quant.name}: learned R, λ, key offset from "
-                                       f"{calibration}"))
-  runner = _Runner(model)
-  cal_all = None
-  if any(s.calibrate for s in specs):
-    cal_all = tokenizer.encode(corpus.calibration_text(), add_bos=cfg.add_bos)
+    artifact.load(calibration, fingerprint=calibrated.fingerprint(model))  # refuses early
+    specs = [dataclasses.replace(s, calibration=str(calibration),
+                                 description=f"{s.description} (artifact {calibration})")
+             if s.name == "int4" else s for s in specs]
+  runner = Runner(model)
+  cal_ids = (tokenizer.encode(corpus.calibration_text(), add_bos=cfg.add_bos)
+             if any(s.calibrate and s.calibration is None for s in specs) else None)
+  calibrations = calibrations_for(model, specs, tokenizer=tokenizer, ids=cal_ids,
+                                  window_lengths=calibration_windows, chunk=chunk,
+                                  progress=progress, log=log)
+  cal_meta = {name: {"text": c.manifest.get("text"), "method": c.manifest.get("method"),
+                     "formats": sorted(set(c.manifest.get("layer_format_names", [])))
+                     or sorted({q.name for q in c.configs})}
+              for name, c in calibrations.items()}
   rows = []
   max_len = contexts[-1]
   for c in contexts:
-    stats = None
-    if cal_all is not None:
-      # Statistics from windows of this context (each opened with BOS, as the scored windows
-      # are): key means, λ and H depend on the positions a cache holds.
-      cal_wins = np.stack(windows(cal_all, c, -(-calibration_tokens // c), bos=cfg.add_bos))
-      log(f"context {c}: calibration statistics on {cal_wins.shape[0]} window(s) of {c} tokens "
-          f"of {corpus.CALIBRATION_BOOK} (disjoint from the evaluation text)")
-      stats = collect_stats(runner, cal_wins, chunk=chunk, progress=progress)
     wins = windows(ids, c, -(-score_tokens // c), bos=cfg.add_bos)
     if len(wins) < -(-score_tokens // c):
       log(f"context {c}: the text holds {len(wins)} window(s), not {-(-score_tokens // c)}")
-    per_window = [evaluate_window(runner, w, specs, max_len=max_len, stats=stats, chunk=chunk,
+    per_window = [evaluate_window(runner, w, specs, max_len=max_len, calibrations=calibrations,
+                                  chunk=chunk,
                                   progress=progress) for w in wins]
     res = _pool_windows(per_window)
     inc = None
@@ -792,7 +743,8 @@ def run(model_name: str = "gemma3-270m", *, text_file: str | None = None,
             f"not {count}")
       inc_specs = [specs[0]] + [s for s in specs[1:] if s.name in incremental_specs]
       inc = evaluate_incremental(runner, np.stack(inc_wins), inc_specs, steps=incremental_steps,
-                                 max_len=max_len, stats=stats, chunk=chunk, progress=progress)
+                                 max_len=max_len, calibrations=calibrations, chunk=chunk,
+                                 progress=progress)
     base = {}
     for s in specs:
       for mode in ("hook", "incremental"):
@@ -823,9 +775,8 @@ def run(model_name: str = "gemma3-270m", *, text_file: str | None = None,
                              for s in specs},
                   "incremental_steps": incremental_steps,
                   "incremental_windows": incremental_windows,
-                  "calibration_tokens": calibration_tokens,
-                  "calibration_windows": "ceil(calibration_tokens / context) BOS-opened windows "
-                                         "of each context",
+                  "calibrations": cal_meta,
+                  "calibration_windows": list(calibration_windows),
                   "score_tokens": score_tokens,
                   "key_sensitivity": sensitivity,
                   "seconds": round(time.time() - t0, 1), "jax": jax.__version__,

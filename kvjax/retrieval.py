@@ -11,6 +11,7 @@ agreement with bf16, not the small model's own accuracy (which is also shown).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import random
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax import eval as ev
+from kvjax.models.runner import Runner
 
 _NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
 _QUESTION = "\n\nWhat is the pass key? The pass key is"
@@ -57,12 +59,12 @@ def first_token_margin(logits) -> float:
   return float(top2[0] - top2[1])
 
 
-def greedy_answer(runner, tokens: Sequence[int], spec, *, stats, new_tokens: int = 8,
+def greedy_answer(runner, tokens: Sequence[int], spec, *, calibrations, new_tokens: int = 8,
                   chunk: int = 512) -> tuple[list[int], float]:
   """Greedy continuation of `tokens` through the cache described by `spec`, and the first
   token's margin (`first_token_margin`)."""
   model = runner.model
-  caches = ev._make_caches(model, spec, len(tokens) + new_tokens + 1, stats)
+  caches = ev._make_caches(model, spec, len(tokens) + new_tokens + 1, calibrations)
   logits, caches = ev.prefill(runner, tokens, caches, chunk=chunk)
   margin = first_token_margin(logits[0])
   out = [int(jnp.argmax(logits[0]))]
@@ -73,8 +75,11 @@ def greedy_answer(runner, tokens: Sequence[int], spec, *, stats, new_tokens: int
 
 
 def run(model_name: str = "gemma3-270m", *, lengths=(2048, 4096), depths=(0.1, 0.5, 0.9),
-        specs=None, seed: int = 0, calibration_tokens: int = 2048, new_tokens: int = 8,
-        out_dir: str = "results/passkey", log=print) -> dict:
+        specs=None, seed: int = 0, new_tokens: int = 8, out_dir: str = "results/passkey",
+        calibration: str | None = None, log=print) -> dict:
+  """Passkey prompts of each length and depth, answered greedily through every cache. The
+  calibrated caches are made once (the int4 one from `calibration`, an artifact directory, or
+  the model's own) and serve every length."""
   from kvjax import corpus
   from kvjax.models import load
 
@@ -85,29 +90,28 @@ def run(model_name: str = "gemma3-270m", *, lengths=(2048, 4096), depths=(0.1, 0
   if any(s.key8_auto for s in specs):
     raise ValueError("kvjax passkey needs explicit layers for 8-bit keys (e.g. int4+k8@2,3,4,10); "
                      "'+k8@auto' layers are chosen by kvjax eval, which prints them")
+  if calibration is not None:
+    specs = [dataclasses.replace(s, calibration=str(calibration)) if s.name == "int4" else s
+             for s in specs]
   model, tok = load(model_name)
   specs = [s.resolve_layers(model.config) for s in specs]
   model = ev.with_layers_for(model, specs)
-  runner = ev._Runner(model)
-  cal_all = None
-  if any(s.calibrate for s in specs):
-    cal_all = tok.encode(corpus.calibration_text(), add_bos=model.config.add_bos)
+  runner = Runner(model)
+  cal_ids = (tok.encode(corpus.calibration_text(), add_bos=model.config.add_bos)
+             if any(s.calibrate and s.calibration is None for s in specs) else None)
+  calibrations = ev.calibrations_for(model, specs, tokenizer=tok, ids=cal_ids, progress=False,
+                                     log=log)
   filler = corpus.eval_text()
   rng = random.Random(seed)
   rows = []
   for length in lengths:
-    stats = None
-    if cal_all is not None:  # as kvjax eval: windows of the prompt length, each opened with BOS
-      cal = np.stack(ev.windows(cal_all, length, -(-calibration_tokens // length),
-                                bos=model.config.add_bos))
-      stats = ev.collect_stats(runner, cal, progress=False)
     for depth in depths:
       key = f"{rng.randrange(10000, 99999)}"
       prompt = build_prompt(tok, filler, length=length, depth=depth, key=key,
                             add_bos=model.config.add_bos)
       answers, margins = {}, {}
       for s in specs:
-        ids, margins[s.name] = greedy_answer(runner, prompt, s, stats=stats,
+        ids, margins[s.name] = greedy_answer(runner, prompt, s, calibrations=calibrations,
                                              new_tokens=new_tokens)
         answers[s.name] = tok.decode(ids)
       ref = answers[specs[0].name]

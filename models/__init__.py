@@ -10,6 +10,7 @@ from kvjax.models.decoder import CausalLM, cache_lengths, with_separate_layers
 from kvjax.models.gemma3 import Gemma3ForCausalLM
 from kvjax.models.qwen2 import LlamaForCausalLM, Qwen2ForCausalLM
 from kvjax.models.params import model_class, build_model, params_from_hf, params_from_gguf
+from kvjax.models.runner import Runner, prefill, collect_stats, windows
 
 
 def __getattr__(name):
@@ -26,5 +27,6 @@ def __getattr__(name):
 __all__ = [
     "ModelConfig", "RopeScaling", "PRESETS", "CausalLM", "Gemma3ForCausalLM", "Qwen2ForCausalLM",
     "LlamaForCausalLM", "cache_lengths", "model_class", "build_model", "params_from_hf",
-    "params_from_gguf", "load", "generate", "with_separate_layers",
+    "params_from_gguf", "load", "generate", "with_separate_layers", "Runner", "prefill",
+    "collect_stats", "windows",
 ]

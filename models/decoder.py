@@ -80,6 +80,22 @@ def layer_index(cfg: ModelConfig, part: str, run: int, *index: int) -> int:
   return num_groups * p + tail_runs[run][2] + slot
 
 
+def layer_slots(cfg: ModelConfig) -> list[tuple[str, int, tuple[int, ...], int]]:
+  """[(part, run, index, layer)] for every stacked slot of a model's layers and caches: part
+  "groups" or "tail", run its index in that part, index the slot's position on the run's
+  leading axes ((group, slot) or (slot,)), layer the checkpoint layer number."""
+  num_groups, group_runs, tail_runs = layer_layout(cfg)
+  out = []
+  for r, (_, n, _) in enumerate(group_runs):
+    for g in range(num_groups):
+      for s in range(n):
+        out.append(("groups", r, (g, s), layer_index(cfg, "groups", r, g, s)))
+  for r, (_, n, _) in enumerate(tail_runs):
+    for s in range(n):
+      out.append(("tail", r, (s,), layer_index(cfg, "tail", r, s)))
+  return out
+
+
 def _stacked_layers(cfg: ModelConfig, layer_type: str, lead: tuple[int, ...], *, dtype,
                     rngs: nnx.Rngs) -> DecoderLayer:
   """A DecoderLayer whose every parameter has the extra leading axes `lead`."""
@@ -119,6 +135,10 @@ class CausalLM(nnx.Module):
     rngs = rngs if rngs is not None else nnx.Rngs(0)
     self.config = cfg
     self.dtype = jnp.dtype(dtype)
+    # Set by kvjax.models.load: the checkpoint's name, and the calibration it was loaded with
+    # (a kvjax.calibration.Calibration; static, hashed by identity under jit).
+    self.checkpoint_name: str | None = None
+    self.calibration = None
     e = cfg.hidden_size
     self.embedding = nnx.Param(
         jax.random.normal(rngs.params(), (cfg.vocab_size, e)).astype(self.dtype))
@@ -186,10 +206,17 @@ class CausalLM(nnx.Module):
             "tail": tuple(one(r) for r in self.tail_runs)}
 
   def init_cache(self, batch: int, max_len: int, *, quant: kvjax.QuantConfig | None = None,
-                 dtype=None, layer_quant=None) -> Caches:
+                 dtype=None, layer_quant=None, calibration=None,
+                 attention_impl: str | None = None) -> Caches:
     """Empty caches for `batch` sequences of up to `max_len` tokens.
 
     Args:
+      calibration: a `kvjax.calibration.Calibration` or an artifact directory (`kvjax
+        calibrate --out DIR`): quantized caches in its per-layer formats holding its tensors
+        (the calibrated cache `kvjax eval` measures). Checked against this model's fingerprint.
+        `model.calibration` is the one `kvjax.models.load(..., calibration=...)` attached.
+        Excludes quant, layer_quant and dtype.
+      attention_impl: with a calibration, overrides each layer's QuantConfig.attention_impl.
       quant: None for a dense cache, or a `kvjax.QuantConfig` for a quantized one.
       dtype: dtype of the dense K/V (default: the model's parameter dtype).
       layer_quant: optional {layer index: QuantConfig or None} overriding `quant` for single
@@ -204,6 +231,16 @@ class CausalLM(nnx.Module):
       raise ValueError(f"batch must be a positive int, got {batch!r}")
     if not isinstance(max_len, int) or max_len < 1:
       raise ValueError(f"max_len must be a positive int, got {max_len!r}")
+    if calibration is not None:
+      if quant is not None or layer_quant or dtype is not None:
+        raise ValueError("init_cache: give either calibration or quant / layer_quant / dtype, "
+                         "not both (the calibration fixes every layer's format)")
+      from kvjax.models import calibrated
+      return calibrated.init_cache(self, batch, max_len, calibration,
+                                   attention_impl=attention_impl)
+    if attention_impl is not None:
+      raise ValueError("init_cache: attention_impl applies to a calibration; set "
+                       "QuantConfig.attention_impl in quant instead")
     cfg = self.config
     dtype = self.dtype if dtype is None else jnp.dtype(dtype)
     num_groups, group_runs, tail_runs = layer_layout(cfg)
@@ -348,4 +385,6 @@ def with_separate_layers(model: CausalLM, layers) -> CausalLM:
   pure["group_runs"] = {r: jax.tree.map(lambda *xs: jnp.stack(xs)[None], *per_layer[off:off + n])
                         for r, (_, n, off) in enumerate(new_runs)}
   pure["tail_runs"] = {}
-  return build_model(new_cfg, pure, dtype=model.dtype)
+  new = build_model(new_cfg, pure, dtype=model.dtype)
+  new.checkpoint_name, new.calibration = model.checkpoint_name, model.calibration
+  return new

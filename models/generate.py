@@ -74,14 +74,17 @@ def generate_tokens(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_ne
                     top_k: int | None = None, top_p: float | None = None,
                     rng: jax.Array | None = None, max_len: int | None = None,
                     eos_token_ids: Sequence[int] | None = None,
-                    cache_dtype=None) -> list[list[int]]:
+                    cache_dtype=None, calibration=None) -> list[list[int]]:
   """Generates up to `max_new_tokens` tokens after each prompt (token ids).
 
   Args:
     model: a `CausalLM`.
     prompts: B token-id sequences, each non-empty; lengths may differ.
     max_new_tokens: tokens to generate per sequence (fewer if it emits an EOS token).
-    quant: None for a dense cache, or a `kvjax.QuantConfig` for a quantized one.
+    quant: None for a dense cache, or a `kvjax.QuantConfig` for a quantized one (uncalibrated).
+    calibration: a `kvjax.calibration.Calibration` or an artifact directory: the calibrated
+      quantized cache. Default: `model.calibration` (set by `kvjax.models.load(...,
+      calibration=...)`) when `quant` is None; False: a dense cache even then.
     temperature, top_k, top_p, rng: sampling (temperature 0 = greedy; rng required otherwise).
     max_len: cache capacity in tokens; default: longest prompt + max_new_tokens, rounded up to a
       multiple of 256.
@@ -123,7 +126,14 @@ def generate_tokens(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_ne
   sampling = (("temperature", float(temperature)), ("top_k", top_k), ("top_p", top_p))
   rng = jax.random.key(0) if rng is None else rng
   graphdef, state = nnx.split(model)
-  caches = model.init_cache(batch, max_len, quant=quant, dtype=cache_dtype)
+  if calibration is None and quant is None and cache_dtype is None:
+    calibration = getattr(model, "calibration", None)
+  if calibration is not None and calibration is not False:
+    if quant is not None or cache_dtype is not None:
+      raise ValueError("give either calibration or quant / cache_dtype, not both")
+    caches = model.init_cache(batch, max_len, calibration=calibration)
+  else:
+    caches = model.init_cache(batch, max_len, quant=quant, dtype=cache_dtype)
 
   rng, sub = jax.random.split(rng)
   tokens, caches = _prefill(graphdef, state, caches, jnp.asarray(padded), jnp.asarray(lengths),
@@ -147,26 +157,31 @@ def generate_tokens(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_ne
 def generate(model: CausalLM, tokenizer, prompts: Sequence[str] | str, *, max_new_tokens: int,
              quant: kvjax.QuantConfig | None = None, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, rng: jax.Array | None = None,
-             max_len: int | None = None) -> list[str]:
+             max_len: int | None = None, calibration=None) -> list[str]:
   """Generates text continuations of `prompts` (a string or a list of strings).
 
   Prompts are encoded with `tokenizer` (BOS prepended when the model expects it), generation
   runs as in `generate_tokens`, and the new tokens of each sequence are decoded (without the
-  EOS token). Returns one string per prompt.
+  EOS token). calibration: as in `generate_tokens`, or "auto" (the model's default
+  calibration, from the user cache or computed on first use). Returns one string per prompt.
   """
   if tokenizer is None:
     raise ValueError("generate needs a tokenizer; use generate_tokens for token ids")
+  if isinstance(calibration, str) and calibration == "auto":
+    from kvjax.models.loading import attach_calibration
+    model = attach_calibration(model, "auto", tokenizer)
+    calibration = model.calibration
   if isinstance(prompts, str):
     prompts = [prompts]
-  ids = [_encode(tokenizer, p, model.config) for p in prompts]
+  ids = [encode(tokenizer, p, model.config) for p in prompts]
   new = generate_tokens(model, ids, max_new_tokens=max_new_tokens, quant=quant,
                         temperature=temperature, top_k=top_k, top_p=top_p, rng=rng,
-                        max_len=max_len)
+                        max_len=max_len, calibration=calibration)
   eos = set(model.config.eos_token_ids)
   return [tokenizer.decode([t for t in seq if t not in eos]) for seq in new]
 
 
-def _encode(tokenizer, text: str, cfg) -> list[int]:
+def encode(tokenizer, text: str, cfg) -> list[int]:
   """Token ids of `text`, with the model's BOS in front when its config asks for one."""
   if not isinstance(text, str):
     raise TypeError(f"prompts must be strings, got {type(text).__name__}")

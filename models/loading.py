@@ -20,7 +20,8 @@ from kvjax.models.params import build_model, params_from_gguf, params_from_hf
 
 def load(name_or_path: str | os.PathLike, *, dtype=jnp.float32,
          config: ModelConfig | None = None,
-         separate_layers=()) -> tuple[CausalLM, object | None]:
+         separate_layers=(), calibration=None,
+         progress: bool = True) -> tuple[CausalLM, object | None]:
   """Loads a model and its tokenizer.
 
   Args:
@@ -29,6 +30,13 @@ def load(name_or_path: str | os.PathLike, *, dtype=jnp.float32,
     config: optional override of the architecture read from the checkpoint.
     separate_layers: layer indices to scan on their own so their caches can take their own
       QuantConfig (`model.init_cache(layer_quant=...)`); see `with_separate_layers`.
+    calibration: None, "auto", an artifact directory or a `kvjax.calibration.Calibration`.
+      Attached as `model.calibration` (checked against the model's fingerprint; layers with a
+      format of their own are made separate layers), so `kvjax.generate` and
+      `model.init_cache(b, n, calibration=model.calibration)` run the calibrated int4 cache.
+      "auto" reads the model's default calibration from the user cache, computing it on
+      first use (a minute or two on a CPU: one pass over 6,144 tokens of calibration text).
+    progress: show progress bars for downloads and first-use calibration.
   Returns:
     (model, tokenizer); the tokenizer is None for a Hugging Face directory without tokenizer
     files (e.g. random test checkpoints).
@@ -36,11 +44,41 @@ def load(name_or_path: str | os.PathLike, *, dtype=jnp.float32,
   if not isinstance(name_or_path, (str, os.PathLike)):
     raise TypeError(f"name_or_path must be a checkpoint name or a path, got "
                     f"{type(name_or_path).__name__}")
+  from kvjax import calibration as artifact
+  if calibration is not None and not isinstance(calibration, artifact.Calibration):
+    if not isinstance(calibration, (str, os.PathLike)):
+      raise TypeError(f"calibration must be None, 'auto', an artifact directory or a "
+                      f"kvjax.calibration.Calibration, got {type(calibration).__name__}")
+    if calibration != "auto":
+      artifact.read_manifest(calibration)  # a wrong path fails before the model loads
   model, tokenizer = _load(name_or_path, dtype, config)
+  path = os.fspath(name_or_path)
+  model.checkpoint_name = (path if not (os.path.exists(path) or os.sep in path)
+                           else os.path.basename(path.rstrip(os.sep)))
   if separate_layers:
     from kvjax.models.decoder import with_separate_layers
     model = with_separate_layers(model, separate_layers)
+  if calibration is not None:
+    model = attach_calibration(model, calibration, tokenizer, progress=progress)
   return model, tokenizer
+
+
+def attach_calibration(model: CausalLM, calibration, tokenizer=None, *,
+                       progress: bool = True, log=print) -> CausalLM:
+  """`model` (or a copy with the layers whose format differs scanned on their own) carrying
+  `calibration` ("auto", a directory or a Calibration) as `model.calibration`."""
+  from kvjax import calibration as artifact
+  from kvjax.models import calibrated
+  if isinstance(calibration, str) and calibration == "auto":
+    cal = calibrated.auto(model, tokenizer, progress=progress, log=log)
+  else:
+    cal = artifact.resolve(calibration, fingerprint=calibrated.fingerprint(model))
+  need = set(calibrated.required_separate_layers(cal, model.config))
+  if not need <= set(model.config.separate_layers):
+    from kvjax.models.decoder import with_separate_layers
+    model = with_separate_layers(model, tuple(sorted(need)))
+  model.calibration = cal
+  return model
 
 
 def _load(name_or_path, dtype, config):

@@ -9,6 +9,7 @@ import pytest
 
 import kvjax
 from kvjax import eval as ev
+from kvjax.models.runner import Runner
 from kvjax import smoothing
 from kvjax.models import ModelConfig, model_class
 
@@ -18,7 +19,7 @@ def tiny():
   cfg = ModelConfig.preset("gemma3-tiny")
   from flax import nnx
   model = model_class(cfg)(cfg, dtype=jnp.float32, rngs=nnx.Rngs(3))
-  return model, ev._Runner(model)
+  return model, Runner(model)
 
 
 def test_hook_reference_is_exact(tiny):
@@ -55,7 +56,11 @@ def test_incremental_decode_matches_teacher_forcing_from_the_same_prefill(tiny, 
   if recipe == "calibrated":  # the default recipe: sink key and value, 4 recent values, ...
     assert ev.SPEC_CHOICES["int4"].recipe == int4.recipe and int4.recipe.value_recent == 4
   specs = [ev.CacheSpec("f32", None), int4]
-  res = ev.evaluate_incremental(runner, wins, specs, steps=13, max_len=48, stats=stats,
+  cals = ev.calibrations_for(model, specs, stats=stats) if recipe == "calibrated" else None
+  if recipe == "calibrated":
+    assert cals["int4"].configs[0].value_recent == 4 and cals["int4"].configs[0].key_sink
+  stats = cals
+  res = ev.evaluate_incremental(runner, wins, specs, steps=13, max_len=48, calibrations=stats,
                                 chunk=16, progress=False)
   for name in ("f32", "int4"):
     for mode in ("hook", "incremental"):
@@ -65,7 +70,7 @@ def test_incremental_decode_matches_teacher_forcing_from_the_same_prefill(tiny, 
   np.testing.assert_allclose(res["f32"]["hook"][1], 0.0, atol=1e-6)
   assert np.abs(res["int4"]["hook"][0] - res["f32"]["hook"][0]).max() > 1e-4
   # The teacher-forced suffix scores what the whole-window hook pass scores there.
-  one = ev.evaluate_window(runner, wins[1], specs, max_len=48, stats=stats, chunk=16,
+  one = ev.evaluate_window(runner, wins[1], specs, max_len=48, calibrations=stats, chunk=16,
                            progress=False)
   np.testing.assert_allclose(res["int4"]["hook"][0][1], one["int4"]["hook"][0][27:], rtol=2e-3,
                              atol=2e-3)
@@ -346,7 +351,7 @@ def test_mixed_key_bits_spec_runs_and_counts_its_bits(tiny):
   assert ev.bits_per_value(split, ev.parse_spec("K4V4-g32-srft"), 40) == pytest.approx(base)
   tokens = np.random.default_rng(1).integers(3, cfg.vocab_size, 40).astype(np.int32)
   plain = ev.parse_spec("K4V4-g32-srft")
-  res = ev.evaluate_window(ev._Runner(split), tokens, [ev.CacheSpec("f32", None), spec, plain],
+  res = ev.evaluate_window(Runner(split), tokens, [ev.CacheSpec("f32", None), spec, plain],
                            max_len=48, chunk=16, progress=False)
   nll = {name: r["hook"][0] for name, r in res.items()}
   assert all(np.isfinite(v).all() for v in nll.values())
