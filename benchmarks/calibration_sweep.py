@@ -41,7 +41,7 @@ def main(argv=None):
   p.add_argument("--contexts", type=int, nargs="+", default=[1024])
   p.add_argument("--recipe", action="append", default=[],
                  help="KeyCalibration fields, e.g. rope_pairs=16,feedback=False (repeatable)")
-  p.add_argument("--calibration-tokens", type=int, default=2048)
+  p.add_argument("--calibration-windows", type=int, nargs="+", default=[1024, 1024, 4096])
   p.add_argument("--out", default="results/calibration_sweep")
   a = p.parse_args(argv)
   q = QuantConfig(rotation="srft")
@@ -50,7 +50,7 @@ def main(argv=None):
     name, recipe = parse_recipe(text)
     specs.append(ev.CacheSpec(name, q, calibrate=True, recipe=recipe, description=str(recipe)))
   ev.run(a.model, contexts=a.contexts, specs=specs, incremental_steps=0,
-         calibration_tokens=a.calibration_tokens, out_dir=a.out)
+         calibration_windows=tuple(a.calibration_windows), out_dir=a.out)
 
 
 if __name__ == "__main__":

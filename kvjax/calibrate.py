@@ -580,13 +580,12 @@ def reconstruction_mse(data: CalibrationData, arrays: dict, quant: QuantConfig) 
 # --------------------------------------------------------------------------- the job
 
 
-def learned_tensors(closed: "artifact.Calibration", arrays: dict, stats_per_layer: list,
-                    recipe) -> list[dict]:
+def learned_tensors(closed_layers, arrays: dict, stats_per_layer: list, recipe) -> tuple:
   """Per-layer tensors of a learned calibration: the closed form's, with the learned R and λ
   (`finalize`'s [L, H, ...] arrays) and the key feedback matrix recomputed for them from each
-  layer's query second moment (`stats_per_layer[l]`: qq [H, D, D] and count)."""
+  layer's query second moment (`stats_per_layer[l]`: qq [H, D, D])."""
   out = []
-  for layer, t in enumerate(closed.tensors):
+  for layer, t in enumerate(closed_layers):
     new = dict(t)
     for name in ("k_rotation", "v_rotation", "k_lambda", "v_lambda"):
       new[name] = np.asarray(arrays[name][layer], np.float32)
@@ -595,7 +594,7 @@ def learned_tensors(closed: "artifact.Calibration", arrays: dict, stats_per_laye
       new["k_feedback"] = smoothing._feedback_from_moment(qq, new["k_lambda"], new["k_rotation"],
                                                           (), recipe.damping)
     out.append(new)
-  return out
+  return tuple(out)
 
 
 def calibrate(model, tokens: Sequence[int], *, quant: QuantConfig | None = None,
@@ -604,11 +603,13 @@ def calibrate(model, tokens: Sequence[int], *, quant: QuantConfig | None = None,
               window_lengths: Sequence[int] = calibrated.DEFAULT_WINDOWS,
               text_name: str | None = None, query_samples: int = 256, chunk: int = 512,
               checkpoint_dir: str | pathlib.Path | None = None, progress: bool = True,
-              log=print) -> "artifact.Calibration":
+              stats=None, log=print) -> "artifact.Calibration":
   """The calibration of `model` on `tokens` (ids of a calibration text, BOS first when the model
   adds one): the closed-form recipe (`kvjax.models.calibrated.calibrate`), and with `learned`
   the Optax R + λ ablation on top (trained on the longest calibration window; its resumable
-  state under `checkpoint_dir` when given)."""
+  state under `checkpoint_dir` when given). stats: statistics already gathered over these
+  windows (`kvjax.models.calibrated.collect_window_stats`), to calibrate several variants from
+  one pass."""
   if learned is not None and not isinstance(learned, CalibrationConfig):
     raise TypeError(f"learned must be a CalibrationConfig or None, got {type(learned).__name__}")
   if learned is not None and layer_quant:
@@ -621,8 +622,9 @@ def calibrate(model, tokens: Sequence[int], *, quant: QuantConfig | None = None,
   log(f"closed-form calibration: statistics over windows of {[len(w) for w in wins]} tokens "
       f"of {text_name or 'the given tokens'}")
   runner = Runner(model)
-  stats = calibrated.collect_window_stats(model, wins, chunk=chunk, progress=progress,
-                                          runner=runner)
+  if stats is None:
+    stats = calibrated.collect_window_stats(model, wins, chunk=chunk, progress=progress,
+                                            runner=runner)
   text = {"name": text_name or "tokens given by the caller",
           "tokens": int(sum(len(w) for w in wins)), "windows": [len(w) for w in wins]}
   closed = calibrated.from_stats(model, stats, quant=quant, layer_quant=layer_quant,
@@ -640,10 +642,16 @@ def calibrate(model, tokens: Sequence[int], *, quant: QuantConfig | None = None,
                                 checkpoint_dir=checkpoint_dir, progress=progress)
   arrays = finalize(params, fixed)
   mse = reconstruction_mse(data, arrays, lq)
-  qq = [None] * cfg.num_layers
-  for part, run, index, layer in _layer_slots(cfg):
-    qq[layer] = np.asarray(stats[part][run].qq[index], np.float64)
-  tensors = learned_tensors(closed, arrays, qq, recipe)
+  def query_moments(tree):
+    qq = [None] * cfg.num_layers
+    for part, run, index, layer in _layer_slots(cfg):
+      qq[layer] = np.asarray(tree[part][run].qq[index], np.float64)
+    return qq
+
+  longest_len = max(stats)
+  tensors = learned_tensors(closed.tensors, arrays, query_moments(stats[longest_len]), recipe)
+  bands = tuple((limit, learned_tensors(layers, arrays, query_moments(stats[limit]), recipe))
+                for limit, layers in closed.bands)
   manifest = dict(closed.manifest)
   manifest.update({
       "method": "closed-form (kvjax.smoothing) + learned R and λ (Optax, kvjax.calibrate)",
@@ -656,7 +664,7 @@ def calibrate(model, tokens: Sequence[int], *, quant: QuantConfig | None = None,
       f"({time.time() - t0:.0f} s)")
   return artifact.Calibration(configs=tuple(dataclasses.replace(c, rotation="learned")
                                             for c in closed.configs),
-                              tensors=tuple(tensors), manifest=manifest)
+                              tensors=tensors, manifest=manifest, bands=bands)
 
 
 def _check_out(out: pathlib.Path, overwrite: bool) -> None:

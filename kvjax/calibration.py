@@ -3,15 +3,24 @@
 A `Calibration` holds, per layer (checkpoint order), the `QuantConfig` the layer's cache runs
 with and the tensors calibration fills into it (rotations, λ, constant and rotary key offsets,
 rounding feedback), plus a JSON manifest saying what it was made for and how. It describes a
-cache independently of batch, length and the model's layer stacking, so one artifact serves
-every context length and every layout (`kvjax.models.calibrated` puts it into a model's caches).
+cache independently of batch and the model's layer stacking, so one artifact serves every
+context length and every layout (`kvjax.models.calibrated` puts it into a model's caches).
+
+Context bands. Key statistics depend on the positions a cache holds (the rotary key offset and
+the constant one are fitted over them; early tokens weigh more in a short context), and
+parameters fitted on 4K-token windows cost a 1K cache about 30% more KL than ones fitted on
+1K-token windows, and the other way round (docs/calibration.md). So an artifact may hold, besides
+its main tensors, tensors for shorter caches: `bands` = ((limit, per-layer tensors), ...);
+a cache created for at most `limit` tokens takes the first band whose limit covers it, any
+longer cache the main tensors (`tensors_for(max_len)`). The formats are the same in every band.
 
 On disk a calibration is a directory:
 
     manifest.json   format version, kvjax version, the model's fingerprint, per-layer formats,
                     the calibration text and token count, the recipe and its steps, and the
                     sha256 of every file under tensors/
-    tensors/        an Orbax checkpoint: {"layer_00": {"k_rotation": ..., ...}, ...}
+    tensors/        an Orbax checkpoint: {"layer_000": {"k_rotation": ..., ...}, ...,
+                    "band_01024": {"layer_000": {...}, ...}, ...}
 
 `save` writes it under a temporary name beside the target and renames it into place, so an
 interrupted save (a signal, a full disk) leaves no directory behind; `load` checks the format
@@ -63,6 +72,8 @@ class Calibration:
     tensors: one dict per layer, name -> numpy array for each of TENSOR_FIELDS, in the cache's
       per-layer shapes (no batch or stacking axes).
     manifest: JSON-able description: "model" (the fingerprint), "text", "recipe", "steps", ...
+    bands: ((limit, tensors), ...) with increasing limits: the tensors of caches created for at
+      most `limit` tokens (see the module docstring); () for one set for every cache.
 
   Equality is identity (it holds arrays); compare `tensors` explicitly.
   """
@@ -70,12 +81,34 @@ class Calibration:
   configs: tuple[QuantConfig, ...]
   tensors: tuple[dict, ...]
   manifest: dict = dataclasses.field(default_factory=dict)
+  bands: tuple = ()
 
   def __post_init__(self):
+    as_arrays = lambda layers: tuple({k: np.asarray(v) for k, v in layer.items()}
+                                     for layer in layers)
     object.__setattr__(self, "configs", tuple(self.configs))
-    object.__setattr__(self, "tensors", tuple(
-        {k: np.asarray(v) for k, v in layer.items()} for layer in self.tensors))
+    object.__setattr__(self, "tensors", as_arrays(self.tensors))
+    bands = []
+    for band in self.bands:
+      try:
+        limit, layers = band
+      except (TypeError, ValueError):
+        raise ValueError("Calibration.bands must be (limit, per-layer tensors) pairs") from None
+      if not isinstance(limit, (int, np.integer)) or isinstance(limit, bool) or limit < 1:
+        raise ValueError(f"Calibration.bands: limit must be a positive int, got {limit!r}")
+      bands.append((int(limit), as_arrays(layers)))
+    limits = [b[0] for b in bands]
+    if limits != sorted(set(limits)):
+      raise ValueError(f"Calibration.bands: limits must increase, got {limits}")
+    object.__setattr__(self, "bands", tuple(bands))
     validate(self)
+
+  def tensors_for(self, max_len: int) -> tuple[dict, ...]:
+    """The per-layer tensors of a cache created for `max_len` tokens."""
+    for limit, layers in self.bands:
+      if max_len <= limit:
+        return layers
+    return self.tensors
 
   @property
   def num_layers(self) -> int:
@@ -122,8 +155,17 @@ def validate(calibration: Calibration) -> None:
   if len(tensors) != len(configs):
     raise ValueError(f"Calibration has {len(configs)} layer configs but {len(tensors)} layers "
                      "of tensors")
+  for limit, layers in calibration.bands:
+    if len(layers) != len(configs):
+      raise ValueError(f"Calibration band {limit} has {len(layers)} layers of tensors, not "
+                       f"{len(configs)}")
+    _validate_layers(configs, layers, f" (band {limit})")
+  _validate_layers(configs, tensors, "")
+
+
+def _validate_layers(configs, tensors, band: str) -> None:
   for layer, (cfg, t) in enumerate(zip(configs, tensors)):
-    where = f"calibration layer {layer}"
+    where = f"calibration layer {layer}{band}"
     if not isinstance(cfg, QuantConfig):
       raise ValueError(f"{where}: config must be a kvjax.QuantConfig, got {type(cfg).__name__}")
     missing = [f for f in TENSOR_FIELDS if f not in t]
@@ -214,7 +256,10 @@ def _tree_hashes(root: pathlib.Path) -> dict:
 
 def _write_tensors(path: pathlib.Path, calibration: Calibration) -> None:
   import orbax.checkpoint as ocp
-  tree = {f"layer_{i:03d}": dict(t) for i, t in enumerate(calibration.tensors)}
+  layers = lambda ts: {f"layer_{i:03d}": dict(t) for i, t in enumerate(ts)}
+  tree = layers(calibration.tensors)
+  for limit, ts in calibration.bands:
+    tree[f"band_{limit:08d}"] = layers(ts)
   ckpt = ocp.StandardCheckpointer()
   ckpt.save(path, tree)
   ckpt.wait_until_finished()
@@ -245,6 +290,7 @@ def save(calibration: Calibration, directory: str | os.PathLike, *,
         "kvjax_version": _version(), "num_layers": calibration.num_layers,
         "layer_formats": [_config_dict(c) for c in calibration.configs],
         "layer_format_names": [c.name for c in calibration.configs],
+        "bands": [limit for limit, _ in calibration.bands],
         "files": _tree_hashes(tmp / TENSORS)})
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
     os.chmod(tmp, 0o755)
@@ -325,14 +371,22 @@ def load(directory: str | os.PathLike, *, fingerprint: dict | None = None) -> Ca
   if len(configs) != n:
     raise ValueError(f"calibration {path}: manifest lists {len(configs)} layer formats for "
                      f"{n} layers")
-  layers = []
-  for i in range(n):
-    key = f"layer_{i:03d}"
-    if key not in tree:
-      raise ValueError(f"calibration {path}: no tensors for layer {i}")
-    layers.append({k: np.asarray(v) for k, v in tree[key].items()})
+
+  def layers(sub, where):
+    out = []
+    for i in range(n):
+      key = f"layer_{i:03d}"
+      if not isinstance(sub, dict) or key not in sub:
+        raise ValueError(f"calibration {path}: no tensors for layer {i}{where}")
+      out.append({k: np.asarray(v) for k, v in sub[key].items()})
+    return tuple(out)
+
+  bands = []
+  for limit in manifest.get("bands", []):
+    bands.append((int(limit), layers(tree.get(f"band_{int(limit):08d}"), f" (band {limit})")))
   try:
-    return Calibration(configs=tuple(configs), tensors=tuple(layers), manifest=manifest)
+    return Calibration(configs=tuple(configs), tensors=layers(tree, ""), manifest=manifest,
+                       bands=tuple(bands))
   except ValueError as e:
     raise ValueError(f"calibration {path}: {e}") from None
 

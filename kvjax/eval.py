@@ -725,8 +725,8 @@ def run(model_name: str = "gemma3-270m", *, text_file: str | None = None,
                      or sorted({q.name for q in c.configs})}
               for name, c in calibrations.items()}
   rows = []
-  max_len = contexts[-1]
   for c in contexts:
+    max_len = c  # caches sized to the context, as a user sizes them (a calibration's band)
     wins = windows(ids, c, -(-score_tokens // c), bos=cfg.add_bos)
     if len(wins) < -(-score_tokens // c):
       log(f"context {c}: the text holds {len(wins)} window(s), not {-(-score_tokens // c)}")

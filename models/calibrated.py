@@ -9,8 +9,10 @@ The closed-form recipe is `kvjax.smoothing` (constant and rotary key offsets, λ
 rounding, the exact sink key and value, exact recent values): one pass of the model over
 calibration windows gathers statistics, and the recipe turns them into per-layer tensors. The
 windows span several lengths (by default 2 x 1,024 and 1 x 4,096 tokens, consecutive and
-disjoint, each opened with BOS) and their statistics are summed, so one artifact serves every
-context up to the model's window; nothing is recalibrated per context.
+disjoint, each opened with BOS); the statistics of each length give one context band of the
+artifact (caches of at most 1,024 tokens take the 1K windows' parameters, longer ones the 4K
+windows'), so one artifact serves every context up to the model's window; nothing is
+recalibrated per context.
 """
 
 from __future__ import annotations
@@ -109,30 +111,16 @@ def calibration_windows(ids: Sequence[int], lengths: Sequence[int], *,
   return out
 
 
-def _sum_stats(trees):
-  """Sums the statistics of several `collect_stats` results (the same model, any lengths)."""
-  first = trees[0]
-  out = {}
-  for part in ("groups", "tail"):
-    runs = []
-    for r, c in enumerate(first[part]):
-      fields = {f: sum(t[part][r].__getattribute__(f) for t in trees)
-                for f in _STATS_FIELDS if f != "rope_freq"}
-      runs.append(dataclasses.replace(c, **fields))
-    out[part] = tuple(runs)
-  return out
-
-
 def collect_window_stats(model, wins: Sequence[np.ndarray], *, chunk: int = 512,
-                         progress: bool = True, runner: Runner | None = None):
-  """Statistics caches summed over windows of any lengths (equal lengths run as one batch)."""
+                         progress: bool = True, runner: Runner | None = None) -> dict:
+  """{window length: statistics caches} over windows of any lengths; the windows of one length
+  run as one batch and their statistics are summed (`collect_stats`)."""
   runner = runner if runner is not None else Runner(model)
   by_len: dict[int, list] = {}
   for w in wins:
     by_len.setdefault(len(w), []).append(np.asarray(w, np.int32))
-  trees = [collect_stats(runner, np.stack(ws), chunk=min(chunk, n), progress=progress)
-           for n, ws in sorted(by_len.items())]
-  return trees[0] if len(trees) == 1 else _sum_stats(trees)
+  return {n: collect_stats(runner, np.stack(ws), chunk=min(chunk, n), progress=progress)
+          for n, ws in sorted(by_len.items())}
 
 
 def _layer_formats(cfg, quant: QuantConfig, layer_quant: dict | None) -> list[QuantConfig]:
@@ -146,7 +134,10 @@ def _layer_formats(cfg, quant: QuantConfig, layer_quant: dict | None) -> list[Qu
 def from_stats(model, stats, *, quant: QuantConfig | None = None, layer_quant=None,
                recipe: KeyCalibration = KeyCalibration(), manifest: dict | None = None
                ) -> artifact.Calibration:
-  """A Calibration from statistics caches (`collect_window_stats`) of this model's layout.
+  """A Calibration from statistics caches of this model's layout: one tree (`collect_stats`),
+  or {window length: tree} (`collect_window_stats`), which gives a banded calibration: the
+  longest windows' parameters are the main tensors, each shorter length L a band for caches of
+  at most L tokens (`kvjax.calibration`).
 
   quant: the base format (default `QuantConfig()`: K4V4, groups of 32, SRFT); layer_quant:
   {layer: QuantConfig} for per-layer formats (the model must scan those layers on their own:
@@ -155,20 +146,33 @@ def from_stats(model, stats, *, quant: QuantConfig | None = None, layer_quant=No
   quant = QuantConfig() if quant is None else quant
   cfg = model.config
   _layer_formats(cfg, quant, layer_quant)
-  caches = model.init_cache(1, 1, quant=quant, layer_quant=layer_quant)
   metric = model.value_output_metric(recipe.value_head_correlation) if recipe.calibrates_values \
       else None
-  caches = calibrate_caches(caches, stats, recipe, value_metric=metric)
-  configs: list = [None] * cfg.num_layers
-  tensors: list = [None] * cfg.num_layers
-  for part, run, index, layer in layer_slots(cfg):
-    c = caches[part][run]
-    configs[layer] = c.config
-    tensors[layer] = {f: np.asarray(getattr(c, f)[index]) for f in artifact.TENSOR_FIELDS}
+
+  def one(tree):
+    caches = model.init_cache(1, 1, quant=quant, layer_quant=layer_quant)
+    caches = calibrate_caches(caches, tree, recipe, value_metric=metric)
+    configs: list = [None] * cfg.num_layers
+    tensors: list = [None] * cfg.num_layers
+    for part, run, index, layer in layer_slots(cfg):
+      c = caches[part][run]
+      configs[layer] = c.config
+      tensors[layer] = {f: np.asarray(getattr(c, f)[index]) for f in artifact.TENSOR_FIELDS}
+    return tuple(configs), tuple(tensors)
+
+  by_len = stats if isinstance(stats, dict) else {None: stats}
+  if not by_len:
+    raise ValueError("from_stats: no statistics")
+  lengths = list(by_len)
+  configs, tensors = one(by_len[lengths[-1]])
+  bands = tuple((n, one(by_len[n])[1]) for n in lengths[:-1])
   info = {"model": fingerprint(model), "recipe": dataclasses.asdict(recipe),
           "recipe_steps": _steps(recipe), "method": "closed-form (kvjax.smoothing)"}
+  if bands:
+    info["bands_from"] = ("each band's tensors come from the calibration windows of its limit's "
+                          "length; the main tensors from the longest windows")
   info.update(manifest or {})
-  return artifact.Calibration(configs=tuple(configs), tensors=tuple(tensors), manifest=info)
+  return artifact.Calibration(configs=configs, tensors=tensors, manifest=info, bands=bands)
 
 
 def _steps(recipe: KeyCalibration) -> dict:
@@ -228,7 +232,7 @@ def required_separate_layers(calibration: artifact.Calibration, cfg) -> tuple[in
 
 def init_cache(model, batch: int, max_len: int, calibration, *, attention_impl: str | None = None):
   """Empty caches for `model` in the format of `calibration` (a Calibration or an artifact
-  directory), holding its tensors. The model must scan on their own the layers whose format
+  directory), holding its tensors for caches of `max_len` tokens (`Calibration.tensors_for`). The model must scan on their own the layers whose format
   differs from the others' (`required_separate_layers`; `kvjax.models.load(...,
   calibration=...)` does this). attention_impl: override each layer's
   `QuantConfig.attention_impl` (e.g. "xla" for the exact path)."""
@@ -251,6 +255,7 @@ def init_cache(model, batch: int, max_len: int, calibration, *, attention_impl: 
   common = max(make, key=make.count)
   layer_quant = {l: make[l] for l in cfg.separate_layers}
   caches = model.init_cache(batch, max_len, quant=common, layer_quant=layer_quant)
+  chosen = cal.tensors_for(max_len)
   slots = layer_slots(cfg)
   out = {"groups": [], "tail": []}
   for part in ("groups", "tail"):
@@ -266,7 +271,7 @@ def init_cache(model, batch: int, max_len: int, calibration, *, attention_impl: 
       lead = c.lengths.shape[:-1]
       fields = {}
       for f in artifact.TENSOR_FIELDS:
-        arrays = [cal.tensors[layer][f] for _, layer in mine]
+        arrays = [chosen[layer][f] for _, layer in mine]
         shape = tuple(max(a.shape[i] for a in arrays) for i in range(arrays[0].ndim))
         buf = np.zeros(lead + shape, arrays[0].dtype)
         for (index, _), a in zip(mine, arrays):
@@ -291,7 +296,8 @@ def _check_fits(field, shape, cache, cal):
 
 def _auto_tag(quant: QuantConfig, recipe: KeyCalibration, lengths) -> str:
   key = json.dumps({"quant": dataclasses.asdict(quant), "recipe": dataclasses.asdict(recipe),
-                    "windows": list(lengths), "format": artifact.FORMAT_VERSION,
+                    "windows": list(lengths), "bands": "per window length",
+                    "format": artifact.FORMAT_VERSION,
                     "text": "austen:Emma"}, sort_keys=True)
   return hashlib.sha256(key.encode()).hexdigest()[:12]
 

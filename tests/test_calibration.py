@@ -65,6 +65,25 @@ def test_round_trip_is_bitwise(tmp_path):
   assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_bands_round_trip_and_are_validated(tmp_path):
+  main, short = _random_calibration(seed=0), _random_calibration(seed=1)
+  c = artifact.Calibration(configs=main.configs, tensors=main.tensors, manifest=main.manifest,
+                           bands=((1024, short.tensors),))
+  back = artifact.load(artifact.save(c, tmp_path / "cal"))
+  assert [limit for limit, _ in back.bands] == [1024]
+  for a, b in zip(short.tensors, back.tensors_for(1024)):
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k])
+  np.testing.assert_array_equal(back.tensors_for(1025)[0]["k_mean"], main.tensors[0]["k_mean"])
+  bad = [dict(t) for t in short.tensors]
+  bad[2]["k_lambda"] = -bad[2]["k_lambda"]
+  with pytest.raises(ValueError, match=r"layer 2 \(band 1024\): k_lambda must be > 0"):
+    artifact.Calibration(configs=main.configs, tensors=main.tensors, bands=((1024, bad),))
+  with pytest.raises(ValueError, match="limits must increase"):
+    artifact.Calibration(configs=main.configs, tensors=main.tensors,
+                         bands=((1024, short.tensors), (512, short.tensors)))
+
+
 def test_another_model_is_refused_naming_the_fields(tmp_path):
   c = _random_calibration()
   path = artifact.save(c, tmp_path / "cal")

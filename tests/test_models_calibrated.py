@@ -53,6 +53,15 @@ def test_the_artifact_holds_the_default_recipe(tiny_and_cal):
   assert m["text"]["windows"] == list(WINDOWS) and m["text"]["tokens"] == sum(WINDOWS)
   assert m["recipe_steps"]["feedback"]["on"] and not m["recipe_steps"]["value_feedback"]["on"]
   assert m["model"]["num_layers"] == 6 and len(m["model"]["qk_sha256"]) == 64
+  # Context bands: caches of at most 32 tokens take the 32-token windows' parameters, longer
+  # ones the 64-token window's; both sets come from the statistics.
+  assert [limit for limit, _ in cal.bands] == [32] and m["bands"] == [32]
+  short = model.init_cache(1, 32, calibration=cal)["groups"][1]   # the global layer, index 5
+  long = model.init_cache(1, 33, calibration=cal)["groups"][1]
+  np.testing.assert_array_equal(np.asarray(short.k_mean[0, 0]), cal.bands[0][1][5]["k_mean"])
+  np.testing.assert_array_equal(np.asarray(long.k_mean[0, 0]), cal.tensors[5]["k_mean"])
+  assert not np.allclose(cal.bands[0][1][5]["k_mean"], cal.tensors[5]["k_mean"])
+  assert cal.tensors_for(10) is cal.bands[0][1] and cal.tensors_for(10**6) is cal.tensors
   # The offsets and λ really come from the statistics (not defaults).
   t = cal.tensors[0]
   assert np.any(t["k_mean"]) and np.any(t["k_rope_mean"]) and np.any(t["k_feedback"])
