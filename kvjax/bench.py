@@ -24,10 +24,10 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from kvjax.cache import DenseKVCache, QuantizedKVCache
-from kvjax.eval import cache_bytes, calibrations_for, parse_spec, with_layers_for
+from kvjax.eval import (cache_bytes, calibrations_for, check_out_dir, check_positive_ints,
+                        parse_spec, with_layers_for)
 from kvjax.models.runner import Runner
 
 _IS_CACHE = lambda x: isinstance(x, (DenseKVCache, QuantizedKVCache))
@@ -66,6 +66,9 @@ def run(model_name: str = "gemma3-270m", *, contexts=(256, 1024, 4096, 8192), re
   work)."""
   from kvjax.models import load
 
+  check_out_dir(out_dir)
+  contexts = check_positive_ints(list(contexts), "--contexts")
+  check_positive_ints(repeats, "--repeats")
   specs = [parse_spec(s) for s in (caches or ["bf16", "int4"])]
   if any(s.key8_auto for s in specs):
     raise ValueError("kvjax bench needs explicit layers for 8-bit keys (e.g. int4+k8@2,3,4,10); "

@@ -43,8 +43,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import math
 import os
 import pathlib
 import time

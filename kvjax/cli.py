@@ -117,7 +117,7 @@ def main(argv=None) -> int:
   except KeyboardInterrupt:
     print(f"kvjax {args.command}: interrupted", file=sys.stderr)
     return 130
-  except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+  except (ValueError, OSError, RuntimeError) as e:
     print(f"kvjax {args.command}: error: {e}", file=sys.stderr)
     return 2
   return 0

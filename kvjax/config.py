@@ -80,6 +80,10 @@ class QuantConfig:
     if self.attention_impl not in ("auto", "xla", "int8dot", "dequant", "pallas", "reference"):
       raise ValueError("QuantConfig.attention_impl must be 'auto', 'xla', 'int8dot', 'dequant', "
                        f"'pallas' or 'reference', got {self.attention_impl!r}")
+    for name in ("key_bits", "value_bits", "group_size", "seed"):
+      v = getattr(self, name)
+      if not isinstance(v, int) or isinstance(v, bool):
+        raise ValueError(f"QuantConfig.{name} must be an int, got {v!r}")
     if self.key_bits not in BITS:
       raise ValueError(f"QuantConfig.key_bits must be one of {BITS}, got {self.key_bits!r}")
     if self.value_bits not in BITS:
@@ -108,7 +112,9 @@ class QuantConfig:
         or not 0 <= self.value_recent <= MAX_VALUE_RECENT):
       raise ValueError(f"QuantConfig.value_recent must be an int in [0, {MAX_VALUE_RECENT}], "
                        f"got {self.value_recent!r}")
-    if self.householder_reflectors is not None and self.householder_reflectors < 1:
+    if self.householder_reflectors is not None and (
+        not isinstance(self.householder_reflectors, int)
+        or isinstance(self.householder_reflectors, bool) or self.householder_reflectors < 1):
       raise ValueError("QuantConfig.householder_reflectors must be >= 1 or None, got "
                        f"{self.householder_reflectors!r}")
 

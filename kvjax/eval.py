@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import pathlib
 import time
 from typing import Sequence
@@ -274,6 +275,8 @@ def parse_spec(text: str) -> CacheSpec:
     g = int(parts[1].lstrip("g"))
     rot = parts[2] if len(parts) > 2 else "srft"
     cal = len(parts) > 3 and parts[3] == "cal"
+    if len(parts) > 4 or (len(parts) > 3 and not cal) or not parts[1].startswith("g"):
+      raise ValueError(text)
   except (ValueError, IndexError):
     raise ValueError(f"unknown cache {text!r}: use one of {sorted(SPEC_CHOICES)} or a "
                      "description like K4V4-g32-srft or K4V4-g64-srht-cal") from None
@@ -652,6 +655,16 @@ def run(model_name: str = "gemma3-270m", *, text_file: str | None = None,
   from kvjax import corpus
   from kvjax.models import load
 
+  check_out_dir(out_dir)
+  check_positive_ints(chunk, "--chunk")
+  check_positive_ints(list(contexts), "--contexts", minimum=2)
+  check_positive_ints(list(calibration_windows), "--calibration-windows", minimum=2)
+  if text_file is not None:
+    corpus_check = pathlib.Path(text_file)
+    if not corpus_check.is_file():
+      raise FileNotFoundError(f"--text {text_file}: no such file")
+  if calibration is not None:
+    artifact.read_manifest(calibration)  # a wrong directory fails before the model loads
   specs = list(specs or default_specs())
   if not specs or specs[0].quant is not None:
     specs.insert(0, CacheSpec("bf16", None, description="dense bfloat16 cache (baseline)"))
@@ -791,6 +804,30 @@ def run(model_name: str = "gemma3-270m", *, text_file: str | None = None,
   log(f"wrote {out / 'eval.json'}" + (f" and {out / 'eval.png'}" if plot else "")
       + f" in {time.time() - t0:.0f} s")
   return doc
+
+
+def check_out_dir(path, *, flag: str = "--out") -> pathlib.Path:
+  """Fails before any slow work if `path` cannot hold a job's outputs (it is a file, or it or its
+  nearest existing parent is not a writable directory)."""
+  out = pathlib.Path(path).expanduser()
+  if out.exists() and not out.is_dir():
+    raise ValueError(f"{flag} {out} is a file; give a directory for the results")
+  parent = out
+  while not parent.exists():
+    parent = parent.parent
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise ValueError(f"{flag} {out}: {parent} is not writable")
+  return out
+
+
+def check_positive_ints(values, name: str, *, minimum: int = 1) -> list[int]:
+  """`values` as a list of ints >= minimum, or a ValueError naming `name`."""
+  values = list(values) if not isinstance(values, int) else [values]
+  if not values or any(not isinstance(v, int) or isinstance(v, bool) or v < minimum
+                       for v in values):
+    raise ValueError(f"{name} must be {'an int' if len(values) == 1 else 'ints'} >= {minimum}, "
+                     f"got {values}")
+  return values
 
 
 def format_table(rows) -> str:

@@ -83,6 +83,14 @@ def run(model_name: str = "gemma3-270m", *, lengths=(2048, 4096), depths=(0.1, 0
   from kvjax import corpus
   from kvjax.models import load
 
+  ev.check_out_dir(out_dir)
+  ev.check_positive_ints(list(lengths), "--lengths", minimum=16)
+  depths = list(depths)
+  if not depths or any(not 0.0 <= float(d) <= 1.0 for d in depths):
+    raise ValueError(f"--depths must be fractions in [0, 1], got {depths}")
+  if calibration is not None:
+    from kvjax import calibration as artifact
+    artifact.read_manifest(calibration)
   specs = list(specs or [ev.SPEC_CHOICES["bf16"], ev.SPEC_CHOICES["int4-naive"],
                          ev.SPEC_CHOICES["int4"]])
   if specs[0].quant is not None:

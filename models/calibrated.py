@@ -24,12 +24,11 @@ import os
 import pathlib
 from typing import Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from kvjax import calibration as artifact
-from kvjax.cache import QuantizedKVCache, _STATS_FIELDS
+from kvjax.cache import QuantizedKVCache
 from kvjax.config import QuantConfig
 from kvjax.smoothing import KeyCalibration, calibrate_caches
 from kvjax.models.decoder import layer_slots, with_separate_layers
@@ -160,7 +159,8 @@ def from_stats(model, stats, *, quant: QuantConfig | None = None, layer_quant=No
       tensors[layer] = {f: np.asarray(getattr(c, f)[index]) for f in artifact.TENSOR_FIELDS}
     return tuple(configs), tuple(tensors)
 
-  by_len = stats if isinstance(stats, dict) else {None: stats}
+  banded = isinstance(stats, dict) and stats and all(isinstance(k, int) for k in stats)
+  by_len = dict(sorted(stats.items())) if banded else {None: stats}
   if not by_len:
     raise ValueError("from_stats: no statistics")
   lengths = list(by_len)

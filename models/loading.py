@@ -44,6 +44,14 @@ def load(name_or_path: str | os.PathLike, *, dtype=jnp.float32,
   if not isinstance(name_or_path, (str, os.PathLike)):
     raise TypeError(f"name_or_path must be a checkpoint name or a path, got "
                     f"{type(name_or_path).__name__}")
+  try:
+    dt = jnp.dtype(dtype)
+  except TypeError:
+    raise ValueError(f"dtype must be jnp.float32 or jnp.bfloat16, got {dtype!r}") from None
+  if dt not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+    # float16 overflows Gemma-3's activations (every logit NaN); integer dtypes would truncate
+    # the weights.
+    raise ValueError(f"dtype must be jnp.float32 or jnp.bfloat16, got {dt}")
   from kvjax import calibration as artifact
   if calibration is not None and not isinstance(calibration, artifact.Calibration):
     if not isinstance(calibration, (str, os.PathLike)):

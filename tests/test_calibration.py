@@ -2,13 +2,11 @@
 bad artifact is refused with a clear error."""
 
 import json
-import os
 import pathlib
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest

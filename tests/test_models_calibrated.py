@@ -202,3 +202,42 @@ def test_auto_computes_once_then_reuses_and_repairs(tmp_path, monkeypatch):
                   log=logs.append)
   assert len(calls) == 2 and any("recomputing" in l for l in logs)
   artifact.load(path)
+
+
+def test_kvjax_calibrate_interrupted_by_sigint_leaves_no_directory(tmp_path):
+  """`kvjax calibrate` (the CLI entry point, its model load stubbed with the tiny model) gets a
+  SIGINT while it writes the artifact: exit code 130, no --out directory, no temporary one."""
+  import signal
+  text = tmp_path / "text.txt"
+  text.write_text("It is a truth universally acknowledged. " * 40)
+  out = tmp_path / "out" / "cal"
+  script = textwrap.dedent(f"""
+      import sys, time
+      sys.path.insert(0, {str(pathlib.Path(__file__).parent)!r})
+      from test_models_calibrated import _model, _ByteTokenizer
+      import kvjax.models
+      from kvjax import calibration as artifact, cli
+      model = _model()
+      kvjax.models.load = lambda name, **kw: (model, _ByteTokenizer(model.config.vocab_size))
+      real = artifact._write_tensors
+      def slow(path, cal):
+        real(path, cal)
+        print("writing", flush=True)
+        time.sleep(60)
+      artifact._write_tensors = slow
+      sys.exit(cli.main(["calibrate", "--model", "tiny", "--out", {str(out)!r}, "--text",
+                         {str(text)!r}, "--windows", "32", "32", "64", "--chunk", "16",
+                         "--no-progress"]))
+  """)
+  proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  for line in proc.stdout:
+    if line.strip() == "writing":
+      break
+  else:
+    raise AssertionError(proc.stderr.read())
+  assert [p.name for p in out.parent.iterdir() if ".partial-" in p.name]
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=60)
+  assert proc.returncode == 130 and "interrupted" in err, err
+  assert list(out.parent.iterdir()) == []
