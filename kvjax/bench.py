@@ -16,7 +16,6 @@ offsets read, both feedback roundings and the sink key written every step).
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 import resource
 import statistics
@@ -27,7 +26,7 @@ import jax.numpy as jnp
 
 from kvjax.cache import DenseKVCache, QuantizedKVCache
 from kvjax.eval import (cache_bytes, calibrations_for, check_out_dir, check_positive_ints,
-                        parse_spec, with_layers_for)
+                        parse_spec, save_plot, with_layers_for, write_results)
 from kvjax.models.runner import Runner
 
 _IS_CACHE = lambda x: isinstance(x, (DenseKVCache, QuantizedKVCache))
@@ -134,9 +133,8 @@ def run(model_name: str = "gemma3-270m", *, contexts=(256, 1024, 4096, 8192), re
                   "note": "caches filled with random contents; medians of interleaved runs"},
          "rows": rows}
   out = pathlib.Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  (out / "bench.json").write_text(json.dumps(doc, indent=2))
-  _plot(rows, out / "bench.png", model_name)
+  write_results(out / "bench.json", doc, log=log)
+  save_plot(lambda: _plot(rows, out / "bench.png", model_name), log=log)
   log(f"peak process memory {peak / 2**30:.2f} GiB; wrote {out / 'bench.json'} and {out / 'bench.png'}")
   return doc
 

@@ -272,8 +272,15 @@ def _check_positive_int(value, name):
     raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def _per_head_param(value, default, shape, name):
-  """Broadcasts a rotation / lambda argument to [Hr, ...] float32, Hr in {1, H}."""
+_ORTHOGONALITY_TOL = 1e-3
+
+
+def _per_head_param(value, default, shape, name, *, check=None):
+  """Broadcasts a rotation / lambda argument to [Hr, ...] float32, Hr in {1, H}.
+
+  check: "orthogonal", "positive" or "upper" (strictly upper triangular), verified (with
+  finiteness) when the value is concrete: a bad one would silently give wrong or NaN attention.
+  """
   if value is None:
     return jnp.asarray(default, jnp.float32)[None]
   arr = jnp.asarray(value, jnp.float32)
@@ -282,6 +289,21 @@ def _per_head_param(value, default, shape, name):
   if arr.ndim != len(shape) or arr.shape[1:] != shape[1:] or arr.shape[0] not in (1, shape[0]):
     raise ValueError(f"{name} must have shape {shape[1:]}, [1, *{shape[1:]}] or {shape}, "
                      f"got {arr.shape}")
+  conc = _concrete(arr)
+  if conc is not None:
+    if not np.all(np.isfinite(conc)):
+      raise ValueError(f"{name} holds non-finite values (NaN or inf)")
+    if check == "orthogonal":
+      r = conc.astype(np.float64)
+      err = float(np.abs(r @ np.swapaxes(r, -1, -2) - np.eye(r.shape[-1])).max())
+      if err > _ORTHOGONALITY_TOL:
+        raise ValueError(f"{name} must be orthogonal (max |R R^T - I| = {err:.3g} > "
+                         f"{_ORTHOGONALITY_TOL}): attention runs in the rotated domain")
+    elif check == "positive" and np.any(conc <= 0):
+      raise ValueError(f"{name} must be > 0 in every channel (it divides the cached vectors), "
+                       f"min {float(conc.min())!r}")
+    elif check == "upper" and np.any(np.tril(conc)):
+      raise ValueError(f"{name} must be strictly upper triangular")
   return arr
 
 
@@ -375,20 +397,20 @@ def init_cache(batch: int, num_kv_heads: int, max_len: int, head_dim: int, *,
       k_codes=codes(quant.key_bits), k_scales=scales(),
       v_codes=codes(quant.value_bits), v_scales=scales(),
       k_rotation=_per_head_param(key_rotation, rotation_matrix_np(kind, head_dim, quant.seed, hk),
-                                 rot_shape, "key_rotation"),
+                                 rot_shape, "key_rotation", check="orthogonal"),
       v_rotation=_per_head_param(value_rotation,
                                  rotation_matrix_np(kind, head_dim, quant.seed + 1, hk),
-                                 rot_shape, "value_rotation"),
-      k_lambda=_per_head_param(key_lambda, ones, lam_shape, "key_lambda"),
-      v_lambda=_per_head_param(value_lambda, ones, lam_shape, "value_lambda"),
+                                 rot_shape, "value_rotation", check="orthogonal"),
+      k_lambda=_per_head_param(key_lambda, ones, lam_shape, "key_lambda", check="positive"),
+      v_lambda=_per_head_param(value_lambda, ones, lam_shape, "value_lambda", check="positive"),
       k_mean=_per_head_param(key_mean, np.zeros_like(ones), lam_shape, "key_mean"),
       k_rope_freq=rope_freq, k_rope_channels=rope_channels,
       k_rope_mean=_per_head_param(rope_mean, np.zeros((2, npairs), np.float32),
                                   (num_kv_heads, 2, npairs), "key_rope mean"),
       k_feedback=_per_head_param(key_feedback, np.zeros((head_dim, head_dim), np.float32),
-                                 rot_shape, "key_feedback"),
+                                 rot_shape, "key_feedback", check="upper"),
       v_feedback=_per_head_param(value_feedback, np.zeros((head_dim, head_dim), np.float32),
-                                 rot_shape, "value_feedback"),
+                                 rot_shape, "value_feedback", check="upper"),
       k_sink=jnp.zeros((batch, num_kv_heads, head_dim if quant.key_sink else 0), jnp.float32),
       v_sink=jnp.zeros((batch, num_kv_heads, head_dim if quant.value_sink else 0), jnp.float32),
       v_recent=jnp.zeros((batch, num_kv_heads, recent_rows(quant), head_dim), jnp.float32),

@@ -29,7 +29,7 @@ import subprocess
 import tempfile
 import zlib
 
-from kvjax.user_cache import atomic_write_text, cache_dir as _cache_dir
+from kvjax.user_cache import atomic_write_text, cache_dir as _cache_dir, exclusive, sweep_stale
 
 __all__ = [
     "BOOKS", "EVAL_BOOK", "CALIBRATION_BOOK", "load_austen", "load_text", "eval_text",
@@ -81,7 +81,10 @@ def load_austen(book: str | None = None, *, cache_dir: str | os.PathLike | None 
   directory = _cache_dir(cache_dir) / "corpus" / "janeaustenr"
   paths = {title: directory / f"{BOOKS[title]}.txt" for title in titles}
   if not all(p.exists() for p in paths.values()):
-    _extract_all(directory)
+    with exclusive(directory.parent / "janeaustenr.lock"):
+      sweep_stale(directory, ".extract-")  # left by a killed extraction
+      if not all(p.exists() for p in paths.values()):
+        _extract_all(directory)
   texts = {title: path.read_text(encoding="utf-8") for title, path in paths.items()}
   return texts if book is None else texts[titles[0]]
 

@@ -795,15 +795,31 @@ def run(model_name: str = "gemma3-270m", *, text_file: str | None = None,
                   "seconds": round(time.time() - t0, 1), "jax": jax.__version__,
                   "backend": jax.default_backend()},
          "rows": rows}
-  out = pathlib.Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  (out / "eval.json").write_text(json.dumps(doc, indent=2))
   log(format_table(rows))
-  if plot:
-    plot_rows(rows, out / "eval.png", title=f"{model_name} on {corpus_name}")
+  out = pathlib.Path(out_dir)
+  write_results(out / "eval.json", doc, log=log)
+  if plot and not save_plot(lambda: plot_rows(rows, out / "eval.png",
+                                              title=f"{model_name} on {corpus_name}"), log=log):
+    plot = False
   log(f"wrote {out / 'eval.json'}" + (f" and {out / 'eval.png'}" if plot else "")
       + f" in {time.time() - t0:.0f} s")
   return doc
+
+
+def write_results(path: pathlib.Path, doc: dict, *, log=print) -> None:
+  """Writes a job's JSON atomically (a reader never sees half a file)."""
+  from kvjax.user_cache import atomic_write_text
+  atomic_write_text(path, json.dumps(doc, indent=2))
+
+
+def save_plot(draw, *, log=print) -> bool:
+  """Runs `draw()`; a failing plot is reported, not fatal (the table and JSON are already out)."""
+  try:
+    draw()
+    return True
+  except Exception as e:  # matplotlib backends fail in many ways; the numbers matter more
+    log(f"plot not written: {type(e).__name__}: {e}")
+    return False
 
 
 def check_out_dir(path, *, flag: str = "--out") -> pathlib.Path:

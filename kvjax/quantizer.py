@@ -82,12 +82,18 @@ def round_to_grid(u: jax.Array, bits: int) -> jax.Array:
 
 def group_absmax_scales(y: jax.Array, *, bits: int, group_size: int,
                         scale_dtype=jnp.bfloat16) -> jax.Array:
-  """Per-group scales max|y| / qmax(bits), [..., D] -> [..., D // group_size] in `scale_dtype`."""
+  """Per-group scales max|y| / qmax(bits), [..., D] -> [..., D // group_size] in `scale_dtype`.
+
+  A scale beyond the largest finite value of `scale_dtype` (float16: 65504, i.e. activations
+  above ~1e6 at 4 bits) saturates there instead of becoming inf, so the codes clip at ±qmax
+  and attention stays finite (and wrong by the clipping) rather than turning NaN.
+  """
   d = y.shape[-1]
   if d % group_size:
     raise ValueError(f"last axis {d} is not divisible by group_size={group_size}")
   yg = y.astype(jnp.float32).reshape(*y.shape[:-1], d // group_size, group_size)
   s = jnp.max(jnp.abs(yg), axis=-1) / qmax(bits)
+  s = jnp.minimum(s, float(jnp.finfo(jnp.dtype(scale_dtype)).max))
   return round_to_dtype(s, scale_dtype).astype(scale_dtype)
 
 

@@ -12,7 +12,6 @@ agreement with bf16, not the small model's own accuracy (which is also shown).
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 import random
 import re
@@ -152,7 +151,6 @@ def run(model_name: str = "gemma3-270m", *, lengths=(2048, 4096), depths=(0.1, 0
                                         "(a log-probability gap; small = a near tie)"},
          "summary": summary, "rows": rows}
   out = pathlib.Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  (out / "passkey.json").write_text(json.dumps(doc, indent=2))
+  ev.write_results(out / "passkey.json", doc, log=log)
   log(f"wrote {out / 'passkey.json'}")
   return doc

