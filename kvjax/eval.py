@@ -659,10 +659,12 @@ def run(model_name: str = "gemma3-270m", *, text_file: str | None = None,
   check_positive_ints(chunk, "--chunk")
   check_positive_ints(list(contexts), "--contexts", minimum=2)
   check_positive_ints(list(calibration_windows), "--calibration-windows", minimum=2)
+  user_text = None
   if text_file is not None:
-    corpus_check = pathlib.Path(text_file)
-    if not corpus_check.is_file():
+    from kvjax import corpus
+    if not pathlib.Path(text_file).is_file():
       raise FileNotFoundError(f"--text {text_file}: no such file")
+    user_text = corpus.load_text(text_file)  # not UTF-8, or empty: refused before the model loads
   if calibration is not None:
     artifact.read_manifest(calibration)  # a wrong directory fails before the model loads
   specs = list(specs or default_specs())
@@ -705,7 +707,7 @@ def run(model_name: str = "gemma3-270m", *, text_file: str | None = None,
   if text_file is None:
     text, corpus_name = corpus.eval_text(), "austen:pride-and-prejudice"
   else:
-    text, corpus_name = corpus.load_text(text_file), str(text_file)
+    text, corpus_name = user_text, str(text_file)
   if not isinstance(score_tokens, int) or score_tokens < 1:
     raise ValueError(f"score_tokens must be a positive int, got {score_tokens!r}")
   if not isinstance(incremental_steps, int) or incremental_steps < 0 or incremental_steps == 1:

@@ -21,6 +21,7 @@ def _run(argv, capsys):
     (["eval", "--out", "FILE"], "--out .* is a file"),
     (["eval", "--text", "/nonexistent/book.txt"], "--text /nonexistent/book.txt: no such file"),
     (["eval", "--chunk", "0"], "--chunk must be an int >= 1"),
+    (["eval", "--text", "LATIN1"], "is not UTF-8"),
     (["eval", "--contexts", "1024", "-5"], "--contexts must be ints >= 2"),
     (["eval", "--calibration", "/nonexistent/cal"], "no calibration directory"),
     (["eval", "--caches", "K4V4-g32-srft-cla"], "unknown cache 'K4V4-g32-srft-cla'"),
@@ -35,7 +36,9 @@ def _run(argv, capsys):
 def test_bad_arguments_fail_fast_and_name_the_argument(argv, message, tmp_path, capsys):
   (tmp_path / "file").write_text("x")
   (tmp_path / "existing").mkdir()
+  (tmp_path / "latin1.txt").write_bytes("café au lait".encode("latin-1"))
   subs = {"FILE": str(tmp_path / "file"), "EXISTING": str(tmp_path / "existing"),
+          "LATIN1": str(tmp_path / "latin1.txt"),
           "NEW": str(tmp_path / "new")}
   argv = [subs.get(a, a) for a in argv]
   code, err, seconds = _run(argv, capsys)
