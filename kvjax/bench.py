@@ -114,7 +114,7 @@ def run(model_name: str = "gemma3-270m", *, contexts=(256, 1024, 4096, 8192), re
     base_t = statistics.median(times[specs[0].name])
     for s in specs:
       med = statistics.median(times[s.name])
-      nb = cache_bytes(model, s, ctx)  # a cache sized to this context (ring layers: window)
+      nb = cache_bytes(model, s, ctx, cals.get(s.name))  # sized to this context (rings: window)
       row = {"model": model_name, "context": ctx, "cache": s.name, "median_ms": 1e3 * med,
              "ratio_vs_bf16": med / base_t, "cache_bytes": nb,
              "compression_vs_bf16": None}

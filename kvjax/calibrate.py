@@ -612,9 +612,16 @@ def calibrate(model, tokens: Sequence[int], *, quant: QuantConfig | None = None,
     raise TypeError(f"learned must be a CalibrationConfig or None, got {type(learned).__name__}")
   if learned is not None and layer_quant:
     raise ValueError("the learned ablation fits one format for every layer; give no layer_quant")
+  if stats is not None and not (isinstance(stats, dict) and stats
+                                and all(isinstance(k, int) for k in stats)):
+    raise ValueError("stats must be {window length: statistics} as "
+                     "kvjax.models.calibrated.collect_window_stats returns")
   t0 = time.time()
   quant = QuantConfig() if quant is None else quant
   cfg = model.config
+  if layer_quant:
+    from kvjax.models.decoder import with_separate_layers
+    model = with_separate_layers(model, tuple(sorted(set(cfg.separate_layers) | set(layer_quant))))
   ids = [int(t) for t in np.asarray(tokens).reshape(-1)]
   wins = calibrated.calibration_windows(ids, window_lengths, bos=cfg.add_bos)  # checks length
   log(f"closed-form calibration: statistics over windows of {[len(w) for w in wins]} tokens "

@@ -9,10 +9,11 @@ context length and every layout (`kvjax.models.calibrated` puts it into a model'
 Context bands. Key statistics depend on the positions a cache holds (the rotary key offset and
 the constant one are fitted over them; early tokens weigh more in a short context), and
 parameters fitted on 4K-token windows cost a 1K cache about 30% more KL than ones fitted on
-1K-token windows, and the other way round (docs/calibration.md). So an artifact may hold, besides
-its main tensors, tensors for shorter caches: `bands` = ((limit, per-layer tensors), ...);
-a cache created for at most `limit` tokens takes the first band whose limit covers it, any
-longer cache the main tensors (`tensors_for(max_len)`). The formats are the same in every band.
+1K-token windows, and 1K-fitted parameters cost a 4K cache twice the KL (docs/calibration.md).
+So an artifact may hold, besides its main tensors, tensors for shorter caches: `bands` =
+((limit, per-layer tensors), ...); a cache created for at most `limit` tokens takes the first
+band whose limit covers it, any longer cache the main tensors (`tensors_for(max_len)`). The
+formats are the same in every band.
 
 On disk a calibration is a directory:
 
@@ -254,16 +255,34 @@ def _tree_hashes(root: pathlib.Path) -> dict:
   return out
 
 
-def _write_tensors(path: pathlib.Path, calibration: Calibration) -> None:
+def _write_tensors(path: pathlib.Path, calibration: Calibration) -> dict:
+  """Writes the tensors with Orbax; returns {tree path: [shape, dtype]} of the empty arrays,
+  which Orbax refuses to store (e.g. the rotary offset of a format with no rotary pairs)."""
   import orbax.checkpoint as ocp
-  layers = lambda ts: {f"layer_{i:03d}": dict(t) for i, t in enumerate(ts)}
-  tree = layers(calibration.tensors)
+  empty = {}
+
+  def layers(ts, prefix):
+    out = {}
+    for i, t in enumerate(ts):
+      key = f"layer_{i:03d}"
+      out[key] = {}
+      for name, a in t.items():
+        if a.size:
+          out[key][name] = a
+        else:
+          empty[f"{prefix}{key}/{name}"] = [list(a.shape), str(a.dtype)]
+    return out
+
+  tree = layers(calibration.tensors, "")
   for limit, ts in calibration.bands:
-    tree[f"band_{limit:08d}"] = layers(ts)
+    tree[f"band_{limit:08d}"] = layers(ts, f"band_{limit:08d}/")
   ckpt = ocp.StandardCheckpointer()
-  ckpt.save(path, tree)
-  ckpt.wait_until_finished()
-  ckpt.close()
+  try:
+    ckpt.save(path, tree)
+    ckpt.wait_until_finished()
+  finally:
+    ckpt.close()
+  return empty
 
 
 def save(calibration: Calibration, directory: str | os.PathLike, *,
@@ -283,8 +302,9 @@ def save(calibration: Calibration, directory: str | os.PathLike, *,
   target.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
   try:
-    _write_tensors(tmp / TENSORS, calibration)
+    empty = _write_tensors(tmp / TENSORS, calibration)
     manifest = dict(calibration.manifest)
+    manifest["empty_tensors"] = empty
     manifest.update({
         "format": "kvjax-calibration", "format_version": FORMAT_VERSION,
         "kvjax_version": _version(), "num_layers": calibration.num_layers,
@@ -297,7 +317,12 @@ def save(calibration: Calibration, directory: str | os.PathLike, *,
     if target.exists():  # overwrite: move the old one aside first, drop it after the swap
       old = pathlib.Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
       os.replace(target, old / "x")
-      os.replace(tmp, target)
+      try:
+        os.replace(tmp, target)
+      except BaseException:
+        os.replace(old / "x", target)  # put the old artifact back
+        shutil.rmtree(old, ignore_errors=True)
+        raise
       shutil.rmtree(old, ignore_errors=True)
     else:
       os.replace(tmp, target)
@@ -327,9 +352,10 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     raise ValueError(f"{path}: calibration format version {version!r} is not supported by this "
                      f"kvjax (reads version {FORMAT_VERSION}); recalibrate with "
                      "`kvjax calibrate`")
-  for key in ("layer_formats", "files", "num_layers", "model"):
-    if key not in manifest:
-      raise ValueError(f"{mpath} is corrupted: no {key!r} entry")
+  for key, kind in (("layer_formats", list), ("files", dict), ("num_layers", int),
+                    ("model", dict)):
+    if not isinstance(manifest.get(key), kind):
+      raise ValueError(f"{mpath} is corrupted: no valid {key!r} entry")
   return manifest
 
 
@@ -372,20 +398,34 @@ def load(directory: str | os.PathLike, *, fingerprint: dict | None = None) -> Ca
     raise ValueError(f"calibration {path}: manifest lists {len(configs)} layer formats for "
                      f"{n} layers")
 
-  def layers(sub, where):
+  empty = manifest.get("empty_tensors", {})
+  if not isinstance(empty, dict):
+    raise ValueError(f"calibration {path}: manifest entry 'empty_tensors' is corrupted")
+
+  def layers(sub, prefix, where):
     out = []
     for i in range(n):
       key = f"layer_{i:03d}"
-      if not isinstance(sub, dict) or key not in sub:
+      if not isinstance(sub, dict) or not isinstance(sub.get(key, {}), dict):
         raise ValueError(f"calibration {path}: no tensors for layer {i}{where}")
-      out.append({k: np.asarray(v) for k, v in sub[key].items()})
+      arrays = {k: np.asarray(v) for k, v in sub.get(key, {}).items()}
+      for name, spec in empty.items():
+        head, _, field = name.rpartition("/")
+        if head == f"{prefix}{key}":
+          try:
+            arrays[field] = np.zeros(tuple(spec[0]), np.dtype(spec[1]))
+          except (TypeError, ValueError, IndexError):
+            raise ValueError(f"calibration {path}: manifest entry for {name} is corrupted") \
+                from None
+      out.append(arrays)
     return tuple(out)
 
   bands = []
   for limit in manifest.get("bands", []):
-    bands.append((int(limit), layers(tree.get(f"band_{int(limit):08d}"), f" (band {limit})")))
+    band = f"band_{int(limit):08d}"
+    bands.append((int(limit), layers(tree.get(band), f"{band}/", f" (band {limit})")))
   try:
-    return Calibration(configs=tuple(configs), tensors=layers(tree, ""), manifest=manifest,
+    return Calibration(configs=tuple(configs), tensors=layers(tree, "", ""), manifest=manifest,
                        bands=tuple(bands))
   except ValueError as e:
     raise ValueError(f"calibration {path}: {e}") from None

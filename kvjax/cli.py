@@ -61,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help="tokens scored per context: ceil(N / context) disjoint windows of the "
                       "text, each opened with BOS (default: %(default)s)")
   e.add_argument("--calibration-windows", type=int, nargs="+", default=[1024, 1024, 4096],
-                 help="window lengths (tokens of Emma, consecutive) of the calibrations made in "
-                      "process for calibrated rows other than int4 (default: %(default)s)")
+                 help="window lengths (tokens of Emma, consecutive; one context band per "
+                      "length) of the calibrations of every calibrated row (default: %(default)s)")
   e.add_argument("--chunk", type=int, default=512, help="prefill chunk length")
   e.add_argument("--out", default="results/eval")
   e.add_argument("--no-progress", action="store_true")

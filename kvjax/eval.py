@@ -372,8 +372,13 @@ def calibrations_for(model, specs: Sequence[CacheSpec], *, tokenizer=None, ids=N
   return out
 
 
-def cache_bytes(model, spec: CacheSpec, context: int) -> int:
-  caches = jax.eval_shape(lambda: _make_caches_shape(model, spec, context))
+def cache_bytes(model, spec: CacheSpec, context: int, calibration=None) -> int:
+  """Real bytes of the caches of one sequence of `context` tokens (from `calibration`'s formats
+  when the spec's cache is built from one)."""
+  if calibration is not None:
+    caches = jax.eval_shape(lambda: model.init_cache(1, context, calibration=calibration))
+  else:
+    caches = jax.eval_shape(lambda: _make_caches_shape(model, spec, context))
   return _tree_nbytes(caches)
 
 
@@ -388,17 +393,22 @@ def _make_caches_shape(model, spec, context):
   return model.init_cache(1, context, quant=quant, layer_quant=layer_quant)
 
 
-def bits_per_value(model, spec: CacheSpec, context: int) -> float:
+def bits_per_value(model, spec: CacheSpec, context: int, calibration=None) -> float:
   """Mean stored bits per cached K/V value at `context` tokens (per-layer formats weighted by
-  the slots each layer holds: a sliding-window layer holds at most its window)."""
+  the slots each layer holds: a sliding-window layer holds at most its window; from
+  `calibration`'s formats when the spec's cache is built from one)."""
   if spec.quant is None:
     return 16.0
   cfg = model.config
-  overrides = spec.layer_quant()
+  if calibration is not None:
+    formats = list(calibration.configs)
+  else:
+    overrides = spec.layer_quant()
+    formats = [overrides.get(l, spec.quant) for l in range(cfg.num_layers)]
   total = weight = 0.0
   for layer, kind in enumerate(cfg.layer_types):
     slots = min(context, cfg.sliding_window) if kind == "local" else context
-    total += slots * overrides.get(layer, spec.quant).bits_per_value()
+    total += slots * formats[layer].bits_per_value()
     weight += slots
   return total / weight
 
@@ -648,9 +658,10 @@ def run(model_name: str = "gemma3-270m", *, text_file: str | None = None,
   this many windows of each context (default: the scored windows; 0 steps: no incremental
   rows) as one batch, against teacher forcing from the same prefilled cache
   (`evaluate_incremental`), for the reference and `incremental_specs`.
-  calibration_windows: window lengths of the in-process calibrations (the calibrated rows other
-  than `int4`: consecutive BOS-opened windows of the calibration book, statistics summed), made
-  once and used at every context, as the artifact is.
+  calibration_windows: window lengths of every calibration the run makes (consecutive
+  BOS-opened windows of the calibration book, one context band per length; the `int4` row's
+  "auto" artifact is the model's default only with the default windows), made once and used at
+  every context.
   """
   from kvjax import corpus
   from kvjax.models import load
@@ -661,7 +672,6 @@ def run(model_name: str = "gemma3-270m", *, text_file: str | None = None,
   check_positive_ints(list(calibration_windows), "--calibration-windows", minimum=2)
   user_text = None
   if text_file is not None:
-    from kvjax import corpus
     if not pathlib.Path(text_file).is_file():
       raise FileNotFoundError(f"--text {text_file}: no such file")
     user_text = corpus.load_text(text_file)  # not UTF-8, or empty: refused before the model loads
@@ -776,8 +786,8 @@ def run(model_name: str = "gemma3-270m", *, text_file: str | None = None,
                "mode": mode, **summ}
         row["delta_ppl"] = row["ppl"] - base[mode]
         row["delta_ppl_pct"] = 100.0 * row["delta_ppl"] / base[mode]
-        row["cache_bytes"] = cache_bytes(model, s, c)
-        row["bits_per_value"] = bits_per_value(model, s, c)
+        row["cache_bytes"] = cache_bytes(model, s, c, calibrations.get(s.name))
+        row["bits_per_value"] = bits_per_value(model, s, c, calibrations.get(s.name))
         if mode == "incremental":
           # Teacher-forced from the same prefilled cache, over the same positions.
           row["hook_ppl_same_positions"] = _summary(*inc[s.name]["hook"])["ppl"]

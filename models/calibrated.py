@@ -161,8 +161,6 @@ def from_stats(model, stats, *, quant: QuantConfig | None = None, layer_quant=No
 
   banded = isinstance(stats, dict) and stats and all(isinstance(k, int) for k in stats)
   by_len = dict(sorted(stats.items())) if banded else {None: stats}
-  if not by_len:
-    raise ValueError("from_stats: no statistics")
   lengths = list(by_len)
   configs, tensors = one(by_len[lengths[-1]])
   bands = tuple((n, one(by_len[n])[1]) for n in lengths[:-1])
@@ -238,12 +236,16 @@ def init_cache(model, batch: int, max_len: int, calibration, *, attention_impl: 
   `QuantConfig.attention_impl` (e.g. "xla" for the exact path)."""
   cfg = model.config
   cal = artifact.resolve(calibration, fingerprint=fingerprint(model))
-  need = required_separate_layers(cal, cfg)
-  missing = sorted(set(need) - set(cfg.separate_layers))
-  if missing:
-    raise ValueError(f"the calibration gives layers {missing} their own cache format; load the "
-                     f"model with separate_layers={tuple(sorted(set(need) | set(cfg.separate_layers)))}"
-                     " (kvjax.models.load(..., calibration=...) does this)")
+  if cal.num_layers != cfg.num_layers:
+    raise ValueError(f"the calibration has {cal.num_layers} layers, the model {cfg.num_layers}")
+  stacked = [l for l in range(cfg.num_layers) if l not in cfg.separate_layers]
+  formats = [cal.configs[l] for l in stacked]
+  if len(set(formats)) > 1:
+    common = max(formats, key=formats.count)
+    need = sorted(set(cfg.separate_layers) | {l for l in stacked if cal.configs[l] != common})
+    raise ValueError(f"the calibration gives layers {sorted(set(need) - set(cfg.separate_layers))} "
+                     f"their own cache format; load the model with separate_layers="
+                     f"{tuple(need)} (kvjax.models.load(..., calibration=...) does this)")
   configs = list(cal.configs)
   if attention_impl is not None:
     configs = [dataclasses.replace(c, attention_impl=attention_impl) for c in configs]
@@ -252,7 +254,9 @@ def init_cache(model, batch: int, max_len: int, calibration, *, attention_impl: 
   # no random matrix to start from).
   make = [dataclasses.replace(c, rotation="none") if c.rotation == "learned" else c
           for c in configs]
-  common = max(make, key=make.count)
+  # The layers the model stacks share one format; the separate layers take their own.
+  stacked = [l for l in range(cfg.num_layers) if l not in cfg.separate_layers]
+  common = make[stacked[0]] if stacked else make[0]
   layer_quant = {l: make[l] for l in cfg.separate_layers}
   caches = model.init_cache(batch, max_len, quant=common, layer_quant=layer_quant)
   chosen = cal.tensors_for(max_len)
@@ -295,9 +299,10 @@ def _check_fits(field, shape, cache, cal):
 
 
 def _auto_tag(quant: QuantConfig, recipe: KeyCalibration, lengths) -> str:
+  from kvjax import __version__
   key = json.dumps({"quant": dataclasses.asdict(quant), "recipe": dataclasses.asdict(recipe),
                     "windows": list(lengths), "bands": "per window length",
-                    "format": artifact.FORMAT_VERSION,
+                    "format": artifact.FORMAT_VERSION, "kvjax": __version__,
                     "text": "austen:Emma"}, sort_keys=True)
   return hashlib.sha256(key.encode()).hexdigest()[:12]
 
@@ -325,9 +330,17 @@ def auto(model, tokenizer, *, quant: QuantConfig | None = None,
   path = auto_path(model, quant=quant, recipe=recipe, window_lengths=window_lengths,
                    cache_dir=cache_dir)
   fp = fingerprint(model)
-  # A save killed without unwinding (SIGKILL) leaves its hidden temporary beside the target.
-  from kvjax.user_cache import sweep_stale
-  sweep_stale(path.parent, f".{path.name}.partial-", older_than_s=3600)
+  from kvjax.user_cache import exclusive, sweep_stale
+  # One process computes; others wait for it and read its result.
+  with exclusive(path.parent / f".{path.name}.lock"):
+    # A save killed without unwinding (SIGKILL) leaves its hidden temporaries beside the target.
+    sweep_stale(path.parent, f".{path.name}.partial-")
+    sweep_stale(path.parent, f".{path.name}.old-")
+    return _auto_locked(model, tokenizer, path, fp, quant=quant, recipe=recipe,
+                        window_lengths=window_lengths, progress=progress, log=log)
+
+
+def _auto_locked(model, tokenizer, path, fp, *, quant, recipe, window_lengths, progress, log):
   if path.is_dir():
     try:
       return artifact.load(path, fingerprint=fp)
@@ -343,8 +356,5 @@ def auto(model, tokenizer, *, quant: QuantConfig | None = None,
       f"{corpus.CALIBRATION_BOOK} (first use; kept in {path})")
   cal = calibrate(model, ids, quant=quant, recipe=recipe, window_lengths=window_lengths,
                   text_name=f"austen:{corpus.CALIBRATION_BOOK}", progress=progress)
-  try:
-    artifact.save(cal, path, overwrite=path.exists())
-  except FileExistsError:  # another process stored it first: use the stored one
-    return artifact.load(path, fingerprint=fp)
+  artifact.save(cal, path, overwrite=path.exists())
   return cal

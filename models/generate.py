@@ -177,9 +177,9 @@ def generate(model: CausalLM, tokenizer, prompts: Sequence[str] | str, *, max_ne
   if tokenizer is None:
     raise ValueError("generate needs a tokenizer; use generate_tokens for token ids")
   if isinstance(calibration, str) and calibration == "auto":
-    from kvjax.models.loading import attach_calibration
-    model = attach_calibration(model, "auto", tokenizer)
-    calibration = model.calibration
+    # Resolved for this call only: the caller's model is left as it is.
+    from kvjax.models import calibrated
+    calibration = calibrated.auto(model, tokenizer)
   if isinstance(prompts, str):
     prompts = [prompts]
   ids = [encode(tokenizer, p, model.config) for p in prompts]

@@ -109,14 +109,17 @@ def _load_gguf(path: str, dtype, config):
 
   try:
     reader = gguf.GGUFReader(path)
-    cfg, pure = params_from_gguf(reader, config)
+    size = os.path.getsize(path)
+    for t in reader.tensors:
+      if int(t.data_offset) + int(t.n_bytes) > size:
+        raise ValueError(f"tensor {t.name!r} ends at byte {int(t.data_offset) + int(t.n_bytes)} "
+                         f"of a {size}-byte file")
   except (IndexError, KeyError, TypeError, ValueError, OSError, EOFError) as e:
     # A truncated or damaged file fails deep inside the reader (an index past the end of the
     # memory map, an array that cannot be reshaped): name the file instead.
-    if isinstance(e, ValueError) and str(e).startswith("unsupported"):
-      raise
     raise ValueError(f"{path} is not a readable GGUF checkpoint (truncated or damaged?): "
                      f"{type(e).__name__}: {e}") from None
+  cfg, pure = params_from_gguf(reader, config)
   model = build_model(cfg, pure, dtype=dtype)
   del pure
   from kvjax.models.tokenizer import load_tokenizer

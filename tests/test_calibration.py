@@ -16,6 +16,7 @@ from kvjax import calibration as artifact
 
 
 def _random_calibration(num_layers=3, heads=2, d=32, pairs=4, seed=0, fingerprint=None):
+  """A valid calibration with random orthogonal rotations, positive λ, upper feedback."""
   rng = np.random.default_rng(seed)
   cfg = kvjax.QuantConfig(key_rope_pairs=pairs, key_feedback=True, key_sink=True)
   layers = []
@@ -184,3 +185,15 @@ def test_sigint_during_a_save_in_another_process_leaves_nothing(tmp_path):
   _, err = proc.communicate(timeout=60)
   assert proc.returncode != 0 and "KeyboardInterrupt" in err
   assert list(tmp_path.iterdir()) == []
+
+
+def test_a_format_without_rotary_pairs_round_trips(tmp_path):
+  """Empty tensors (no rotary pairs: [0], [0, 2], [Hr, 2, 0]) are kept in the manifest, since
+  Orbax stores no zero-size arrays."""
+  c = _random_calibration(pairs=0)
+  assert c.tensors[0]["k_rope_freq"].shape == (0,)
+  back = artifact.load(artifact.save(c, tmp_path / "cal"))
+  for a, b in zip(c.tensors, back.tensors):
+    for k in a:
+      assert a[k].shape == b[k].shape and a[k].dtype == b[k].dtype
+      np.testing.assert_array_equal(a[k], b[k])

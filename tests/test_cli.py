@@ -116,8 +116,11 @@ def test_damaged_checkpoints_name_the_file(tmp_path):
   w.write_kv_data_to_file()
   w.write_tensors_to_file()
   w.close()
+  with pytest.raises(ValueError) as intact:     # readable, but no model metadata: another error
+    load(str(good))
+  assert "not a readable GGUF" not in str(intact.value)
   data = good.read_bytes()
-  for cut in (len(data) // 2, 40):
+  for cut in (len(data) // 2, len(data) - 8, 40):
     bad = tmp_path / f"truncated{cut}.gguf"
     bad.write_bytes(data[:cut])
     with pytest.raises(ValueError, match=f"truncated{cut}.gguf is not a readable GGUF checkpoint"):

@@ -153,6 +153,20 @@ def test_per_layer_formats_need_their_layers_separate():
   assert sorted(c.config.key_bits for c in caches["groups"]) == [4, 4, 4, 8]
 
 
+def test_a_format_in_most_layers_works_with_those_layers_separate():
+  """As `kvjax eval` lays the model out for '+k8@local': the 5 local layers separate, the one
+  global layer stacked; the stacked layer's format is the shared one even though most layers
+  have the other."""
+  model = _model()
+  local = {l: kvjax.QuantConfig(key_bits=8) for l in range(5)}
+  cal = calibrated.calibrate(model, _tokens(model.config), window_lengths=WINDOWS, chunk=16,
+                             progress=False, layer_quant=local)
+  split = with_separate_layers(model, tuple(range(5)))
+  caches = split.init_cache(1, 40, calibration=cal)
+  bits = sorted(c.config.key_bits for c in caches["groups"])
+  assert bits == [4, 8, 8, 8, 8, 8]
+
+
 def test_fingerprint_ignores_dtype_and_layout_but_not_weights(tiny_and_cal):
   model, cal, path = tiny_and_cal
   fp = calibrated.fingerprint(model)
