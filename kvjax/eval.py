@@ -376,7 +376,8 @@ def cache_bytes(model, spec: CacheSpec, context: int, calibration=None) -> int:
   """Real bytes of the caches of one sequence of `context` tokens (from `calibration`'s formats
   when the spec's cache is built from one)."""
   if calibration is not None:
-    caches = jax.eval_shape(lambda: model.init_cache(1, context, calibration=calibration))
+    # Allocated for real (one sequence: a few MB): the calibrated caches hold its tensors.
+    caches = model.init_cache(1, context, calibration=calibration)
   else:
     caches = jax.eval_shape(lambda: _make_caches_shape(model, spec, context))
   return _tree_nbytes(caches)

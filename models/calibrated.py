@@ -82,7 +82,8 @@ def fingerprint(model) -> dict:
         p = getattr(mod, pname, None)
         if p is None:
           continue
-        a = np.asarray(jnp.asarray(p[...])[index].astype(jnp.bfloat16)).view(np.uint16)
+        # numpy only: safe inside a trace (jax.eval_shape), where jnp ops would stage tracers.
+        a = np.asarray(p[...])[index].astype(jnp.bfloat16).view(np.uint16)
         h.update(f"{layer}/{name}/{pname}/{a.shape}".encode())
         h.update(np.ascontiguousarray(a).tobytes())
   out["qk_sha256"] = h.hexdigest()

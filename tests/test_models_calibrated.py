@@ -68,6 +68,22 @@ def test_the_artifact_holds_the_default_recipe(tiny_and_cal):
   assert not np.allclose(t["k_lambda"], 1.0)
 
 
+def test_eval_counts_bytes_and_bits_from_the_artifacts_formats(tiny_and_cal):
+  model, cal, path = tiny_and_cal
+  spec = ev.parse_spec(f"int4:{path}")
+  caches = model.init_cache(1, 40, calibration=cal)
+  want = sum(kvjax.nbytes(c) for c in caches["groups"] + caches["tail"])
+  assert ev.cache_bytes(model, spec, 40, cal) == want
+  assert ev.bits_per_value(model, spec, 40, cal) == 4.5
+  k8 = calibrated.calibrate(model, _tokens(model.config), window_lengths=WINDOWS, chunk=16,
+                            progress=False, quant=kvjax.QuantConfig(key_bits=8))
+  assert ev.bits_per_value(model, spec, 40, k8) == 6.5          # the artifact's, not the spec's
+  assert ev.cache_bytes(model, spec, 40, k8) > want
+  fp = []
+  jax.eval_shape(lambda: fp.append(calibrated.fingerprint(model)) or 0)   # trace-safe
+  assert fp[0] == calibrated.fingerprint(model)
+
+
 def test_generate_with_the_artifact_equals_a_manual_loop_over_evals_cache(tiny_and_cal):
   model, cal, path = tiny_and_cal
   prompts = [_tokens(model.config, 21, seed=5), _tokens(model.config, 21, seed=6)]
