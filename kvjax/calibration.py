@@ -8,7 +8,7 @@ context length and every layout (`kvjax.models.calibrated` puts it into a model'
 
 Context bands. Key statistics depend on the positions a cache holds (the rotary key offset and
 the constant one are fitted over them; early tokens weigh more in a short context), and
-parameters fitted on 4K-token windows cost a 1K cache about 30% more KL than ones fitted on
+parameters fitted on a 4K-token window cost a 1K cache about 40% more KL than ones fitted on
 1K-token windows, and 1K-fitted parameters cost a 4K cache twice the KL (docs/calibration.md).
 So an artifact may hold, besides its main tensors, tensors for shorter caches: `bands` =
 ((limit, per-layer tensors), ...); a cache created for at most `limit` tokens takes the first
