@@ -36,23 +36,24 @@ def main(argv=None):
   p.add_argument("--out", default="results/prefill_cpu")
   a = p.parse_args(argv)
   model, _ = load(a.model)
-  runner = Runner(model)
+  runners = {"auto": Runner(model), "xla": Runner(model, attention_impl="xla")}
   ids = np.random.default_rng(0).integers(3, model.config.vocab_size, a.tokens).tolist()
+  # name -> (runner, cache factory)
   kinds = {
-      "bf16": lambda: model.init_cache(1, a.tokens, dtype=jnp.bfloat16),
-      "int4 (CPU chunk path: dequant)": lambda: model.init_cache(1, a.tokens,
-                                                                 quant=kvjax.QuantConfig()),
-      "int4 (exact xla path)": lambda: model.init_cache(
-          1, a.tokens, quant=kvjax.QuantConfig(attention_impl="xla")),
+      "bf16": ("auto", lambda: model.init_cache(1, a.tokens, dtype=jnp.bfloat16)),
+      "int4 (CPU chunk path: dequant)": ("auto", lambda: model.init_cache(
+          1, a.tokens, quant=kvjax.QuantConfig())),
+      "int4 (exact xla path)": ("xla", lambda: model.init_cache(
+          1, a.tokens, quant=kvjax.QuantConfig())),
   }
-  for name, make in kinds.items():  # compile every chunk shape once
-    ev.prefill(runner, ids[:a.chunk], make(), chunk=a.chunk)
+  for name, (impl, make) in kinds.items():  # compile every chunk shape once
+    ev.prefill(runners[impl], ids[:a.chunk], make(), chunk=a.chunk)
   times = {name: [] for name in kinds}
   for r in range(a.repeats):
-    for name, make in kinds.items():
+    for name, (impl, make) in kinds.items():
       caches = jax.block_until_ready(make())
       t0 = time.perf_counter()
-      logits, caches = ev.prefill(runner, ids, caches, chunk=a.chunk)
+      logits, caches = ev.prefill(runners[impl], ids, caches, chunk=a.chunk)
       jax.block_until_ready(logits)
       times[name].append(time.perf_counter() - t0)
       print(f"repeat {r + 1}/{a.repeats} {name}: {times[name][-1]:.2f} s", flush=True)

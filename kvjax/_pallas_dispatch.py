@@ -43,11 +43,13 @@ def quantize_heads(x, rotation, lam, *, bits, group_size, scale_dtype, feedback=
           scales.reshape(h, b, t, -1).transpose(1, 2, 0, 3))
 
 
-def decode(q, cache, *, scale, softcap, window, recent=None):
+def decode(q, cache, *, scale, softcap, window, pending=None):
   """Single-token decode over a QuantizedKVCache with the fused kernel. q: [B, 1, Hq, D].
 
-  recent: None or float32 [B, H, W, D], the rounding errors of the values at positions
-  L - 1 - w (QuantConfig.value_recent), added to those slots' values."""
+  The cache's corrections become the kernel's extra split-K states through their
+  `kernel_args` (`kvjax.corrections`); pending: what each correction's write of this token
+  handed over (None when attending over a cache alone)."""
+  from kvjax import corrections as corrections_lib
   pk = _kernels()
   b, _, hq, d = q.shape
   h = cache.num_kv_heads
@@ -58,33 +60,15 @@ def decode(q, cache, *, scale, softcap, window, recent=None):
   q_rot = jnp.einsum("bhrd,hed->bhre", qg * lam_k, rot_k,
                      precision=jax.lax.Precision.HIGHEST).reshape(b, hq, d)
   cfg = cache.config
-  # Keys are stored minus k_mean: the constant q . k_mean per query goes back in
-  # as a logit offset (softmax alone would not notice it; a soft-cap would).
-  k_mean = jnp.broadcast_to(cache.k_mean, (h, d))
-  offset = scale * jnp.einsum("bhrd,hd->bhr", qg, k_mean,
-                              precision=jax.lax.Precision.HIGHEST).reshape(b, hq)
-  rope = {}
-  if cfg.key_rope_pairs:
-    # Rotary key offsets (kvjax.rotary): per query 2P coefficients, scaled like the logits;
-    # the kernel adds sum_p a_p cos(w_p t) + b_p sin(w_p t) at each slot's position t.
-    from kvjax import rotary
-    coef = rotary.coefficients(qg, cache.k_rope_channels, cache.k_rope_mean)   # [b, h, r, 2P]
-    rope = {"rope_coef": scale * coef.reshape(b, hq, -1), "rope_freq": cache.k_rope_freq}
-  if cfg.key_sink:
-    # The sink key's rounding error e_0 goes back into its logit (kvjax.cache.QuantizedKVCache).
-    rope["sink_logit"] = scale * jnp.einsum("bhrd,bhd->bhr", qg, cache.k_sink,
-                                            precision=jax.lax.Precision.HIGHEST).reshape(b, hq)
   to_rotated = lambda e: jnp.einsum(  # value errors into the kernel's (rotated) value domain
       "bh...d,hed->bh...e", e / jnp.broadcast_to(cache.v_lambda, (h, d))[None, :, None],
       jnp.broadcast_to(cache.v_rotation, (h, d, d)), precision=jax.lax.Precision.HIGHEST)
-  if cfg.value_sink:
-    rope["sink_value"] = to_rotated(cache.v_sink[:, :, None])[:, :, 0]   # its rounding error e_0
-  if recent is not None:
-    rope["recent_values"] = to_rotated(recent)       # the recent values' rounding errors
+  extra = corrections_lib.kernel_args(cfg.corrections, cache.corrections, pending,
+                                      corrections_lib.KernelRead(qg, scale, to_rotated))
   o_rot = pk.decode_attention(
       q_rot, cache.k_codes, cache.k_scales, cache.v_codes, cache.v_scales, cache.lengths,
       key_bits=cfg.key_bits, value_bits=cfg.value_bits, group_size=cfg.group_size,
-      ring=cache.ring, window=window, scale=scale, softcap=softcap, logit_offset=offset, **rope)
+      ring=cache.ring, window=window, scale=scale, softcap=softcap, **extra)
   rot_v = jnp.broadcast_to(cache.v_rotation, (h, d, d))
   lam_v = jnp.broadcast_to(cache.v_lambda, (h, d))[None, :, None, :]
   o = jnp.einsum("bhre,hed->bhrd", o_rot.reshape(b, h, r, d), rot_v,

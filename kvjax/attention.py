@@ -30,14 +30,15 @@ KV head j // (q_heads // kv_heads).
 
 from __future__ import annotations
 
-import dataclasses
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from kvjax import cache as cache_lib
-from kvjax import quantizer, rotary
+from kvjax import corrections as corrections_lib
+from kvjax import quantizer
 from kvjax.cache import DenseKVCache, QuantizedKVCache
 
 _HI = jax.lax.Precision.HIGHEST
@@ -59,7 +60,7 @@ def _check_q(q, c):
     raise ValueError(f"q_heads={hq} must be a multiple of the cache's kv_heads={c.num_kv_heads}")
 
 
-def _check_impl(impl):
+def check_impl(impl):
   if impl not in _IMPLS:
     raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
 
@@ -126,113 +127,85 @@ def _rotate_grouped_q(qg, rotation, lam):
   return jnp.einsum("bhtrd,hed->bhtre", qg * lam, rotation, precision=_HI)
 
 
+class QuantView(NamedTuple):
+  """What attention reads of a quantized cache: codes and scales [B, H, N, ...] (the cache's,
+  or the cache's plus a chunk's), the basis (rotations [Hr, D, D], λ [Hr, D]), each
+  correction's arrays (`QuantizedKVCache.corrections`) and what each correction's write of
+  this step's tokens handed over (`pending`; None when attending over a cache alone)."""
+
+  k_codes: jax.Array
+  k_scales: jax.Array
+  v_codes: jax.Array
+  v_scales: jax.Array
+  k_rotation: jax.Array
+  k_lambda: jax.Array
+  v_rotation: jax.Array
+  v_lambda: jax.Array
+  corrections: tuple
+  pending: tuple | None = None
+
+
+def quant_view(c: QuantizedKVCache, pending=None) -> QuantView:
+  return QuantView(c.k_codes, c.k_scales, c.v_codes, c.v_scales, c.k_rotation, c.k_lambda,
+                   c.v_rotation, c.v_lambda, c.corrections, pending)
+
+
 def _rotated_query(q, view, config):
   """Grouped queries [B, H, T, R, D] and q~ = R_k (lam_k * q) split into groups [B, H, T, R, G, g]."""
-  qg = _grouped_q(q.astype(jnp.float32), view["k_codes"].shape[1])
+  qg = _grouped_q(q.astype(jnp.float32), view.k_codes.shape[1])
   b, h, t, r, d = qg.shape
   g = config.group_size
-  qr = _rotate_grouped_q(qg, view["k_rotation"], view["k_lambda"])
+  qr = _rotate_grouped_q(qg, view.k_rotation, view.k_lambda)
   return qg, qr.reshape(b, h, t, r, d // g, g)
 
 
-def _key_logit_offsets(qg, view, config, kv_pos):
-  """q . k_mean, plus q . c_t of the rotary key offset and q . e_0 at the sink slot (position 0)
-  when the cache has them (unscaled).
-
-  qg [B, H, T, R, D] -> [B, H, T, R, 1] or [B, H, T, R, N]."""
-  off = jnp.einsum("bhtrd,hd->bhtr", qg, view["k_mean"], precision=_HI)[..., None]
-  if (config.key_rope_pairs or config.key_sink) and kv_pos is None:
-    raise ValueError("a cache with rotary key offsets or an exact sink key needs the slot "
-                     "positions (kv_pos)")
-  if config.key_rope_pairs:
-    off = off + rotary.logit_offsets(qg, kv_pos, view["k_rope_freq"], view["k_rope_channels"],
-                                     view["k_rope_mean"])
-  if config.key_sink:
-    sink = jnp.einsum("bhtrd,bhd->bhtr", qg, view["k_sink"], precision=_HI)[..., None]
-    off = off + jnp.where((kv_pos == 0)[:, None, None, None, :], sink, 0.0)
-  return off
+def _logit_terms(qg, view, config, kv_pos, q_pos):
+  """The corrections' (unscaled) logit terms, [B, H, T, R, 1 or N], or 0.0."""
+  terms = corrections_lib.logit_terms(config.corrections, view.corrections,
+                                      corrections_lib.Read(qg, kv_pos, q_pos))
+  return 0.0 if terms is None else terms
 
 
-def _sink_slots(kv_pos):
-  """bool [B, N]: the slot holding position 0, for a cache that keeps its sink value exact."""
-  if kv_pos is None:
-    raise ValueError("a cache with an exact sink value needs the slot positions (kv_pos)")
-  return kv_pos == 0
+def _value_terms(qg, view, config, kv_pos, q_pos, *, oracle=False):
+  """The corrections' value terms: None or (slots [B, T, K, N], errors [B, H, T, K, D])."""
+  return corrections_lib.value_terms(config.corrections, view.corrections, view.pending,
+                                     corrections_lib.Read(qg, kv_pos, q_pos), oracle=oracle)
 
 
-def _sink_weight(p, kv_pos):
-  """p0 [B, H, T, R]: the weight of the slot holding position 0 in softmax weights p [.., N]."""
-  return jnp.sum(jnp.where(_sink_slots(kv_pos)[:, None, None, None, :], p, 0.0), axis=-1)
+def _add_value_terms(o, weights, terms):
+  """o [B, H, T, R, D] (original value domain) + sum_k weights[..., k] errors[k]: the output
+  as if the corrected slots' values were stored exactly. weights [B, H, T, R, K]."""
+  return o + jnp.einsum("bhtrk,bhtkd->bhtrd", weights, terms[1], precision=_HI)
 
 
-def _add_value_sink(o, p0, view):
-  """o [B, H, T, R, D] (original domain) + p0 [B, H, T, R] times the sink value's rounding
-  error v_sink [B, H, D]: the attention output as if the sink value were stored exactly."""
-  return o + p0[..., None] * view["v_sink"][:, :, None, None, :]
+def _slot_weights(p, terms):
+  """[B, H, T, R, K]: the weight softmax weights p [B, H, T, R, N] give each corrected slot."""
+  return jnp.einsum("bhtrn,btkn->bhtrk", p, terms[0], precision=_HI)
 
 
-def _recent_onehot(kv_pos, positions):
-  """float32 [B, T, W, N]: 1 where slot n holds position positions[b, t, w]."""
-  if kv_pos is None:
-    raise ValueError("a cache that reads recent values exact needs the slot positions (kv_pos)")
-  return (kv_pos[:, None, None, :] == positions[..., None]).astype(jnp.float32)
+def _unrotate_output(o_rot, view):
+  """lam_v * R_v^T o~ for rotated outputs [B, H, T, R, D]."""
+  o = jnp.einsum("bhtre,hed->bhtrd", o_rot, view.v_rotation, precision=_HI)
+  return o * view.v_lambda[None, :, None, None, :]
 
 
-def _recent_weights(p, kv_pos, recent):
-  """[B, H, T, R, W]: the weight each query gives the slot of each of its recent positions."""
-  return jnp.einsum("bhtrn,btwn->bhtrw", p, _recent_onehot(kv_pos, recent[1]), precision=_HI)
-
-
-def _add_recent_values(o, weights, recent):
-  """o [B, H, T, R, D] (original domain) + the recent values' rounding errors
-  (recent = (errors [B, H, T, W, D], positions [B, T, W])) times their weights [B, H, T, R, W]:
-  the attention output as if those values were stored exactly."""
-  return o + jnp.einsum("bhtrw,bhtwd->bhtrd", weights, recent[0], precision=_HI)
-
-
-def _recent_value_errors(cache: QuantizedKVCache, chunk, q_pos):
-  """(errors float32 [B, H, T, W, D], positions int32 [B, T, W]) for QuantConfig.value_recent =
-  W: for query t and w < W, the rounding error of the value at position q_pos - w, from the
-  chunk itself or, before it, from the cache's `v_recent` ring; position -2 (no slot) where
-  q_pos - w < 0."""
-  w_count = cache.config.value_recent
-  rows = cache_lib.recent_rows(cache.config)
-  err = chunk.value_errors                                                     # [B, T, H, D]
-  b, t = err.shape[:2]
-  b_idx = jnp.arange(b, dtype=jnp.int32)[:, None]
-  errors, positions = [], []
-  for w in range(w_count):
-    pos = q_pos - w
-    from_chunk = jnp.pad(err, ((0, 0), (w, 0), (0, 0), (0, 0)))[:, :t]      # token t - w
-    if rows:
-      from_ring = cache.v_recent[b_idx, :, jnp.mod(pos, rows)]              # [B, T, H, D]
-      e = jnp.where((jnp.arange(t) >= w)[None, :, None, None], from_chunk, from_ring)
-    else:
-      e = from_chunk
-    errors.append(jnp.where((pos >= 0)[:, :, None, None], e, 0.0))
-    positions.append(jnp.where(pos >= 0, pos, -2))
-  return jnp.stack(errors, 2).transpose(0, 3, 1, 2, 4), jnp.stack(positions, -1)
-
-
-def quantized_attention(q, view: dict, mask, *, config, scale, softcap=None, kv_pos=None,
-                        recent=None):
+def quantized_attention(q, view: QuantView, mask, *, config, scale, softcap=None, kv_pos=None,
+                        q_pos=None):
   """Attention in the rotated, quantized domain (no per-token dequantized K/V).
 
-  q: [B, Tq, Hq, D]; view: k_codes/k_scales/v_codes/v_scales [B, H, N, ...] and
-  the cache's parameters; mask: bool [B, Tq, N]; kv_pos: int [B, N] slot positions
-  (needed for rotary key offsets); recent: None or `_recent_value_errors`' (errors,
-  positions): the recent values' rounding errors each query adds (QuantConfig.value_recent).
+  q: [B, Tq, Hq, D]; view: `QuantView`; mask: bool [B, Tq, N]; kv_pos: int [B, N] slot
+  positions and q_pos int [B, Tq] query positions (for the corrections' terms).
   """
   qg, qr = _rotated_query(q, view, config)
   b, h, t, r, G, g = qr.shape
-  d, n = G * g, view["k_codes"].shape[2]
-  kc = view["k_codes"]
+  d, n = G * g, view.k_codes.shape[2]
+  kc = view.k_codes
   k_int = quantizer.unpack_int4(kc) if config.key_bits == 4 else kc
   k_int = k_int.reshape(b, h, n, G, g).astype(jnp.float32)
-  v_int = quantizer.unpack_int4(view["v_codes"]) if config.value_bits == 4 else view["v_codes"]
+  v_int = quantizer.unpack_int4(view.v_codes) if config.value_bits == 4 else view.v_codes
   v_int = v_int.reshape(b, h, n, G, g).astype(jnp.float32)
-  k_sc = view["k_scales"].astype(jnp.float32)
-  v_sc = view["v_scales"].astype(jnp.float32)
+  k_sc = view.k_scales.astype(jnp.float32)
+  v_sc = view.v_scales.astype(jnp.float32)
   # Per-group partial products [.., T, R, N, G] are smaller than the scaled codes [.., N, D]
   # only for few queries (decode); a chunk scales the codes once instead.
   per_group = t * r * G <= d
@@ -247,8 +220,8 @@ def quantized_attention(q, view: dict, mask, *, config, scale, softcap=None, kv_
     # 8-bit integer times an 8-bit significand), so this is the same sum in another order.
     k_hat = (k_int * k_sc[..., None]).reshape(b, h, n, d)
     s = jnp.einsum("bhtrd,bhnd->bhtrn", qr.reshape(b, h, t, r, d), k_hat, precision=_HI)
-  # Keys were stored minus k_mean (and c_t): add q . k_mean (+ q . c_t) back (exact).
-  s = (s + _key_logit_offsets(qg, view, config, kv_pos)) * scale
+  # The corrections' logit terms (q . k_mean, rotary offsets, the sink key's error).
+  s = (s + _logit_terms(qg, view, config, kv_pos, q_pos)) * scale
   p = _softmax_weights(s, mask[:, None, :, None, :], softcap)
   if per_group:
     pw = p[..., None] * v_sc[:, :, None, None, :, :]
@@ -256,12 +229,10 @@ def quantized_attention(q, view: dict, mask, *, config, scale, softcap=None, kv_
   else:
     v_hat = (v_int * v_sc[..., None]).reshape(b, h, n, d)
     o_rot = jnp.einsum("bhtrn,bhnd->bhtrd", p, v_hat, precision=_HI)
-  rot, lam = view["v_rotation"], view["v_lambda"]
-  o = jnp.einsum("bhtre,hed->bhtrd", o_rot, rot, precision=_HI) * lam[None, :, None, None, :]
-  if config.value_sink:
-    o = _add_value_sink(o, _sink_weight(p, kv_pos), view)
-  if recent is not None:
-    o = _add_recent_values(o, _recent_weights(p, kv_pos, recent), recent)
+  o = _unrotate_output(o_rot, view)
+  terms = _value_terms(qg, view, config, kv_pos, q_pos)
+  if terms is not None:
+    o = _add_value_terms(o, _slot_weights(p, terms), terms)
   return _ungroup(o, q.dtype)
 
 
@@ -303,8 +274,8 @@ def _piece_groups(d, g, pieces):
   return w, [[c // g for c in range(p * w, (p + 1) * w, min(g, w))] for p in range(pieces)]
 
 
-def quantized_attention_int8dot(q, view: dict, mask, *, config, scale, softcap=None,
-                                kv_pos=None, recent=None):
+def quantized_attention_int8dot(q, view: QuantView, mask, *, config, scale, softcap=None,
+                                kv_pos=None, q_pos=None):
   """The CPU fast path: the quantized-domain math with int8 x int8 -> int32 dot products.
 
   Scores. q~ = R_k (lam_k q) is split per (query head, group) into two int8 levels,
@@ -328,7 +299,7 @@ def quantized_attention_int8dot(q, view: dict, mask, *, config, scale, softcap=N
   """
   qg, qr = _rotated_query(q, view, config)                         # qr [b,h,t,r,G,g]
   b, h, t, r, G, g = qr.shape
-  d, n, x = G * g, view["k_codes"].shape[2], b * h
+  d, n, x = G * g, view.k_codes.shape[2], b * h
   kbits, vbits = config.key_bits, config.value_bits
   # Query side (small, computed once): block-diagonal int8 queries per key piece.
   npk = 2 if kbits == 4 else 1
@@ -351,7 +322,7 @@ def quantized_attention_int8dot(q, view: dict, mask, *, config, scale, softcap=N
       qsum.append(jnp.zeros((x, t, r, len(groups)), jnp.float32))
   qbd = jnp.stack(qbd, 1)                                           # [x, P, E, w]
   qscale, qsum = jnp.stack(qscale, 3), jnp.stack(qsum, 3)           # [x, t, r, P, Gp]
-  offset = _key_logit_offsets(qg, view, config, kv_pos)             # [b,h,t,r,1 or n]
+  offset = _logit_terms(qg, view, config, kv_pos, q_pos)            # [b,h,t,r,1 or n] or 0
   offset = jnp.broadcast_to(offset, (b, h, t, r, n)).reshape(x, t, r, n)
   npv = 2 if vbits == 4 else 1
   wv, vgroups = _piece_groups(d, g, npv)
@@ -417,18 +388,14 @@ def quantized_attention_int8dot(q, view: dict, mask, *, config, scale, softcap=N
 
   visible = jnp.broadcast_to(mask[:, None], (b, h, t, n)).reshape(x, t, n)
   args = (qbd, qscale, qsum, offset,
-          view["k_codes"].reshape(x, n, -1), view["k_scales"].reshape(x, n, G).swapaxes(1, 2),
-          view["v_codes"].reshape(x, n, -1), view["v_scales"].reshape(x, n, G).swapaxes(1, 2),
+          view.k_codes.reshape(x, n, -1), view.k_scales.reshape(x, n, G).swapaxes(1, 2),
+          view.v_codes.reshape(x, n, -1), view.v_scales.reshape(x, n, G).swapaxes(1, 2),
           visible)
-  sel = []  # one-hot slots whose weights the value corrections need: [b, t, K, n]
-  corrected = config.value_sink or recent is not None
-  if config.value_sink:  # the sink slot per sequence
-    sel.append(jnp.broadcast_to(_sink_slots(kv_pos)[:, None, None].astype(jnp.float32),
-                                (b, t, 1, n)))
-  if recent is not None:  # each query's recent positions
-    sel.append(_recent_onehot(kv_pos, recent[1]))
-  if corrected:
-    sel = jnp.concatenate(sel, axis=2)
+  # One-hot slots whose weights the value corrections need (the sink; each query's recent
+  # positions): [b, t, K, n], their weights come out of the blocks.
+  terms = _value_terms(qg, view, config, kv_pos, q_pos)
+  if terms is not None:
+    sel = terms[0]
     args += (jnp.broadcast_to(sel[:, None], (b, h) + sel.shape[1:]).reshape(x, *sel.shape[1:]),)
   cb = max(1, _INT8DOT_BLOCK_BYTES // max(1, n * d))
   cb = max(i for i in range(1, min(cb, x) + 1) if x % i == 0)
@@ -437,20 +404,14 @@ def quantized_attention_int8dot(q, view: dict, mask, *, config, scale, softcap=N
   else:
     o_rot, weights = jax.lax.map(
         block, jax.tree.map(lambda a: a.reshape(x // cb, cb, *a.shape[1:]), args))
-  o_rot = o_rot.reshape(b, h, t, r, d)
-  rot, lam = view["v_rotation"], view["v_lambda"]
-  o = jnp.einsum("bhtre,hed->bhtrd", o_rot, rot, precision=_HI) * lam[None, :, None, None, :]
-  if corrected:
-    weights = weights.reshape(b, h, t, r, -1)
-    if config.value_sink:
-      o = _add_value_sink(o, weights[..., 0], view)
-    if recent is not None:
-      o = _add_recent_values(o, weights[..., -recent[1].shape[-1]:], recent)
+  o = _unrotate_output(o_rot.reshape(b, h, t, r, d), view)
+  if terms is not None:
+    o = _add_value_terms(o, weights.reshape(b, h, t, r, -1), terms)
   return _ungroup(o, q.dtype)
 
 
-def quantized_attention_dequant(q, view: dict, mask, *, config, scale, softcap=None,
-                                kv_pos=None, recent=None):
+def quantized_attention_dequant(q, view: QuantView, mask, *, config, scale, softcap=None,
+                                kv_pos=None, q_pos=None):
   """The CPU chunk path: rotated-domain dequantization to bf16, then bf16 matmuls.
 
   With many queries per step (a prefill chunk) the codes are worth dequantizing once:
@@ -461,105 +422,106 @@ def quantized_attention_dequant(q, view: dict, mask, *, config, scale, softcap=N
   """
   qg, qr = _rotated_query(q, view, config)
   b, h, t, r, G, g = qr.shape
-  d, n = G * g, view["k_codes"].shape[2]
+  d, n = G * g, view.k_codes.shape[2]
 
   def dequant(codes, scales, bits):
     lev = quantizer.unpack_int4(codes) if bits == 4 else codes
     y = lev.reshape(b, h, n, G, g).astype(jnp.float32) * scales.astype(jnp.float32)[..., None]
     return y.reshape(b, h, n, d).astype(jnp.bfloat16)
 
-  k_hat = dequant(view["k_codes"], view["k_scales"], config.key_bits)
+  k_hat = dequant(view.k_codes, view.k_scales, config.key_bits)
   s = jnp.einsum("bhtrd,bhnd->bhtrn", qr.reshape(b, h, t, r, d).astype(jnp.bfloat16), k_hat,
                  preferred_element_type=jnp.float32)
-  s = (s + _key_logit_offsets(qg, view, config, kv_pos)) * scale
+  s = (s + _logit_terms(qg, view, config, kv_pos, q_pos)) * scale
   p = _softmax_weights(s, mask[:, None, :, None, :], softcap)
-  v_hat = dequant(view["v_codes"], view["v_scales"], config.value_bits)
+  v_hat = dequant(view.v_codes, view.v_scales, config.value_bits)
   o_rot = jnp.einsum("bhtrn,bhnd->bhtrd", p.astype(jnp.bfloat16), v_hat,
                      preferred_element_type=jnp.float32)
-  rot, lam = view["v_rotation"], view["v_lambda"]
-  o = jnp.einsum("bhtre,hed->bhtrd", o_rot, rot, precision=_HI) * lam[None, :, None, None, :]
-  if config.value_sink:
-    o = _add_value_sink(o, _sink_weight(p, kv_pos), view)
-  if recent is not None:
-    o = _add_recent_values(o, _recent_weights(p, kv_pos, recent), recent)
+  o = _unrotate_output(o_rot, view)
+  terms = _value_terms(qg, view, config, kv_pos, q_pos)
+  if terms is not None:
+    o = _add_value_terms(o, _slot_weights(p, terms), terms)
   return _ungroup(o, q.dtype)
 
 
-def _quant_view(c: QuantizedKVCache) -> dict:
-  return {f: getattr(c, f) for f in ("k_codes", "k_scales", "v_codes", "v_scales",
-                                     "k_rotation", "v_rotation", "k_lambda", "v_lambda",
-                                     "k_mean", "k_rope_freq", "k_rope_channels", "k_rope_mean",
-                                     "k_sink", "v_sink")}
-
-
-def _dequantized_kv(c: QuantizedKVCache, view: dict, kv_pos):
-  cfg = c.config
-  g = cfg.group_size
+def _dequantized_kv(config, view: QuantView, kv_pos):
+  """The oracle's keys and values [B, H, N, D] (float32): every cached vector dequantized and
+  un-rotated, then restored by the corrections (key offsets, the sink, ...)."""
+  g = config.group_size
 
   def deq(codes, scales, rot, lam, bits):
     y = quantizer.dequantize_rotated(codes, scales, bits=bits, group_size=g)  # [B,H,N,D]
     x = jnp.einsum("bhne,hed->bhnd", y, rot, precision=_HI)
     return x * lam[None, :, None, :]
 
-  k = deq(view["k_codes"], view["k_scales"], view["k_rotation"], view["k_lambda"], cfg.key_bits)
-  k = k + view["k_mean"][None, :, None, :]
-  if cfg.key_rope_pairs:
-    off = rotary.key_offset(kv_pos, view["k_rope_freq"], view["k_rope_channels"],
-                            view["k_rope_mean"], c.head_dim)           # [B, N, Hr, D]
-    k = k + off.transpose(0, 2, 1, 3)
-  if cfg.key_sink:
-    k = k + jnp.where((kv_pos == 0)[:, None, :, None], view["k_sink"][:, :, None, :], 0.0)
-  v = deq(view["v_codes"], view["v_scales"], view["v_rotation"], view["v_lambda"], cfg.value_bits)
-  if cfg.value_sink:
-    v = v + jnp.where(_sink_slots(kv_pos)[:, None, :, None], view["v_sink"][:, :, None, :], 0.0)
-  return k, v
+  k = deq(view.k_codes, view.k_scales, view.k_rotation, view.k_lambda, config.key_bits)
+  v = deq(view.v_codes, view.v_scales, view.v_rotation, view.v_lambda, config.value_bits)
+  return corrections_lib.restore(config.corrections, view.corrections, k, v, kv_pos)
 
 
-def _reference_attention(q, k, v, mask, *, scale, softcap, kv_pos, recent):
-  """The oracle over dequantized k, v [B, H, N, D] (float32), plus the recent values'
-  corrections when `recent` is given."""
-  if recent is None:
-    return dense_attention(q, k, v, mask, scale=scale, softcap=softcap)
+def reference_attention(q, view: QuantView, mask, *, config, scale, softcap=None, kv_pos=None,
+                        q_pos=None):
+  """The oracle: dequantize every cached vector, restore it, plain float32 attention; plus
+  the value terms of corrections that depend on the query (recent values)."""
+  k, v = _dequantized_kv(config, view, kv_pos)
   qg = _grouped_q(q.astype(jnp.float32), k.shape[1])
+  terms = _value_terms(qg, view, config, kv_pos, q_pos, oracle=True)
+  if terms is None:
+    return dense_attention(q, k, v, mask, scale=scale, softcap=softcap)
   s = jnp.einsum("bhtrd,bhnd->bhtrn", qg, k, precision=_HI) * scale
   p = _softmax_weights(s, mask[:, None, :, None, :], softcap)
   o = jnp.einsum("bhtrn,bhnd->bhtrd", p, v, precision=_HI)
-  return _ungroup(_add_recent_values(o, _recent_weights(p, kv_pos, recent), recent), q.dtype)
+  return _ungroup(_add_value_terms(o, _slot_weights(p, terms), terms), q.dtype)
 
 
-def _attend_view(q, c, view, kv_pos, q_pos, *, scale, softcap, window, impl, recent=None):
+# ---------------------------------------------------------------------------------- dispatch
+
+# The implementations over a quantized cache, by name; each takes
+# (q, QuantView, mask, *, config, scale, softcap, kv_pos, q_pos). "pallas" (the fused decode
+# kernel) reads the cache itself: see `_attend`.
+QUANTIZED_IMPLS = {
+    "xla": quantized_attention,
+    "int8dot": quantized_attention_int8dot,
+    "dequant": quantized_attention_dequant,
+    "reference": reference_attention,
+}
+# What impl="auto" runs over a quantized cache: (platform, single-token decode?) -> name.
+AUTO_IMPL = {
+    ("tpu", True): "pallas", ("gpu", True): "pallas", ("cpu", True): "int8dot",
+    ("tpu", False): "xla", ("gpu", False): "xla", ("cpu", False): "dequant",
+}
+
+
+def choose_impl(impl: str, cache, q_len: int, platform: str | None = None) -> str:
+  """The implementation a call with `impl` runs: "auto" looks `AUTO_IMPL` up for the platform
+  (default: `jax.default_backend()`) over a quantized cache and takes "xla" (plain attention)
+  over a dense one; "pallas" is decode-only, so chunks (q_len > 1) run "xla"."""
+  check_impl(impl)
+  if not isinstance(cache, QuantizedKVCache):
+    return "reference" if impl == "reference" else "xla"
+  if impl == "auto":
+    platform = platform or jax.default_backend()
+    return AUTO_IMPL.get((platform, q_len == 1), "xla")
+  if impl == "pallas" and q_len > 1:
+    return "xla"
+  return impl
+
+
+def _attend_view(q, c, view, kv_pos, q_pos, *, scale, softcap, window, impl):
   mask = visibility_mask(q_pos, kv_pos, window)
   if isinstance(c, DenseKVCache):
     return dense_attention(q, view["k"], view["v"], mask, scale=scale, softcap=softcap)
-  if impl == "reference":
-    k, v = _dequantized_kv(c, view, kv_pos)
-    return _reference_attention(q, k, v, mask, scale=scale, softcap=softcap, kv_pos=kv_pos,
-                                recent=recent)
-  fn = {"int8dot": quantized_attention_int8dot,
-        "dequant": quantized_attention_dequant}.get(impl, quantized_attention)
+  fn = QUANTIZED_IMPLS[impl]
   return fn(q, view, mask, config=c.config, scale=scale, softcap=softcap, kv_pos=kv_pos,
-            recent=recent)
+            q_pos=q_pos)
 
 
-def _resolve(q, c, scale, window, impl, softcap=None):
-  _check_impl(impl)
+def _resolve(q, c, scale, window, impl):
+  check_impl(impl)
   _check_q(q, c)
   scale = 1.0 / math.sqrt(c.head_dim) if scale is None else float(scale)
   window = c.window if window is None else window
-  if impl == "auto" and isinstance(c, QuantizedKVCache) and c.config.attention_impl != "auto":
-    impl = c.config.attention_impl
-    if impl == "pallas" and q.shape[1] > 1:
-      impl = "xla"  # the fused kernel is decode-only; chunks use the XLA path
-  if impl == "auto":
-    on_accel = jax.default_backend() in ("tpu", "gpu")
-    decode = isinstance(c, QuantizedKVCache) and q.shape[1] == 1
-    if on_accel:
-      impl = "pallas" if decode else "xla"
-    elif isinstance(c, QuantizedKVCache):
-      impl = "int8dot" if decode else "dequant"
-    else:
-      impl = "xla"
-  return scale, window, impl
+  return scale, window
 
 
 def attend(q: jax.Array, cache: cache_lib.KVCache, *, scale: float | None = None,
@@ -572,15 +534,18 @@ def attend(q: jax.Array, cache: cache_lib.KVCache, *, scale: float | None = None
   otherwise. `window` overrides the cache's sliding window for the mask.
   Over a ring-buffer cache Tq must be 1 (earlier queries of a chunk would need
   keys the chunk itself overwrote): use `append_and_attend` for chunks.
+  impl: see the module docstring (`choose_impl`, `AUTO_IMPL`).
 
   Returns [B, Tq, Hq, D] in q's dtype; a query with no visible key gets zeros.
   """
-  scale, window, impl = _resolve(q, cache, scale, window, impl, softcap)
+  scale, window = _resolve(q, cache, scale, window, impl)
+  if impl == "pallas" and (not isinstance(cache, QuantizedKVCache) or q.shape[1] != 1):
+    raise ValueError("impl='pallas' is the single-token decode kernel over a quantized cache")
   return _attend(q, cache, scale=scale, softcap=softcap, window=window, q_positions=q_positions,
-                 impl=impl)
+                 impl=choose_impl(impl, cache, q.shape[1]))
 
 
-def _attend(q, cache, *, scale, softcap, window, q_positions, impl, recent=None):
+def _attend(q, cache, *, scale, softcap, window, q_positions, impl, pending=None):
   tq = q.shape[1]
   if cache.ring and tq > 1:
     raise ValueError("attend over a ring-buffer (sliding-window) cache takes one query token; "
@@ -588,14 +553,13 @@ def _attend(q, cache, *, scale, softcap, window, q_positions, impl, recent=None)
   if q_positions is None:
     q_positions = cache.lengths[:, None] - tq + jnp.arange(tq, dtype=jnp.int32)[None, :]
   if impl == "pallas":
-    if not isinstance(cache, QuantizedKVCache) or tq != 1:
-      raise ValueError("impl='pallas' is the single-token decode kernel over a quantized cache")
     from kvjax import _pallas_dispatch
     return _pallas_dispatch.decode(q, cache, scale=scale, softcap=softcap, window=window,
-                                   recent=None if recent is None else recent[0][:, :, 0])  # [B, H, W, D]
-  view = {"k": cache.k, "v": cache.v} if isinstance(cache, DenseKVCache) else _quant_view(cache)
+                                   pending=pending)
+  view = ({"k": cache.k, "v": cache.v} if isinstance(cache, DenseKVCache)
+          else quant_view(cache, pending))
   return _attend_view(q, cache, view, cache_lib.positions(cache), q_positions, scale=scale,
-                      softcap=softcap, window=window, impl=impl, recent=recent)
+                      softcap=softcap, window=window, impl=impl)
 
 
 def append_and_attend(cache: cache_lib.KVCache, q: jax.Array, k: jax.Array, v: jax.Array, *,
@@ -612,46 +576,39 @@ def append_and_attend(cache: cache_lib.KVCache, q: jax.Array, k: jax.Array, v: j
 
   num_tokens: optional int [B] for ragged chunks; tokens at index >= num_tokens[b]
     are not written (their query outputs are unspecified).
+  impl: see the module docstring (`choose_impl`); the fused write kernel runs when the
+    attention does ("pallas").
   Returns (out [B, T, Hq, D], new cache).
   """
-  scale_, window, impl_ = _resolve(q, cache, scale, None, impl, softcap)
+  scale_, window = _resolve(q, cache, scale, None, impl)
   t = q.shape[1]
   if k.shape[1] != t:
     raise ValueError(f"q and k must cover the same new tokens, got q_seq={t}, k_seq={k.shape[1]}")
+  impl_ = choose_impl(impl, cache, t)
   if isinstance(cache, cache_lib.StatsKVCache):
     cache = cache_lib.accumulate_stats(cache, q, k, v, num_tokens)
   append_impl = "pallas" if impl_ == "pallas" else "xla"
   chunk = cache_lib.encode(cache, k, v, num_tokens=num_tokens, impl=append_impl)
   q_pos = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-  recent = None
-  if isinstance(cache, QuantizedKVCache) and cache.config.value_recent:
-    recent = _recent_value_errors(cache, chunk, q_pos)
+  pending = chunk.pending if isinstance(cache, QuantizedKVCache) else None
   if not cache.ring or t == 1:
     new = cache_lib.write(cache, chunk)
     out = _attend(q, new, scale=scale_, softcap=softcap, window=window, q_positions=q_pos,
-                  impl=impl_ if t == 1 else _chunk_impl(impl_), recent=recent)
+                  impl=impl_, pending=pending)
     return out, new
   chunk_pos = jnp.where(chunk.valid, q_pos, -1)
   kv_pos = jnp.concatenate([cache_lib.positions(cache), chunk_pos], axis=1)
+  joined = lambda n: jnp.concatenate([getattr(cache, n), chunk.arrays[n].swapaxes(1, 2)], axis=2)
   if isinstance(cache, DenseKVCache):
-    view = {n: jnp.concatenate([getattr(cache, n), chunk.arrays[n].swapaxes(1, 2)], axis=2)
-            for n in ("k", "v")}
+    view = {n: joined(n) for n in ("k", "v")}
   else:
-    view = _quant_view(cache)
-    for n in ("k_codes", "k_scales", "v_codes", "v_scales"):
-      view[n] = jnp.concatenate([view[n], chunk.arrays[n].swapaxes(1, 2)], axis=2)
-    for n in ("k_sink", "v_sink"):
-      if n in chunk.arrays:
-        view[n] = chunk.arrays[n]
+    # The chunk's codes after the ring's, and the corrections' arrays after the write.
+    view = QuantView(joined("k_codes"), joined("k_scales"), joined("v_codes"),
+                     joined("v_scales"), cache.k_rotation, cache.k_lambda, cache.v_rotation,
+                     cache.v_lambda, chunk.corrections, pending)
   out = _attend_view(q, cache, view, kv_pos, q_pos, scale=scale_, softcap=softcap,
-                     window=window, impl=_chunk_impl(impl_), recent=recent)
+                     window=window, impl=impl_)
   return out, cache_lib.write(cache, chunk)
-
-
-def _chunk_impl(impl):
-  # Chunks (prefill) have no fused kernel; they keep an explicit reference / int8dot /
-  # dequant choice.
-  return impl if impl in ("reference", "int8dot", "dequant") else "xla"
 
 
 def attend_reference(q, cache, **kwargs):

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvjax import corrections as corrections_lib
 from kvjax import quantizer, rotary
 from kvjax.config import QuantConfig
 from kvjax.rotations import rotation_matrix_np
@@ -81,31 +82,20 @@ class DenseKVCache:
 
 
 @_register(("k_codes", "k_scales", "v_codes", "v_scales", "k_rotation", "v_rotation",
-            "k_lambda", "v_lambda", "k_mean", "k_rope_freq", "k_rope_channels", "k_rope_mean",
-            "k_feedback", "v_feedback", "k_sink", "v_sink", "v_recent", "lengths", "overflow"),
+            "k_lambda", "v_lambda", "corrections", "lengths", "overflow"),
            ("config",) + _COMMON_META)
 @dataclasses.dataclass(frozen=True)
 class QuantizedKVCache:
-  """Keys and values as rotated, per-group abs-max int4/int8 codes.
+  """Keys and values as rotated, per-group abs-max int4/int8 codes, plus their corrections.
 
   k_codes: uint8 [B, H, S, D//2] (4-bit, split-halves nibbles) or int8 [B, H, S, D];
-  k_scales: [B, H, S, D // group_size] (bfloat16 by default); v_* the same for
-  values; k_rotation, v_rotation: float32 [Hr, D, D]; k_lambda, v_lambda:
-  float32 [Hr, D] with Hr in {1, H}; k_mean: float32 [Hr, D], a per-channel key
-  offset removed before quantization (attention adds q . k_mean back, exactly);
-  k_rope_freq float32 [P], k_rope_channels int32 [P, 2], k_rope_mean float32 [Hr, 2, P]:
-  a pre-RoPE key mean removed at each token's position in P channel pairs (attention adds
-  q . c_t back per slot, exactly; `kvjax.rotary`), P = config.key_rope_pairs;
-  k_feedback float32 [Hr, D, D]: the error-feedback matrix of key rounding when
-  config.key_feedback (`kvjax.quantizer.feedback_levels`); v_feedback float32 [Hr, D, D]: the
-  same for value rounding when config.value_feedback; k_sink float32 [B, H, D] when
-  config.key_sink (else [B, H, 0]): the rounding error k_0 - k^_0 of each sequence's key at
-  position 0, set when that position is written (attention adds q . k_sink to its logit, so
-  the sink key is exact); v_sink float32 [B, H, D] when config.value_sink (else [B, H, 0]): the
-  same for the value (attention adds p_0 v_sink, p_0 the slot's weight); v_recent float32
-  [B, H, W - 1, D] for config.value_recent = W >= 2 (else [B, H, 0, D]): the value rounding
-  errors of the last W - 1 tokens written, the token at position p in row p mod (W - 1)
-  (`kvjax.append_and_attend` adds them, times their weights, to the next queries' outputs);
+  k_scales: [B, H, S, D // group_size] (bfloat16 by default); v_* the same for values.
+  The basis the codes live in: k_rotation, v_rotation float32 [Hr, D, D] (orthogonal) and
+  k_lambda, v_lambda float32 [Hr, D] (per-channel scales, > 0), Hr in {1, H}: a key k is
+  stored as codes of R_k (k / λ_k).
+  corrections: one dict of arrays per `config.corrections` entry, in that order: the
+  correction's per-layer params (e.g. "k_mean" [Hr, D]) and per-sequence state (e.g.
+  "k_sink" [B, H, D]); see `kvjax.corrections` and `correction_arrays`.
   lengths int32 [B]; overflow bool [B].
   """
 
@@ -117,15 +107,7 @@ class QuantizedKVCache:
   v_rotation: jax.Array
   k_lambda: jax.Array
   v_lambda: jax.Array
-  k_mean: jax.Array
-  k_rope_freq: jax.Array
-  k_rope_channels: jax.Array
-  k_rope_mean: jax.Array
-  k_feedback: jax.Array
-  v_feedback: jax.Array
-  k_sink: jax.Array
-  v_sink: jax.Array
-  v_recent: jax.Array
+  corrections: tuple
   lengths: jax.Array
   overflow: jax.Array
   config: QuantConfig
@@ -144,6 +126,27 @@ class QuantizedKVCache:
   @property
   def batch(self) -> int:
     return self.k_codes.shape[-4]
+
+  @property
+  def basis(self) -> tuple:
+    """(k_rotation, k_lambda, v_rotation, v_lambda)."""
+    return self.k_rotation, self.k_lambda, self.v_rotation, self.v_lambda
+
+  def array(self, name: str) -> jax.Array:
+    """A basis field or a correction's array, by name ("k_rotation", "k_mean", "k_sink", ...)."""
+    if name in BASIS_FIELDS:
+      return getattr(self, name)
+    for arrays in self.corrections:
+      if name in arrays:
+        return arrays[name]
+    raise KeyError(f"{name!r} is neither a basis field {BASIS_FIELDS} nor an array of this "
+                   f"cache's corrections {[c.kind for c in self.config.corrections]}")
+
+  def correction_arrays(self, kind) -> dict | None:
+    """The arrays of the correction of `kind` (a kind string or class), or None if the
+    config has no such correction."""
+    i = corrections_lib.find(self.config.corrections, kind)
+    return None if i is None else self.corrections[i]
 
 
 _STATS_FIELDS = ("q_sq", "k_sum", "k_sq", "v_sq", "count", "qq", "k_cos", "k_sin", "trig",
@@ -261,10 +264,11 @@ def accumulate_stats(cache: StatsKVCache, q, k, v, num_tokens=None) -> StatsKVCa
 
 KVCache = Union[DenseKVCache, QuantizedKVCache]
 
-_PARAM_FIELDS = ("k_rotation", "v_rotation", "k_lambda", "v_lambda", "k_mean", "k_rope_freq",
-                 "k_rope_channels", "k_rope_mean", "k_feedback", "v_feedback")
-# Parameters shared by every KV head of a layer (no leading [Hr] axis): replicate when sharding.
-SHARED_PARAM_FIELDS = ("k_rope_freq", "k_rope_channels")
+BASIS_FIELDS = ("k_rotation", "v_rotation", "k_lambda", "v_lambda")
+# Arrays shared by every KV head of a layer (no leading [Hr] axis): replicate when sharding.
+SHARED_PARAM_FIELDS = corrections_lib.shared_names()
+# Per-sequence correction state [B, H, ...]: split like the codes when sharding.
+STATE_FIELDS = corrections_lib.state_names()
 
 
 def _check_positive_int(value, name):
@@ -310,8 +314,7 @@ def _per_head_param(value, default, shape, name, *, check=None):
 def init_cache(batch: int, num_kv_heads: int, max_len: int, head_dim: int, *,
                quant: QuantConfig | None = None, window: int | None = None,
                dtype=jnp.bfloat16, key_rotation=None, value_rotation=None,
-               key_lambda=None, value_lambda=None, key_mean=None, key_rope=None,
-               key_feedback=None, value_feedback=None) -> KVCache:
+               key_lambda=None, value_lambda=None, params=None) -> KVCache:
   """Creates an empty cache for one attention layer.
 
   Args:
@@ -321,20 +324,15 @@ def init_cache(batch: int, num_kv_heads: int, max_len: int, head_dim: int, *,
     window: sliding-window length. If window < max_len the cache is a ring
       buffer of `window` slots; otherwise a full cache with a window mask.
     dtype: storage dtype of the dense cache (bfloat16, float16 or float32).
-    key_rotation, value_rotation: optional rotation matrices [D, D] or
-      [Hr, D, D] (Hr in {1, num_kv_heads}) overriding the config's random ones,
-      e.g. from calibration.
-    key_lambda, value_lambda: optional per-channel scales [D] or [Hr, D].
-    key_mean: optional per-channel key offset [D] or [Hr, D] (post-RoPE), removed
-      from every key before quantization. Softmax is unchanged by a logit
-      constant per query, and attention adds q . key_mean back anyway, so this
-      is exact; it frees the 16 levels from a large shared offset.
-    key_rope: optional (freq [P], channels [P, 2], mean [2, P] or [Hr, 2, P]) with
-      P = quant.key_rope_pairs: the rotary key offset (`kvjax.rotary`). Default: the pairs
-      (i, i + D/2), i < P, with zero frequency and mean (no offset).
-    key_feedback: optional error-feedback matrix [D, D] or [Hr, D, D] for
-      quant.key_feedback (strictly upper triangular; default zeros = nearest rounding).
-    value_feedback: the same for values (quant.value_feedback).
+    key_rotation, value_rotation: optional orthogonal rotation matrices [D, D] or
+      [Hr, D, D] (Hr in {1, num_kv_heads}) replacing the config's generated ones: a learned
+      rotation is such a value.
+    key_lambda, value_lambda: optional per-channel scales [D] or [Hr, D] (> 0).
+    params: optional {name: array} of the corrections' per-layer params (e.g. "k_mean" for
+      `kvjax.corrections.KeyOffset`, "k_rope_freq" / "k_rope_channels" / "k_rope_mean" for
+      `RotaryKeyOffset`, "k_feedback" for `KeyFeedback`), as calibration gives them; each
+      must belong to one of `quant.corrections`. Per-head params take [...] or [Hr, ...].
+      Params not given take the correction's defaults (a no-op).
   """
   for name, val in (("batch", batch), ("num_kv_heads", num_kv_heads), ("max_len", max_len),
                     ("head_dim", head_dim)):
@@ -349,15 +347,14 @@ def init_cache(batch: int, num_kv_heads: int, max_len: int, head_dim: int, *,
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16),
                                 jnp.dtype(jnp.float32)):
       raise ValueError(f"dtype must be bfloat16, float16 or float32, got {dtype}")
+    if params:
+      raise ValueError("params apply to a quantized cache's corrections; a dense cache has none")
     shape = (batch, num_kv_heads, capacity, head_dim)
     return DenseKVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=lengths,
                         overflow=overflow, capacity=capacity, window=window, ring=ring)
   if not isinstance(quant, QuantConfig):
     raise TypeError(f"quant must be a kvjax.QuantConfig or None, got {type(quant).__name__}")
   quant.check_head_dim(head_dim)
-  if quant.rotation == "learned" and key_rotation is None:
-    raise ValueError("rotation='learned' needs key_rotation/value_rotation matrices "
-                     "(from kvjax.calibrate); none were given")
   g = quant.group_size
 
   def codes(bits):
@@ -369,26 +366,7 @@ def init_cache(batch: int, num_kv_heads: int, max_len: int, head_dim: int, *,
     # A fresh buffer per field: a shared one could not be donated twice under jit.
     return jnp.zeros((batch, num_kv_heads, capacity, head_dim // g), quant.scale_jnp_dtype)
 
-  npairs = quant.key_rope_pairs
-  if key_rope is None:
-    rope_freq = np.zeros((npairs,), np.float32)
-    rope_channels = np.stack([np.arange(npairs), np.arange(npairs) + head_dim // 2], 1)
-    rope_mean = np.zeros((1, 2, npairs), np.float32)
-  else:
-    try:
-      rope_freq, rope_channels, rope_mean = key_rope
-    except (TypeError, ValueError):
-      raise ValueError("key_rope must be a (freq, channels, mean) triple") from None
-  rope_freq = jnp.asarray(rope_freq, jnp.float32)
-  rope_channels = jnp.asarray(rope_channels, jnp.int32)
-  if rope_freq.shape != (npairs,) or rope_channels.shape != (npairs, 2):
-    raise ValueError(f"key_rope freq and channels must be [{npairs}] and [{npairs}, 2] "
-                     f"(QuantConfig.key_rope_pairs={npairs}), got {rope_freq.shape} and "
-                     f"{rope_channels.shape}")
-  conc = _concrete(rope_channels)
-  if conc is not None and conc.size and (conc.min() < 0 or conc.max() >= head_dim):
-    raise ValueError(f"key_rope channels must lie in [0, {head_dim}), got {conc.tolist()}")
-  kind = "srft" if quant.rotation == "learned" else quant.rotation
+  kind = quant.rotation
   hk = quant.householder_reflectors
   rot_shape = (num_kv_heads, head_dim, head_dim)
   lam_shape = (num_kv_heads, head_dim)
@@ -403,19 +381,91 @@ def init_cache(batch: int, num_kv_heads: int, max_len: int, head_dim: int, *,
                                  rot_shape, "value_rotation", check="orthogonal"),
       k_lambda=_per_head_param(key_lambda, ones, lam_shape, "key_lambda", check="positive"),
       v_lambda=_per_head_param(value_lambda, ones, lam_shape, "value_lambda", check="positive"),
-      k_mean=_per_head_param(key_mean, np.zeros_like(ones), lam_shape, "key_mean"),
-      k_rope_freq=rope_freq, k_rope_channels=rope_channels,
-      k_rope_mean=_per_head_param(rope_mean, np.zeros((2, npairs), np.float32),
-                                  (num_kv_heads, 2, npairs), "key_rope mean"),
-      k_feedback=_per_head_param(key_feedback, np.zeros((head_dim, head_dim), np.float32),
-                                 rot_shape, "key_feedback", check="upper"),
-      v_feedback=_per_head_param(value_feedback, np.zeros((head_dim, head_dim), np.float32),
-                                 rot_shape, "value_feedback", check="upper"),
-      k_sink=jnp.zeros((batch, num_kv_heads, head_dim if quant.key_sink else 0), jnp.float32),
-      v_sink=jnp.zeros((batch, num_kv_heads, head_dim if quant.value_sink else 0), jnp.float32),
-      v_recent=jnp.zeros((batch, num_kv_heads, recent_rows(quant), head_dim), jnp.float32),
+      corrections=correction_arrays(quant, batch, num_kv_heads, head_dim, params),
       lengths=lengths, overflow=overflow, config=quant, capacity=capacity, window=window,
       ring=ring)
+
+
+def correction_arrays(quant: QuantConfig, batch: int, num_kv_heads: int, head_dim: int,
+                      params=None) -> tuple:
+  """The `corrections` of a new cache: per correction of `quant`, its params (from `params`,
+  checked, or its defaults) and zeroed per-sequence state."""
+  params = dict(params or {})
+  owners = {n: c for c in quant.corrections for n in c.params}
+  stray = sorted(set(params) - set(owners))
+  if stray:
+    known = {n: cls.kind for cls in corrections_lib.REGISTRY.values() for n in cls.params}
+    why = "; ".join(f"{n} belongs to {known[n]!r}, which the config does not have" if n in known
+                    else f"{n} is no correction's param" for n in stray)
+    raise ValueError(f"params: {why} (config corrections: "
+                     f"{[c.kind for c in quant.corrections]})")
+  out = []
+  for c in quant.corrections:
+    arrays = {}
+    shapes = c.param_shapes(head_dim)
+    defaults = c.default_params(head_dim)
+    for name in c.params:
+      dtype = c.param_dtype(name)
+      if name not in params:
+        arrays[name] = jnp.asarray(defaults[name], dtype)
+      elif name in c.shared:
+        arr = jnp.asarray(params[name], dtype)
+        if arr.shape != shapes[name]:
+          raise ValueError(f"params[{name!r}] must have shape {shapes[name]} ({c.label[1:]}), "
+                           f"got {arr.shape}")
+        arrays[name] = arr
+      else:
+        shape = (num_kv_heads,) + shapes[name]
+        arrays[name] = _per_head_param(params[name], defaults[name][0], shape,
+                                       f"params[{name!r}]")
+    conc = {n: _concrete(a) for n, a in arrays.items()}
+    if all(v is not None for v in conc.values()):
+      for n, v in conc.items():
+        if np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v)):
+          raise ValueError(f"params[{n!r}] holds non-finite values (NaN or inf)")
+      try:
+        c.check_params(conc, head_dim)
+      except ValueError as e:
+        raise ValueError(f"params: {e}") from None
+    for name, tail in c.state_shapes(head_dim).items():
+      arrays[name] = jnp.zeros((batch, num_kv_heads) + tail, jnp.float32)
+    out.append(arrays)
+  return tuple(out)
+
+
+def with_config(cache: QuantizedKVCache, config: QuantConfig, **arrays) -> QuantizedKVCache:
+  """`cache` (possibly layer-stacked) under another config of the same format, its basis
+  fields and correction arrays replaced by `arrays` (by name: "k_lambda", "k_mean",
+  "k_sink", ...). A correction the old config also had keeps its arrays unless given; a new
+  one starts from its defaults (params) and zeros (state)."""
+  if not isinstance(cache, QuantizedKVCache):
+    raise TypeError(f"with_config needs a QuantizedKVCache, got {type(cache).__name__}")
+  old = cache.config
+  for f in ("key_bits", "value_bits", "group_size", "scale_dtype"):
+    if getattr(old, f) != getattr(config, f):
+      raise ValueError(f"with_config changes the storage format ({f}: {getattr(old, f)!r} -> "
+                       f"{getattr(config, f)!r}); make a new cache instead")
+  basis = {n: arrays.pop(n) for n in BASIS_FIELDS if n in arrays}
+  lead = cache.lengths.shape[:-1]
+  b, h, d = cache.batch, cache.num_kv_heads, cache.head_dim
+  states = []
+  for c in config.corrections:
+    i = corrections_lib.find(old.corrections, c.kind)
+    mine = dict(cache.corrections[i]) if i is not None and old.corrections[i] == c else None
+    if mine is None:
+      mine = {}
+      for n, v in c.default_params(d).items():
+        mine[n] = jnp.broadcast_to(jnp.asarray(v, c.param_dtype(n)), lead + v.shape)
+      for n, tail in c.state_shapes(d).items():
+        mine[n] = jnp.zeros(lead + (b, h) + tail, jnp.float32)
+    for n in c.params + c.state:
+      if n in arrays:
+        mine[n] = arrays.pop(n)
+    states.append(mine)
+  if arrays:
+    raise ValueError(f"with_config: {sorted(arrays)} are neither basis fields {BASIS_FIELDS} nor "
+                     f"arrays of the config's corrections {[c.kind for c in config.corrections]}")
+  return dataclasses.replace(cache, config=config, corrections=tuple(states), **basis)
 
 
 # ----------------------------------------------------------------------------- positions
@@ -478,7 +528,8 @@ class _Chunk:
   new_lengths: jax.Array  # int32 [B]
   new_overflow: jax.Array  # bool [B]
   valid: jax.Array        # bool [B, T]: token t of sequence b is real (t < num_tokens[b])
-  value_errors: jax.Array | None = None  # float32 [B, T, H, D] with config.value_recent
+  corrections: tuple = ()  # quantized caches: each correction's arrays after the write
+  pending: tuple = ()      # what each correction hands this step's queries (or None)
 
 
 def _plan(cache: KVCache, seq: int, num_tokens) -> tuple[jax.Array, ...]:
@@ -518,105 +569,40 @@ def encode(cache: KVCache, k: jax.Array, v: jax.Array, *, num_tokens=None,
             "(or a window for sliding-window layers).")
   if isinstance(cache, DenseKVCache):
     arrays = {"k": k.astype(cache.dtype), "v": v.astype(cache.dtype)}
-  else:
-    positions = cache.lengths[:, None] + jnp.arange(k.shape[1], dtype=jnp.int32)[None, :]
-    arrays = _quantize_chunk(cache, k, v, positions, impl=impl)
-    if cache.config.key_sink or cache.config.value_sink:
-      arrays.update(_sink_errors(cache, k, v, positions, arrays, valid))
-    if cache.config.value_recent:
-      errors = value_errors(cache, arrays, v, positions, valid)
-      if recent_rows(cache.config):
-        arrays["v_recent"] = _recent_ring(cache, errors, positions, valid, new_lengths)
-      return _Chunk(arrays, slots, new_lengths, new_overflow, valid, errors)
-  return _Chunk(arrays, slots, new_lengths, new_overflow, valid)
-
-
-def recent_rows(config: QuantConfig) -> int:
-  """Rows of `v_recent`: W - 1 for value_recent = W >= 1 (the newest value is in hand)."""
-  return max(config.value_recent - 1, 0)
-
-
-def value_errors(cache: QuantizedKVCache, arrays: dict, v, positions, valid) -> jax.Array:
-  """float32 [B, T, H, D]: each new value minus what the chunk stores for it (zero for tokens
-  not written and, with the exact sink value, at position 0, already exact through v_sink)."""
+    return _Chunk(arrays, slots, new_lengths, new_overflow, valid)
   cfg = cache.config
-  stored = quantizer.dequantize(arrays["v_codes"], arrays["v_scales"], cache.v_rotation,
-                                cache.v_lambda, bits=cfg.value_bits, group_size=cfg.group_size)
-  keep = valid
-  if cfg.value_sink:
-    keep = keep & (positions != 0)
-  return jnp.where(keep[:, :, None, None], v.astype(jnp.float32) - stored, 0.0)
-
-
-def _recent_ring(cache: QuantizedKVCache, errors, positions, valid, new_lengths) -> jax.Array:
-  """The new `v_recent`: the chunk's last W - 1 written tokens' errors into rows p mod (W - 1)
-  (distinct rows, so the scatter has no duplicate indices); the other rows keep theirs."""
-  rows = recent_rows(cache.config)
-  newest = valid & (positions >= new_lengths[:, None] - rows)
-  row = jnp.where(newest, positions % rows, rows)                             # rows: dropped
-  b_idx = jnp.arange(cache.batch, dtype=jnp.int32)[:, None]
-  return cache.v_recent.at[b_idx, :, row].set(errors, mode="drop")
+  positions = cache.lengths[:, None] + jnp.arange(k.shape[1], dtype=jnp.int32)[None, :]
+  keys = corrections_lib.centre_keys(cfg.corrections, cache.corrections,
+                                     k.astype(jnp.float32), positions)
+  arrays = _quantize_chunk(cache, keys, v, impl=impl)
+  w = corrections_lib.Write(k=k, v=v, keys=keys, positions=positions, valid=valid,
+                            lengths=cache.lengths, new_lengths=new_lengths, stored=arrays,
+                            basis=cache.basis, config=cfg)
+  states, pending = corrections_lib.write(cfg.corrections, cache.corrections, w)
+  return _Chunk(arrays, slots, new_lengths, new_overflow, valid, states, pending)
 
 
 def centred_keys(cache: QuantizedKVCache, k: jax.Array, positions: jax.Array) -> jax.Array:
-  """What the codes of keys k [B, T, H, D] at `positions` [B, T] hold before rotation:
-  k - k_mean - c_t (the rotary offset, `kvjax.rotary`), float32."""
-  k = k.astype(jnp.float32) - cache.k_mean
-  if cache.config.key_rope_pairs:
-    k = k - rotary.key_offset(positions, cache.k_rope_freq, cache.k_rope_channels,
-                              cache.k_rope_mean, cache.head_dim)
-  return k
+  """What the codes of keys k [B, T, H, D] at `positions` [B, T] hold before rotation: k after
+  every correction's `centre_keys` (e.g. minus the key mean and the rotary offset), float32."""
+  return corrections_lib.centre_keys(cache.config.corrections, cache.corrections,
+                                     k.astype(jnp.float32), positions)
 
 
-def _sink_errors(cache: QuantizedKVCache, k, v, positions, arrays, valid) -> dict:
-  """The new `k_sink` / `v_sink` [B, H, D] (those the config keeps): x_0 - x^_0 for sequences
-  whose position 0 is in this chunk (always its first token), the old value for the others.
-
-  Decode steps almost never start a sequence: the un-rotation of the first token is skipped
-  (a `cond`) unless some sequence of the batch does."""
-  cfg = cache.config
-  first = (cache.lengths == 0) & valid[:, 0]
-  old = {}
-  if cfg.key_sink:
-    old["k_sink"] = cache.k_sink
-  if cfg.value_sink:
-    old["v_sink"] = cache.v_sink
-
-  def error():
-    out = {}
-    if cfg.key_sink:
-      exact = centred_keys(cache, k[:, :1], positions[:, :1])                 # [B, 1, H, D]
-      stored = quantizer.dequantize(arrays["k_codes"][:, :1], arrays["k_scales"][:, :1],
-                                    cache.k_rotation, cache.k_lambda, bits=cfg.key_bits,
-                                    group_size=cfg.group_size)
-      out["k_sink"] = jnp.where(first[:, None, None], (exact - stored)[:, 0], cache.k_sink)
-    if cfg.value_sink:
-      stored = quantizer.dequantize(arrays["v_codes"][:, :1], arrays["v_scales"][:, :1],
-                                    cache.v_rotation, cache.v_lambda, bits=cfg.value_bits,
-                                    group_size=cfg.group_size)
-      err = v[:, :1].astype(jnp.float32) - stored
-      out["v_sink"] = jnp.where(first[:, None, None], err[:, 0], cache.v_sink)
-    return out
-
-  return jax.lax.cond(jnp.any(first), error, lambda: old)
-
-
-def _quantize_chunk(cache: QuantizedKVCache, k, v, positions, *, impl: str):
+def _quantize_chunk(cache: QuantizedKVCache, keys, v, *, impl: str):
   cfg = cache.config
   sd = cfg.scale_jnp_dtype
-  k = centred_keys(cache, k, positions)
-  feedback = cache.k_feedback if cfg.key_feedback else None
-  v_feedback = cache.v_feedback if cfg.value_feedback else None
+  feedback, v_feedback = corrections_lib.feedback(cfg.corrections, cache.corrections)
   if impl == "pallas":
     from kvjax import _pallas_dispatch
-    kc, ks = _pallas_dispatch.quantize_heads(k, cache.k_rotation, cache.k_lambda,
+    kc, ks = _pallas_dispatch.quantize_heads(keys, cache.k_rotation, cache.k_lambda,
                                              bits=cfg.key_bits, group_size=cfg.group_size,
                                              scale_dtype=sd, feedback=feedback)
     vc, vs = _pallas_dispatch.quantize_heads(v, cache.v_rotation, cache.v_lambda,
                                              bits=cfg.value_bits, group_size=cfg.group_size,
                                              scale_dtype=sd, feedback=v_feedback)
   elif impl in ("xla", "reference"):
-    kc, ks = quantizer.quantize(k, cache.k_rotation, cache.k_lambda, bits=cfg.key_bits,
+    kc, ks = quantizer.quantize(keys, cache.k_rotation, cache.k_lambda, bits=cfg.key_bits,
                                 group_size=cfg.group_size, scale_dtype=sd, feedback=feedback)
     vc, vs = quantizer.quantize(v, cache.v_rotation, cache.v_lambda, bits=cfg.value_bits,
                                 group_size=cfg.group_size, scale_dtype=sd, feedback=v_feedback)
@@ -630,13 +616,12 @@ def write(cache: KVCache, chunk: _Chunk) -> KVCache:
   b_idx = jnp.arange(cache.batch, dtype=jnp.int32)[:, None]
   updates = {}
   for name, vals in chunk.arrays.items():
-    if name in ("k_sink", "v_sink", "v_recent"):  # per sequence: already the new value
-      updates[name] = vals
-      continue
     buf = getattr(cache, name)
     # buf[b, :, slot] has shape [B, T, H, ...] (advanced indices split by a slice
     # go first), which is exactly the chunk's layout: no transpose needed.
     updates[name] = buf.at[b_idx, :, chunk.slots].set(vals, mode="drop")
+  if isinstance(cache, QuantizedKVCache):
+    updates["corrections"] = chunk.corrections
   return dataclasses.replace(cache, lengths=chunk.new_lengths, overflow=chunk.new_overflow,
                              **updates)
 
@@ -664,23 +649,26 @@ def _append_impl(impl: str) -> str:
 
 
 def nbytes(cache: KVCache, *, include_params: bool = False) -> int:
-  """Bytes of real storage held by the cache's per-token buffers and lengths.
+  """Bytes of real storage held by the cache's per-token buffers, per-sequence correction
+  state and lengths.
 
   Packed int4 codes count half a byte per value, scales their storage dtype.
-  The quantizer's parameters (rotation matrices and lambda, O(head_dim^2) per
-  layer, independent of batch and length, shared by every sequence a server
+  The quantizer's parameters (rotation matrices, lambda and the corrections' params,
+  O(head_dim^2) per layer, independent of batch and length, shared by every sequence a server
   holds) are excluded unless `include_params=True`.
   """
+  size = lambda leaf: int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
   total = 0
   for field in dataclasses.fields(cache):
-    if field.name in ("config", "capacity", "window", "ring"):
+    if field.name in ("config", "capacity", "window", "ring") or field.name in _STATS_FIELDS:
       continue
-    if field.name in _STATS_FIELDS:
+    if field.name == "corrections":
+      for c, arrays in zip(cache.config.corrections, cache.corrections):
+        total += sum(size(a) for n, a in arrays.items() if include_params or n not in c.params)
       continue
-    if field.name in _PARAM_FIELDS and not include_params:
+    if field.name in BASIS_FIELDS and not include_params:
       continue
-    leaf = getattr(cache, field.name)
-    total += int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
+    total += size(getattr(cache, field.name))
   return total
 
 

@@ -638,7 +638,7 @@ def calibrate(model, tokens: Sequence[int], *, quant: QuantConfig | None = None,
     log(f"closed form done in {time.time() - t0:.0f} s")
     return closed
   longest = max(wins, key=len)
-  lq = dataclasses.replace(closed.configs[0], rotation="learned")
+  lq = closed.configs[0]  # the format; the learned R replaces its rotation as a value
   log(f"learned ablation: collecting K/V/queries on {len(longest)} tokens, then {learned.steps} "
       f"Adam steps ({learned.objective} objective, base {learned.base})")
   data = collect(runner, list(longest), query_samples=query_samples, chunk=chunk,
@@ -667,9 +667,9 @@ def calibrate(model, tokens: Sequence[int], *, quant: QuantConfig | None = None,
   log(f"learned R and λ: loss {losses[0]:.5f} -> {losses[-1]:.5f}; key rel. MSE "
       f"{mse['key'].mean():.5f}, value rel. MSE {mse['value'].mean():.5f} "
       f"({time.time() - t0:.0f} s)")
-  return artifact.Calibration(configs=tuple(dataclasses.replace(c, rotation="learned")
-                                            for c in closed.configs),
-                              tensors=tensors, manifest=manifest, bands=bands)
+  # The formats are the closed form's: a learned rotation is a value in the tensors.
+  return artifact.Calibration(configs=closed.configs, tensors=tensors, manifest=manifest,
+                              bands=bands)
 
 
 def _check_out(out: pathlib.Path, overwrite: bool) -> None:

@@ -43,13 +43,18 @@ import numpy as np
 
 from kvjax.config import QuantConfig
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 TENSORS = "tensors"
-# The cache fields a calibration fills, per layer, in the cache's per-layer shapes:
-# [Hr, D, D] rotations and feedback, [Hr, D] λ and mean, [P] / [P, 2] / [Hr, 2, P] rotary offset.
-TENSOR_FIELDS = ("k_rotation", "v_rotation", "k_lambda", "v_lambda", "k_mean", "k_rope_freq",
-                 "k_rope_channels", "k_rope_mean", "k_feedback", "v_feedback")
+# The basis every layer's tensors hold, in the cache's per-layer shapes: rotations [Hr, D, D]
+# and λ [Hr, D]. Besides these, a layer holds the params of its format's corrections
+# (`tensor_fields`), e.g. k_mean [Hr, D], the rotary offset's [P] / [P, 2] / [Hr, 2, P].
+BASIS_FIELDS = ("k_rotation", "v_rotation", "k_lambda", "v_lambda")
+
+
+def tensor_fields(config: QuantConfig) -> tuple[str, ...]:
+  """The tensors a layer of format `config` holds: the basis, then its corrections' params."""
+  return BASIS_FIELDS + tuple(n for c in config.corrections for n in c.params)
 # Fingerprint fields whose mismatch makes an artifact unusable for a model (the weight hash is
 # checked too, but a mismatch there is reported separately: same shapes, other weights).
 ARCHITECTURE_FIELDS = ("arch", "num_layers", "num_heads", "num_kv_heads", "head_dim",
@@ -70,8 +75,9 @@ class Calibration:
   Attributes:
     configs: one `QuantConfig` per layer (checkpoint order): bits, group size, scale dtype and
       which corrections the layer's cache applies.
-    tensors: one dict per layer, name -> numpy array for each of TENSOR_FIELDS, in the cache's
-      per-layer shapes (no batch or stacking axes).
+    tensors: one dict per layer, name -> numpy array for each of `tensor_fields(config)` (the
+      basis, then the corrections' params), in the cache's per-layer shapes (no batch or
+      stacking axes).
     manifest: JSON-able description: "model" (the fingerprint), "text", "recipe", "steps", ...
     bands: ((limit, tensors), ...) with increasing limits: the tensors of caches created for at
       most `limit` tokens (see the module docstring); () for one set for every cache.
@@ -169,39 +175,39 @@ def _validate_layers(configs, tensors, band: str) -> None:
     where = f"calibration layer {layer}{band}"
     if not isinstance(cfg, QuantConfig):
       raise ValueError(f"{where}: config must be a kvjax.QuantConfig, got {type(cfg).__name__}")
-    missing = [f for f in TENSOR_FIELDS if f not in t]
-    extra = [f for f in t if f not in TENSOR_FIELDS]
+    fields = tensor_fields(cfg)
+    missing = [f for f in fields if f not in t]
+    extra = [f for f in t if f not in fields]
     if missing or extra:
-      raise ValueError(f"{where}: tensors must be exactly {TENSOR_FIELDS}; missing {missing}, "
-                       f"unexpected {extra}")
+      raise ValueError(f"{where}: tensors must be exactly {fields} (format {cfg.name}); missing "
+                       f"{missing}, unexpected {extra}")
     rot = t["k_rotation"]
     if rot.ndim != 3 or rot.shape[1] != rot.shape[2]:
       raise ValueError(f"{where}: k_rotation must be [Hr, D, D], got {rot.shape}")
     d = rot.shape[1]
-    p = cfg.key_rope_pairs
-    # Per-head fields hold one row per KV head, or one row shared by all heads.
-    hr = max(t[n].shape[0] if t[n].ndim else 0 for n in TENSOR_FIELDS
-             if n not in ("k_rope_freq", "k_rope_channels"))
-    shapes = {"k_rotation": (d, d), "v_rotation": (d, d), "k_lambda": (d,), "v_lambda": (d,),
-              "k_mean": (d,), "k_rope_mean": (2, p), "k_feedback": (d, d), "v_feedback": (d, d)}
-    for name, tail in shapes.items():
-      a = t[name]
-      if a.shape[1:] != tail or a.shape[0] not in (1, hr):
-        raise ValueError(f"{where}: {name} must be [Hr, {', '.join(map(str, tail))}] with Hr in "
-                         f"(1, {hr}), got {a.shape}")
-    if t["k_rope_freq"].shape != (p,) or t["k_rope_channels"].shape != (p, 2):
-      raise ValueError(f"{where}: k_rope_freq / k_rope_channels must be [{p}] / [{p}, 2] "
-                       f"(key_rope_pairs={p}), got {t['k_rope_freq'].shape} / "
-                       f"{t['k_rope_channels'].shape}")
     try:
       cfg.check_head_dim(d)
     except ValueError as e:
       raise ValueError(f"{where}: {e}") from None
-    for name in TENSOR_FIELDS:
-      a = t[name]
-      if name == "k_rope_channels":
-        if not np.issubdtype(a.dtype, np.integer) or (a.size and (a.min() < 0 or a.max() >= d)):
-          raise ValueError(f"{where}: k_rope_channels must be integers in [0, {d})")
+    shared = {n for c in cfg.corrections for n in c.shared}
+    tails = {"k_rotation": (d, d), "v_rotation": (d, d), "k_lambda": (d,), "v_lambda": (d,)}
+    for c in cfg.corrections:
+      tails.update(c.param_shapes(d))
+    # Per-head fields hold one row per KV head, or one row shared by all heads.
+    hr = max(t[n].shape[0] if t[n].ndim else 0 for n in fields if n not in shared)
+    for name in fields:
+      a, tail = t[name], tails[name]
+      if name in shared:
+        if a.shape != tail:
+          raise ValueError(f"{where}: {name} must have shape {tail}, got {a.shape}")
+      elif a.shape[1:] != tail or a.shape[0] not in (1, hr):
+        raise ValueError(f"{where}: {name} must be [Hr, {', '.join(map(str, tail))}] with Hr in "
+                         f"(1, {hr}), got {a.shape}")
+      want_int = any(name in c.params and np.issubdtype(c.param_dtype(name), np.integer)
+                     for c in cfg.corrections)
+      if want_int:
+        if not np.issubdtype(a.dtype, np.integer):
+          raise ValueError(f"{where}: {name} must be integers, got {a.dtype}")
         continue
       if not np.issubdtype(a.dtype, np.floating):
         raise ValueError(f"{where}: {name} must be floating point, got {a.dtype}")
@@ -218,27 +224,23 @@ def _validate_layers(configs, tensors, band: str) -> None:
         raise ValueError(f"{where}: {name} is not orthogonal (max |R R^T - I| = {err:.3g} > "
                          f"{_ORTHOGONALITY_TOL}); attention in the rotated domain needs an "
                          "orthogonal rotation")
-    for name in ("k_feedback", "v_feedback"):
-      if np.any(np.tril(t[name])):
-        raise ValueError(f"{where}: {name} must be strictly upper triangular (error feedback "
-                         "only reaches channels not yet rounded)")
+    for c in cfg.corrections:
+      try:
+        c.check_params({n: t[n] for n in c.params}, d)
+      except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 # ------------------------------------------------------------------------------------ on disk
 
 
 def _config_dict(cfg: QuantConfig) -> dict:
-  return dataclasses.asdict(cfg)
+  return cfg.to_dict()
 
 
 def _config_from(d: dict, layer: int) -> QuantConfig:
-  known = {f.name for f in dataclasses.fields(QuantConfig)}
-  unknown = sorted(set(d) - known)
-  if unknown:
-    raise ValueError(f"calibration layer {layer}: unknown QuantConfig fields {unknown} (made by a "
-                     "newer kvjax?)")
   try:
-    return QuantConfig(**d)
+    return QuantConfig.from_dict(d)
   except (TypeError, ValueError) as e:
     raise ValueError(f"calibration layer {layer}: invalid format: {e}") from None
 

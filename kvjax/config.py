@@ -1,4 +1,4 @@
-"""Configuration of a quantized KV cache, as data."""
+"""Configuration of a quantized KV cache, as data: a format, a rotation and corrections."""
 
 from __future__ import annotations
 
@@ -6,59 +6,43 @@ import dataclasses
 
 import jax.numpy as jnp
 
-ROTATIONS = ("none", "srht", "srft", "householder", "learned")
+from kvjax import corrections as corrections_lib
+from kvjax.corrections import Correction
+
+# Rotations the cache can generate. Any other (a learned one) is a value: pass the matrices to
+# `kvjax.init_cache(key_rotation=..., value_rotation=...)` or load them with a calibration.
+ROTATIONS = ("none", "srht", "srft", "householder")
 GROUP_SIZES = (32, 64, 128)
 BITS = (4, 8)
 _SCALE_DTYPES = ("bfloat16", "float16", "float32")
-MAX_VALUE_RECENT = 64
 
 
 @dataclasses.dataclass(frozen=True)
 class QuantConfig:
   """How keys and values are stored in a quantized cache.
 
+  A format (bits, group size, scale dtype), the rotation the cache starts from, and a tuple of
+  corrections (`kvjax.corrections`: key offsets, rotary key offsets, feedback rounding, exact
+  sink key and value, exact recent values, ...), each a value with its own module. Which
+  attention implementation reads the cache is chosen per call (`kvjax.attend(impl=...)`), not
+  here.
+
   Attributes:
     key_bits: bits per key code, 4 or 8 (K8V4 keeps keys at 8 bits, values at 4).
     value_bits: bits per value code, 4 or 8.
     group_size: channels sharing one abs-max scale (32, 64 or 128). Bits per
       value = bits + 16 / group_size with bfloat16 scales.
-    rotation: orthogonal rotation applied before quantization: "none", "srht"
+    rotation: the orthogonal rotation a new cache generates: "none", "srht"
       (sign-randomized Walsh-Hadamard, power-of-two head_dim), "srft"
-      (sign-randomized real FFT, any even head_dim), "householder" (k random
-      reflectors) or "learned" (parameters supplied by calibration).
+      (sign-randomized real FFT, any even head_dim) or "householder" (k random
+      reflectors). A learned rotation is not a name but a value: matrices given to
+      `kvjax.init_cache` (or held by a calibration) replace the generated ones.
     seed: seed of the random rotation (keys use `seed`, values `seed + 1`).
     householder_reflectors: number of reflectors for "householder";
       None means head_dim // 2.
     scale_dtype: storage dtype of the per-group scales, by name.
-    key_rope_pairs: number P of RoPE channel pairs whose pre-RoPE key mean the cache
-      removes position by position (`kvjax.rotary`; the cache holds P frequencies, channel
-      pairs and means, filled in by `kvjax.smoothing.calibrate_caches`). 0: none.
-    key_feedback: choose key codes with error feedback through the cache's `k_feedback`
-      matrix (`kvjax.quantizer.feedback_levels`; GPTQ-style rounding for the queries'
-      second moment, filled in by calibration) instead of nearest rounding.
-    value_feedback: choose value codes with error feedback through the cache's `v_feedback`
-      matrix: the same rounding for the error a value's codes put into the attention
-      output after the output projection (`kvjax.smoothing`, fact 6).
-    key_sink: keep the key at absolute position 0 (the attention sink: BOS, or whatever token
-      opens the sequence, draws much of every query's attention) exact. Its codes are written
-      as usual and its rounding error e_0 is kept in float32 (`k_sink`, one [D] vector per
-      sequence and KV head); attention adds q . e_0 to that slot's logit.
-    value_sink: keep the value at absolute position 0 exact the same way (`v_sink`, its
-      rounding error in float32; attention adds p_0 e_0, p_0 the slot's attention weight).
-      The sink's weight is large in every query head at once, so its value error does not
-      average out.
-    value_recent: W >= 0. Each new token's query reads the values of the W most recent tokens
-      (its own included) exact. Values are stored as usual; `kvjax.append_and_attend` adds
-      sum_w p_w e_w to each new query's output (e_w the rounding error of the value at
-      position t - w, p_w the weight the query gives that slot). The query's own error is in
-      hand; those of the W - 1 tokens before it are kept per sequence in float32 (`v_recent`
-      [B, H, W - 1, D], a ring by position). Older positions, and `kvjax.attend` over a cache
-      alone, read the stored values. 0: off.
-    attention_impl: the implementation `kvjax.attend(..., impl="auto")` uses
-      over this cache: "auto" (Pallas kernel on TPU/GPU decode, "int8dot" on
-      CPU decode, "dequant" for CPU chunks, "xla" for TPU/GPU chunks), or a fixed
-      "xla", "int8dot", "dequant", "pallas" or "reference". Part of the static
-      config, so it is part of jit's cache key.
+    corrections: `kvjax.corrections.Correction` values, at most one of each kind; kept in
+      the registry's canonical order.
   """
 
   key_bits: int = 4
@@ -68,18 +52,9 @@ class QuantConfig:
   seed: int = 0
   householder_reflectors: int | None = None
   scale_dtype: str = "bfloat16"
-  key_rope_pairs: int = 0
-  key_feedback: bool = False
-  value_feedback: bool = False
-  key_sink: bool = False
-  value_sink: bool = False
-  value_recent: int = 0
-  attention_impl: str = "auto"
+  corrections: tuple[Correction, ...] = ()
 
   def __post_init__(self):
-    if self.attention_impl not in ("auto", "xla", "int8dot", "dequant", "pallas", "reference"):
-      raise ValueError("QuantConfig.attention_impl must be 'auto', 'xla', 'int8dot', 'dequant', "
-                       f"'pallas' or 'reference', got {self.attention_impl!r}")
     for name in ("key_bits", "value_bits", "group_size", "seed"):
       v = getattr(self, name)
       if not isinstance(v, int) or isinstance(v, bool):
@@ -92,35 +67,56 @@ class QuantConfig:
       raise ValueError(
           f"QuantConfig.group_size must be one of {GROUP_SIZES}, got {self.group_size!r}")
     if self.rotation not in ROTATIONS:
-      raise ValueError(f"QuantConfig.rotation must be one of {ROTATIONS}, got {self.rotation!r}")
+      hint = (" (a learned rotation is a value: pass key_rotation / value_rotation matrices to "
+              "kvjax.init_cache, or a calibration)" if self.rotation == "learned" else "")
+      raise ValueError(f"QuantConfig.rotation must be one of {ROTATIONS}, got "
+                       f"{self.rotation!r}{hint}")
     if self.scale_dtype not in _SCALE_DTYPES:
       raise ValueError(
           f"QuantConfig.scale_dtype must be one of {_SCALE_DTYPES}, got {self.scale_dtype!r}")
-    if (not isinstance(self.key_rope_pairs, int) or isinstance(self.key_rope_pairs, bool)
-        or self.key_rope_pairs < 0):
-      raise ValueError("QuantConfig.key_rope_pairs must be an int >= 0, got "
-                       f"{self.key_rope_pairs!r}")
-    if not isinstance(self.key_feedback, bool):
-      raise ValueError(f"QuantConfig.key_feedback must be a bool, got {self.key_feedback!r}")
-    if not isinstance(self.value_feedback, bool):
-      raise ValueError(f"QuantConfig.value_feedback must be a bool, got {self.value_feedback!r}")
-    if not isinstance(self.key_sink, bool):
-      raise ValueError(f"QuantConfig.key_sink must be a bool, got {self.key_sink!r}")
-    if not isinstance(self.value_sink, bool):
-      raise ValueError(f"QuantConfig.value_sink must be a bool, got {self.value_sink!r}")
-    if (not isinstance(self.value_recent, int) or isinstance(self.value_recent, bool)
-        or not 0 <= self.value_recent <= MAX_VALUE_RECENT):
-      raise ValueError(f"QuantConfig.value_recent must be an int in [0, {MAX_VALUE_RECENT}], "
-                       f"got {self.value_recent!r}")
     if self.householder_reflectors is not None and (
         not isinstance(self.householder_reflectors, int)
         or isinstance(self.householder_reflectors, bool) or self.householder_reflectors < 1):
       raise ValueError("QuantConfig.householder_reflectors must be >= 1 or None, got "
                        f"{self.householder_reflectors!r}")
+    try:
+      object.__setattr__(self, "corrections", corrections_lib.canonical(self.corrections))
+    except (TypeError, ValueError) as e:
+      raise type(e)(f"QuantConfig.{e}") from None
 
   @property
   def scale_jnp_dtype(self):
     return jnp.dtype(self.scale_dtype)
+
+  def correction(self, kind):
+    """The correction of `kind` (a kind string or class), or None."""
+    i = corrections_lib.find(self.corrections, kind)
+    return None if i is None else self.corrections[i]
+
+  def with_corrections(self, *corrections) -> "QuantConfig":
+    """This config with `corrections` added (replacing any of the same kind)."""
+    kinds = {c.kind for c in corrections}
+    kept = tuple(c for c in self.corrections if c.kind not in kinds)
+    return dataclasses.replace(self, corrections=kept + tuple(corrections))
+
+  def to_dict(self) -> dict:
+    """JSON-able form (`from_dict` inverts it)."""
+    d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    d["corrections"] = [c.to_dict() for c in self.corrections]
+    return d
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "QuantConfig":
+    """The config a `to_dict()` describes; ValueError naming an unknown field or correction."""
+    if not isinstance(d, dict):
+      raise ValueError(f"a QuantConfig description must be a dict, got {type(d).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(f"unknown QuantConfig fields {unknown}")
+    d = dict(d)
+    d["corrections"] = tuple(corrections_lib.from_dict(c) for c in d.get("corrections", ()))
+    return cls(**d)
 
   def bits_per_value(self, which: str = "mean") -> float:
     """Storage bits per cached scalar, scales included ("key", "value" or "mean")."""
@@ -136,20 +132,15 @@ class QuantConfig:
     if head_dim % self.group_size:
       raise ValueError(
           f"{name}={head_dim} is not divisible by QuantConfig.group_size={self.group_size}")
-    if self.key_rope_pairs > head_dim // 2:
-      raise ValueError(f"QuantConfig.key_rope_pairs={self.key_rope_pairs} exceeds the "
-                       f"{head_dim // 2} channel pairs of {name}={head_dim}")
     if self.rotation == "srht" and head_dim & (head_dim - 1):
       raise ValueError(
           f"rotation='srht' needs a power-of-two {name}, got {head_dim}; use 'srft' instead")
+    for c in self.corrections:
+      c.check(head_dim, name=name)
 
   @property
   def name(self) -> str:
-    """Short label such as 'K4V4-g32-srft' ('+rope16', '+fb', '+vfb', '+sink' for rotary
-    offsets, key and value feedback rounding, an exact position-0 key / value; '+vrec<W>' for
-    the W most recent values exact)."""
-    extra = ((f"+rope{self.key_rope_pairs}" if self.key_rope_pairs else "")
-             + ("+fb" if self.key_feedback else "") + ("+vfb" if self.value_feedback else "")
-             + ("+sink" if self.key_sink else "") + ("+vsink" if self.value_sink else "")
-             + (f"+vrec{self.value_recent}" if self.value_recent else ""))
+    """Short label such as 'K4V4-g32-srft', then each correction's label ('+mean', '+rope16',
+    '+fb', '+vfb', '+sink', '+vsink', '+vrec4', ...)."""
+    extra = "".join(c.label for c in self.corrections)
     return f"K{self.key_bits}V{self.value_bits}-g{self.group_size}-{self.rotation}{extra}"

@@ -314,24 +314,21 @@ def _token_stats(ref, logits, targets, valid):
 
 
 def _make_caches(model, spec: CacheSpec, max_len: int, calibrations=None, *, batch: int = 1):
+  """The caches of `spec` for `batch` sequences of up to `max_len` tokens. (Quality is measured
+  with the exact quantized-domain XLA path, `Runner(model, attention_impl="xla")`: the CPU
+  decode default "int8dot" adds ~2e-4 per attention row, and through 4-bit codes even that
+  re-rolls the rounding of later layers' K/V, which reads as +-2% PPL noise over a few dozen
+  tokens.)"""
   if spec.quant is None:
     return model.init_cache(batch, max_len, dtype=jnp.bfloat16)
-  # Quality is measured with the exact quantized-domain XLA path in both modes, so
-  # hook and incremental differ only in how tokens enter the cache. (The CPU decode
-  # default "int8dot" adds ~2e-4 per attention row; through 4-bit codes even that small
-  # difference re-rolls the rounding of later layers' K/V, which reads as +-2% PPL
-  # noise over a few dozen tokens.)
   if spec.calibrate or spec.calibration is not None:
     cal = (calibrations or {}).get(spec.name)
     if cal is None:
       raise ValueError(f"cache {spec.name!r} is calibrated: pass calibrations="
                        "calibrations_for(model, specs, ...) holding its Calibration")
     # The path every user takes: model.init_cache(..., calibration=...).
-    return model.init_cache(batch, max_len, calibration=cal, attention_impl="xla")
-  quant = dataclasses.replace(spec.quant, attention_impl="xla")
-  return model.init_cache(batch, max_len, quant=quant,
-                          layer_quant={l: dataclasses.replace(q, attention_impl="xla")
-                                       for l, q in spec.layer_quant().items()})
+    return model.init_cache(batch, max_len, calibration=cal)
+  return model.init_cache(batch, max_len, quant=spec.quant, layer_quant=spec.layer_quant())
 
 
 def calibrations_for(model, specs: Sequence[CacheSpec], *, tokenizer=None, ids=None,
@@ -386,11 +383,8 @@ def cache_bytes(model, spec: CacheSpec, context: int, calibration=None) -> int:
 def _make_caches_shape(model, spec, context):
   if spec.quant is None:
     return model.init_cache(1, context, dtype=jnp.bfloat16)
-  # Learned rotations live in the per-layer parameters, not in the byte count.
-  quant = (dataclasses.replace(spec.quant, rotation="srft") if spec.quant.rotation == "learned"
-           else spec.quant)
   # As calibration configures the caches (the exact sink buffers count).
-  quant, layer_quant = dataclasses.replace(spec, quant=quant).formats(model.config.head_dim)
+  quant, layer_quant = spec.formats(model.config.head_dim)
   return model.init_cache(1, context, quant=quant, layer_quant=layer_quant)
 
 
@@ -440,9 +434,8 @@ def key_sensitivity(model, calibration_tokens: Sequence[int], probe_tokens: Sequ
 
   cfg = model.config
   split = with_separate_layers(model, range(cfg.num_layers))
-  runner = Runner(split)
+  runner = Runner(split, attention_impl="xla")
   stats = collect_stats(runner, calibration_tokens, chunk=chunk, progress=False) if calibrate else None
-  quant = dataclasses.replace(quant, attention_impl="xla")
   max_len = len(probe_tokens)
 
   def log_probs(caches):
@@ -496,7 +489,8 @@ def evaluate_window(runner: Runner, tokens: np.ndarray, specs: Sequence[CacheSpe
                     max_len: int, calibrations=None, chunk: int = 512,
                     progress: bool = True) -> dict:
   """Scores one window of tokens under every cache in hook mode, in lockstep with the first
-  spec (the reference).
+  spec (the reference). runner: `Runner(model, attention_impl="xla")` for the exact path
+  `kvjax eval` measures.
 
   Returns {spec name: {"hook": (nll [T-1], kl [T-1], agree [T-1])}}.
   """
@@ -740,7 +734,7 @@ def run(model_name: str = "gemma3-270m", *, text_file: str | None = None,
     specs = [dataclasses.replace(s, calibration=str(calibration),
                                  description=f"{s.description} (artifact {calibration})")
              if s.name == "int4" else s for s in specs]
-  runner = Runner(model)
+  runner = Runner(model, attention_impl="xla")
   cal_ids = (tokenizer.encode(corpus.calibration_text(), add_bos=cfg.add_bos)
              if any(s.calibrate and s.calibration is None for s in specs) else None)
   calibrations = calibrations_for(model, specs, tokenizer=tokenizer, ids=cal_ids,

@@ -103,7 +103,7 @@ def run(model_name: str = "gemma3-270m", *, lengths=(2048, 4096), depths=(0.1, 0
   model, tok = load(model_name)
   specs = [s.resolve_layers(model.config) for s in specs]
   model = ev.with_layers_for(model, specs)
-  runner = Runner(model)
+  runner = Runner(model, attention_impl="xla")
   cal_ids = (tok.encode(corpus.calibration_text(), add_bos=model.config.add_bos)
              if any(s.calibrate and s.calibration is None for s in specs) else None)
   calibrations = ev.calibrations_for(model, specs, tokenizer=tok, ids=cal_ids, progress=False,

@@ -33,7 +33,7 @@ is the same for values, the seventh is what did not carry over to them:
 
 4. Sink. Most queries put much of their attention on the sequence's first token (BOS: the
    "attention sink"), so the rounding error of that one key moves every query's softmax.
-   The cache keeps that key exact (`QuantConfig.key_sink`: its rounding error is stored in
+   The cache keeps that key exact (`kvjax.corrections.KeySink`: its rounding error is stored in
    float32, 1 KiB per sequence, head and layer at D = 256, and added back to its logit).
 
 5. Rounding. What a key's rounding error e (rotated domain) costs is the logit error
@@ -46,7 +46,7 @@ is the same for values, the seventh is what did not carry over to them:
 
 6. Sink value. The sink's weight is large in every query head at once, so the rounding error
    of its value is a bias that every query's output shares instead of noise that averages
-   out over tokens. The cache keeps that value exact too (`QuantConfig.value_sink`, its
+   out over tokens. The cache keeps that value exact too (`kvjax.corrections.ValueSink`, its
    error in float32 like fact 4; attention adds p_0 e_0). Gemma-3-270M, four rotation seeds
    at 1K / three at 4K: mean KL 0.0124 -> 0.0111 and 0.0151 -> 0.0137.
 
@@ -65,7 +65,7 @@ is the same for values, the seventh is what did not carry over to them:
 8. Recent values. Like the sink, a query's own token and the few before it often hold much
    of its weight (the diagonal band of attention), so their values' rounding errors reach
    the output almost undiluted. The exact value is in hand when a token is written, so
-   `QuantConfig.value_recent = W` lets each new query read the W most recent values exact
+   `kvjax.corrections.RecentValues(W)` lets each new query read the W most recent values exact
    (attention adds sum_w p_w e_w; the W - 1 older errors are kept per sequence, `v_recent`).
    Gemma-3-270M, hook mode, KL at 1K (four windows) / 4K: none 0.0105 / 0.0135, W = 1
    0.0093 / 0.0124, W = 4 0.0071 / 0.0100; K8V4 0.0049 / 0.0048 -> 0.0014 / 0.0016 (W = 4).
@@ -85,7 +85,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.cache import DenseKVCache, QuantizedKVCache, StatsKVCache, recent_rows
+from kvjax import corrections as kc
+from kvjax.cache import DenseKVCache, QuantizedKVCache, StatsKVCache, with_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +100,7 @@ class KeyCalibration:
   fact 5, relative to the mean diagonal of H (guards against directions the calibration
   queries never visited); sink: keep the key at position 0 exact (fact 4); value_sink: the
   same for its value (fact 6); value_recent: W, each new token's query reads the values of
-  the W most recent tokens exact (`QuantConfig.value_recent`, fact 8; no statistics involved);
+  the W most recent tokens exact (`kvjax.corrections.RecentValues`, fact 8; no statistics);
   value_alpha, value_feedback, value_head_correlation: value λ
   exponent, feedback rounding of values and the head correlation ρ of their metric (fact 7;
   they need the model's output-projection metric, `calibrate_caches(..., value_metric=...)`).
@@ -298,14 +299,19 @@ def value_params(stats: StatsKVCache, value_metric, v_rotation,
 
 
 def calibrated_config(quant, calib: KeyCalibration = KeyCalibration(), *, head_dim: int):
-  """The QuantConfig that `calibrate_caches` gives a cache of config `quant` and head_dim
-  (what a benchmark must time for a calibrated format: rotary offsets, feedback rounding and
-  the sink slot change the work of a step)."""
+  """The QuantConfig that `calibrate_caches` gives a cache of config `quant` and head_dim: its
+  format and rotation, with the corrections of the recipe (what a benchmark must time for a
+  calibrated format: rotary offsets, feedback rounding and the sink slot change a step's
+  work)."""
   pairs = min(calib.rope_pairs, head_dim // 2) if calib.offset else 0
-  return dataclasses.replace(quant, key_rope_pairs=pairs, key_feedback=calib.feedback,
-                             key_sink=calib.sink, value_sink=calib.value_sink,
-                             value_recent=calib.value_recent,
-                             value_feedback=calib.calibrates_values and calib.value_feedback)
+  chosen = ([kc.KeyOffset()] if calib.offset else []) + (
+      [kc.RotaryKeyOffset(pairs)] if pairs else [])
+  chosen += [kc.KeyFeedback()] if calib.feedback else []
+  chosen += [kc.ValueFeedback()] if calib.calibrates_values and calib.value_feedback else []
+  chosen += [kc.KeySink()] if calib.sink else []
+  chosen += [kc.ValueSink()] if calib.value_sink else []
+  chosen += [kc.RecentValues(calib.value_recent)] if calib.value_recent else []
+  return dataclasses.replace(quant, corrections=tuple(chosen))
 
 
 def calibrate_caches(quant_caches, stats_caches, calib: KeyCalibration = KeyCalibration(), *,
@@ -314,17 +320,12 @@ def calibrate_caches(quant_caches, stats_caches, calib: KeyCalibration = KeyCali
 
   `quant_caches` and `stats_caches` must have the same structure (e.g. both from
   `model.init_cache(...)`, the second wrapped with `kvjax.with_stats` and run
-  over calibration text). Layer-stacked caches keep their stacking. Each cache's
-  config gets key_rope_pairs = calib.rope_pairs (when calib.offset), key_feedback =
-  calib.feedback and key_sink = calib.sink; its constant key mean, λ, rotary offsets and
-  feedback matrix come from the statistics.
-
-  value_sink = calib.value_sink and value_recent = calib.value_recent in each config
-  (facts 6, 8). value_metric: the model's
-  output-projection metric in the caches' layout
-  (`model.value_output_metric(calib.value_head_correlation)`), needed only when
-  `calib.calibrates_values` (value_alpha != 0 or value_feedback; fact 7): the value λ and
-  value feedback matrices, and value_feedback = calib.value_feedback in each config.
+  over calibration text). Layer-stacked caches keep their stacking. Each cache's config gets
+  the recipe's corrections (`calibrated_config`); its constant and rotary key offsets, λ and
+  feedback matrix come from the statistics. value_metric: the model's output-projection
+  metric in the caches' layout (`model.value_output_metric(calib.value_head_correlation)`),
+  needed only when `calib.calibrates_values` (value_alpha != 0 or value_feedback; fact 7):
+  the value λ and value feedback matrices.
   """
   is_cache = lambda x: isinstance(x, (DenseKVCache, QuantizedKVCache))
   if calib.calibrates_values and value_metric is None:
@@ -344,27 +345,23 @@ def calibrate_caches(quant_caches, stats_caches, calib: KeyCalibration = KeyCali
                        f"{qc.k_codes.shape}")
     params = key_params(sc, calib)
     f32 = lambda x: jnp.asarray(x, jnp.float32)
-    fields = {"k_mean": f32(params["k_mean"]), "k_lambda": f32(params["k_lambda"]),
-              "k_rope_freq": f32(params["k_rope_freq"]),
-              "k_rope_channels": jnp.asarray(params["k_rope_channels"], jnp.int32),
-              "k_rope_mean": f32(params["k_rope_mean"])}
-    if calib.feedback:
+    config = calibrated_config(qc.config, calib, head_dim=qc.head_dim)
+    fields = {"k_lambda": f32(params["k_lambda"])}
+    if config.correction(kc.KeyOffset):
+      fields["k_mean"] = f32(params["k_mean"])
+    if config.correction(kc.RotaryKeyOffset):
+      fields.update(k_rope_freq=f32(params["k_rope_freq"]),
+                    k_rope_channels=jnp.asarray(params["k_rope_channels"], jnp.int32),
+                    k_rope_mean=f32(params["k_rope_mean"]))
+    if config.correction(kc.KeyFeedback):
       fields["k_feedback"] = f32(feedback_matrix(sc, params["k_lambda"], qc.k_rotation,
                                                  damping=calib.damping))
-    else:
-      fields["k_feedback"] = jnp.zeros(want + (qc.head_dim,), jnp.float32)
     if calib.calibrates_values:
       vp = value_params(sc, metric, qc.v_rotation, calib)
       fields["v_lambda"] = f32(vp["v_lambda"])
-      fields["v_feedback"] = f32(vp["v_feedback"])
-    config = calibrated_config(qc.config, calib, head_dim=qc.head_dim)
-    fields["k_sink"] = jnp.zeros(qc.k_sink.shape[:-1] + (qc.head_dim if calib.sink else 0,),
-                                 jnp.float32)
-    fields["v_sink"] = jnp.zeros(qc.v_sink.shape[:-1] + (qc.head_dim if calib.value_sink else 0,),
-                                 jnp.float32)
-    fields["v_recent"] = jnp.zeros(qc.v_recent.shape[:-2] + (recent_rows(config), qc.head_dim),
-                                   jnp.float32)
-    return dataclasses.replace(qc, config=config, **fields)
+      if config.correction(kc.ValueFeedback):
+        fields["v_feedback"] = f32(vp["v_feedback"])
+    return with_config(qc, config, **fields)
 
   if value_metric is None:
     return jax.tree_util.tree_map(one, quant_caches, stats_caches, is_leaf=is_cache)

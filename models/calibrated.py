@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax import calibration as artifact
-from kvjax.cache import QuantizedKVCache
+from kvjax.cache import QuantizedKVCache, with_config
 from kvjax.config import QuantConfig
 from kvjax.smoothing import KeyCalibration, calibrate_caches
 from kvjax.models.decoder import layer_slots, with_separate_layers
@@ -157,7 +157,8 @@ def from_stats(model, stats, *, quant: QuantConfig | None = None, layer_quant=No
     for part, run, index, layer in layer_slots(cfg):
       c = caches[part][run]
       configs[layer] = c.config
-      tensors[layer] = {f: np.asarray(getattr(c, f)[index]) for f in artifact.TENSOR_FIELDS}
+      tensors[layer] = {f: np.asarray(c.array(f)[index])
+                        for f in artifact.tensor_fields(c.config)}
     return tuple(configs), tuple(tensors)
 
   banded = isinstance(stats, dict) and stats and all(isinstance(k, int) for k in stats)
@@ -229,12 +230,11 @@ def required_separate_layers(calibration: artifact.Calibration, cfg) -> tuple[in
   return tuple(l for l, c in enumerate(names) if c != common)
 
 
-def init_cache(model, batch: int, max_len: int, calibration, *, attention_impl: str | None = None):
+def init_cache(model, batch: int, max_len: int, calibration):
   """Empty caches for `model` in the format of `calibration` (a Calibration or an artifact
-  directory), holding its tensors for caches of `max_len` tokens (`Calibration.tensors_for`). The model must scan on their own the layers whose format
-  differs from the others' (`required_separate_layers`; `kvjax.models.load(...,
-  calibration=...)` does this). attention_impl: override each layer's
-  `QuantConfig.attention_impl` (e.g. "xla" for the exact path)."""
+  directory), holding its tensors for caches of `max_len` tokens (`Calibration.tensors_for`).
+  The model must scan on their own the layers whose format differs from the others'
+  (`required_separate_layers`; `kvjax.models.load(..., calibration=...)` does this)."""
   cfg = model.config
   cal = artifact.resolve(calibration, fingerprint=fingerprint(model))
   if cal.num_layers != cfg.num_layers:
@@ -248,17 +248,10 @@ def init_cache(model, batch: int, max_len: int, calibration, *, attention_impl: 
                      f"their own cache format; load the model with separate_layers="
                      f"{tuple(need)} (kvjax.models.load(..., calibration=...) does this)")
   configs = list(cal.configs)
-  if attention_impl is not None:
-    configs = [dataclasses.replace(c, attention_impl=attention_impl) for c in configs]
-  # The cache is created with the format's shapes, then holds the calibration's tensors: its
-  # rotation is a value, so the config's rotation name only labels it (a "learned" label needs
-  # no random matrix to start from).
-  make = [dataclasses.replace(c, rotation="none") if c.rotation == "learned" else c
-          for c in configs]
-  # The layers the model stacks share one format; the separate layers take their own.
-  stacked = [l for l in range(cfg.num_layers) if l not in cfg.separate_layers]
-  common = make[stacked[0]] if stacked else make[0]
-  layer_quant = {l: make[l] for l in cfg.separate_layers}
+  # The caches are created in the calibration's formats, then take its tensors (rotations are
+  # values: the generated ones are replaced).
+  common = configs[stacked[0]] if stacked else configs[0]
+  layer_quant = {l: configs[l] for l in cfg.separate_layers}
   caches = model.init_cache(batch, max_len, quant=common, layer_quant=layer_quant)
   chosen = cal.tensors_for(max_len)
   slots = layer_slots(cfg)
@@ -266,8 +259,7 @@ def init_cache(model, batch: int, max_len: int, calibration, *, attention_impl: 
   for part in ("groups", "tail"):
     for r, c in enumerate(caches[part]):
       mine = [(index, layer) for p, rr, index, layer in slots if p == part and rr == r]
-      formats = {configs[layer] for _, layer in mine}
-      if len(formats) != 1:
+      if len({configs[layer] for _, layer in mine}) != 1:
         raise ValueError(f"layers {[l for _, l in mine]} share one stacked cache but the "
                          "calibration gives them different formats; load the model with them "
                          "as separate_layers")
@@ -275,23 +267,32 @@ def init_cache(model, batch: int, max_len: int, calibration, *, attention_impl: 
         raise TypeError("internal: a calibrated layer got a dense cache")
       lead = c.lengths.shape[:-1]
       fields = {}
-      for f in artifact.TENSOR_FIELDS:
+      for f in artifact.tensor_fields(c.config):
         arrays = [chosen[layer][f] for _, layer in mine]
         shape = tuple(max(a.shape[i] for a in arrays) for i in range(arrays[0].ndim))
         buf = np.zeros(lead + shape, arrays[0].dtype)
         for (index, _), a in zip(mine, arrays):
           buf[index] = np.broadcast_to(a, shape)
-        _check_fits(f, shape, c, cal)
+        _check_fits(f, shape, c)
         fields[f] = jnp.asarray(buf)
-      out[part].append(dataclasses.replace(c, config=configs[mine[0][1]], **fields))
+      out[part].append(with_config(c, c.config, **fields))
   return {"groups": tuple(out["groups"]), "tail": tuple(out["tail"])}
 
 
-def _check_fits(field, shape, cache, cal):
+def _check_fits(field, shape, cache):
+  """A calibration tensor [Hr, ...] (or a shared one) fits this cache's heads and head_dim."""
   h, d = cache.num_kv_heads, cache.head_dim
-  if field in ("k_rope_freq", "k_rope_channels"):
-    return
-  if shape[0] not in (1, h) or shape[-1] not in (d, cache.config.key_rope_pairs):
+  for c in cache.config.corrections:
+    if field in c.shared:
+      want = c.param_shapes(d)[field]
+      if shape != want:
+        raise ValueError(f"calibration {field} of shape {shape} does not fit this cache "
+                         f"(expected {want})")
+      return
+  tails = {"k_rotation": (d, d), "v_rotation": (d, d), "k_lambda": (d,), "v_lambda": (d,)}
+  for c in cache.config.corrections:
+    tails.update(c.param_shapes(d))
+  if shape[0] not in (1, h) or shape[1:] != tails[field]:
     raise ValueError(f"calibration {field} of shape {shape} does not fit a cache of {h} KV heads "
                      f"and head_dim {d}")
 
@@ -301,7 +302,7 @@ def _check_fits(field, shape, cache, cal):
 
 def _auto_tag(quant: QuantConfig, recipe: KeyCalibration, lengths) -> str:
   from kvjax import __version__
-  key = json.dumps({"quant": dataclasses.asdict(quant), "recipe": dataclasses.asdict(recipe),
+  key = json.dumps({"quant": quant.to_dict(), "recipe": dataclasses.asdict(recipe),
                     "windows": list(lengths), "bands": "per window length",
                     "format": artifact.FORMAT_VERSION, "kvjax": __version__,
                     "text": "austen:Emma"}, sort_keys=True)

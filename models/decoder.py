@@ -109,13 +109,14 @@ def _stacked_layers(cfg: ModelConfig, layer_type: str, lead: tuple[int, ...], *,
   return nnx.merge(graphdef, stacked)
 
 
-def _scan_run(run: DecoderLayer, caches, x: jax.Array, positions: jax.Array, num_tokens):
+def _scan_run(run: DecoderLayer, caches, x: jax.Array, positions: jax.Array, num_tokens,
+              impl: str = "auto"):
   """Applies the stacked layers of one run in order; caches have the same leading axis."""
   graphdef, state = nnx.split(run)
 
   def body(h, layer_and_cache):
     layer_state, cache = layer_and_cache
-    h, cache = nnx.merge(graphdef, layer_state)(h, cache, positions, num_tokens)
+    h, cache = nnx.merge(graphdef, layer_state)(h, cache, positions, num_tokens, impl=impl)
     return h, cache
 
   return jax.lax.scan(body, x, (state, caches))
@@ -206,8 +207,7 @@ class CausalLM(nnx.Module):
             "tail": tuple(one(r) for r in self.tail_runs)}
 
   def init_cache(self, batch: int, max_len: int, *, quant: kvjax.QuantConfig | None = None,
-                 dtype=None, layer_quant=None, calibration=None,
-                 attention_impl: str | None = None) -> Caches:
+                 dtype=None, layer_quant=None, calibration=None) -> Caches:
     """Empty caches for `batch` sequences of up to `max_len` tokens.
 
     Args:
@@ -216,7 +216,6 @@ class CausalLM(nnx.Module):
         (the calibrated cache `kvjax eval` measures). Checked against this model's fingerprint.
         `model.calibration` is the one `kvjax.models.load(..., calibration=...)` attached.
         Excludes quant, layer_quant and dtype.
-      attention_impl: with a calibration, overrides each layer's QuantConfig.attention_impl.
       quant: None for a dense cache, or a `kvjax.QuantConfig` for a quantized one.
       dtype: dtype of the dense K/V (default: the model's parameter dtype).
       layer_quant: optional {layer index: QuantConfig or None} overriding `quant` for single
@@ -236,11 +235,7 @@ class CausalLM(nnx.Module):
         raise ValueError("init_cache: give either calibration or quant / layer_quant / dtype, "
                          "not both (the calibration fixes every layer's format)")
       from kvjax.models import calibrated
-      return calibrated.init_cache(self, batch, max_len, calibration,
-                                   attention_impl=attention_impl)
-    if attention_impl is not None:
-      raise ValueError("init_cache: attention_impl applies to a calibration; set "
-                       "QuantConfig.attention_impl in quant instead")
+      return calibrated.init_cache(self, batch, max_len, calibration)
     cfg = self.config
     dtype = self.dtype if dtype is None else jnp.dtype(dtype)
     num_groups, group_runs, tail_runs = layer_layout(cfg)
@@ -270,7 +265,8 @@ class CausalLM(nnx.Module):
             "tail": tuple(one(t, (n,), -1) for t, n, _ in tail_runs)}
 
   def __call__(self, tokens: jax.Array, caches: Caches, *, positions: jax.Array | None = None,
-               num_tokens: jax.Array | None = None, logits_at: jax.Array | None = None):
+               num_tokens: jax.Array | None = None, logits_at: jax.Array | None = None,
+               attention_impl: str = "auto"):
     """tokens [B, T] int -> (logits [B, T, V] float32, new caches).
 
     Args:
@@ -282,6 +278,8 @@ class CausalLM(nnx.Module):
       logits_at: optional int [B]; if given, logits are computed only at token index
         logits_at[b] of each sequence and have shape [B, 1, V] (a prefill needs just the last
         prompt token's; the full [B, T, V] of a 262K vocabulary is gigabytes).
+      attention_impl: the implementation every layer's attention runs (`kvjax.attend`'s impl:
+        "auto" picks by platform and step; "xla" is the exact quantized-domain path).
     """
     cfg = self.config
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
@@ -310,14 +308,15 @@ class CausalLM(nnx.Module):
         run_states, run_caches = group_xs
         out = []
         for graphdef, state, cache in zip(graphdefs, run_states, run_caches):
-          h, cache = _scan_run(nnx.merge(graphdef, state), cache, h, positions, num_tokens)
+          h, cache = _scan_run(nnx.merge(graphdef, state), cache, h, positions, num_tokens,
+                               attention_impl)
           out.append(cache)
         return h, tuple(out)
 
       x, new_group_caches = jax.lax.scan(group_body, x, (tuple(states), caches["groups"]))
     new_tail_caches = []
     for run, cache in zip(self.tail_runs, caches["tail"]):
-      x, cache = _scan_run(run, cache, x, positions, num_tokens)
+      x, cache = _scan_run(run, cache, x, positions, num_tokens, attention_impl)
       new_tail_caches.append(cache)
 
     if logits_at is not None:

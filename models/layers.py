@@ -141,8 +141,9 @@ class Attention(nnx.Module):
     self.scale = cfg.query_scale
     self.softcap = cfg.attn_logit_softcap
 
-  def __call__(self, x: jax.Array, cache, positions: jax.Array, num_tokens: jax.Array | None = None):
-    """x [B, T, E], positions [B, T] -> (out [B, T, E], new cache).
+  def __call__(self, x: jax.Array, cache, positions: jax.Array, num_tokens: jax.Array | None = None,
+               *, impl: str = "auto"):
+    """x [B, T, E], positions [B, T] -> (out [B, T, E], new cache); impl: `kvjax.attend`'s.
 
     num_tokens: optional int [B]; only the first num_tokens[b] tokens of sequence b are written to
     the cache (right-padded ragged chunks); outputs at padded tokens are unspecified.
@@ -157,7 +158,7 @@ class Attention(nnx.Module):
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
     out, cache = kvjax.append_and_attend(cache, q, k, v, scale=self.scale, softcap=self.softcap,
-                                         num_tokens=num_tokens)
+                                         num_tokens=num_tokens, impl=impl)
     return self.o_proj(out.astype(x.dtype).reshape(b, t, self.num_heads * self.head_dim)), cache
 
 
@@ -178,9 +179,10 @@ class DecoderLayer(nnx.Module):
     else:
       self.post_attention_norm = self.post_mlp_norm = None
 
-  def __call__(self, x: jax.Array, cache, positions: jax.Array, num_tokens: jax.Array | None = None):
+  def __call__(self, x: jax.Array, cache, positions: jax.Array, num_tokens: jax.Array | None = None,
+               *, impl: str = "auto"):
     """x [B, T, E] -> (x [B, T, E], new cache)."""
-    h, cache = self.attention(self.pre_attention_norm(x), cache, positions, num_tokens)
+    h, cache = self.attention(self.pre_attention_norm(x), cache, positions, num_tokens, impl=impl)
     if self.post_attention_norm is not None:
       h = self.post_attention_norm(h)
     x = x + h

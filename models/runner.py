@@ -22,9 +22,15 @@ from kvjax.cache import with_stats
 
 class Runner:
   """Jitted chunk and decode steps for one model (compiled once per cache structure and chunk
-  shape; the caches are donated, so XLA updates them in place)."""
+  shape; the caches are donated, so XLA updates them in place).
 
-  def __init__(self, model):
+  attention_impl: the attention implementation every step runs (`kvjax.attend`'s impl; "xla"
+  is the exact quantized-domain path that quality measurements use)."""
+
+  def __init__(self, model, *, attention_impl: str = "auto"):
+    from kvjax.attention import check_impl
+    check_impl(attention_impl)
+    self.attention_impl = attention_impl
     from flax import nnx
     self.model = model
     self.graphdef, self.state = nnx.split(model)
@@ -32,11 +38,12 @@ class Runner:
 
     def fwd(state, tokens, caches, num_tokens):
       m = nnx.merge(graphdef, state)
-      return m(tokens, caches, num_tokens=num_tokens)
+      return m(tokens, caches, num_tokens=num_tokens, attention_impl=attention_impl)
 
     def fwd_last(state, tokens, caches, num_tokens):
       m = nnx.merge(graphdef, state)
-      logits, caches = m(tokens, caches, num_tokens=num_tokens, logits_at=num_tokens - 1)
+      logits, caches = m(tokens, caches, num_tokens=num_tokens, logits_at=num_tokens - 1,
+                         attention_impl=attention_impl)
       return logits[:, 0], caches
 
     self.fwd = jax.jit(fwd, donate_argnums=(2,))

@@ -26,6 +26,7 @@ import jax.numpy as jnp  # noqa: E402
 
 import kvjax  # noqa: E402
 from kvjax import foe  # noqa: E402
+from kvjax import corrections as kc  # noqa: E402
 from kvjax.foe import hlo  # noqa: E402
 
 
@@ -53,8 +54,8 @@ def cache_kinds(clusters):
   # 4 channel pairs, feedback rounding, exact sink key) with random per-head values, so that
   # their sharding (per-head fields split with the heads, per-layer ones replicated, the
   # per-sequence sink error split by batch and head) is exercised too.
-  kinds = [("int4", kvjax.QuantConfig(attention_impl="xla", key_rope_pairs=4,
-                                      key_feedback=True, key_sink=True))]
+  kinds = [("int4", kvjax.QuantConfig(corrections=(kc.KeyOffset(), kc.RotaryKeyOffset(4),
+                                                   kc.KeyFeedback(), kc.KeySink())))]
   return [("dense", None)] + kinds if clusters == 2 else kinds
 
 
@@ -63,17 +64,19 @@ def make_cache(batch, num_kv_heads, head_dim, quant, seed=0):
   if quant is None:
     return kvjax.init_cache(batch, num_kv_heads, 16, head_dim, dtype=jnp.float32)
   rng = np.random.default_rng(seed)
-  pairs = quant.key_rope_pairs
+  pairs = quant.correction(kc.RotaryKeyOffset).pairs
   half = head_dim // 2
   channels = np.stack([np.arange(pairs), np.arange(pairs) + half], 1)
-  key_rope = (rng.uniform(0.05, 1.0, pairs).astype(np.float32), channels,
-              rng.normal(size=(num_kv_heads, 2, pairs)).astype(np.float32))
+  params = {"k_rope_freq": rng.uniform(0.05, 1.0, pairs).astype(np.float32),
+            "k_rope_channels": channels,
+            "k_rope_mean": rng.normal(size=(num_kv_heads, 2, pairs)).astype(np.float32)}
   feedback = np.triu(0.2 * rng.normal(size=(num_kv_heads, head_dim, head_dim)), 1)
   return kvjax.init_cache(batch, num_kv_heads, 16, head_dim, quant=quant, dtype=jnp.float32,
-                          key_mean=rng.normal(size=(num_kv_heads, head_dim)).astype(np.float32),
                           key_lambda=rng.uniform(0.5, 2.0, (num_kv_heads, head_dim)).astype(
                               np.float32),
-                          key_rope=key_rope, key_feedback=feedback.astype(np.float32))
+                          params={**params, "k_feedback": feedback.astype(np.float32),
+                                  "k_mean": rng.normal(size=(num_kv_heads, head_dim)).astype(
+                                      np.float32)})
 
 
 def loss_of(out, aux, cotangent):
@@ -129,12 +132,13 @@ def check_foe(mesh, clusters, experts_axis, keys):
   residual = jax.random.normal(keys[1], (clusters, batch, seq, cfg.d_model))
   cotangent = jax.random.normal(keys[2], residual.shape)
   step = jax.random.normal(keys[3], (clusters, batch, 1, cfg.d_model))
-  reference = functools.partial(foe.foe_block_reference, cfg=cfg, token_groups=experts_axis)
+  reference = functools.partial(foe.foe_block_reference, cfg=cfg, token_groups=experts_axis,
+                                attention_impl="xla")
   result = compare_block(foe.make_foe_block(cfg, mesh), reference,
                          foe.shard_foe_inputs(mesh, params, residual)[:2], (params, residual),
                          cotangent)
   result["cache"] = {}
-  cached_block = foe.make_foe_block(cfg, mesh, with_cache=True)
+  cached_block = foe.make_foe_block(cfg, mesh, with_cache=True, attention_impl="xla")
   for name, quant in cache_kinds(clusters):
     cache = make_cache(batch, clusters, cfg.head_dim, quant)
     p_sh, r_sh, c_sh = foe.shard_foe_inputs(mesh, params, residual, cache)
@@ -153,11 +157,12 @@ def check_baseline(mesh, clusters, experts_axis, keys):
   x = jax.random.normal(keys[1], (batch, seq, cfg.d_model))
   cotangent = jax.random.normal(keys[2], x.shape)
   step = jax.random.normal(keys[3], (batch, 1, cfg.d_model))
-  reference = functools.partial(foe.moe_block_reference, cfg=cfg, token_groups=devices)
+  reference = functools.partial(foe.moe_block_reference, cfg=cfg, token_groups=devices,
+                                attention_impl="xla")
   result = compare_block(foe.make_moe_block(cfg, mesh), reference,
                          foe.shard_moe_inputs(mesh, params, x)[:2], (params, x), cotangent)
   result["cache"] = {}
-  cached_block = foe.make_moe_block(cfg, mesh, with_cache=True)
+  cached_block = foe.make_moe_block(cfg, mesh, with_cache=True, attention_impl="xla")
   for name, quant in cache_kinds(clusters):
     cache = make_cache(batch, cfg.num_kv_heads, cfg.head_dim, quant)
     p_sh, x_sh, c_sh = foe.shard_moe_inputs(mesh, params, x, cache)

@@ -61,19 +61,20 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   return out.reshape(batch, seq, q_heads, dim)
 
 
-def cached_attention(cache, q: jax.Array, k: jax.Array, v: jax.Array):
+def cached_attention(cache, q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "auto"):
   """Appends k, v to `cache` and attends causally with q: `kvjax.append_and_attend`.
 
   Args:
     cache: a kvjax cache (dense or quantized) with H KV heads.
     q: [B, T, Hq, D] post-RoPE queries; k, v: [B, T, H, D] (k post-RoPE).
+    impl: the attention implementation (`kvjax.attend`'s impl).
 
   Returns:
     ([B, T, Hq, D] output, new cache).
   """
   import kvjax  # the core package; imported late so kvjax.foe stays importable on its own.
 
-  return kvjax.append_and_attend(cache, q, k, v)
+  return kvjax.append_and_attend(cache, q, k, v, impl=impl)
 
 
 def cache_positions(cache, batch: int, seq: int) -> jax.Array:

@@ -123,7 +123,7 @@ def moe_param_specs() -> dict[str, P]:
 
 # ------------------------------------------------------------------------------ the math
 
-def _foe_attention(params: Params, residual: jax.Array, cfg: FoEConfig, cache):
+def _foe_attention(params: Params, residual: jax.Array, cfg: FoEConfig, cache, impl="auto"):
   """Attention of the clusters in `params`; residual [c, B, T, D] -> ([c, B, T, D], cache)."""
   clusters, batch, seq, _ = residual.shape
   normed = rms_norm(residual, params["attn_norm"][:, None, None, :], cfg.norm_eps)
@@ -137,12 +137,12 @@ def _foe_attention(params: Params, residual: jax.Array, cfg: FoEConfig, cache):
   if cache is None:
     out = causal_attention(q, k, v)
   else:
-    out, cache = cached_attention(cache, q, k, v)
+    out, cache = cached_attention(cache, q, k, v, impl=impl)
   out = out.reshape(batch, seq, clusters, cfg.q_per_kv, cfg.head_dim)
   return jnp.einsum("btcrh,crhd->cbtd", out, params["wo"]), cache
 
 
-def _baseline_attention(params: Params, x: jax.Array, cfg: MoEConfig, cache):
+def _baseline_attention(params: Params, x: jax.Array, cfg: MoEConfig, cache, impl="auto"):
   """Attention with all heads; x [B, T, D] -> ([B, T, D], cache)."""
   batch, seq, _ = x.shape
   normed = rms_norm(x, params["attn_norm"], cfg.norm_eps)
@@ -156,7 +156,7 @@ def _baseline_attention(params: Params, x: jax.Array, cfg: MoEConfig, cache):
   if cache is None:
     out = causal_attention(q, k, v)
   else:
-    out, cache = cached_attention(cache, q, k, v)
+    out, cache = cached_attention(cache, q, k, v, impl=impl)
   out = out.reshape(batch, seq, cfg.num_kv_heads, cfg.q_per_kv, cfg.head_dim)
   return jnp.einsum("bthrk,hrkd->btd", out, params["wo"]), cache
 
@@ -184,7 +184,7 @@ def _check_residual(name: str, x: jax.Array, ndim: int, d_model: int) -> None:
 
 
 def foe_block_reference(params: Params, residual: jax.Array, cfg: FoEConfig, *, cache=None,
-                        token_groups: int = 1) -> tuple[jax.Array, Any, dict[str, jax.Array]]:
+                        token_groups: int = 1, attention_impl: str = "auto") -> tuple[jax.Array, Any, dict[str, jax.Array]]:
   """Single-device FoE block.
 
   Args:
@@ -194,6 +194,7 @@ def foe_block_reference(params: Params, residual: jax.Array, cfg: FoEConfig, *, 
     cache: None (whole sequences, causal) or a kvjax cache with C KV heads and batch B.
     token_groups: dispatch groups (consecutive batch slices) for the capacity limit;
       the sharded block on a mesh with `expert` size n matches token_groups = n.
+    attention_impl: the cache attention's implementation (`kvjax.attend`'s impl).
 
   Returns:
     (new residual [C, B, T, D], new cache or None, aux dict with scalar
@@ -205,7 +206,7 @@ def foe_block_reference(params: Params, residual: jax.Array, cfg: FoEConfig, *, 
                      f"got shape {residual.shape}")
   clusters, batch, seq, width = residual.shape
   _check_groups(batch, token_groups)
-  attn, cache = _foe_attention(params, residual, cfg, cache)
+  attn, cache = _foe_attention(params, residual, cfg, cache, attention_impl)
   synced = jnp.mean(residual + attn, axis=0)  # [B, T, D]
   tokens_per_group = batch // token_groups * seq
   capacity = expert_capacity(tokens_per_group, cfg.top_k, cfg.experts_per_cluster,
@@ -226,7 +227,7 @@ def foe_block_reference(params: Params, residual: jax.Array, cfg: FoEConfig, *, 
 
 
 def moe_block_reference(params: Params, x: jax.Array, cfg: MoEConfig, *, cache=None,
-                        token_groups: int = 1) -> tuple[jax.Array, Any, dict[str, jax.Array]]:
+                        token_groups: int = 1, attention_impl: str = "auto") -> tuple[jax.Array, Any, dict[str, jax.Array]]:
   """Single-device baseline block.
 
   Args:
@@ -241,7 +242,7 @@ def moe_block_reference(params: Params, x: jax.Array, cfg: MoEConfig, *, cache=N
   _check_residual("x", x, 3, cfg.d_model)
   batch, seq, width = x.shape
   _check_groups(batch, token_groups)
-  attn, cache = _baseline_attention(params, x, cfg, cache)
+  attn, cache = _baseline_attention(params, x, cfg, cache, attention_impl)
   hidden = x + attn
   tokens_per_group = batch // token_groups * seq
   capacity = expert_capacity(tokens_per_group, cfg.top_k, cfg.num_experts,
@@ -287,8 +288,8 @@ def cache_partition_specs(cache, batch_axes, head_axis):
     name = getattr(path[-1], "name", getattr(path[-1], "key", str(path[-1])))
     if name in ("k", "v") or name.endswith("_codes") or name.endswith("_scales"):
       return P(batch_axes, head_axis)  # per-token storage [B, H, S, ...]
-    if name in ("k_sink", "v_sink", "v_recent"):
-      return P(batch_axes, head_axis)  # per sequence and head [B, H, D] / [B, H, W - 1, D]
+    if name in cache_lib.STATE_FIELDS:
+      return P(batch_axes, head_axis)  # corrections' per-sequence state [B, H, ...]
     if name in cache_lib.SHARED_PARAM_FIELDS:
       return P()  # one per layer, no head axis: rotary offset frequencies and channel pairs
     if leaf.ndim <= 1:
@@ -305,7 +306,7 @@ def cache_partition_specs(cache, batch_axes, head_axis):
 
 
 def make_foe_block(cfg: FoEConfig, mesh: Mesh, *, with_cache: bool = False,
-                   with_aux: bool = True):
+                   with_aux: bool = True, attention_impl: str = "auto"):
   """Builds the jitted `shard_map` FoE block for `mesh`.
 
   Returns `block(params, residual, cache=None) -> (residual', cache', aux)` with shapes as
@@ -331,7 +332,7 @@ def make_foe_block(cfg: FoEConfig, mesh: Mesh, *, with_cache: bool = False,
 
   def local_block(params, residual, cache):
     local_clusters, local_batch, seq, width = residual.shape
-    attn, cache = _foe_attention(params, residual, cfg, cache)
+    attn, cache = _foe_attention(params, residual, cfg, cache, attention_impl)
     # The cross-cluster sync: one all-reduce of the residual over the cluster axis.
     synced = jax.lax.psum(jnp.sum(residual + attn, axis=0), CLUSTER_AXIS) / cfg.num_clusters
     tokens = local_batch * seq
@@ -376,7 +377,7 @@ def make_foe_block(cfg: FoEConfig, mesh: Mesh, *, with_cache: bool = False,
 
 
 def make_moe_block(cfg: MoEConfig, mesh: Mesh, *, with_cache: bool = False,
-                   with_aux: bool = True):
+                   with_aux: bool = True, attention_impl: str = "auto"):
   """Builds the jitted `shard_map` baseline block for `mesh`.
 
   Returns `block(params, x, cache=None) -> (x', cache', aux)`; x [B, T, D] is split over
@@ -397,7 +398,7 @@ def make_moe_block(cfg: MoEConfig, mesh: Mesh, *, with_cache: bool = False,
 
   def local_block(params, x, cache):
     local_batch, seq, width = x.shape
-    attn, cache = _baseline_attention(params, x, cfg, cache)
+    attn, cache = _baseline_attention(params, x, cfg, cache, attention_impl)
     hidden = x + attn
     tokens = local_batch * seq
     capacity = expert_capacity(tokens, cfg.top_k, cfg.num_experts, cfg.capacity_factor)
