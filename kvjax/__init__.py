@@ -2,7 +2,8 @@
 
 The core surface:
 
-    cfg = kvjax.QuantConfig(key_bits=4, value_bits=4, group_size=32, rotation="srft")
+    cfg = kvjax.QuantConfig(key_bits=4, value_bits=4, group_size=32, rotation="srft",
+                            corrections=(kvjax.corrections.KeyOffset(), ...))
     cache = kvjax.init_cache(batch, kv_heads, max_len, head_dim, quant=cfg)
     cache = kvjax.append(cache, k, v)          # k, v: [batch, seq, kv_heads, head_dim]
     out = kvjax.attend(q, cache)               # q: [batch, q_seq, q_heads, head_dim]
@@ -14,7 +15,7 @@ from kvjax.config import QuantConfig
 from kvjax.cache import (DenseKVCache, QuantizedKVCache, StatsKVCache, KVCache, init_cache,
                          append, nbytes, positions, check_overflow, with_stats)
 from kvjax.attention import attend, append_and_attend, attend_reference
-from kvjax import rotations, quantizer
+from kvjax import corrections, rotations, quantizer
 
 __version__ = "0.1.0"
 
@@ -33,5 +34,5 @@ def __getattr__(name):
 __all__ = [
     "QuantConfig", "DenseKVCache", "QuantizedKVCache", "StatsKVCache", "with_stats", "KVCache", "init_cache", "append",
     "attend", "append_and_attend", "attend_reference", "nbytes", "positions", "check_overflow",
-    "rotations", "quantizer", "generate",
+    "corrections", "rotations", "quantizer", "generate",
 ]

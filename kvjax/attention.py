@@ -462,16 +462,22 @@ def _dequantized_kv(config, view: QuantView, kv_pos):
 def reference_attention(q, view: QuantView, mask, *, config, scale, softcap=None, kv_pos=None,
                         q_pos=None):
   """The oracle: dequantize every cached vector, restore it, plain float32 attention; plus
-  the value terms of corrections that depend on the query (recent values)."""
+  the terms of corrections that depend on the query (recent values), which no restored
+  vector can express."""
   k, v = _dequantized_kv(config, view, kv_pos)
   qg = _grouped_q(q.astype(jnp.float32), k.shape[1])
+  logits = corrections_lib.logit_terms(config.corrections, view.corrections,
+                                       corrections_lib.Read(qg, kv_pos, q_pos), oracle=True)
   terms = _value_terms(qg, view, config, kv_pos, q_pos, oracle=True)
-  if terms is None:
+  if terms is None and logits is None:
     return dense_attention(q, k, v, mask, scale=scale, softcap=softcap)
-  s = jnp.einsum("bhtrd,bhnd->bhtrn", qg, k, precision=_HI) * scale
+  s = jnp.einsum("bhtrd,bhnd->bhtrn", qg, k, precision=_HI)
+  s = (s if logits is None else s + logits) * scale
   p = _softmax_weights(s, mask[:, None, :, None, :], softcap)
   o = jnp.einsum("bhtrn,bhnd->bhtrd", p, v, precision=_HI)
-  return _ungroup(_add_value_terms(o, _slot_weights(p, terms), terms), q.dtype)
+  if terms is not None:
+    o = _add_value_terms(o, _slot_weights(p, terms), terms)
+  return _ungroup(o, q.dtype)
 
 
 # ---------------------------------------------------------------------------------- dispatch

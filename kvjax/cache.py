@@ -264,11 +264,9 @@ def accumulate_stats(cache: StatsKVCache, q, k, v, num_tokens=None) -> StatsKVCa
 
 KVCache = Union[DenseKVCache, QuantizedKVCache]
 
+# The basis the codes live in (per layer, [Hr, ...]). The corrections' arrays are named by their
+# classes: `kvjax.corrections.shared_names()` (no head axis) and `state_names()` (per sequence).
 BASIS_FIELDS = ("k_rotation", "v_rotation", "k_lambda", "v_lambda")
-# Arrays shared by every KV head of a layer (no leading [Hr] axis): replicate when sharding.
-SHARED_PARAM_FIELDS = corrections_lib.shared_names()
-# Per-sequence correction state [B, H, ...]: split like the codes when sharding.
-STATE_FIELDS = corrections_lib.state_names()
 
 
 def _check_positive_int(value, name):
@@ -282,7 +280,7 @@ _ORTHOGONALITY_TOL = 1e-3
 def _per_head_param(value, default, shape, name, *, check=None):
   """Broadcasts a rotation / lambda argument to [Hr, ...] float32, Hr in {1, H}.
 
-  check: "orthogonal", "positive" or "upper" (strictly upper triangular), verified (with
+  check: "orthogonal" or "positive", verified (with
   finiteness) when the value is concrete: a bad one would silently give wrong or NaN attention.
   """
   if value is None:
@@ -306,8 +304,6 @@ def _per_head_param(value, default, shape, name, *, check=None):
     elif check == "positive" and np.any(conc <= 0):
       raise ValueError(f"{name} must be > 0 in every channel (it divides the cached vectors), "
                        f"min {float(conc.min())!r}")
-    elif check == "upper" and np.any(np.tril(conc)):
-      raise ValueError(f"{name} must be strictly upper triangular")
   return arr
 
 
@@ -381,12 +377,12 @@ def init_cache(batch: int, num_kv_heads: int, max_len: int, head_dim: int, *,
                                  rot_shape, "value_rotation", check="orthogonal"),
       k_lambda=_per_head_param(key_lambda, ones, lam_shape, "key_lambda", check="positive"),
       v_lambda=_per_head_param(value_lambda, ones, lam_shape, "value_lambda", check="positive"),
-      corrections=correction_arrays(quant, batch, num_kv_heads, head_dim, params),
+      corrections=new_correction_arrays(quant, batch, num_kv_heads, head_dim, params),
       lengths=lengths, overflow=overflow, config=quant, capacity=capacity, window=window,
       ring=ring)
 
 
-def correction_arrays(quant: QuantConfig, batch: int, num_kv_heads: int, head_dim: int,
+def new_correction_arrays(quant: QuantConfig, batch: int, num_kv_heads: int, head_dim: int,
                       params=None) -> tuple:
   """The `corrections` of a new cache: per correction of `quant`, its params (from `params`,
   checked, or its defaults) and zeroed per-sequence state."""
@@ -437,7 +433,8 @@ def with_config(cache: QuantizedKVCache, config: QuantConfig, **arrays) -> Quant
   """`cache` (possibly layer-stacked) under another config of the same format, its basis
   fields and correction arrays replaced by `arrays` (by name: "k_lambda", "k_mean",
   "k_sink", ...). A correction the old config also had keeps its arrays unless given; a new
-  one starts from its defaults (params) and zeros (state)."""
+  one starts from its defaults (params) and zeros (state). The arrays are taken as given (shapes
+  with the cache's leading axes): `init_cache(params=...)` is the checked way in."""
   if not isinstance(cache, QuantizedKVCache):
     raise TypeError(f"with_config needs a QuantizedKVCache, got {type(cache).__name__}")
   old = cache.config

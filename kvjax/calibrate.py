@@ -612,6 +612,10 @@ def calibrate(model, tokens: Sequence[int], *, quant: QuantConfig | None = None,
     raise TypeError(f"learned must be a CalibrationConfig or None, got {type(learned).__name__}")
   if learned is not None and layer_quant:
     raise ValueError("the learned ablation fits one format for every layer; give no layer_quant")
+  if learned is not None and recipe.calibrates_values:
+    raise ValueError("the learned ablation replaces the value λ and rotation, which a recipe with "
+                     "value_alpha != 0 or value_feedback calibrates against the output "
+                     "projection; use the default recipe (value_alpha=0, value_feedback=False)")
   if stats is not None and not (isinstance(stats, dict) and stats
                                 and all(isinstance(k, int) for k in stats)):
     raise ValueError("stats must be {window length: statistics} as "

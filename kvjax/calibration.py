@@ -55,6 +55,7 @@ BASIS_FIELDS = ("k_rotation", "v_rotation", "k_lambda", "v_lambda")
 def tensor_fields(config: QuantConfig) -> tuple[str, ...]:
   """The tensors a layer of format `config` holds: the basis, then its corrections' params."""
   return BASIS_FIELDS + tuple(n for c in config.corrections for n in c.params)
+
 # Fingerprint fields whose mismatch makes an artifact unusable for a model (the weight hash is
 # checked too, but a mismatch there is reported separately: same shapes, other weights).
 ARCHITECTURE_FIELDS = ("arch", "num_layers", "num_heads", "num_kv_heads", "head_dim",

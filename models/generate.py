@@ -55,17 +55,20 @@ def sample_logits(logits: jax.Array, rng: jax.Array | None, *, temperature: floa
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("caches",))
-def _prefill(graphdef, state, caches, tokens, lengths, rng, sampling):
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "impl"),
+                   donate_argnames=("caches",))
+def _prefill(graphdef, state, caches, tokens, lengths, rng, sampling, impl):
   model = nnx.merge(graphdef, state)
-  logits, caches = model(tokens, caches, num_tokens=lengths, logits_at=lengths - 1)
+  logits, caches = model(tokens, caches, num_tokens=lengths, logits_at=lengths - 1,
+                         attention_impl=impl)
   return sample_logits(logits[:, 0], rng, **dict(sampling)), caches
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("caches",))
-def _decode_step(graphdef, state, caches, tokens, rng, sampling):
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "impl"),
+                   donate_argnames=("caches",))
+def _decode_step(graphdef, state, caches, tokens, rng, sampling, impl):
   model = nnx.merge(graphdef, state)
-  logits, caches = model(tokens[:, None], caches)
+  logits, caches = model(tokens[:, None], caches, attention_impl=impl)
   return sample_logits(logits[:, 0], rng, **dict(sampling)), caches
 
 
@@ -74,7 +77,8 @@ def generate_tokens(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_ne
                     top_k: int | None = None, top_p: float | None = None,
                     rng: jax.Array | None = None, max_len: int | None = None,
                     eos_token_ids: Sequence[int] | None = None,
-                    cache_dtype=None, calibration=None) -> list[list[int]]:
+                    cache_dtype=None, calibration=None,
+                    attention_impl: str = "auto") -> list[list[int]]:
   """Generates up to `max_new_tokens` tokens after each prompt (token ids).
 
   Args:
@@ -90,10 +94,14 @@ def generate_tokens(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_ne
       multiple of 256.
     eos_token_ids: stop tokens (default: the model config's).
     cache_dtype: dense cache dtype (default: the model's parameter dtype).
+    attention_impl: the attention implementation (`kvjax.attend`'s impl; "auto" picks by
+      platform and step, "xla" is the exact quantized-domain path).
   Returns:
     B lists of generated token ids, each ending at (and including) its first EOS token if any.
   """
   _check_sampling(temperature, top_k, top_p, rng, model.config.vocab_size)
+  from kvjax.attention import check_impl
+  check_impl(attention_impl)
   if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
   if isinstance(prompts, (str, bytes)) or not len(prompts):
@@ -146,7 +154,7 @@ def generate_tokens(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_ne
 
   rng, sub = jax.random.split(rng)
   tokens, caches = _prefill(graphdef, state, caches, jnp.asarray(padded), jnp.asarray(lengths),
-                            sub, sampling)
+                            sub, sampling, attention_impl)
   out: list[list[int]] = [[] for _ in range(batch)]
   done = np.zeros(batch, bool)
   for step in range(max_new_tokens):
@@ -158,7 +166,8 @@ def generate_tokens(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_ne
     if done.all() or step == max_new_tokens - 1:
       break
     rng, sub = jax.random.split(rng)
-    tokens, caches = _decode_step(graphdef, state, caches, tokens, sub, sampling)
+    tokens, caches = _decode_step(graphdef, state, caches, tokens, sub, sampling,
+                                  attention_impl)
   kvjax.check_overflow(caches)
   return out
 
@@ -166,13 +175,15 @@ def generate_tokens(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_ne
 def generate(model: CausalLM, tokenizer, prompts: Sequence[str] | str, *, max_new_tokens: int,
              quant: kvjax.QuantConfig | None = None, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, rng: jax.Array | None = None,
-             max_len: int | None = None, calibration=None) -> list[str]:
+             max_len: int | None = None, calibration=None,
+             attention_impl: str = "auto") -> list[str]:
   """Generates text continuations of `prompts` (a string or a list of strings).
 
   Prompts are encoded with `tokenizer` (BOS prepended when the model expects it), generation
   runs as in `generate_tokens`, and the new tokens of each sequence are decoded (without the
   EOS token). calibration: as in `generate_tokens`, or "auto" (the model's default
-  calibration, from the user cache or computed on first use). Returns one string per prompt.
+  calibration, from the user cache or computed on first use); attention_impl as there.
+  Returns one string per prompt.
   """
   if tokenizer is None:
     raise ValueError("generate needs a tokenizer; use generate_tokens for token ids")
@@ -185,7 +196,8 @@ def generate(model: CausalLM, tokenizer, prompts: Sequence[str] | str, *, max_ne
   ids = [encode(tokenizer, p, model.config) for p in prompts]
   new = generate_tokens(model, ids, max_new_tokens=max_new_tokens, quant=quant,
                         temperature=temperature, top_k=top_k, top_p=top_p, rng=rng,
-                        max_len=max_len, calibration=calibration)
+                        max_len=max_len, calibration=calibration,
+                        attention_impl=attention_impl)
   eos = set(model.config.eos_token_ids)
   return [tokenizer.decode([t for t in seq if t not in eos]) for seq in new]
 

@@ -59,14 +59,14 @@ def decode_attention(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *, ke
       terms are computed in the kernel per block of slots, nothing per slot is read.
     sink_logit: None or float [B, Hq], added (after the scale, before the soft-cap) to the
       logit of the key at absolute position 0 while it is visible: scale * q . e_0 for a
-      cache that keeps its sink key's rounding error e_0 (`QuantConfig.key_sink`). Applied
+      cache that keeps its sink key's rounding error e_0 (`kvjax.corrections.KeySink`). Applied
       outside the kernel as one more split-K state (`_common.slot_split`).
     sink_value: None or float [B, H, D], added in the rotated value domain to the value at
       absolute position 0 while it is visible: R_v (e_0 / lam_v) for a cache that keeps its
-      sink value's rounding error e_0 (`QuantConfig.value_sink`); the same split-K state.
+      sink value's rounding error e_0 (`kvjax.corrections.ValueSink`); the same split-K state.
     recent_values: None or float [B, H, W, D]: row w is added in the rotated value domain to
       the value at position L - 1 - w (w = 0: the query's own token): R_v (e / lam_v) for the
-      recent values' rounding errors e (`QuantConfig.value_recent`); one more split-K state
+      recent values' rounding errors e (`kvjax.corrections.RecentValues`); one more split-K state
       per row. At position 0 it adds to the sink value.
     backend: "tpu" (Mosaic), "gpu" (Triton) or None to follow
       `jax.default_backend()` (the TPU kernel when interpreting on the CPU).

@@ -55,12 +55,12 @@ def decode_attention_reference(q_rot, k_codes, k_scales, v_codes, v_scales, leng
       with w = rope_freq; the caller has already multiplied rope_coef by the scale.
     sink_logit: None or [B, Hq] float added (after the scale, before the soft-cap) to the
       logit of the slot holding absolute position 0, when visible: scale * q . e_0 for a
-      cache that keeps the rounding error e_0 of its sink key (QuantConfig.key_sink).
+      cache that keeps the rounding error e_0 of its sink key (`kvjax.corrections.KeySink`).
     sink_value: None or [B, H, D] float added (rotated domain) to the value of the slot
-      holding absolute position 0: the sink value's rounding error (QuantConfig.value_sink).
+      holding absolute position 0: the sink value's rounding error (`kvjax.corrections.ValueSink`).
     recent_values: None or [B, H, W, D] float: row w added (rotated domain) to the value of
       the slot holding position L - 1 - w (w = 0 is the query's own token): the recent values'
-      rounding errors (QuantConfig.value_recent). Added to the sink value where a position
+      rounding errors (`kvjax.corrections.RecentValues`). Added to the sink value where a position
       is 0.
 
   Returns:

@@ -7,6 +7,7 @@ import pytest
 
 import kvjax
 from kvjax import quantizer
+from kvjax import corrections as kc
 
 
 def _kv(key, b, t, h, d, dtype=jnp.float32):
@@ -139,15 +140,16 @@ def test_bad_inputs_name_the_argument():
     kvjax.append(c, jnp.ones((2, 1, 3, 64)), jnp.ones((2, 1, 3, 64)))
   with pytest.raises(TypeError, match="floating"):
     kvjax.append(c, jnp.ones((2, 1, 2, 64), jnp.int32), jnp.ones((2, 1, 2, 64), jnp.int32))
-  with pytest.raises(ValueError, match="learned"):
-    kvjax.init_cache(1, 1, 8, 64, quant=kvjax.QuantConfig(rotation="learned"))
+  # A learned rotation is a value (matrices), not a name the config could generate.
+  with pytest.raises(ValueError, match="learned rotation is a value"):
+    kvjax.QuantConfig(rotation="learned")
 
 
 def test_calibrated_parameters_are_used():
   d = 64
   rot = np.linalg.qr(np.random.default_rng(0).standard_normal((d, d)))[0].astype(np.float32)
   lam = np.random.default_rng(1).uniform(0.5, 2, d).astype(np.float32)
-  c = kvjax.init_cache(1, 2, 4, d, quant=kvjax.QuantConfig(rotation="learned"),
+  c = kvjax.init_cache(1, 2, 4, d, quant=kvjax.QuantConfig(),
                        key_rotation=rot, value_rotation=rot, key_lambda=lam, value_lambda=lam)
   np.testing.assert_array_equal(np.asarray(c.k_rotation[0]), rot)
   np.testing.assert_array_equal(np.asarray(c.v_lambda[0]), lam)
@@ -159,7 +161,7 @@ def test_calibrated_parameters_are_used():
     kvjax.QuantConfig(rotation="none"),
     kvjax.QuantConfig(),
     kvjax.QuantConfig(key_bits=8, group_size=64, scale_dtype="float16"),
-    kvjax.QuantConfig(key_feedback=True, value_feedback=True, key_rope_pairs=2),
+    kvjax.QuantConfig(corrections=(kc.KeyFeedback(), kc.ValueFeedback(), kc.RotaryKeyOffset(2))),
 ], ids=["none", "srft", "k8-g64-f16", "feedback-rotary"])
 def test_chunk_and_token_writes_under_jit_store_identical_codes(cfg):
   # Decode writes one token per step, prefill a chunk; both are separately compiled programs.
@@ -176,11 +178,13 @@ def test_chunk_and_token_writes_under_jit_store_identical_codes(cfg):
   hm = a @ a.T + 0.01 * np.trace(a @ a.T) / d * np.eye(d)
   u = np.linalg.cholesky(np.linalg.inv(hm)).T
   feedback = np.broadcast_to(np.triu(u / np.diag(u)[:, None], 1), (h, d, d)).astype(np.float32)
-  key_rope = (np.array([0.3, 0.01], np.float32), np.array([[0, 128], [1, 129]]),
-              rng.standard_normal((h, 2, 2)).astype(np.float32))
-  make = lambda: kvjax.init_cache(b, h, n, d, quant=cfg, key_feedback=feedback,
-                                  value_feedback=feedback[:, ::-1, ::-1].transpose(0, 2, 1),
-                                  key_rope=key_rope if cfg.key_rope_pairs else None)
+  params = {"k_feedback": feedback, "v_feedback": feedback[:, ::-1, ::-1].transpose(0, 2, 1),
+            "k_rope_freq": np.array([0.3, 0.01], np.float32),
+            "k_rope_channels": np.array([[0, 128], [1, 129]]),
+            "k_rope_mean": rng.standard_normal((h, 2, 2)).astype(np.float32)}
+  if not cfg.corrections:
+    params = {}
+  make = lambda: kvjax.init_cache(b, h, n, d, quant=cfg, params=params)
   append = jax.jit(kvjax.append)
   whole = append(make(), k, v)
   steps = make()

@@ -13,12 +13,14 @@ import pytest
 
 import kvjax
 from kvjax import calibration as artifact
+from kvjax import corrections as kc
 
 
 def _random_calibration(num_layers=3, heads=2, d=32, pairs=4, seed=0, fingerprint=None):
   """A valid calibration with random orthogonal rotations, positive λ, upper feedback."""
   rng = np.random.default_rng(seed)
-  cfg = kvjax.QuantConfig(key_rope_pairs=pairs, key_feedback=True, key_sink=True)
+  rotary = (kc.RotaryKeyOffset(pairs),) if pairs else ()
+  cfg = kvjax.QuantConfig(corrections=(kc.KeyOffset(), *rotary, kc.KeyFeedback(), kc.KeySink()))
   layers = []
   for _ in range(num_layers):
     q, _ = np.linalg.qr(rng.standard_normal((2, 1, d, d)))
@@ -31,7 +33,10 @@ def _random_calibration(num_layers=3, heads=2, d=32, pairs=4, seed=0, fingerprin
         "k_rope_freq": rng.uniform(0, 1, pairs).astype(np.float32),
         "k_rope_channels": np.stack([np.arange(pairs), np.arange(pairs) + d // 2], 1).astype(np.int32),
         "k_rope_mean": rng.standard_normal((heads, 2, pairs)).astype(np.float32),
-        "k_feedback": fb, "v_feedback": np.zeros((1, d, d), np.float32)})
+        "k_feedback": fb})
+    if not pairs:
+      for name in ("k_rope_freq", "k_rope_channels", "k_rope_mean"):
+        del layers[-1][name]
   fp = fingerprint or {"name": "tiny", "arch": "gemma3", "num_layers": num_layers,
                        "num_heads": 4, "num_kv_heads": heads, "head_dim": d,
                        "layer_types": ["local"] * num_layers, "sliding_window": 16,
@@ -164,7 +169,10 @@ def test_sigint_during_a_save_in_another_process_leaves_nothing(tmp_path):
   """A real SIGINT to a process in the middle of writing (the tensors written, the disk slow):
   neither the artifact nor its temporary directory is left behind."""
   script = textwrap.dedent(f"""
-      import sys, time
+      import signal, sys, time
+      # A test runner's worker may ignore SIGINT, and a child inherits that: restore the
+      # default (KeyboardInterrupt) as a shell gives it.
+      signal.signal(signal.SIGINT, signal.default_int_handler)
       sys.path.insert(0, {str(pathlib.Path(__file__).parent)!r})
       from test_calibration import _random_calibration
       from kvjax import calibration as artifact
@@ -188,10 +196,12 @@ def test_sigint_during_a_save_in_another_process_leaves_nothing(tmp_path):
 
 
 def test_a_format_without_rotary_pairs_round_trips(tmp_path):
-  """Empty tensors (no rotary pairs: [0], [0, 2], [Hr, 2, 0]) are kept in the manifest, since
-  Orbax stores no zero-size arrays."""
+  """A layer holds exactly its format's tensors: no rotary offset, no rotary tensors."""
   c = _random_calibration(pairs=0)
-  assert c.tensors[0]["k_rope_freq"].shape == (0,)
+  assert "k_rope_freq" not in c.tensors[0]
+  with pytest.raises(ValueError, match="unexpected \\['k_rope_freq'\\]"):
+    artifact.Calibration(configs=c.configs, manifest=c.manifest, tensors=tuple(
+        {**t, "k_rope_freq": np.zeros(2, np.float32)} for t in c.tensors))
   back = artifact.load(artifact.save(c, tmp_path / "cal"))
   for a, b in zip(c.tensors, back.tensors):
     for k in a:

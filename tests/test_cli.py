@@ -86,10 +86,11 @@ def test_init_cache_refuses_broken_calibration_values():
   for kw, message in (({"key_rotation": 2 * np.eye(d)}, "key_rotation must be orthogonal"),
                       ({"value_rotation": np.ones((d, d))}, "value_rotation must be orthogonal"),
                       ({"key_lambda": np.zeros(d)}, "key_lambda must be > 0"),
-                      ({"key_mean": np.full(d, np.nan)}, "key_mean holds non-finite"),
-                      ({"key_feedback": np.eye(d)}, "key_feedback must be strictly upper")):
+                      ({"params": {"k_mean": np.full(d, np.nan)}}, "k_mean.*non-finite"),
+                      ({"params": {"k_feedback": np.eye(d)}}, "k_feedback must be strictly upper")):
     with pytest.raises(ValueError, match=message):
-      kvjax.init_cache(1, 2, 16, d, quant=kvjax.QuantConfig(key_feedback=True), **kw)
+      kvjax.init_cache(1, 2, 16, d, quant=kvjax.QuantConfig(
+          corrections=(kvjax.corrections.KeyOffset(), kvjax.corrections.KeyFeedback())), **kw)
 
 
 def test_generate_refuses_float_ids_and_prompts_past_the_context():

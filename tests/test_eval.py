@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import kvjax
+from kvjax import corrections as kc
 from kvjax import eval as ev
 from kvjax.models.runner import Runner
 from kvjax import smoothing
@@ -19,7 +20,7 @@ def tiny():
   cfg = ModelConfig.preset("gemma3-tiny")
   from flax import nnx
   model = model_class(cfg)(cfg, dtype=jnp.float32, rngs=nnx.Rngs(3))
-  return model, Runner(model)
+  return model, Runner(model, attention_impl="xla")
 
 
 def test_hook_reference_is_exact(tiny):
@@ -58,7 +59,8 @@ def test_incremental_decode_matches_teacher_forcing_from_the_same_prefill(tiny, 
   specs = [ev.CacheSpec("f32", None), int4]
   cals = ev.calibrations_for(model, specs, stats=stats) if recipe == "calibrated" else None
   if recipe == "calibrated":
-    assert cals["int4"].configs[0].value_recent == 4 and cals["int4"].configs[0].key_sink
+    cfg0 = cals["int4"].configs[0]
+    assert cfg0.correction(kc.RecentValues).window == 4 and cfg0.correction(kc.KeySink)
   stats = cals
   res = ev.evaluate_incremental(runner, wins, specs, steps=13, max_len=48, calibrations=stats,
                                 chunk=16, progress=False)
@@ -163,13 +165,13 @@ def test_calibration_statistics_and_params(tiny):
       np.testing.assert_allclose(np.log(lam).mean(-1), 0.0, atol=1e-4)  # geometric mean 1
       # The default recipe keeps the sink key exact: a [.., B, H, D] error buffer, stacked
       # like the layer's other fields; without it the buffer is empty.
-      assert c.config.key_sink and c.k_sink.shape == c.k_codes.shape[:-2] + (cfg.head_dim,)
+      assert c.array("k_sink").shape == c.k_codes.shape[:-2] + (cfg.head_dim,)
   off = smoothing.calibrate_caches(q, stats, dataclasses.replace(smoothing.KeyCalibration(),
                                                                  sink=False),
                                    value_metric=model.value_output_metric())
   for c in jax.tree_util.tree_leaves(off, is_leaf=lambda x: isinstance(x, kvjax.QuantizedKVCache)):
     if isinstance(c, kvjax.QuantizedKVCache):
-      assert not c.config.key_sink and c.k_sink.shape[-1] == 0
+      assert c.config.correction(kc.KeySink) is None and c.correction_arrays("key_sink") is None
 
 
 def test_value_calibration_lowers_the_error_the_output_projection_sees():
@@ -195,8 +197,8 @@ def test_value_calibration_lowers_the_error_the_output_projection_sees():
   assert lam.shape == (h, d) and fb.shape == (h, d, d)
   np.testing.assert_allclose(np.log(lam).mean(-1), 0.0, atol=1e-6)
   assert np.all(np.tril(fb) == 0) and np.abs(fb).max() > 0
-  cal = kvjax.init_cache(b, h, n, d, quant=dataclasses.replace(q, value_feedback=True),
-                         value_lambda=lam, value_feedback=fb)
+  cal = kvjax.init_cache(b, h, n, d, quant=q.with_corrections(kc.ValueFeedback()),
+                         value_lambda=lam, params={"v_feedback": fb})
   v = draw()
   k = draw()
 
@@ -234,10 +236,10 @@ def test_calibrate_caches_value_options(tiny):
   for a, c in zip(jax.tree_util.tree_leaves(base, is_leaf=is_q),
                   jax.tree_util.tree_leaves(full, is_leaf=is_q)):
     if is_q(a):
-      assert a.config.value_sink and a.v_sink.shape == a.k_sink.shape
-      assert not a.config.value_feedback and c.config.value_feedback
-      assert np.all(np.asarray(a.v_lambda) == 1.0) and np.all(np.asarray(a.v_feedback) == 0)
-      assert np.abs(np.asarray(c.v_feedback)).max() > 0
+      assert a.array("v_sink").shape == a.array("k_sink").shape
+      assert not a.config.correction(kc.ValueFeedback) and c.config.correction(kc.ValueFeedback)
+      assert np.all(np.asarray(a.v_lambda) == 1.0)
+      assert np.abs(np.asarray(c.array("v_feedback"))).max() > 0
       lam = np.asarray(c.v_lambda)
       assert np.all(lam > 0) and np.abs(np.log(lam)).max() > 1e-3
       np.testing.assert_array_equal(np.asarray(a.k_lambda), np.asarray(c.k_lambda))
@@ -260,7 +262,9 @@ def test_key_mean_is_exact_for_attention():
   ref = np.asarray(kvjax.attend(q, dense))
   errs = {}
   for name, mean in (("plain", None), ("mean", offset)):
-    c = kvjax.init_cache(b, h, n, d, quant=kvjax.QuantConfig(), key_mean=mean)
+    c = kvjax.init_cache(b, h, n, d, quant=kvjax.QuantConfig(
+        corrections=() if mean is None else (kc.KeyOffset(),)),
+        params=None if mean is None else {"k_mean": mean})
     c = kvjax.append(c, k, v)
     out = np.asarray(kvjax.attend(q, c, impl="xla"))
     np.testing.assert_allclose(out, np.asarray(kvjax.attend(q, c, impl="reference")), atol=1e-5)
@@ -351,7 +355,7 @@ def test_mixed_key_bits_spec_runs_and_counts_its_bits(tiny):
   assert ev.bits_per_value(split, ev.parse_spec("K4V4-g32-srft"), 40) == pytest.approx(base)
   tokens = np.random.default_rng(1).integers(3, cfg.vocab_size, 40).astype(np.int32)
   plain = ev.parse_spec("K4V4-g32-srft")
-  res = ev.evaluate_window(Runner(split), tokens, [ev.CacheSpec("f32", None), spec, plain],
+  res = ev.evaluate_window(Runner(split, attention_impl="xla"), tokens, [ev.CacheSpec("f32", None), spec, plain],
                            max_len=48, chunk=16, progress=False)
   nll = {name: r["hook"][0] for name, r in res.items()}
   assert all(np.isfinite(v).all() for v in nll.values())

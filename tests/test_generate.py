@@ -73,11 +73,11 @@ def test_int4_decode_matches_teacher_forced_chunk():
   model = Gemma3ForCausalLM(cfg, rngs=nnx.Rngs(5))
   # The exact quantized-domain attention on both paths (the default CPU decode path, "int8dot",
   # rounds attention weights to bfloat16 by design); storage is the default SRFT / g=32 / 4-bit.
-  quant = dataclasses.replace(kvjax.QuantConfig(), attention_impl="xla")
+  quant = kvjax.QuantConfig()
   tokens = jnp.asarray(_prompts(cfg.vocab_size, (40,), seed=3))
-  chunk_logits, _ = model(tokens, model.init_cache(1, 48, quant=quant))
+  chunk_logits, _ = model(tokens, model.init_cache(1, 48, quant=quant), attention_impl="xla")
   caches = model.init_cache(1, 48, quant=quant)
-  step = jax.jit(lambda m, t, c: m(t, c))
+  step = jax.jit(lambda m, t, c: m(t, c, attention_impl="xla"))
   rows = []
   for t in range(tokens.shape[1]):
     logits, caches = step(model, tokens[:, t:t + 1], caches)

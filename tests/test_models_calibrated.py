@@ -14,6 +14,7 @@ from flax import nnx
 
 import kvjax
 from kvjax import calibration as artifact
+from kvjax import corrections as kc
 from kvjax import eval as ev
 from kvjax.models import ModelConfig, Runner, calibrated, model_class, prefill, with_separate_layers
 from kvjax.models.generate import generate_tokens
@@ -46,8 +47,9 @@ def test_the_artifact_holds_the_default_recipe(tiny_and_cal):
   c = cal.configs[0]
   assert all(q == c for q in cal.configs)
   assert (c.key_bits, c.value_bits, c.group_size, c.rotation) == (4, 4, 32, "srft")
-  assert c.key_feedback and c.key_sink and c.value_sink and c.value_recent == 4
-  assert c.key_rope_pairs == 16                        # min(32, head_dim / 2) at head_dim 32
+  assert c.corrections == (kc.KeyOffset(), kc.RotaryKeyOffset(16), kc.KeyFeedback(),
+                           kc.KeySink(), kc.ValueSink(), kc.RecentValues(4))
+  # (16 rotary pairs: min(32, head_dim / 2) at head_dim 32.)
   assert c.bits_per_value() == 4.5
   m = artifact.read_manifest(path)
   assert m["text"]["windows"] == list(WINDOWS) and m["text"]["tokens"] == sum(WINDOWS)
@@ -58,8 +60,9 @@ def test_the_artifact_holds_the_default_recipe(tiny_and_cal):
   assert [limit for limit, _ in cal.bands] == [32] and m["bands"] == [32]
   short = model.init_cache(1, 32, calibration=cal)["groups"][1]   # the global layer, index 5
   long = model.init_cache(1, 33, calibration=cal)["groups"][1]
-  np.testing.assert_array_equal(np.asarray(short.k_mean[0, 0]), cal.bands[0][1][5]["k_mean"])
-  np.testing.assert_array_equal(np.asarray(long.k_mean[0, 0]), cal.tensors[5]["k_mean"])
+  np.testing.assert_array_equal(np.asarray(short.array("k_mean")[0, 0]),
+                                cal.bands[0][1][5]["k_mean"])
+  np.testing.assert_array_equal(np.asarray(long.array("k_mean")[0, 0]), cal.tensors[5]["k_mean"])
   assert not np.allclose(cal.bands[0][1][5]["k_mean"], cal.tensors[5]["k_mean"])
   assert cal.tensors_for(10) is cal.bands[0][1] and cal.tensors_for(10**6) is cal.tensors
   # The offsets and λ really come from the statistics (not defaults).
@@ -147,9 +150,10 @@ def test_layer_layout_does_not_change_the_calibrated_layers(tiny_and_cal):
     for part, run, index, layer in layer_slots(cfg):
       c = caches[part][run]
       per_layer.setdefault(layer, []).append(
-          {f: np.asarray(getattr(c, f)[index]) for f in artifact.TENSOR_FIELDS})
+          {f: np.asarray(c.array(f)[index]) for f in artifact.tensor_fields(c.config)})
   for layer, (x, y) in per_layer.items():
-    for f in artifact.TENSOR_FIELDS:
+    assert set(x) == set(y) == set(artifact.tensor_fields(cal.configs[layer]))
+    for f in x:
       np.testing.assert_array_equal(x[f], y[f])
       np.testing.assert_array_equal(np.broadcast_to(cal.tensors[layer][f], x[f].shape), x[f])
 
@@ -242,7 +246,10 @@ def test_kvjax_calibrate_interrupted_by_sigint_leaves_no_directory(tmp_path):
   text.write_text("It is a truth universally acknowledged. " * 40)
   out = tmp_path / "out" / "cal"
   script = textwrap.dedent(f"""
-      import sys, time
+      import signal, sys, time
+      # A test runner's worker may ignore SIGINT, and a child inherits that: restore the
+      # default (KeyboardInterrupt) as a shell gives it.
+      signal.signal(signal.SIGINT, signal.default_int_handler)
       sys.path.insert(0, {str(pathlib.Path(__file__).parent)!r})
       from test_models_calibrated import _model, _ByteTokenizer
       import kvjax.models

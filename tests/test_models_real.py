@@ -139,11 +139,11 @@ def test_gemma3_270m_int4_decode_matches_teacher_forced(gemma, eval_text):
   (`attention_impl="xla"`); the storage format is the default QuantConfig's.
   """
   model, tokenizer = gemma
-  quant = dataclasses.replace(kvjax.QuantConfig(), attention_impl="xla")
+  quant = kvjax.QuantConfig()
   n, chunk = 512, 128
   ids = jnp.asarray([tokenizer.encode(eval_text[:10_000], add_bos=True)[:n]], jnp.int32)
   graphdef, state = nnx.split(model)
-  forward = jax.jit(lambda s, c, t: nnx.merge(graphdef, s)(t, c))
+  forward = jax.jit(lambda s, c, t: nnx.merge(graphdef, s)(t, c, attention_impl="xla"))
 
   def teacher_forced(quant):
     caches, rows = model.init_cache(1, n, quant=quant), []
@@ -160,7 +160,7 @@ def test_gemma3_270m_int4_decode_matches_teacher_forced(gemma, eval_text):
     cut = jax.tree.map(
         lambda c: dataclasses.replace(c, lengths=jnp.full_like(c.lengths, t)) if _is_cache(c)
         else c, caches, is_leaf=_is_cache)
-    logits, stepped = nnx.merge(graphdef, state)(token, cut)
+    logits, stepped = nnx.merge(graphdef, state)(token, cut, attention_impl="xla")
     same_codes = jnp.bool_(True)
     for new, old in zip(_cache_leaves(stepped), _cache_leaves(caches)):
       for field in ("k_codes", "v_codes"):

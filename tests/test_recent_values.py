@@ -1,4 +1,4 @@
-"""Exact recent values (QuantConfig.value_recent = W): each new token's query reads the values
+"""Exact recent values (kvjax.corrections.RecentValues(W)): each new token's query reads the values
 of the W most recent tokens (its own included) exact, on every path; chunks, token-by-token
 decode and the kernels agree."""
 
@@ -11,6 +11,21 @@ import pytest
 
 import kvjax
 from kvjax import attention, cache as cache_lib, smoothing
+from kvjax import corrections as kc
+
+
+def _window(cfg):
+  r = cfg.correction(kc.RecentValues)
+  return 0 if r is None else r.window
+
+
+def _without_recent(cfg):
+  return dataclasses.replace(cfg, corrections=tuple(
+      c for c in cfg.corrections if not isinstance(c, kc.RecentValues)))
+
+
+def _recent(w, **kw):
+  return kvjax.QuantConfig(corrections=(kc.RecentValues(w),) if w else (), **kw)
 
 
 def _rand(seed, *shape):
@@ -24,10 +39,11 @@ def _row_rel_err(a, ref):
 
 def _oracle(cfg, q, k, v, q_positions, *, window, softcap, d, h):
   """float64 numpy: every query attends to the stored (dequantized) keys and values of
-  positions <= its own inside the window, with the values of the cfg.value_recent most recent
+  positions <= its own inside the window, with the values of the W most recent
   positions (its own included) replaced by the exact ones."""
   lin = kvjax.append(kvjax.init_cache(k.shape[0], h, 64, d, quant=cfg), k, v)
-  kd, vd = attention._dequantized_kv(lin, attention._quant_view(lin), cache_lib.positions(lin))
+  kd, vd = attention._dequantized_kv(lin.config, attention.quant_view(lin),
+                                     cache_lib.positions(lin))
   kd, vd = np.asarray(kd, np.float64), np.asarray(vd, np.float64)              # [B, H, N, D]
   q, v = np.asarray(q, np.float64), np.asarray(v, np.float64)
   b, t, hq, _ = q.shape
@@ -44,14 +60,15 @@ def _oracle(cfg, q, k, v, q_positions, *, window, softcap, d, h):
         p = np.exp(logits - logits.max())
         p /= p.sum()
         vals = vd[bi, kv, lo:pos + 1].copy()
-        for w in range(min(cfg.value_recent, pos + 1 - lo)):
+        for w in range(min(_window(cfg), pos + 1 - lo)):
           vals[-1 - w] = v[bi, pos - w, kv]  # the recent values, exact
         out[bi, ti, head] = p @ vals
   return out
 
 
-CONFIGS = [dict(value_recent=1), dict(value_recent=4, value_sink=True, key_sink=True),
-           dict(value_recent=3, key_bits=8, value_bits=8)]
+CONFIGS = [dict(corrections=(kc.RecentValues(1),)),
+           dict(corrections=(kc.RecentValues(4), kc.ValueSink(), kc.KeySink())),
+           dict(corrections=(kc.RecentValues(3),), key_bits=8, value_bits=8)]
 CONFIG_IDS = ["own", "recent4-with-sink", "recent3-K8V8"]
 
 
@@ -66,7 +83,7 @@ def test_chunk_paths_read_the_own_value_exact(ring, extra):
   w = window if ring else None
   for softcap in ((5.0,) if ring else (None,)):  # the soft-cap on one of the two layouts
     expected = _oracle(cfg, q, k, v, range(n), window=w, softcap=softcap, d=d, h=h)
-    plain = _oracle(dataclasses.replace(cfg, value_recent=0), q, k, v, range(n), window=w,
+    plain = _oracle(_without_recent(cfg), q, k, v, range(n), window=w,
                     softcap=softcap, d=d, h=h)
     outs = {}
     for impl in ("reference", "xla", "int8dot", "dequant"):
@@ -118,12 +135,11 @@ def test_decode_steps_read_the_own_value_exact(ring, extra, impl, bound):
 def test_attend_over_the_cache_alone_reads_the_stored_value():
   # kvjax.attend has no new value in hand: it reads what the cache stores.
   b, h, d, n = 1, 2, 64, 10
-  on = kvjax.QuantConfig(seed=5, value_recent=3)
+  on = _recent(3, seed=5)
   k, v = jnp.asarray(_rand(7, b, n, h, d)), jnp.asarray(_rand(8, b, n, h, d))
   q = jnp.asarray(_rand(9, b, 1, h, d))
   c_on = kvjax.append(kvjax.init_cache(b, h, 32, d, quant=on), k, v)
-  c_off = kvjax.append(kvjax.init_cache(b, h, 32, d, quant=dataclasses.replace(
-      on, value_recent=0)), k, v)
+  c_off = kvjax.append(kvjax.init_cache(b, h, 32, d, quant=_without_recent(on)), k, v)
   np.testing.assert_array_equal(np.asarray(kvjax.attend(q, c_on, impl="xla")),
                                 np.asarray(kvjax.attend(q, c_off, impl="xla")))
   # ... while append_and_attend of the same last token does read it exact.
@@ -134,7 +150,7 @@ def test_attend_over_the_cache_alone_reads_the_stored_value():
 
 def test_own_value_moves_outputs_towards_the_exact_values():
   """Queries that look mostly at their own key (8-bit keys, 4-bit values): against float
-  attention over the original keys and values, every row is closer with value_recent."""
+  attention over the original keys and values, every row is closer with the own value exact."""
   b, h, d, n, rep = 2, 1, 64, 20, 4
   k, v = jnp.asarray(_rand(10, b, n, h, d)), jnp.asarray(_rand(11, b, n, h, d))
   q = jnp.asarray(np.repeat(np.asarray(k), rep, axis=2) * 0.6 + 0.3 * _rand(12, b, n, h * rep, d))
@@ -143,8 +159,7 @@ def test_own_value_moves_outputs_towards_the_exact_values():
   exact = np.asarray(exact, np.float64)
   errs = {}
   for on in (False, True):
-    c = kvjax.init_cache(b, h, 64, d, quant=kvjax.QuantConfig(key_bits=8, value_recent=int(on),
-                                                               seed=6))
+    c = kvjax.init_cache(b, h, 64, d, quant=_recent(int(on), key_bits=8, seed=6))
     out, _ = kvjax.append_and_attend(c, q, k, v, impl="xla")
     errs[on] = _row_rel_err(out, exact)
   assert np.all(errs[True] < errs[False])
@@ -152,44 +167,45 @@ def test_own_value_moves_outputs_towards_the_exact_values():
 
 
 def test_value_recent_config_and_bytes():
-  for bad in (True, -1, 2.0, 65):
-    with pytest.raises(ValueError, match="value_recent must be an int"):
-      kvjax.QuantConfig(value_recent=bad)
-  assert kvjax.QuantConfig(value_recent=4).name.endswith("+vrec4")
+  for bad in (True, -1, 0, 2.0, 65):
+    with pytest.raises(ValueError, match="RecentValues.window must be an int"):
+      kc.RecentValues(bad)
+  assert _recent(4).name.endswith("+vrec4")
   # The own value costs nothing; W - 1 float32 error vectors per sequence and head are counted.
   off = kvjax.init_cache(3, 2, 100, 64, quant=kvjax.QuantConfig())
-  own = kvjax.init_cache(3, 2, 100, 64, quant=kvjax.QuantConfig(value_recent=1))
-  four = kvjax.init_cache(3, 2, 100, 64, quant=kvjax.QuantConfig(value_recent=4))
+  own = kvjax.init_cache(3, 2, 100, 64, quant=_recent(1))
+  four = kvjax.init_cache(3, 2, 100, 64, quant=_recent(4))
   assert kvjax.nbytes(own) == kvjax.nbytes(off)
-  assert four.v_recent.shape == (3, 2, 3, 64)
+  assert four.array("v_recent").shape == (3, 2, 3, 64)
   assert kvjax.nbytes(four) - kvjax.nbytes(off) == 3 * 2 * 3 * 64 * 4
   # The default calibration recipe turns it on; the recipe can turn it off.
   q = kvjax.QuantConfig()
-  assert smoothing.calibrated_config(q, head_dim=64).value_recent == 4
+  assert _window(smoothing.calibrated_config(q, head_dim=64)) == 4
   off_recipe = dataclasses.replace(smoothing.KeyCalibration(), value_recent=0)
-  assert smoothing.calibrated_config(q, off_recipe, head_dim=64).value_recent == 0
+  assert _window(smoothing.calibrated_config(q, off_recipe, head_dim=64)) == 0
 
 
 def test_ring_holds_the_last_errors_for_any_chunking():
   """Writing in one chunk, token by token, or in ragged chunks leaves the same v_recent, and
   its rows are the value errors of the last W - 1 positions (row p mod (W - 1))."""
   b, h, d, n, w = 2, 2, 64, 11, 4
-  cfg = kvjax.QuantConfig(seed=7, value_recent=w)
+  cfg = _recent(w, seed=7)
   k, v = jnp.asarray(_rand(20, b, n, h, d)), jnp.asarray(_rand(21, b, n, h, d))
   step = jax.jit(kvjax.append)
   whole = step(kvjax.init_cache(b, h, 32, d, quant=cfg), k, v)
   one = kvjax.init_cache(b, h, 32, d, quant=cfg)
   for t in range(n):
     one = step(one, k[:, t:t + 1], v[:, t:t + 1])
-  np.testing.assert_array_equal(np.asarray(whole.v_recent), np.asarray(one.v_recent))
-  _, vd = attention._dequantized_kv(whole, attention._quant_view(whole),
+  np.testing.assert_array_equal(np.asarray(whole.array("v_recent")),
+                                np.asarray(one.array("v_recent")))
+  _, vd = attention._dequantized_kv(whole.config, attention.quant_view(whole),
                                     cache_lib.positions(whole))
   err = np.asarray(v).transpose(0, 2, 1, 3) - np.asarray(vd)[:, :, :n]          # [B, H, n, D]
   for p in range(n - (w - 1), n):
-    np.testing.assert_allclose(np.asarray(whole.v_recent)[:, :, p % (w - 1)], err[:, :, p],
+    np.testing.assert_allclose(np.asarray(whole.array("v_recent"))[:, :, p % (w - 1)], err[:, :, p],
                                atol=1e-6)
   # Ragged: sequence 1 writes fewer tokens; its rows hold its own last positions.
   rag = step(kvjax.init_cache(b, h, 32, d, quant=cfg), k, v, num_tokens=jnp.array([n, 6]))
   for p in range(6 - (w - 1), 6):
-    np.testing.assert_allclose(np.asarray(rag.v_recent)[1, :, p % (w - 1)], err[1, :, p],
+    np.testing.assert_allclose(np.asarray(rag.array("v_recent"))[1, :, p % (w - 1)], err[1, :, p],
                                atol=1e-6)

@@ -7,6 +7,11 @@ import pytest
 
 import kvjax
 from kvjax import rotary, smoothing
+from kvjax import corrections as kc
+
+
+def _rope_params(freq, channels, mean):
+  return {"k_rope_freq": freq, "k_rope_channels": channels, "k_rope_mean": mean}
 
 
 def _rope_pairs(rng, d, p):
@@ -69,9 +74,9 @@ def test_cache_with_rotary_offsets_paths_agree_and_beat_no_offset(window):
   dense = kvjax.append(kvjax.init_cache(b, h, 64, d, dtype=jnp.float32, window=window), k, v)
   exact = np.asarray(kvjax.attend(q, dense))
   # 8-bit values, so that the outputs' error is the keys'.
-  cfg = kvjax.QuantConfig(value_bits=8, key_rope_pairs=p)
+  cfg = kvjax.QuantConfig(value_bits=8, corrections=(kc.RotaryKeyOffset(p),))
   rot = kvjax.append(kvjax.init_cache(b, h, 64, d, quant=cfg, window=window,
-                                      key_rope=(freq, channels, mean)), k, v)
+                                      params=_rope_params(freq, channels, mean)), k, v)
   plain = kvjax.append(kvjax.init_cache(b, h, 64, d, quant=kvjax.QuantConfig(value_bits=8),
                                         window=window), k, v)
   ref = np.asarray(kvjax.attend(q, rot, impl="reference"))
@@ -92,8 +97,9 @@ def test_chunked_and_token_by_token_writes_store_the_same_codes():
   mean = rng.standard_normal((h, 2, p)).astype(np.float32) * 5
   k = _rotating_keys(rng, b, n, h, d, freq, channels, mean)
   v = rng.standard_normal((b, n, h, d)).astype(np.float32)
-  cfg = kvjax.QuantConfig(key_rope_pairs=p)
-  make = lambda: kvjax.init_cache(b, h, 32, d, quant=cfg, key_rope=(freq, channels, mean))
+  cfg = kvjax.QuantConfig(corrections=(kc.RotaryKeyOffset(p),))
+  make = lambda: kvjax.init_cache(b, h, 32, d, quant=cfg,
+                                  params=_rope_params(freq, channels, mean))
   whole = kvjax.append(make(), k, v)
   parts = make()
   for lo in (0, 7, 8, 15):
@@ -104,16 +110,20 @@ def test_chunked_and_token_by_token_writes_store_the_same_codes():
 
 
 def test_bad_rotary_parameters_are_rejected():
-  cfg = kvjax.QuantConfig(key_rope_pairs=2)
-  with pytest.raises(ValueError, match="key_rope"):
-    kvjax.init_cache(1, 1, 8, 64, quant=cfg, key_rope=(np.zeros(3), np.zeros((3, 2)), np.zeros((2, 3))))
-  with pytest.raises(ValueError, match="channels"):
+  cfg = kvjax.QuantConfig(corrections=(kc.RotaryKeyOffset(2),))
+  with pytest.raises(ValueError, match="k_rope_freq"):
     kvjax.init_cache(1, 1, 8, 64, quant=cfg,
-                     key_rope=(np.zeros(2), np.array([[0, 32], [1, 64]]), np.zeros((2, 2))))
-  with pytest.raises(ValueError, match="key_rope_pairs"):
-    kvjax.QuantConfig(key_rope_pairs=-1)
-  with pytest.raises(ValueError, match="key_rope_pairs"):
-    kvjax.init_cache(1, 1, 8, 64, quant=kvjax.QuantConfig(key_rope_pairs=33))
+                     params=_rope_params(np.zeros(3), np.zeros((3, 2)), np.zeros((2, 3))))
+  with pytest.raises(ValueError, match="k_rope_channels"):
+    kvjax.init_cache(1, 1, 8, 64, quant=cfg, params=_rope_params(
+        np.zeros(2), np.array([[0, 32], [1, 64]]), np.zeros((2, 2))))
+  with pytest.raises(ValueError, match="RotaryKeyOffset.pairs"):
+    kc.RotaryKeyOffset(-1)
+  with pytest.raises(ValueError, match="RotaryKeyOffset.pairs=33"):
+    kvjax.init_cache(1, 1, 8, 64, quant=kvjax.QuantConfig(corrections=(kc.RotaryKeyOffset(33),)))
+  # A param of a correction the config does not have is refused, naming its owner.
+  with pytest.raises(ValueError, match="k_mean belongs to 'key_offset'"):
+    kvjax.init_cache(1, 1, 8, 64, quant=cfg, params={"k_mean": np.zeros(64)})
 
 
 def _stats_of(k, q, freq_full, chunks):

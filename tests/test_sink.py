@@ -1,5 +1,5 @@
-"""The exact sink key and value (QuantConfig.key_sink, value_sink): position 0's key / value
-read back exactly, on every path."""
+"""The exact sink key and value (kvjax.corrections.KeySink, ValueSink): position 0's key /
+value read back exactly, on every path."""
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +8,7 @@ import pytest
 
 import kvjax
 from kvjax import attention, cache as cache_lib
+from kvjax import corrections as kc
 
 
 def _rand(seed, *shape):
@@ -22,7 +23,7 @@ def _keys(seed, b, n, h, d):
 
 
 # Which of position 0's vectors the cache keeps exact.
-SINKS = [dict(key_sink=True), dict(value_sink=True), dict(key_sink=True, value_sink=True)]
+SINKS = [(kc.KeySink(),), (kc.ValueSink(),), (kc.KeySink(), kc.ValueSink())]
 SINK_IDS = ["key", "value", "both"]
 
 
@@ -35,14 +36,17 @@ def _row_rel_err(a, ref):
 @pytest.mark.parametrize("ring", [False, True])
 def test_sink_is_stored_exactly_and_only_it(ring, sink):
   b, h, d, n = 2, 2, 64, 12
-  cfg = kvjax.QuantConfig(seed=1, **sink)
+  cfg = kvjax.QuantConfig(seed=1, corrections=sink)
   c = kvjax.init_cache(b, h, 64, d, quant=cfg, window=16 if ring else None)
-  assert c.k_sink.shape == (b, h, d if cfg.key_sink else 0)
-  assert c.v_sink.shape == (b, h, d if cfg.value_sink else 0)
+  key_sink, value_sink = bool(cfg.correction(kc.KeySink)), bool(cfg.correction(kc.ValueSink))
+  if key_sink:
+    assert c.correction_arrays(kc.KeySink)["k_sink"].shape == (b, h, d)
+  if value_sink:
+    assert c.correction_arrays(kc.ValueSink)["v_sink"].shape == (b, h, d)
   k, v = _keys(0, b, n, h, d), _keys(1, b, n, h, d)
   c = kvjax.append(c, k, v, num_tokens=jnp.array([n, 5]))
-  kv_hat = attention._dequantized_kv(c, attention._quant_view(c), cache_lib.positions(c))
-  for x_hat, x, exact in zip(kv_hat, (k, v), (cfg.key_sink, cfg.value_sink)):
+  kv_hat = attention._dequantized_kv(c.config, attention.quant_view(c), cache_lib.positions(c))
+  for x_hat, x, exact in zip(kv_hat, (k, v), (key_sink, value_sink)):
     err = np.abs(np.asarray(x_hat)[:, :, :n] - np.asarray(x).transpose(0, 2, 1, 3))  # [B,H,n,D]
     scale = np.abs(np.asarray(x)).max()
     # float32 round trip of one vector: ~1e-7 of its size. Every other vector keeps its 4-bit
@@ -56,9 +60,9 @@ def test_sink_is_stored_exactly_and_only_it(ring, sink):
   # Without key_sink the same position 0 has the ordinary 4-bit error.
   plain = kvjax.append(kvjax.init_cache(b, h, 64, d, quant=kvjax.QuantConfig(seed=1),
                                         window=16 if ring else None), k, v)
-  k_plain, _ = attention._dequantized_kv(plain, attention._quant_view(plain),
+  k_plain, _ = attention._dequantized_kv(plain.config, attention.quant_view(plain),
                                          cache_lib.positions(plain))
-  assert plain.k_sink.shape == (b, h, 0) and plain.v_sink.shape == (b, h, 0)
+  assert plain.corrections == ()
   assert np.abs(np.asarray(k_plain)[:, :, 0] - np.asarray(k)[:, 0]).max() > 1e-2 * scale
 
 
@@ -72,7 +76,7 @@ SINK_STATES = [(False, 40), (True, 12), (True, 40)]
 @pytest.mark.parametrize("impl,bound", [("xla", 1e-5), ("int8dot", 1e-3), ("pallas", 1e-4)])
 def test_decode_paths_match_reference_with_sink(ring, n, impl, bound, sink):
   b, h, d, rep = 2, 2, 64, 4
-  cfg = kvjax.QuantConfig(seed=2, **sink)
+  cfg = kvjax.QuantConfig(seed=2, corrections=sink)
   c = kvjax.init_cache(b, h, 64, d, quant=cfg, window=16 if ring else None)
   c = kvjax.append(c, _keys(3, b, n, h, d), _keys(4, b, n, h, d),
                    num_tokens=jnp.array([n, n - 3]))
@@ -89,7 +93,7 @@ def test_decode_paths_match_reference_with_sink(ring, n, impl, bound, sink):
 @pytest.mark.parametrize("ring", [False, True])
 def test_chunk_paths_match_reference_with_sink(ring, sink):
   b, h, d, rep, n = 2, 2, 64, 2, 24
-  cfg = kvjax.QuantConfig(seed=3, **sink)
+  cfg = kvjax.QuantConfig(seed=3, corrections=sink)
   k, v = _keys(6, b, n, h, d), _keys(7, b, n, h, d)
   q = jnp.asarray(3 * _rand(8, b, n, h * rep, d))
   outs = {}
@@ -118,8 +122,8 @@ def test_sink_changes_attention_towards_the_exact_keys():
   exact = np.asarray(kvjax.attend(q, dense), np.float64)
   errs = {}
   for sink in (False, True):
-    c = kvjax.init_cache(b, h, 64, d, quant=kvjax.QuantConfig(key_sink=sink, value_bits=8,
-                                                               seed=4))
+    c = kvjax.init_cache(b, h, 64, d, quant=kvjax.QuantConfig(
+        corrections=(kc.KeySink(),) if sink else (), value_bits=8, seed=4))
     c = kvjax.append(c, k, v)
     errs[sink] = _row_rel_err(kvjax.attend(q, c, impl="reference"), exact)
   assert errs[True].mean() < errs[False].mean()
@@ -137,15 +141,15 @@ def test_value_sink_moves_outputs_towards_the_exact_values():
   exact = np.asarray(kvjax.attend(q, dense), np.float64)
   errs = {}
   for sink in (False, True):
-    c = kvjax.init_cache(b, h, 64, d, quant=kvjax.QuantConfig(value_sink=sink, key_bits=8,
-                                                               seed=4))
+    c = kvjax.init_cache(b, h, 64, d, quant=kvjax.QuantConfig(
+        corrections=(kc.ValueSink(),) if sink else (), key_bits=8, seed=4))
     errs[sink] = _row_rel_err(kvjax.attend(q, kvjax.append(c, k, v), impl="xla"), exact)
   assert errs[True].max() < 0.5 * errs[False].min()
 
 
 def test_chunk_and_token_writes_store_the_same_sink_error():
   b, h, d, n = 2, 2, 128, 20
-  cfg = kvjax.QuantConfig(key_sink=True, value_sink=True, seed=5)
+  cfg = kvjax.QuantConfig(corrections=(kc.KeySink(), kc.ValueSink()), seed=5)
   k, v = _keys(12, b, n, h, d), jnp.asarray(_rand(13, b, n, h, d))
   step = jax.jit(kvjax.append)
   whole = step(kvjax.init_cache(b, h, 64, d, quant=cfg), k, v)
@@ -153,24 +157,27 @@ def test_chunk_and_token_writes_store_the_same_sink_error():
   for t in range(n):
     one = step(one, k[:, t:t + 1], v[:, t:t + 1])
   for name in ("k_sink", "v_sink"):
-    np.testing.assert_array_equal(np.asarray(getattr(whole, name)), np.asarray(getattr(one, name)))
-    assert np.abs(np.asarray(getattr(whole, name))).max() > 0
+    np.testing.assert_array_equal(np.asarray(whole.array(name)), np.asarray(one.array(name)))
+    assert np.abs(np.asarray(whole.array(name))).max() > 0
   # Later chunks never touch them.
   again = step(whole, k[:, :3], v[:, :3])
   for name in ("k_sink", "v_sink"):
-    np.testing.assert_array_equal(np.asarray(getattr(again, name)), np.asarray(getattr(whole, name)))
+    np.testing.assert_array_equal(np.asarray(again.array(name)), np.asarray(whole.array(name)))
 
 
 def test_sink_config_errors_and_bytes():
-  with pytest.raises(ValueError, match="key_sink must be a bool"):
-    kvjax.QuantConfig(key_sink=1)
-  on = kvjax.init_cache(3, 2, 100, 64, quant=kvjax.QuantConfig(key_sink=True))
+  with pytest.raises(TypeError, match="corrections"):
+    kvjax.QuantConfig(corrections=(kc.KeySink,))          # the class, not a value
+  with pytest.raises(ValueError, match="more than once"):
+    kvjax.QuantConfig(corrections=(kc.KeySink(), kc.KeySink()))
+  on = kvjax.init_cache(3, 2, 100, 64, quant=kvjax.QuantConfig(corrections=(kc.KeySink(),)))
   off = kvjax.init_cache(3, 2, 100, 64, quant=kvjax.QuantConfig())
   # One float32 vector per sequence and head is per-sequence storage: counted.
   assert kvjax.nbytes(on) - kvjax.nbytes(off) == 3 * 2 * 64 * 4
-  assert kvjax.QuantConfig(key_sink=True).name.endswith("+sink")
-  with pytest.raises(ValueError, match="value_sink must be a bool"):
-    kvjax.QuantConfig(value_sink="yes")
-  both = kvjax.init_cache(3, 2, 100, 64, quant=kvjax.QuantConfig(key_sink=True, value_sink=True))
+  assert kvjax.QuantConfig(corrections=(kc.KeySink(),)).name.endswith("+sink")
+  both = kvjax.init_cache(3, 2, 100, 64, quant=kvjax.QuantConfig(
+      corrections=(kc.ValueSink(), kc.KeySink())))
   assert kvjax.nbytes(both) - kvjax.nbytes(on) == 3 * 2 * 64 * 4
-  assert kvjax.QuantConfig(value_sink=True).name.endswith("+vsink")
+  # Canonical order whatever the order given: one name, one config.
+  assert both.config.name.endswith("+sink+vsink")
+  assert both.config == kvjax.QuantConfig(corrections=(kc.KeySink(), kc.ValueSink()))

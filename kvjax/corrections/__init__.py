@@ -76,10 +76,13 @@ def write(corrections, arrays, w: Write):
 # -------------------------------------------------------------------------------- read time
 
 
-def logit_terms(corrections, arrays, r: Read):
-  """Sum of the corrections' unscaled logit terms ([B, H, T, R, 1 or N]) or None."""
+def logit_terms(corrections, arrays, r: Read, *, oracle: bool = False):
+  """Sum of the corrections' unscaled logit terms ([B, H, T, R, 1 or N]) or None (with
+  `oracle`, only those `restore_keys` does not already describe)."""
   total = None
   for c, a in zip(corrections, arrays):
+    if oracle and c.restorable:
+      continue
     term = c.logit_terms(r, a)
     if term is not None:
       total = term if total is None else total + term

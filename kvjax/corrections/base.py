@@ -47,6 +47,11 @@ def register(cls):
     raise TypeError(f"register takes a Correction subclass, got {cls!r}")
   if not cls.kind or cls.kind in REGISTRY:
     raise ValueError(f"correction kind {cls.kind!r} is empty or already registered")
+  for read, restore in (("logit_terms", "restore_keys"), ("value_terms", "restore_values")):
+    if cls.restorable and _overrides(cls, read) and not _overrides(cls, restore):
+      raise TypeError(f"correction {cls.kind!r} defines {read} but not {restore}: give the "
+                      f"oracle its restored vectors, or set restorable = False (the oracle then "
+                      "applies its read-time terms as they are)")
   names = cls.params + cls.state
   for other in REGISTRY.values():
     clash = set(names) & set(other.params + other.state)
@@ -55,6 +60,10 @@ def register(cls):
                        f"{other.kind!r}")
   REGISTRY[cls.kind] = cls
   return cls
+
+
+def _overrides(cls, name: str) -> bool:
+  return getattr(cls, name) is not getattr(Correction, name)
 
 
 class Write(NamedTuple):
@@ -109,8 +118,11 @@ class Correction:
   shared: ClassVar[tuple[str, ...]] = ()
   state: ClassVar[tuple[str, ...]] = ()
   # True when restore_keys / restore_values describe the correction completely (the oracle
-  # then needs no value_terms from it); False for query-dependent corrections.
+  # then needs no logit_terms / value_terms from it); False for query-dependent corrections.
   restorable: ClassVar[bool] = True
+  # True when the value at position 0 reads exact through this correction (others that
+  # correct values leave that slot to it rather than count its error twice).
+  exact_sink_value: ClassVar[bool] = False
 
   # ---- description
 
@@ -187,7 +199,12 @@ class Correction:
 
   def kernel_args(self, r: KernelRead, arrays: dict, pending) -> dict:
     """Extra arguments of `kvjax.pallas_kernels.decode_attention` (summed where two
-    corrections give the same one)."""
+    corrections give the same one). A correction with read-time terms must give them here, or
+    the fused kernel refuses it (rather than drop its terms)."""
+    if _overrides(type(self), "logit_terms") or _overrides(type(self), "value_terms"):
+      raise NotImplementedError(
+          f"correction {self.kind!r} has read-time terms but no kernel_args: the fused decode "
+          "kernel cannot apply it; use another attention implementation (impl='xla')")
     return {}
 
 

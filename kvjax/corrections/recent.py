@@ -70,13 +70,12 @@ class RecentValues(Correction):
   def _errors(self, w):
     """float32 [B, T, H, D]: each new value minus what the chunk stores for it (zero for
     tokens not written and, with an exact sink value, at position 0: already exact)."""
-    from kvjax.corrections.sink import ValueSink
     _, _, v_rot, v_lam = w.basis
     cfg = w.config
     stored = quantizer.dequantize(w.stored["v_codes"], w.stored["v_scales"], v_rot, v_lam,
                                   bits=cfg.value_bits, group_size=cfg.group_size)
     keep = w.valid
-    if any(isinstance(c, ValueSink) for c in cfg.corrections):
+    if any(c.exact_sink_value for c in cfg.corrections):
       keep = keep & (w.positions != 0)
     return jnp.where(keep[:, :, None, None], w.v.astype(jnp.float32) - stored, 0.0)
 

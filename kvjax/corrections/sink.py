@@ -90,6 +90,7 @@ class ValueSink(Correction):
 
   kind = "value_sink"
   state = ("v_sink",)
+  exact_sink_value = True
 
   @property
   def label(self) -> str:

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from kvjax import cache as cache_lib
+from kvjax import corrections as corrections_lib
 from kvjax.foe import routing as routing_lib
 from kvjax.foe._shard_map import shard_map
 from kvjax.foe.attention import (apply_rope, cache_positions, cached_attention,
@@ -288,13 +288,13 @@ def cache_partition_specs(cache, batch_axes, head_axis):
     name = getattr(path[-1], "name", getattr(path[-1], "key", str(path[-1])))
     if name in ("k", "v") or name.endswith("_codes") or name.endswith("_scales"):
       return P(batch_axes, head_axis)  # per-token storage [B, H, S, ...]
-    if name in cache_lib.STATE_FIELDS:
+    if name in corrections_lib.state_names():
       return P(batch_axes, head_axis)  # corrections' per-sequence state [B, H, ...]
-    if name in cache_lib.SHARED_PARAM_FIELDS:
+    if name in corrections_lib.shared_names():
       return P()  # one per layer, no head axis: rotary offset frequencies and channel pairs
-    if leaf.ndim <= 1:
-      return P(batch_axes) if leaf.ndim == 1 else P()  # per-sequence: lengths, overflow
-    # Anything else is a per-head parameter [Hr, ...] (rotation, lambda, key mean).
+    if name in ("lengths", "overflow"):
+      return P(batch_axes)  # per sequence [B]
+    # Anything else is a per-head parameter [Hr, ...] (rotation, lambda, a correction's params).
     if leaf.shape[0] == num_heads and num_heads > 1:
       return P(head_axis)
     if leaf.shape[0] == 1:
