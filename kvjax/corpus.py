@@ -29,7 +29,8 @@ import subprocess
 import tempfile
 import zlib
 
-from kvjax.user_cache import atomic_write_text, cache_dir as _cache_dir, exclusive, sweep_stale
+from kvjax.user_cache import (atomic_write_text, cache_dir as _cache_dir, exclusive,
+                              sigterm_as_interrupt, sweep_stale)
 
 __all__ = [
     "BOOKS", "EVAL_BOOK", "CALIBRATION_BOOK", "load_austen", "load_text", "eval_text",
@@ -81,7 +82,7 @@ def load_austen(book: str | None = None, *, cache_dir: str | os.PathLike | None 
   directory = _cache_dir(cache_dir) / "corpus" / "janeaustenr"
   paths = {title: directory / f"{BOOKS[title]}.txt" for title in titles}
   if not all(p.exists() for p in paths.values()):
-    with exclusive(directory.parent / "janeaustenr.lock"):
+    with sigterm_as_interrupt(), exclusive(directory.parent / "janeaustenr.lock"):
       sweep_stale(directory, ".extract-")  # left by a killed extraction
       if not all(p.exists() for p in paths.values()):
         _extract_all(directory)

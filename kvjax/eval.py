@@ -106,6 +106,10 @@ class CacheSpec:
         raise ValueError(f"cache {self.name!r}: {layers} names no layer of this model "
                          f"(layer types {sorted(set(config.layer_types))})")
       formats.append((field, value, tuple(sorted(out))))
+    bad = [l for l in self.key8_layers if not 0 <= l < config.num_layers]
+    if bad:
+      raise ValueError(f"cache {self.name!r}: layers {bad} are out of range for a model of "
+                       f"{config.num_layers} layers")
     return dataclasses.replace(self, layer_formats=tuple(formats))
 
   def formats(self, head_dim: int):
@@ -678,6 +682,17 @@ def run(model_name: str = "gemma3-270m", *, text_file: str | None = None,
   contexts = sorted(int(c) for c in contexts)
   if any(c < 2 for c in contexts):
     raise ValueError(f"contexts must be >= 2 tokens, got {contexts}")
+  # Checks that need the model's shape or the text's length, before the model loads: a named
+  # checkpoint's layout is its preset's, and a text cannot hold more tokens than bytes (+ BOS).
+  from kvjax.models.config import PRESETS
+  if model_name in PRESETS:
+    preset = PRESETS[model_name]()
+    for s in specs:
+      s.resolve_layers(preset)
+  if user_text is not None and len(user_text.encode("utf-8")) + 1 < contexts[-1]:
+    raise ValueError(f"--text {text_file} has {len(user_text.encode('utf-8'))} bytes, so fewer "
+                     f"tokens than the longest context {contexts[-1]}; give a longer --text or "
+                     "shorter --contexts")
   t0 = time.time()
   log(f"loading {model_name} ...")
   model, tokenizer = load(model_name)

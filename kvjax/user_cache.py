@@ -79,6 +79,36 @@ def exclusive(lock_path: str | os.PathLike):
       fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+  """Within the block, SIGTERM raises KeyboardInterrupt (as Ctrl-C does), so the writer's
+  cleanup runs and leaves no temporary behind. Only where the process has SIGTERM's default
+  action (which would kill it mid-write) and on the main thread; a program's own handler is
+  left alone. The previous action is restored after the block."""
+  import signal
+  import threading
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  try:
+    previous = signal.getsignal(signal.SIGTERM)
+  except (AttributeError, ValueError):  # no SIGTERM on this platform
+    yield
+    return
+  if previous is not signal.SIG_DFL:
+    yield
+    return
+
+  def interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+  signal.signal(signal.SIGTERM, interrupt)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
 def sweep_stale(directory: str | os.PathLike, prefix: str, *,
                 older_than_s: float = 0.0) -> list[pathlib.Path]:
   """Removes the temporaries `directory/<prefix>*` that a killed writer left behind (a SIGKILL,

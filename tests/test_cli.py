@@ -25,6 +25,9 @@ def _run(argv, capsys):
     (["eval", "--contexts", "1024", "-5"], "--contexts must be ints >= 2"),
     (["eval", "--calibration", "/nonexistent/cal"], "no calibration directory"),
     (["eval", "--caches", "K4V4-g32-srft-cla"], "unknown cache 'K4V4-g32-srft-cla'"),
+    (["eval", "--caches", "int4+k8@999"], r"layers \[999\] are out of range for a model of 18"),
+    (["eval", "--caches", "int4+g64@40"], "layer 40 is out of range"),
+    (["eval", "--text", "SHORT"], "fewer tokens than the longest context 4096"),
     (["bench", "--contexts", "-5"], "--contexts must be an int >= 1"),
     (["bench", "--repeats", "0"], "--repeats must be an int >= 1"),
     (["bench", "--out", "FILE"], "--out .* is a file"),
@@ -37,8 +40,9 @@ def test_bad_arguments_fail_fast_and_name_the_argument(argv, message, tmp_path, 
   (tmp_path / "file").write_text("x")
   (tmp_path / "existing").mkdir()
   (tmp_path / "latin1.txt").write_bytes("café au lait".encode("latin-1"))
+  (tmp_path / "short.txt").write_text("A short book. " * 100)
   subs = {"FILE": str(tmp_path / "file"), "EXISTING": str(tmp_path / "existing"),
-          "LATIN1": str(tmp_path / "latin1.txt"),
+          "LATIN1": str(tmp_path / "latin1.txt"), "SHORT": str(tmp_path / "short.txt"),
           "NEW": str(tmp_path / "new")}
   argv = [subs.get(a, a) for a in argv]
   code, err, seconds = _run(argv, capsys)
@@ -149,3 +153,28 @@ def test_cli_usage_errors_in_a_subprocess(argv):
   assert argv[1] in proc.stderr or argv[2] in proc.stderr
   assert "Traceback" not in proc.stderr
   assert seconds < 30, seconds
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "--chunk", "0"], "--chunk must be an int >= 1"),
+    (["eval", "--caches", "int4+k8@999"], "out of range"),
+    (["bench", "--repeats", "0"], "--repeats must be an int >= 1"),
+    (["passkey", "--depths", "1.5"], r"--depths must be fractions in \[0, 1\]"),
+    (["calibrate", "--out", "NEW", "--windows", "1"], "--windows must be token counts >= 2"),
+])
+def test_cli_subprocess_reports_bad_arguments_in_seconds(argv, message, tmp_path):
+  """As a user runs it: a fresh `python -m kvjax` process, exit code 2, the argument named on
+  stderr, well before any model could load (the interpreter and JAX imports are ~3 s of it)."""
+  import re
+  import subprocess
+  import sys
+  argv = [str(tmp_path / "new") if a == "NEW" else a for a in argv]
+  t0 = time.time()
+  proc = subprocess.run([sys.executable, "-m", "kvjax", *argv], capture_output=True, text=True,
+                        timeout=60, cwd=tmp_path)
+  seconds = time.time() - t0
+  assert proc.returncode == 2, proc.stderr
+  assert re.search(message, proc.stderr), proc.stderr
+  assert "Traceback" not in proc.stderr
+  assert seconds < 5, seconds
+  assert not (tmp_path / "new").exists()
