@@ -137,27 +137,10 @@ def test_damaged_checkpoints_name_the_file(tmp_path):
     load(str(hf))
 
 
-@pytest.mark.parametrize("argv", [["eval", "--chunk", "0"], ["bench", "--repeats", "0"],
-                                  ["passkey", "--depths", "1.5"],
-                                  ["eval", "--caches", "K4V4-g32-srft-calibrated"]])
-def test_cli_usage_errors_in_a_subprocess(argv):
-  """As a user runs it: exit code 2, the argument named on stderr, and no model loaded (the
-  whole process, Python and jax start-up included, ends in seconds)."""
-  import subprocess
-  import sys
-  t0 = time.time()
-  proc = subprocess.run([sys.executable, "-m", "kvjax", *argv], capture_output=True, text=True,
-                        timeout=120)
-  seconds = time.time() - t0
-  assert proc.returncode == 2, proc.stderr
-  assert argv[1] in proc.stderr or argv[2] in proc.stderr
-  assert "Traceback" not in proc.stderr
-  assert seconds < 30, seconds
-
-
 @pytest.mark.parametrize("argv, message", [
     (["eval", "--chunk", "0"], "--chunk must be an int >= 1"),
     (["eval", "--caches", "int4+k8@999"], "out of range"),
+    (["eval", "--caches", "K4V4-g32-srft-calibrated"], "unknown cache 'K4V4-g32-srft-calibrated'"),
     (["bench", "--repeats", "0"], "--repeats must be an int >= 1"),
     (["passkey", "--depths", "1.5"], r"--depths must be fractions in \[0, 1\]"),
     (["calibrate", "--out", "NEW", "--windows", "1"], "--windows must be token counts >= 2"),
