@@ -167,20 +167,33 @@ def _logit_terms(qg, view, config, kv_pos, q_pos):
 
 
 def _value_terms(qg, view, config, kv_pos, q_pos, *, oracle=False):
-  """The corrections' value terms: None or (slots [B, T, K, N], errors [B, H, T, K, D])."""
+  """The corrections' value terms: None or [(slots [B, T, K, N], errors [B, H, T, K, D]), ...],
+  one pair per correction."""
   return corrections_lib.value_terms(config.corrections, view.corrections, view.pending,
                                      corrections_lib.Read(qg, kv_pos, q_pos), oracle=oracle)
 
 
 def _add_value_terms(o, weights, terms):
-  """o [B, H, T, R, D] (original value domain) + sum_k weights[..., k] errors[k]: the output
-  as if the corrected slots' values were stored exactly. weights [B, H, T, R, K]."""
-  return o + jnp.einsum("bhtrk,bhtkd->bhtrd", weights, terms[1], precision=_HI)
+  """o [B, H, T, R, D] (original value domain) + sum_k weights[..., k] errors[k] for each
+  correction's terms in turn: the output as if the corrected slots' values were stored exactly.
+  weights [B, H, T, R, K_total], the corrections' slots one after another."""
+  start = 0
+  for slots, errors in terms:
+    k = slots.shape[2]
+    o = o + jnp.einsum("bhtrk,bhtkd->bhtrd", weights[..., start:start + k], errors, precision=_HI)
+    start += k
+  return o
+
+
+def _all_slots(terms):
+  """The corrected slots of every correction, [B, T, K_total, N]."""
+  return jnp.concatenate([slots for slots, _ in terms], axis=2)
 
 
 def _slot_weights(p, terms):
-  """[B, H, T, R, K]: the weight softmax weights p [B, H, T, R, N] give each corrected slot."""
-  return jnp.einsum("bhtrn,btkn->bhtrk", p, terms[0], precision=_HI)
+  """[B, H, T, R, K_total]: the weight softmax weights p [B, H, T, R, N] give each corrected
+  slot."""
+  return jnp.einsum("bhtrn,btkn->bhtrk", p, _all_slots(terms), precision=_HI)
 
 
 def _unrotate_output(o_rot, view):
@@ -395,7 +408,7 @@ def quantized_attention_int8dot(q, view: QuantView, mask, *, config, scale, soft
   # positions): [b, t, K, n], their weights come out of the blocks.
   terms = _value_terms(qg, view, config, kv_pos, q_pos)
   if terms is not None:
-    sel = terms[0]
+    sel = _all_slots(terms)
     args += (jnp.broadcast_to(sel[:, None], (b, h) + sel.shape[1:]).reshape(x, *sel.shape[1:]),)
   cb = max(1, _INT8DOT_BLOCK_BYTES // max(1, n * d))
   cb = max(i for i in range(1, min(cb, x) + 1) if x % i == 0)

@@ -90,9 +90,10 @@ def logit_terms(corrections, arrays, r: Read, *, oracle: bool = False):
 
 
 def value_terms(corrections, arrays, pending, r: Read, *, oracle: bool = False):
-  """None, or (slots float32 [B, T, K, N], errors float32 [B, H, T, K, D]) of every correction
-  that adds weighted errors to the output (with `oracle`, only those `restore_values` does not
-  already describe)."""
+  """None, or a list with one (slots float32 [B, T, K, N], errors float32 [B, H, T, K, D]) per
+  correction that adds weighted errors to the output, in config order (with `oracle`, only
+  those `restore_values` does not already describe). Applied one after another, so each
+  correction's terms are summed exactly as if it were the only one."""
   pending = pending if pending is not None else (None,) * len(corrections)
   slots, errors = [], []
   for c, a, p in zip(corrections, arrays, pending):
@@ -102,10 +103,7 @@ def value_terms(corrections, arrays, pending, r: Read, *, oracle: bool = False):
     if terms is not None:
       slots.append(terms[0])
       errors.append(terms[1])
-  if not slots:
-    return None
-  import jax.numpy as jnp
-  return jnp.concatenate(slots, axis=2), jnp.concatenate(errors, axis=3)
+  return list(zip(slots, errors)) or None
 
 
 def restore(corrections, arrays, k, v, kv_pos):
