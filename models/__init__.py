@@ -15,9 +15,9 @@ from kvjax.models.runner import Runner, prefill, collect_stats, windows
 
 def __getattr__(name):
   # load / generate pull in tokenizers and checkpoint download code: import on first use.
-  if name == "load":
-    from kvjax.models.loading import load
-    return load
+  if name in ("load", "attach_calibration"):
+    from kvjax.models import loading
+    return getattr(loading, name)
   if name == "generate":
     from kvjax.models.generate import generate
     return generate
@@ -27,6 +27,6 @@ def __getattr__(name):
 __all__ = [
     "ModelConfig", "RopeScaling", "PRESETS", "CausalLM", "Gemma3ForCausalLM", "Qwen2ForCausalLM",
     "LlamaForCausalLM", "cache_lengths", "model_class", "build_model", "params_from_hf",
-    "params_from_gguf", "load", "generate", "with_separate_layers", "Runner", "prefill",
+    "params_from_gguf", "load", "attach_calibration", "generate", "with_separate_layers", "Runner", "prefill",
     "collect_stats", "windows",
 ]
