@@ -14,19 +14,24 @@ def _kernels():
   return pallas_kernels
 
 
-def quantize_heads(x, rotation, lam, *, bits, group_size, scale_dtype, feedback=None):
+def quantize_heads(x, rotation, lam, *, bits, group_size, scale_dtype, feedback=None,
+                   backend=None):
   """Fused rotate+quantize+pack of x [B, T, H, D] with per-head params [Hr, D, D], [Hr, D].
 
   feedback: None (nearest rounding) or the error-feedback matrices [Hr, D, D] of
   `kvjax.quantizer.feedback_levels`, per head like the rotation (Hr in {1, H}).
+  backend: None (the default device's kernel; interpret mode on the CPU) or "tpu" / "gpu":
+  that target's kernel, compiled (for a step lowered for that platform).
   """
+  kernel_kw = {} if backend is None else {"backend": backend, "interpret": False}
   pk = _kernels()
   b, t, h, d = x.shape
   if rotation.shape[0] == 1 and lam.shape[0] == 1 and (feedback is None or
                                                        feedback.shape[0] == 1):
     codes, scales = pk.quantize_pack(x.reshape(b * t * h, d), rotation[0], lam[0], bits=bits,
                                      group_size=group_size, scale_dtype=scale_dtype,
-                                     feedback=None if feedback is None else feedback[0])
+                                     feedback=None if feedback is None else feedback[0],
+                                     **kernel_kw)
     return codes.reshape(b, t, h, -1), scales.reshape(b, t, h, -1)
   rotation = jnp.broadcast_to(rotation, (h, d, d))
   lam = jnp.broadcast_to(lam, (h, d))
@@ -37,18 +42,18 @@ def quantize_heads(x, rotation, lam, *, bits, group_size, scale_dtype, feedback=
   per_head = jax.vmap(lambda xh, rh, lh, fh: pk.quantize_pack(xh, rh, lh, bits=bits,
                                                               group_size=group_size,
                                                               scale_dtype=scale_dtype,
-                                                              feedback=fh))
+                                                              feedback=fh, **kernel_kw))
   codes, scales = per_head(x.transpose(2, 0, 1, 3).reshape(h, b * t, d), rotation, lam, feedback)
   return (codes.reshape(h, b, t, -1).transpose(1, 2, 0, 3),
           scales.reshape(h, b, t, -1).transpose(1, 2, 0, 3))
 
 
-def decode(q, cache, *, scale, softcap, window, pending=None):
+def decode(q, cache, *, scale, softcap, window, pending=None, backend=None):
   """Single-token decode over a QuantizedKVCache with the fused kernel. q: [B, 1, Hq, D].
 
   The cache's corrections become the kernel's extra split-K states through their
   `kernel_args` (`kvjax.corrections`); pending: what each correction's write of this token
-  handed over (None when attending over a cache alone)."""
+  handed over (None when attending over a cache alone). backend: as in `quantize_heads`."""
   from kvjax import corrections as corrections_lib
   pk = _kernels()
   b, _, hq, d = q.shape
@@ -68,7 +73,8 @@ def decode(q, cache, *, scale, softcap, window, pending=None):
   o_rot = pk.decode_attention(
       q_rot, cache.k_codes, cache.k_scales, cache.v_codes, cache.v_scales, cache.lengths,
       key_bits=cfg.key_bits, value_bits=cfg.value_bits, group_size=cfg.group_size,
-      ring=cache.ring, window=window, scale=scale, softcap=softcap, **extra)
+      ring=cache.ring, window=window, scale=scale, softcap=softcap, **extra,
+      **({} if backend is None else {"backend": backend, "interpret": False}))
   rot_v = jnp.broadcast_to(cache.v_rotation, (h, d, d))
   lam_v = jnp.broadcast_to(cache.v_lambda, (h, d))[None, :, None, :]
   o = jnp.einsum("bhre,hed->bhrd", o_rot.reshape(b, h, r, d), rot_v,

@@ -511,6 +511,28 @@ AUTO_IMPL = {
 }
 
 
+# lax.platform_dependent's lowering platforms -> (AUTO_IMPL's platform, the kernels' backend).
+# Anything else (e.g. ROCm) lowers the default branch: the XLA path.
+_LOWERING_PLATFORMS = {"cpu": ("cpu", None), "tpu": ("tpu", "tpu"), "cuda": ("gpu", "gpu")}
+
+
+def _dispatch(impl: str, cache, q_len: int, run):
+  """run(name, backend) for the implementation `impl` selects.
+
+  "auto" over a quantized cache is decided when the step is lowered, not when it is traced
+  (`lax.platform_dependent`): a step jitted here runs this platform's entry of `AUTO_IMPL`, and
+  a step exported from a CPU host for TPU or CUDA (`jax.export(..., platforms=["tpu"])`)
+  carries the fused kernel, lowered for that target (backend given, no interpret mode).
+  Every other choice is fixed at trace time (`choose_impl`)."""
+  if impl != "auto" or not isinstance(cache, QuantizedKVCache):
+    return run(choose_impl(impl, cache, q_len), None)
+  decode = q_len == 1
+  branches = {lowering: (lambda name=AUTO_IMPL[(platform, decode)], backend=backend:
+                         run(name, backend))
+              for lowering, (platform, backend) in _LOWERING_PLATFORMS.items()}
+  return jax.lax.platform_dependent(default=lambda: run("xla", None), **branches)
+
+
 def choose_impl(impl: str, cache, q_len: int, platform: str | None = None) -> str:
   """The implementation a call with `impl` runs: "auto" looks `AUTO_IMPL` up for the platform
   (default: `jax.default_backend()`) over a quantized cache and takes "xla" (plain attention)
@@ -560,11 +582,12 @@ def attend(q: jax.Array, cache: cache_lib.KVCache, *, scale: float | None = None
   scale, window = _resolve(q, cache, scale, window, impl)
   if impl == "pallas" and (not isinstance(cache, QuantizedKVCache) or q.shape[1] != 1):
     raise ValueError("impl='pallas' is the single-token decode kernel over a quantized cache")
-  return _attend(q, cache, scale=scale, softcap=softcap, window=window, q_positions=q_positions,
-                 impl=choose_impl(impl, cache, q.shape[1]))
+  return _dispatch(impl, cache, q.shape[1], lambda name, backend: _attend(
+      q, cache, scale=scale, softcap=softcap, window=window, q_positions=q_positions, impl=name,
+      backend=backend))
 
 
-def _attend(q, cache, *, scale, softcap, window, q_positions, impl, pending=None):
+def _attend(q, cache, *, scale, softcap, window, q_positions, impl, pending=None, backend=None):
   tq = q.shape[1]
   if cache.ring and tq > 1:
     raise ValueError("attend over a ring-buffer (sliding-window) cache takes one query token; "
@@ -574,7 +597,7 @@ def _attend(q, cache, *, scale, softcap, window, q_positions, impl, pending=None
   if impl == "pallas":
     from kvjax import _pallas_dispatch
     return _pallas_dispatch.decode(q, cache, scale=scale, softcap=softcap, window=window,
-                                   pending=pending)
+                                   pending=pending, backend=backend)
   view = ({"k": cache.k, "v": cache.v} if isinstance(cache, DenseKVCache)
           else quant_view(cache, pending))
   return _attend_view(q, cache, view, cache_lib.positions(cache), q_positions, scale=scale,
@@ -603,17 +626,23 @@ def append_and_attend(cache: cache_lib.KVCache, q: jax.Array, k: jax.Array, v: j
   t = q.shape[1]
   if k.shape[1] != t:
     raise ValueError(f"q and k must cover the same new tokens, got q_seq={t}, k_seq={k.shape[1]}")
-  impl_ = choose_impl(impl, cache, t)
   if isinstance(cache, cache_lib.StatsKVCache):
     cache = cache_lib.accumulate_stats(cache, q, k, v, num_tokens)
-  append_impl = "pallas" if impl_ == "pallas" else "xla"
+  # The fused write kernel runs with the fused decode kernel: "pallas", or "auto" for a decode
+  # step (resolved at lowering like the attention); chunks are written by the XLA path.
+  fixed = impl != "auto" or not isinstance(cache, QuantizedKVCache)
+  if fixed:
+    append_impl = "pallas" if choose_impl(impl, cache, t) == "pallas" else "xla"
+  else:
+    append_impl = "auto" if t == 1 else "xla"
   chunk = cache_lib.encode(cache, k, v, num_tokens=num_tokens, impl=append_impl)
   q_pos = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
   pending = chunk.pending if isinstance(cache, QuantizedKVCache) else None
   if not cache.ring or t == 1:
     new = cache_lib.write(cache, chunk)
-    out = _attend(q, new, scale=scale_, softcap=softcap, window=window, q_positions=q_pos,
-                  impl=impl_, pending=pending)
+    out = _dispatch(impl, cache, t, lambda name, backend: _attend(
+        q, new, scale=scale_, softcap=softcap, window=window, q_positions=q_pos, impl=name,
+        pending=pending, backend=backend))
     return out, new
   chunk_pos = jnp.where(chunk.valid, q_pos, -1)
   kv_pos = jnp.concatenate([cache_lib.positions(cache), chunk_pos], axis=1)
@@ -625,8 +654,9 @@ def append_and_attend(cache: cache_lib.KVCache, q: jax.Array, k: jax.Array, v: j
     view = QuantView(joined("k_codes"), joined("k_scales"), joined("v_codes"),
                      joined("v_scales"), cache.k_rotation, cache.k_lambda, cache.v_rotation,
                      cache.v_lambda, chunk.corrections, pending)
-  out = _attend_view(q, cache, view, kv_pos, q_pos, scale=scale_, softcap=softcap,
-                     window=window, impl=impl_)
+  # A chunk (t > 1) never runs the decode kernel: only the chunk paths take part.
+  out = _dispatch(impl, cache, t, lambda name, backend: _attend_view(
+      q, cache, view, kv_pos, q_pos, scale=scale_, softcap=softcap, window=window, impl=name))
   return out, cache_lib.write(cache, chunk)
 
 

@@ -587,25 +587,40 @@ def centred_keys(cache: QuantizedKVCache, k: jax.Array, positions: jax.Array) ->
 
 
 def _quantize_chunk(cache: QuantizedKVCache, keys, v, *, impl: str):
+  """Codes and scales of a chunk. impl: "xla" / "reference" (jnp), "pallas" (the fused write
+  kernel for the default device; interpret mode on the CPU), or "auto": decided when the step is
+  lowered (`lax.platform_dependent`): the fused kernel compiled for TPU / CUDA, jnp elsewhere,
+  so a step exported from a CPU host for an accelerator carries the kernel."""
   cfg = cache.config
   sd = cfg.scale_jnp_dtype
   feedback, v_feedback = corrections_lib.feedback(cfg.corrections, cache.corrections)
-  if impl == "pallas":
+
+  def fused(backend=None):
     from kvjax import _pallas_dispatch
     kc, ks = _pallas_dispatch.quantize_heads(keys, cache.k_rotation, cache.k_lambda,
                                              bits=cfg.key_bits, group_size=cfg.group_size,
-                                             scale_dtype=sd, feedback=feedback)
+                                             scale_dtype=sd, feedback=feedback, backend=backend)
     vc, vs = _pallas_dispatch.quantize_heads(v, cache.v_rotation, cache.v_lambda,
                                              bits=cfg.value_bits, group_size=cfg.group_size,
-                                             scale_dtype=sd, feedback=v_feedback)
-  elif impl in ("xla", "reference"):
+                                             scale_dtype=sd, feedback=v_feedback,
+                                             backend=backend)
+    return {"k_codes": kc, "k_scales": ks, "v_codes": vc, "v_scales": vs}
+
+  def plain():
     kc, ks = quantizer.quantize(keys, cache.k_rotation, cache.k_lambda, bits=cfg.key_bits,
                                 group_size=cfg.group_size, scale_dtype=sd, feedback=feedback)
     vc, vs = quantizer.quantize(v, cache.v_rotation, cache.v_lambda, bits=cfg.value_bits,
                                 group_size=cfg.group_size, scale_dtype=sd, feedback=v_feedback)
-  else:
-    raise ValueError(f"impl must be 'xla', 'reference' or 'pallas', got {impl!r}")
-  return {"k_codes": kc, "k_scales": ks, "v_codes": vc, "v_scales": vs}
+    return {"k_codes": kc, "k_scales": ks, "v_codes": vc, "v_scales": vs}
+
+  if impl == "pallas":
+    return fused()
+  if impl in ("xla", "reference"):
+    return plain()
+  if impl == "auto":
+    return jax.lax.platform_dependent(tpu=lambda: fused("tpu"), cuda=lambda: fused("gpu"),
+                                      default=plain)
+  raise ValueError(f"impl must be 'auto', 'xla', 'reference' or 'pallas', got {impl!r}")
 
 
 def write(cache: KVCache, chunk: _Chunk) -> KVCache:
@@ -629,17 +644,12 @@ def append(cache: KVCache, k: jax.Array, v: jax.Array, *, num_tokens=None,
 
   num_tokens: optional int [B]; only the first num_tokens[b] tokens of sequence b
     are written (ragged chunks, e.g. right-padded prompts).
-  impl: "auto"/"xla" (jnp), "pallas" (fused write kernel; interpret mode on CPU).
+  impl: "auto" (the fused write kernel on TPU / GPU, jnp elsewhere, decided when the step is
+    lowered), "xla" (jnp), "pallas" (the fused kernel; interpret mode on CPU).
   """
-  return write(cache, encode(cache, k, v, num_tokens=num_tokens, impl=_append_impl(impl)))
-
-
-def _append_impl(impl: str) -> str:
-  if impl == "auto":
-    return "pallas" if jax.default_backend() in ("tpu", "gpu") else "xla"
-  if impl not in ("xla", "reference", "pallas"):
+  if impl not in ("auto", "xla", "reference", "pallas"):
     raise ValueError(f"impl must be 'auto', 'xla', 'reference' or 'pallas', got {impl!r}")
-  return impl
+  return write(cache, encode(cache, k, v, num_tokens=num_tokens, impl=impl))
 
 
 # ----------------------------------------------------------------------------- accounting

@@ -144,3 +144,37 @@ def test_decode_attention_with_sink_logit_lowers(platform):
   assert targets == [CUSTOM_CALL[platform]], targets
   for dtype in ("f32", "bf16", "f16"):
     assert f"{b}x{h}x{s}x{d}x{dtype}" not in text
+
+
+# A whole decode step through the library with the default implementation ("auto"), exported from
+# this CPU host: the implementation is chosen for the platform the step is lowered for.
+
+def _decode_step_exported(platform):
+  import numpy as np
+  import kvjax
+  from kvjax import corrections as kc
+  b, h, rep, s, d = 2, 2, 4, 256, 128
+  cfg = kvjax.QuantConfig(corrections=(kc.KeyOffset(), kc.RotaryKeyOffset(4), kc.KeyFeedback(),
+                                       kc.KeySink(), kc.ValueSink(), kc.RecentValues(4)))
+  cache = kvjax.init_cache(b, h, s, d, quant=cfg)
+  cache = kvjax.append(cache, jnp.ones((b, 10, h, d)), jnp.ones((b, 10, h, d)), impl="xla")
+  q = jax.ShapeDtypeStruct((b, 1, h * rep, d), jnp.float32)
+  kv = jax.ShapeDtypeStruct((b, 1, h, d), jnp.float32)
+  step = lambda cache, q, k, v: kvjax.append_and_attend(cache, q, k, v)
+  return _export(step, (jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), cache),
+                        q, kv, kv), platform), np
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_a_default_decode_step_exported_for_an_accelerator_holds_the_kernels(platform):
+  text, _ = _decode_step_exported(platform)
+  targets = [t for pair in _custom_call_targets(text) for t in pair if t]
+  # The fused write (keys and values) and the fused decode attention; no interpret-mode loop.
+  assert targets.count(CUSTOM_CALL[platform]) == 3, targets
+  assert "decode_attention_k4v4_g32" in text and "quantize_pack_int4_g32" in text
+
+
+def test_a_default_decode_step_exported_for_the_cpu_holds_no_kernel():
+  text, _ = _decode_step_exported("cpu")
+  assert not [t for pair in _custom_call_targets(text) for t in pair if t in CUSTOM_CALL.values()]
+  assert "decode_attention" not in text and "quantize_pack" not in text
