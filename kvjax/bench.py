@@ -18,12 +18,11 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import resource
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
+from kvjax import timing
 from kvjax.cache import DenseKVCache, QuantizedKVCache
 from kvjax.eval import (cache_bytes, calibrations_for, check_out_dir, check_positive_ints,
                         parse_spec, save_plot, with_layers_for, write_results)
@@ -67,7 +66,7 @@ def run(model_name: str = "gemma3-270m", *, contexts=(256, 1024, 4096, 8192), re
 
   check_out_dir(out_dir)
   contexts = check_positive_ints(list(contexts), "--contexts")
-  check_positive_ints(repeats, "--repeats")
+  check_positive_ints(repeats, "--repeats", minimum=4)  # quartiles of the pairs
   specs = [parse_spec(s) for s in (caches or ["bf16", "int4"])]
   if any(s.key8_auto for s in specs):
     raise ValueError("kvjax bench needs explicit layers for 8-bit keys (e.g. int4+k8@2,3,4,10); "
@@ -88,8 +87,11 @@ def run(model_name: str = "gemma3-270m", *, contexts=(256, 1024, 4096, 8192), re
       f"{repeats + 2} tokens), backend {jax.default_backend()}, {repeats} interleaved repeats")
   rows = []
   token = jnp.asarray([[2]], jnp.int32)
+  warmup = 2
   for ctx in contexts:
-    max_len = ctx + repeats + 2
+    # Each cache steps warmup + repeats times against the baseline (and the baseline as often
+    # per variant): sized so that none overflows.
+    max_len = ctx + (warmup + repeats) * max(1, len(specs) - 1) + 2
     state = {}
     for s in specs:
       if s.quant is None:
@@ -102,35 +104,33 @@ def run(model_name: str = "gemma3-270m", *, contexts=(256, 1024, 4096, 8192), re
         quant, layer_quant = s.formats(model.config.head_dim)
         base = model.init_cache(1, max_len, quant=quant, layer_quant=layer_quant)
       state[s.name] = fill_caches(base, ctx, jax.random.key(ctx))
-      _, state[s.name] = runner(token, state[s.name])  # compile + warm up
-      jax.block_until_ready(state[s.name])
-    times = {s.name: [] for s in specs}
-    for _ in range(repeats):
-      for s in specs:
-        t0 = time.perf_counter()
-        logits, state[s.name] = runner(token, state[s.name])
-        logits.block_until_ready()
-        times[s.name].append(time.perf_counter() - t0)
-    base_t = statistics.median(times[specs[0].name])
-    for s in specs:
-      med = statistics.median(times[s.name])
+
+    def step(name):
+      def go():
+        logits, state[name] = runner(token, state[name])
+        return logits
+      return go
+
+    base_name = specs[0].name
+    nb_base = cache_bytes(model, specs[0], ctx, cals.get(base_name))
+    for s in specs[1:]:
+      r = timing.pairwise(step(base_name), step(s.name), repeats=repeats, warmup=warmup)
       nb = cache_bytes(model, s, ctx, cals.get(s.name))  # sized to this context (rings: window)
-      row = {"model": model_name, "context": ctx, "cache": s.name, "median_ms": 1e3 * med,
-             "ratio_vs_bf16": med / base_t, "cache_bytes": nb,
-             "compression_vs_bf16": None}
-      rows.append(row)
-    bf = next(r for r in rows if r["context"] == ctx and r["cache"] == specs[0].name)
-    for r in rows:
-      if r["context"] == ctx:
-        r["compression_vs_bf16"] = bf["cache_bytes"] / r["cache_bytes"]
-        log(f"{ctx:>6} {r['cache']:<8} {r['median_ms']:9.2f} ms/token  ratio "
-            f"{r['ratio_vs_bf16']:5.2f}  cache {r['cache_bytes'] / 2**20:8.2f} MiB "
-            f"({r['compression_vs_bf16']:.2f}x smaller)")
+      rows.append({"model": model_name, "context": ctx, "cache": s.name, "base": base_name,
+                   "median_ms": r["variant_ms"], "iqr_ms": r["variant_iqr_ms"],
+                   "base_ms": r["base_ms"], "base_iqr_ms": r["base_iqr_ms"],
+                   "ratio_vs_bf16": r["ratio"], "ratio_iqr": r["ratio_iqr"], "cache_bytes": nb,
+                   "base_bytes": nb_base, "compression_vs_bf16": nb_base / nb})
+      log(f"{ctx:>6} {s.name:<8} {r['variant_ms']:9.2f} ms/token against {base_name} "
+          f"{r['base_ms']:9.2f}: ratio {r['ratio']:5.2f} (IQR {r['ratio_iqr'][0]:.2f}-"
+          f"{r['ratio_iqr'][1]:.2f}); cache {nb / 2**20:8.2f} MiB ({nb_base / nb:.2f}x smaller)")
     del state
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-  doc = {"meta": {"model": model_name, "repeats": repeats, "max_len": "context + repeats + 2",
-                  "peak_process_bytes": peak, "backend": jax.default_backend(),
-                  "note": "caches filled with random contents; medians of interleaved runs"},
+  doc = {"meta": {"model": model_name, "repeats": repeats, "warmup": warmup,
+                  "peak_process_bytes": peak, "machine": timing.machine(),
+                  "method": "each cache against the bf16 one, interleaved pairs "
+                            "(kvjax.timing.pairwise): median per-pair ratio and its IQR",
+                  "note": "caches filled with random contents"},
          "rows": rows}
   out = pathlib.Path(out_dir)
   write_results(out / "bench.json", doc, log=log)
@@ -146,9 +146,17 @@ def _plot(rows, path, title):
   fig, axes = plt.subplots(1, 2, figsize=(10, 4))
   for name in dict.fromkeys(r["cache"] for r in rows):
     rs = [r for r in rows if r["cache"] == name]
-    axes[0].plot([r["context"] for r in rs], [r["median_ms"] for r in rs], "o-", label=name)
-    axes[1].plot([r["context"] for r in rs], [r["cache_bytes"] / 2**20 for r in rs], "o-", label=name)
-  axes[0].set_ylabel("decode ms / token (CPU)")
+    x = [r["context"] for r in rs]
+    err = [[r["ratio_vs_bf16"] - r["ratio_iqr"][0] for r in rs],
+           [r["ratio_iqr"][1] - r["ratio_vs_bf16"] for r in rs]]
+    axes[0].errorbar(x, [r["ratio_vs_bf16"] for r in rs], yerr=err, marker="o", capsize=3,
+                     label=name)
+    axes[1].plot(x, [r["cache_bytes"] / 2**20 for r in rs], "o-", label=name)
+  base = {r["context"]: r["base_bytes"] for r in rows}
+  axes[1].plot(sorted(base), [base[c] / 2**20 for c in sorted(base)], "o-",
+               label=rows[0]["base"] if rows else "bf16")
+  axes[0].axhline(1.0, color="gray", lw=0.8)
+  axes[0].set_ylabel("decode time per token / bf16 (median, IQR)")
   axes[1].set_ylabel("cache MiB")
   for ax in axes:
     ax.set_xscale("log", base=2)

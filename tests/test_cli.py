@@ -29,7 +29,7 @@ def _run(argv, capsys):
     (["eval", "--caches", "int4+g64@40"], "layer 40 is out of range"),
     (["eval", "--text", "SHORT"], "fewer tokens than the longest context 4096"),
     (["bench", "--contexts", "-5"], "--contexts must be an int >= 1"),
-    (["bench", "--repeats", "0"], "--repeats must be an int >= 1"),
+    (["bench", "--repeats", "0"], "--repeats must be an int >= 4"),
     (["bench", "--out", "FILE"], "--out .* is a file"),
     (["passkey", "--depths", "1.5"], r"--depths must be fractions in \[0, 1\]"),
     (["calibrate", "--out", "EXISTING"], "already exists"),
@@ -141,7 +141,7 @@ def test_damaged_checkpoints_name_the_file(tmp_path):
     (["eval", "--chunk", "0"], "--chunk must be an int >= 1"),
     (["eval", "--caches", "int4+k8@999"], "out of range"),
     (["eval", "--caches", "K4V4-g32-srft-calibrated"], "unknown cache 'K4V4-g32-srft-calibrated'"),
-    (["bench", "--repeats", "0"], "--repeats must be an int >= 1"),
+    (["bench", "--repeats", "0"], "--repeats must be an int >= 4"),
     (["passkey", "--depths", "1.5"], r"--depths must be fractions in \[0, 1\]"),
     (["calibrate", "--out", "NEW", "--windows", "1"], "--windows must be token counts >= 2"),
 ])
