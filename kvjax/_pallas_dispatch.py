@@ -65,9 +65,11 @@ def decode(q, cache, *, scale, softcap, window, pending=None, backend=None):
   q_rot = jnp.einsum("bhrd,hed->bhre", qg * lam_k, rot_k,
                      precision=jax.lax.Precision.HIGHEST).reshape(b, hq, d)
   cfg = cache.config
+  rot_v = jnp.broadcast_to(cache.v_rotation, (h, d, d))
+  lam_v = jnp.broadcast_to(cache.v_lambda, (h, d))
   to_rotated = lambda e: jnp.einsum(  # value errors into the kernel's (rotated) value domain
-      "bh...d,hed->bh...e", e / jnp.broadcast_to(cache.v_lambda, (h, d))[None, :, None],
-      jnp.broadcast_to(cache.v_rotation, (h, d, d)), precision=jax.lax.Precision.HIGHEST)
+      "bh...d,hed->bh...e", e / lam_v[None, :, None], rot_v,
+      precision=jax.lax.Precision.HIGHEST)
   extra = corrections_lib.kernel_args(cfg.corrections, cache.corrections, pending,
                                       corrections_lib.KernelRead(qg, scale, to_rotated))
   o_rot = pk.decode_attention(
@@ -75,8 +77,6 @@ def decode(q, cache, *, scale, softcap, window, pending=None, backend=None):
       key_bits=cfg.key_bits, value_bits=cfg.value_bits, group_size=cfg.group_size,
       ring=cache.ring, window=window, scale=scale, softcap=softcap, **extra,
       **({} if backend is None else {"backend": backend, "interpret": False}))
-  rot_v = jnp.broadcast_to(cache.v_rotation, (h, d, d))
-  lam_v = jnp.broadcast_to(cache.v_lambda, (h, d))[None, :, None, :]
   o = jnp.einsum("bhre,hed->bhrd", o_rot.reshape(b, h, r, d), rot_v,
-                 precision=jax.lax.Precision.HIGHEST) * lam_v
+                 precision=jax.lax.Precision.HIGHEST) * lam_v[None, :, None, :]
   return o.reshape(b, 1, hq, d).astype(q.dtype)

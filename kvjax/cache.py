@@ -579,13 +579,6 @@ def encode(cache: KVCache, k: jax.Array, v: jax.Array, *, num_tokens=None,
   return _Chunk(arrays, slots, new_lengths, new_overflow, valid, states, pending)
 
 
-def centred_keys(cache: QuantizedKVCache, k: jax.Array, positions: jax.Array) -> jax.Array:
-  """What the codes of keys k [B, T, H, D] at `positions` [B, T] hold before rotation: k after
-  every correction's `centre_keys` (e.g. minus the key mean and the rotary offset), float32."""
-  return corrections_lib.centre_keys(cache.config.corrections, cache.corrections,
-                                     k.astype(jnp.float32), positions)
-
-
 def _quantize_chunk(cache: QuantizedKVCache, keys, v, *, impl: str):
   """Codes and scales of a chunk. impl: "xla" / "reference" (jnp), "pallas" (the fused write
   kernel for the default device; interpret mode on the CPU), or "auto": decided when the step is

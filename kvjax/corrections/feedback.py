@@ -17,58 +17,53 @@ import numpy as np
 from kvjax.corrections.base import Correction, register
 
 
-def _check_upper(arrays, name):
-  f = np.asarray(arrays[name])
-  if np.any(np.tril(f)):
-    raise ValueError(f"{name} must be strictly upper triangular (error feedback only reaches "
-                     "channels not yet rounded)")
+class _Feedback(Correction):
+  """Rounding of one side (keys or values) with error feedback through its one param."""
+
+  side = ""  # "key" or "value"
+
+  def param_shapes(self, head_dim):
+    return {self.params[0]: (head_dim, head_dim)}
+
+  def default_params(self, head_dim):
+    return {self.params[0]: np.zeros((1, head_dim, head_dim), np.float32)}
+
+  def check_params(self, arrays, head_dim):
+    name = self.params[0]
+    if np.any(np.tril(np.asarray(arrays[name]))):
+      raise ValueError(f"{name} must be strictly upper triangular (error feedback only reaches "
+                       "channels not yet rounded)")
+
+  def key_feedback(self, arrays):
+    return arrays[self.params[0]] if self.side == "key" else None
+
+  def value_feedback(self, arrays):
+    return arrays[self.params[0]] if self.side == "value" else None
 
 
 @register
 @dataclasses.dataclass(frozen=True)
-class KeyFeedback(Correction):
+class KeyFeedback(_Feedback):
   """Key codes rounded with error feedback through k_feedback [Hr, D, D]."""
 
   kind = "key_feedback"
   params = ("k_feedback",)
+  side = "key"
 
   @property
   def label(self) -> str:
     return "+fb"
 
-  def param_shapes(self, head_dim):
-    return {"k_feedback": (head_dim, head_dim)}
-
-  def default_params(self, head_dim):
-    return {"k_feedback": np.zeros((1, head_dim, head_dim), np.float32)}
-
-  def check_params(self, arrays, head_dim):
-    _check_upper(arrays, "k_feedback")
-
-  def key_feedback(self, arrays):
-    return arrays["k_feedback"]
-
 
 @register
 @dataclasses.dataclass(frozen=True)
-class ValueFeedback(Correction):
+class ValueFeedback(_Feedback):
   """Value codes rounded with error feedback through v_feedback [Hr, D, D]."""
 
   kind = "value_feedback"
   params = ("v_feedback",)
+  side = "value"
 
   @property
   def label(self) -> str:
     return "+vfb"
-
-  def param_shapes(self, head_dim):
-    return {"v_feedback": (head_dim, head_dim)}
-
-  def default_params(self, head_dim):
-    return {"v_feedback": np.zeros((1, head_dim, head_dim), np.float32)}
-
-  def check_params(self, arrays, head_dim):
-    _check_upper(arrays, "v_feedback")
-
-  def value_feedback(self, arrays):
-    return arrays["v_feedback"]

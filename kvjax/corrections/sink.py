@@ -49,23 +49,31 @@ def _sink_update(w, old, which):
                       lambda: old)
 
 
+class _Sink(Correction):
+  """Position 0's rounding error of one side ("k" or "v"), kept as per-sequence state."""
+
+  side = ""
+
+  def state_shapes(self, head_dim):
+    return {self.state[0]: (head_dim,)}
+
+  def write(self, w, arrays):
+    name = self.state[0]
+    return {name: _sink_update(w, arrays[name], self.side)}, None
+
+
 @register
 @dataclasses.dataclass(frozen=True)
-class KeySink(Correction):
+class KeySink(_Sink):
   """The key at position 0 exact: its rounding error k_sink [B, H, D] goes into its logit."""
 
   kind = "key_sink"
   state = ("k_sink",)
+  side = "k"
 
   @property
   def label(self) -> str:
     return "+sink"
-
-  def state_shapes(self, head_dim):
-    return {"k_sink": (head_dim,)}
-
-  def write(self, w, arrays):
-    return {"k_sink": _sink_update(w, arrays["k_sink"], "k")}, None
 
   def logit_terms(self, r, arrays):
     if r.kv_pos is None:
@@ -84,23 +92,18 @@ class KeySink(Correction):
 
 @register
 @dataclasses.dataclass(frozen=True)
-class ValueSink(Correction):
+class ValueSink(_Sink):
   """The value at position 0 exact: its rounding error v_sink [B, H, D], times the slot's
   weight, goes into the output."""
 
   kind = "value_sink"
   state = ("v_sink",)
+  side = "v"
   exact_sink_value = True
 
   @property
   def label(self) -> str:
     return "+vsink"
-
-  def state_shapes(self, head_dim):
-    return {"v_sink": (head_dim,)}
-
-  def write(self, w, arrays):
-    return {"v_sink": _sink_update(w, arrays["v_sink"], "v")}, None
 
   def value_terms(self, r, arrays, pending):
     if r.kv_pos is None:
