@@ -579,6 +579,9 @@ def attend(q: jax.Array, cache: cache_lib.KVCache, *, scale: float | None = None
 
   Returns [B, Tq, Hq, D] in q's dtype; a query with no visible key gets zeros.
   """
+  own = getattr(type(cache), "attend", None)
+  if own is not None:  # a cache that runs its own attention (kvjax.certified): impl is its own
+    return own(cache, q, scale=scale, softcap=softcap, window=window, q_positions=q_positions)
   scale, window = _resolve(q, cache, scale, window, impl)
   if impl == "pallas" and (not isinstance(cache, QuantizedKVCache) or q.shape[1] != 1):
     raise ValueError("impl='pallas' is the single-token decode kernel over a quantized cache")
@@ -622,6 +625,10 @@ def append_and_attend(cache: cache_lib.KVCache, q: jax.Array, k: jax.Array, v: j
     attention does ("pallas").
   Returns (out [B, T, Hq, D], new cache).
   """
+  own = getattr(type(cache), "append_and_attend", None)
+  if own is not None:  # a cache that runs its own attention (kvjax.certified): impl is its own
+    check_impl(impl)
+    return own(cache, q, k, v, scale=scale, softcap=softcap, num_tokens=num_tokens)
   scale_, window = _resolve(q, cache, scale, None, impl)
   t = q.shape[1]
   if k.shape[1] != t:

@@ -207,7 +207,7 @@ class CausalLM(nnx.Module):
             "tail": tuple(one(r) for r in self.tail_runs)}
 
   def init_cache(self, batch: int, max_len: int, *, quant: kvjax.QuantConfig | None = None,
-                 dtype=None, layer_quant=None, calibration=None) -> Caches:
+                 dtype=None, layer_quant=None, calibration=None, certified=None) -> Caches:
     """Empty caches for `batch` sequences of up to `max_len` tokens.
 
     Args:
@@ -221,6 +221,10 @@ class CausalLM(nnx.Module):
       layer_quant: optional {layer index: QuantConfig or None} overriding `quant` for single
         layers; each must be one of `config.separate_layers` (layers stacked with others share
         one cache config): see `kvjax.models.with_separate_layers`.
+      certified: a `kvjax.certified.CertifiedConfig`: certified caches (compressed tier on the
+        device, bfloat16 originals in host memory, every attention row within the config's
+        tolerance of exact or exact; docs/certified.md). Excludes the other options. Local layers
+        keep every token (the window is a mask), as the exact tier holds the full history.
     Returns:
       {"groups": (...), "tail": (...)}: one kvjax cache per run of equal layer types, stacked on
       the leading axes [groups, run_length] (or [run_length] for the tail). Local layers use
@@ -230,6 +234,14 @@ class CausalLM(nnx.Module):
       raise ValueError(f"batch must be a positive int, got {batch!r}")
     if not isinstance(max_len, int) or max_len < 1:
       raise ValueError(f"max_len must be a positive int, got {max_len!r}")
+    if certified is not None:
+      if quant is not None or layer_quant or dtype is not None or calibration is not None:
+        raise ValueError("init_cache: certified fixes every layer's format; give it alone, "
+                         "without quant / layer_quant / dtype / calibration")
+      from kvjax import certified as certified_lib
+      if not isinstance(certified, certified_lib.CertifiedConfig):
+        raise TypeError("certified must be a kvjax.certified.CertifiedConfig, got "
+                        f"{type(certified).__name__}")
     if calibration is not None:
       if quant is not None or layer_quant or dtype is not None:
         raise ValueError("init_cache: give either calibration or quant / layer_quant / dtype, "
@@ -254,6 +266,10 @@ class CausalLM(nnx.Module):
       window = cfg.sliding_window if layer_type == LOCAL else None
       if window is not None and max_len <= window:
         window = None  # every cached position is inside the window: a plain cache is exact
+      if certified is not None:
+        cache = certified_lib.init_cache(batch, cfg.num_kv_heads, max_len, cfg.head_dim,
+                                         config=certified, window=window)
+        return certified_lib.stacked(cache, lead)
       q = layer_quant.get(first_layer, quant) if lead[-1] == 1 else quant
       cache = kvjax.init_cache(batch, cfg.num_kv_heads, max_len, cfg.head_dim, quant=q,
                                window=window, dtype=dtype)

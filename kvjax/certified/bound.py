@@ -1,0 +1,81 @@
+"""The certificate: a rigorous bound on ||O - O_exact||_2 for one attention row.
+
+Notation (docs/certified.md derives each line): a row is one query token of one query head;
+t runs over its visible tokens, grouped in blocks b. z_t = α q·k_t are the exact logits,
+ẑ_t the logits the step computed (quantized keys for quantized blocks, exact keys for
+promoted ones), â = softmax(ẑ) and a = softmax(z). With ε_t = z_t - ẑ_t and |ε_t| <= Δ_b:
+
+    a_t = â_t e^{ε_t} / S,   S = Σ_s â_s e^{ε_s} ∈ [S_lo, S_hi],
+    S_lo = Σ_b ρ_b e^{-Δ_b},  S_hi = Σ_b ρ_b e^{Δ_b}           (ρ_b = Σ_{t∈b} â_t)
+    |a_t / â_t - 1| <= m_b = max(e^{Δ_b} / S_lo - 1, 1 - e^{-Δ_b} / S_hi)
+    TV(a, â) <= min(tanh(max_b Δ_b / 2), ½ Σ_b ρ_b m_b)
+
+and O_comp - O = (O_comp - Σ â v̂) + Σ â (v̂ - v) + Σ (â - a) v gives
+
+    E_key = min(2 TV · max_t ||v_t||,  Σ_b ρ_b m_b ν_b)
+    E_val = Σ_b ρ_b η_b
+    E_fp  = the rounding of the softmax, the value sums and the un-rotation (`output_rounding`)
+    bound = (E_key + E_val + E_fp) (1 + γ)    (γ covers evaluating this bound in float32)
+
+The masses ρ_b used are the computed ones; the exact-arithmetic masses differ by the softmax's
+relative rounding θ, which widens S_lo, S_hi and the sums by (1 + θ).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax.certified.cache import U, gamma
+
+
+def softmax_rounding(zmax, num_tokens: int):
+  """θ: max_t |p_t / â_t - 1| for the float32 softmax of logits with |ẑ| <= zmax over
+  `num_tokens` tokens: the exponent's argument ẑ - max ẑ is rounded by <= 2 u zmax, exp is
+  taken to be within 2 ulp (XLA's float32 exp), the normaliser is a num_tokens-term sum (γ_N),
+  and the division rounds once."""
+  return jnp.exp(2 * U * zmax + 4 * U) * (1 + gamma(num_tokens + 1)) * (1 + U) - 1
+
+
+def output_rounding(theta, vhat_max, *, num_tokens: int, head_dim: int, promoted_tokens: int,
+                    defect):
+  """E_fp: ||O_comp - Σ_t â_t v̂_t|| for a row whose stored values have norms <= vhat_max.
+
+  p vs â: θ vhat_max; the value sum Σ p_t ŷ_t over N tokens: γ_N (1 + θ) vhat_max (any order);
+  the un-rotation λ R^T o (a D-term dot per channel): γ_D sqrt(D) (1 + ε_R) ||o||; the exact
+  blocks' sum and its addition: γ_{P+2}. ||R||_2 <= 1 + ε_R carries each through R^T."""
+  d = head_dim
+  inner = (gamma(num_tokens) + gamma(d) * np.sqrt(d) * (1 + defect)
+           + gamma(promoted_tokens + 2) + 2 * U)
+  return vhat_max * (1 + defect) * (theta + (1 + theta) * inner)
+
+
+def certificate(rho, delta, eta, nu, vmax, e_fp, theta):
+  """The bound on ||O_comp - O_exact||_2 per row, and its key and value terms.
+
+  rho:   [..., NB] computed attention mass of each block (0 for blocks the row cannot see)
+  delta: [..., NB] bound on |z_t - ẑ_t| over the block's tokens (logit units, after the
+         attention scale and soft cap)
+  eta:   [..., NB] value error of the block (0 for exact blocks)
+  nu:    [..., NB] max ||v_t|| over the block
+  vmax:  [...] max ||v_t|| over the visible tokens
+  e_fp:  [...] `output_rounding`; theta: [...] `softmax_rounding`
+  Returns (bound, e_key, e_val), each [...].
+  """
+  nb = rho.shape[-1]
+  visible = rho > 0
+  delta = jnp.where(visible, delta, 0.0)
+  ed, emd = jnp.exp(delta), jnp.exp(-delta)
+  widen = (1 + theta)[..., None]
+  s_lo = jnp.sum(rho * emd, axis=-1) / (1 + theta) / (1 + gamma(nb))
+  s_hi = jnp.sum(rho * ed, axis=-1) * (1 + theta) * (1 + gamma(nb))
+  s_lo = jnp.where(s_lo > 0, s_lo, 1.0)[..., None]
+  s_hi = jnp.where(s_hi > 0, s_hi, 1.0)[..., None]
+  m = jnp.maximum(ed / s_lo - 1, 1 - emd / s_hi)
+  rho_up = rho * widen
+  tv = jnp.minimum(jnp.tanh(jnp.max(delta, axis=-1) / 2), 0.5 * jnp.sum(rho_up * m, axis=-1))
+  tv = jnp.minimum(tv, 1.0)
+  e_key = jnp.minimum(2 * tv * vmax, jnp.sum(rho_up * m * nu, axis=-1))
+  e_val = jnp.sum(rho_up * eta, axis=-1)
+  bound = (e_key + e_val + e_fp) * (1 + gamma(nb + 16))
+  return bound, e_key, e_val
