@@ -71,6 +71,12 @@ def run(model_name: str = "gemma3-270m", *, contexts=(256, 1024, 4096, 8192), re
   if any(s.key8_auto for s in specs):
     raise ValueError("kvjax bench needs explicit layers for 8-bit keys (e.g. int4+k8@2,3,4,10); "
                      "'+k8@auto' layers are chosen by kvjax eval, which prints them")
+  certified = [s.name for s in specs if s.certified is not None]
+  if certified:
+    raise ValueError(f"kvjax bench fills caches with random codes, which says nothing of a "
+                     f"certified cache's ladder ({certified}): time certified attention with "
+                     "benchmarks/certified_cost.py, and its rung shares on real text with "
+                     "kvjax eval")
   if specs[0].quant is not None:
     specs.insert(0, parse_spec("bf16"))
   if calibration is not None:

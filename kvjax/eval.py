@@ -45,7 +45,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax import calibration as artifact
+from kvjax import certified as certified_lib
 from kvjax.cache import nbytes
+from kvjax.certified import CertifiedConfig
 from kvjax.config import QuantConfig
 from kvjax.models import calibrated
 from kvjax.models.runner import Runner, collect_stats, prefill, progress_bar as _progress, windows
@@ -72,8 +74,14 @@ class CacheSpec:
   # Other per-layer formats: ((QuantConfig field, value, layers), ...), applied in order after
   # the 8-bit keys; layers are indices or "global" / "local" (see `resolve_layers`).
   layer_formats: tuple[tuple[str, int, tuple[int | str, ...]], ...] = ()
+  # A certified cache (`kvjax.certified`): `quant` is its compressed tier's format.
+  certified: CertifiedConfig | None = None
 
   def __post_init__(self):
+    if self.certified is not None and (self.calibrate or self.calibration is not None
+                                       or self.key8_layers or self.layer_formats):
+      raise ValueError(f"cache {self.name!r}: a certified cache takes a plain format "
+                       "(no calibration, no per-layer formats)")
     if ((self.key8_layers or self.key8_auto or self.layer_formats)
         and (self.quant is None or self.calibration is not None)):
       raise ValueError(f"cache {self.name!r}: per-layer formats (8-bit key layers, '+g<N>@', "
@@ -219,6 +227,26 @@ def parse_spec(text: str) -> CacheSpec:
     g<N>@L1,...    those layers' quantization group of N channels;
   where layers are indices or 'global' / 'local' (the model's full-attention or
   sliding-window layers), e.g. 'int4+g128@global+k8@4'."""
+  if text.startswith("cert"):  # 'cert[<tol>]-<format>': a certified cache over that format
+    head, _, base = text.partition("-")
+    try:
+      tol = float(head[4:]) if head[4:] else CertifiedConfig.tol
+    except ValueError:
+      tol = None
+    if tol is None or not base:
+      raise ValueError(f"cache {text!r}: a certified cache is 'cert[<tol>]-<format>', e.g. "
+                       "cert-int4-naive or cert0.005-K8V4-g32-srft")
+    spec = parse_spec(base)
+    if spec.quant is None or spec.calibrate or spec.calibration is not None or spec.layer_formats:
+      raise ValueError(f"cache {text!r}: the format after 'cert-' must be an uncalibrated "
+                       f"quantized cache without per-layer formats, got {base!r}")
+    try:
+      config = CertifiedConfig(tol=tol, quant=spec.quant)
+    except ValueError as e:
+      raise ValueError(f"cache {text!r}: {e}") from None
+    return CacheSpec(text, spec.quant, certified=config,
+                     description=f"{spec.description or base}, certified within {tol:g} "
+                                 "(kvjax.certified)")
   if ":" in text:  # '<cache>:<artifact directory>'
     base, _, path = text.partition(":")
     spec = parse_spec(base)
@@ -325,6 +353,8 @@ def _make_caches(model, spec: CacheSpec, max_len: int, calibrations=None, *, bat
   tokens.)"""
   if spec.quant is None:
     return model.init_cache(batch, max_len, dtype=jnp.bfloat16)
+  if spec.certified is not None:
+    return model.init_cache(batch, max_len, certified=spec.certified)
   if spec.calibrate or spec.calibration is not None:
     cal = (calibrations or {}).get(spec.name)
     if cal is None:
@@ -387,6 +417,8 @@ def cache_bytes(model, spec: CacheSpec, context: int, calibration=None) -> int:
 def _make_caches_shape(model, spec, context):
   if spec.quant is None:
     return model.init_cache(1, context, dtype=jnp.bfloat16)
+  if spec.certified is not None:  # the device tier: what a certified cache holds on the chip
+    return model.init_cache(1, context, quant=spec.quant)
   # As calibration configures the caches (the exact sink buffers count).
   quant, layer_quant = spec.formats(model.config.head_dim)
   return model.init_cache(1, context, quant=quant, layer_quant=layer_quant)
@@ -491,10 +523,11 @@ def _lockstep(runner: Runner, caches: dict, specs, tokens, targets, valid, num=N
 
 def evaluate_window(runner: Runner, tokens: np.ndarray, specs: Sequence[CacheSpec], *,
                     max_len: int, calibrations=None, chunk: int = 512,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, certified_stats: dict | None = None) -> dict:
   """Scores one window of tokens under every cache in hook mode, in lockstep with the first
   spec (the reference). runner: `Runner(model, attention_impl="xla")` for the exact path
-  `kvjax eval` measures.
+  `kvjax eval` measures. certified_stats: a dict that receives, for each certified spec,
+  `kvjax.certified.stats_summary` of its caches after the window.
 
   Returns {spec name: {"hook": (nll [T-1], kl [T-1], agree [T-1])}}.
   """
@@ -523,6 +556,10 @@ def evaluate_window(runner: Runner, tokens: np.ndarray, specs: Sequence[CacheSpe
       bar.update(len(part) * len(specs))
   if bar is not None:
     bar.close()
+  if certified_stats is not None:
+    for s in specs:
+      if s.certified is not None:
+        certified_stats[s.name] = certified_lib.stats_summary(caches[s.name])
   return {name: {"hook": tuple(np.concatenate(a) for a in accs)} for name, accs in out.items()}
 
 
@@ -633,6 +670,18 @@ def _pool_windows(per_window: Sequence[dict]) -> dict:
   return {name: {"hook": tuple(np.concatenate([w[name]["hook"][i] for w in per_window])
                                for i in range(3))}
           for name in per_window[0]}
+
+
+def _pool_certified(stats: Sequence[dict]) -> dict:
+  """Rung statistics of a certified cache over several windows (`stats_summary` dicts)."""
+  rows = {}
+  for st in stats:
+    for rung, n in st["rows"].items():
+      rows[rung] = rows.get(rung, 0) + n
+  total = max(1, sum(rows.values()))
+  return {"rows": rows, "share": {r: n / total for r, n in rows.items()},
+          "host_blocks": sum(st["host_blocks"] for st in stats),
+          "max_bound": max(st["max_bound"] for st in stats)}
 
 
 def _summary(nll, kl, agree):
@@ -765,9 +814,13 @@ def run(model_name: str = "gemma3-270m", *, text_file: str | None = None,
     wins = windows(ids, c, -(-score_tokens // c), bos=cfg.add_bos)
     if len(wins) < -(-score_tokens // c):
       log(f"context {c}: the text holds {len(wins)} window(s), not {-(-score_tokens // c)}")
-    per_window = [evaluate_window(runner, w, specs, max_len=max_len, calibrations=calibrations,
-                                  chunk=chunk,
-                                  progress=progress) for w in wins]
+    cert_stats = []
+    per_window = []
+    for w in wins:
+      cert_stats.append({})
+      per_window.append(evaluate_window(runner, w, specs, max_len=max_len,
+                                        calibrations=calibrations, chunk=chunk,
+                                        progress=progress, certified_stats=cert_stats[-1]))
     res = _pool_windows(per_window)
     inc = None
     if incremental_steps:
@@ -798,6 +851,10 @@ def run(model_name: str = "gemma3-270m", *, text_file: str | None = None,
         row["delta_ppl_pct"] = 100.0 * row["delta_ppl"] / base[mode]
         row["cache_bytes"] = cache_bytes(model, s, c, calibrations.get(s.name))
         row["bits_per_value"] = bits_per_value(model, s, c, calibrations.get(s.name))
+        if mode == "hook" and s.certified is not None:
+          row["certified"] = _pool_certified([w[s.name] for w in cert_stats])
+          log(f"context {c} {s.name}: rows per rung {row['certified']['rows']}, "
+              f"{row['certified']['host_blocks']} exact blocks moved to the device")
         if mode == "incremental":
           # Teacher-forced from the same prefilled cache, over the same positions.
           row["hook_ppl_same_positions"] = _summary(*inc[s.name]["hook"])["ppl"]

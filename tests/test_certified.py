@@ -1,0 +1,227 @@
+"""kvjax.certified: the certificate is sound against float64 exact attention over many random
+head-steps per family, the ladder returns rows within the tolerance or bitwise exact, a broken
+certificate is caught, and the cache keeps its exact tier in host memory."""
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kvjax
+from kvjax import certified as C
+from kvjax.certified import cache as ccache
+from kvjax.certified import soundness
+
+# Head-steps (rows: one query token of one query head) checked per family at 512 tokens; the 8K
+# context checks a tenth of them here (benchmarks/certified_soundness.py runs 10^5 at 8K).
+ROWS = int(os.environ.get("KVJAX_CERTIFIED_ROWS", "100000"))
+H, R, D = 2, 4, 64
+LOOSE = C.CertifiedConfig(tol=1e9, atol=1e30)  # rung 0 only: every row keeps its compressed-tier bound
+
+
+def _family(name, key, b, n):
+  return soundness.family(name, key, b, n, H, D)
+
+
+def _queries(key, b, t, name):
+  return soundness.queries(key, b, t, H * R, D, name)
+
+
+def _exact64(q, cache, n):
+  return soundness.exact64(q, cache, n)
+
+
+_attend = soundness._attend
+
+
+def _run(name, config, n, rows, seed=0):
+  return soundness.check_rows(name, config, length=n, rows=rows, seed=seed, heads=H, group=R,
+                              head_dim=D)
+
+
+FAMILIES = soundness.FAMILIES
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_certificate_bounds_the_actual_error_on_every_row(name):
+  err, cert = _run(name, LOOSE, 512, ROWS)
+  assert err.size >= ROWS * 0.9
+  assert np.all(np.isfinite(cert.bound))
+  worst = np.max(err / cert.bound)
+  assert worst <= 1.0, f"{name}: actual error exceeds the certificate by {worst:.3g}x"
+  # Not vacuous: the bound is within a few hundred times the actual error on a typical row.
+  assert np.median(cert.bound / np.maximum(err, 1e-12)) < 500
+
+
+def test_certificate_holds_at_8k_context():
+  err, cert = _run("gaussian", LOOSE, 8192, max(2048, ROWS // 10), seed=3)
+  assert np.max(err / cert.bound) <= 1.0
+
+
+@pytest.mark.parametrize("name", ["gaussian", "needle", "key_offset"])
+def test_ladder_rows_are_within_tolerance_or_bitwise_exact(name):
+  config = C.CertifiedConfig(tol=0.02, promote=(2, 8))
+  b, t, n = 2, 16, 384
+  k, v = _family(name, jax.random.key(7), b, n)
+  cache = C.write(C.init_cache(b, H, n, D, config=config), k, v)
+  q = _queries(jax.random.key(8), b, t, name)
+  pos = jnp.full((b, t), n - 1, jnp.int32)
+  out, cert, new = jax.jit(lambda q, c: C.attend(q, c, q_positions=pos))(q, cache)
+  exact = C.exact_attention(q, cache, q_positions=pos)
+  exact64 = _exact64(q, cache, n)
+  err = np.linalg.norm(np.asarray(out, np.float64) - exact64, axis=-1)
+  rung = np.asarray(cert.rung)
+  last = len(config.rungs) - 1
+  certified = rung < last
+  assert np.all(np.asarray(cert.bound)[certified] <= np.asarray(cert.allowed)[certified])
+  assert np.all(err[certified] <= np.asarray(cert.bound)[certified])
+  # Within tolerance relative to the exact output's norm.
+  norm64 = np.linalg.norm(exact64, axis=-1)
+  assert np.all(err[certified] <= config.tol * norm64[certified] + 1e-12)
+  np.testing.assert_array_equal(np.asarray(out)[~certified], np.asarray(exact)[~certified])
+  counts = np.bincount(rung.ravel(), minlength=len(config.rungs))
+  np.testing.assert_array_equal(np.asarray(new.stats["rows"]), counts)
+  assert counts.sum() == b * t * H * R
+
+
+def test_a_block_mean_value_error_breaks_the_certificate():
+  """η must be the block's MAX absolute error: a block mean (as the paper's code stores in
+  places) under-covers a needle whose value error is its block's largest."""
+  b, n = 2, 512
+  k, v = _family("needle", jax.random.key(11), b, n)
+  cache = C.write(C.init_cache(b, H, n, D, config=LOOSE), k, v)
+  _, meta = ccache.token_metadata(cache, k.astype(jnp.bfloat16), v.astype(jnp.bfloat16))
+  per_token = meta["v_err"].transpose(0, 2, 1)                     # [B, H, N]
+  mean = per_token.reshape(b, H, n // 16, 16).mean(-1)
+  broken = dataclasses.replace(cache, v_err=mean)
+  q = _queries(jax.random.key(12), b, 64, "needle")
+  pos = jnp.full((b, 64), n - 1, jnp.int32)
+  exact = _exact64(q, cache, n)
+  for c, should_hold in ((cache, True), (broken, False)):
+    out, cert = _attend(q, c, pos)
+    err = np.linalg.norm(np.asarray(out, np.float64) - exact, axis=-1)
+    violated = np.sum(err > np.asarray(cert.bound))
+    assert (violated == 0) == should_hold, (should_hold, violated)
+
+
+def test_compressed_tier_holds_the_codes_kvjax_append_writes():
+  config = C.CertifiedConfig()
+  k, v = _family("gaussian", jax.random.key(3), 2, 40)
+  kb, vb = k.astype(jnp.bfloat16), v.astype(jnp.bfloat16)
+  cache = C.write(C.init_cache(2, H, 64, D, config=config), k, v, num_tokens=jnp.array([40, 23]))
+  plain = kvjax.append(kvjax.init_cache(2, H, 64, D, quant=config.quant), kb, vb,
+                       num_tokens=jnp.array([40, 23]), impl="xla")
+  for name in ("k_codes", "k_scales", "v_codes", "v_scales", "lengths"):
+    np.testing.assert_array_equal(np.asarray(getattr(cache.tier, name)),
+                                  np.asarray(getattr(plain, name)), err_msg=name)
+  np.testing.assert_array_equal(np.asarray(jax.device_get(cache.k_exact))[1, :, :23],
+                                np.asarray(kb)[1, :23].transpose(1, 0, 2))
+  assert not np.any(np.asarray(jax.device_get(cache.k_exact))[1, :, 23:].astype(np.float32))
+  # Block metadata: block 1 of sequence 1 holds tokens 16..22 only.
+  _, meta = ccache.token_metadata(cache, kb, vb)
+  np.testing.assert_array_equal(np.asarray(cache.v_norm)[1, :, 1],
+                                np.asarray(meta["v_norm"])[1, 16:23].max(0))
+
+
+def test_exact_tier_stays_in_host_memory_and_steps_move_only_blocks():
+  config = C.CertifiedConfig(tol=1e-4, promote=(2,))
+  k, v = _family("gaussian", jax.random.key(5), 1, 100)
+  cache = C.write(C.init_cache(1, H, 128, D, config=config), k, v)
+  assert cache.k_exact.sharding.memory_kind == "pinned_host"
+  step = jax.jit(lambda c, q, k, v: C.append_and_attend(c, q, k, v))
+  q = _queries(jax.random.key(6), 1, 1, "gaussian")
+  out, new = step(cache, q, k[:, :1], v[:, :1])
+  assert new.k_exact.sharding.memory_kind == "pinned_host"
+  assert int(new.lengths[0]) == 101
+  rows = np.asarray(new.stats["rows"])
+  assert rows.sum() == H * R
+  # Every promoted rung fetched 2 blocks per KV head; the exact rung all 8 blocks.
+  fired_promote = rows[1:].sum() > 0
+  fired_exact = rows[-1] > 0
+  assert int(new.stats["host_blocks"]) == H * (2 * fired_promote + 8 * fired_exact)
+
+
+def test_a_certified_step_exports_for_tpu_and_cuda():
+  config = C.CertifiedConfig()
+  cache = C.init_cache(1, H, 64, D, config=config)
+  k, v = _family("gaussian", jax.random.key(5), 1, 1)
+  q = _queries(jax.random.key(6), 1, 1, "gaussian")
+  step = jax.jit(lambda c, q, k, v: C.append_and_attend(c, q, k, v))
+  for platform in ("tpu", "cuda"):
+    exported = jax.export.export(step, platforms=[platform])(cache, q, k, v)
+    text = exported.mlir_module()
+    assert "_xla_compute_type" in text and "pinned_host" in text, platform
+
+
+def test_kvjax_append_and_attend_runs_the_ladder_for_a_certified_cache():
+  config = C.CertifiedConfig(tol=0.05)
+  cache = C.init_cache(1, H, 64, D, config=config)
+  k, v = _family("gaussian", jax.random.key(9), 1, 8)
+  q = _queries(jax.random.key(10), 1, 8, "gaussian")
+  out, new = kvjax.append_and_attend(cache, q, k, v, impl="xla")
+  assert isinstance(new, C.CertifiedKVCache) and int(new.lengths[0]) == 8
+  assert int(np.asarray(new.stats["rows"]).sum()) == 8 * H * R
+  summary = C.stats_summary({"a": new, "b": (new,)})
+  assert sum(summary["rows"].values()) == 2 * 8 * H * R
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(tol=-1.0), "tol"),
+    (dict(tol=0.0), "both 0"),
+    (dict(promote=(8, 4)), "promote"),
+    (dict(block_size=0), "block_size"),
+    (dict(memory_kind="gpu"), "memory_kind"),
+    (dict(quant=kvjax.QuantConfig().with_corrections(kvjax.corrections.KeyOffset())),
+     "corrections"),
+])
+def test_config_errors_name_the_field(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    C.CertifiedConfig(**kwargs)
+
+
+def test_overflow_outside_jit_is_an_error():
+  cache = C.init_cache(1, H, 16, D)
+  k, v = _family("gaussian", jax.random.key(1), 1, 17)
+  with pytest.raises(ValueError, match="overflows"):
+    C.write(cache, k, v)
+
+
+def test_a_model_runs_on_certified_caches_close_to_its_bf16_cache():
+  from flax import nnx
+  from kvjax.models.config import ModelConfig
+  from kvjax.models.qwen2 import Qwen2ForCausalLM
+  # head_dim 32: a whole quantization group per head
+  cfg = dataclasses.replace(ModelConfig.qwen2_tiny(), head_dim=32)
+  model = Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.key(0), (2, 24), 0, model.config.vocab_size)
+  config = C.CertifiedConfig(tol=0.01)
+  run = jax.jit(lambda t, c: model(t, c))
+  logits, caches = run(tokens, model.init_cache(2, 40, certified=config))
+  ref, ref_caches = run(tokens, model.init_cache(2, 40, dtype=jnp.bfloat16))
+  step, caches = run(tokens[:, :1], caches)
+  ref_step, _ = run(tokens[:, :1], ref_caches)
+  # Every row is within 1% of exact attention over the bf16 originals: the logits follow the
+  # bf16 cache's (which differs from exact only by rounding q and p to bf16).
+  for a, b in ((logits, ref), (step, ref_step)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=0.05 * float(jnp.abs(b).max()))
+  summary = C.stats_summary(caches)
+  layers = model.config.num_layers
+  heads = model.config.num_heads
+  assert sum(summary["rows"].values()) == layers * 2 * 25 * heads
+  with pytest.raises(ValueError, match="certified fixes"):
+    model.init_cache(1, 8, certified=config, quant=kvjax.QuantConfig())
+
+
+def test_eval_and_bench_cache_names():
+  from kvjax import bench
+  from kvjax import eval as ev
+  spec = ev.parse_spec("cert0.005-int4-naive")
+  assert spec.certified.tol == 0.005 and spec.quant.rotation == "none"
+  for bad in ("cert-int4", "certx-int4-naive", "cert-bf16"):
+    with pytest.raises(ValueError, match="cert"):
+      ev.parse_spec(bad)
+  with pytest.raises(ValueError, match="certified_cost"):
+    bench.run(caches=["bf16", "cert-int4-naive"], out_dir="/tmp/kvjax-never-written")
