@@ -17,8 +17,8 @@ and O_comp - O = (O_comp - Σ â v̂) + Σ â (v̂ - v) + Σ (â - a) v gives
     E_fp  = the rounding of the softmax, the value sums and the un-rotation (`output_rounding`)
     bound = (E_key + E_val + E_fp) (1 + γ)    (γ covers evaluating this bound in float32)
 
-The masses ρ_b used are the computed ones; the exact-arithmetic masses differ by the softmax's
-relative rounding θ, which widens S_lo, S_hi and the sums by (1 + θ).
+The masses ρ_b used are the computed ones; the exact-arithmetic masses lie in
+[ρ_b / (1 + θ), ρ_b / (1 - θ)] (θ the softmax's relative rounding), plus an underflow allowance.
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ def softmax_rounding(zmax, num_tokens: int):
   `num_tokens` tokens: the exponent's argument ẑ - max ẑ is rounded by <= 2 u zmax, exp is
   taken to be within 2 ulp (XLA's float32 exp), the normaliser is a num_tokens-term sum (γ_N),
   and the division rounds once."""
-  return jnp.exp(2 * U * zmax + 4 * U) * (1 + gamma(num_tokens + 1)) * (1 + U) - 1
+  # The argument's and exp's errors (κ) enter p_t and, the other way, its normaliser: 2κ.
+  kappa = 2 * U * zmax + 4 * U
+  return jnp.exp(2 * kappa) * (1 + U) / (1 - gamma(num_tokens)) - 1
 
 
 def output_rounding(theta, vhat_max, *, num_tokens: int, head_dim: int, promoted_tokens: int,
@@ -45,12 +47,12 @@ def output_rounding(theta, vhat_max, *, num_tokens: int, head_dim: int, promoted
   the un-rotation λ R^T o (a D-term dot per channel): γ_D sqrt(D) (1 + ε_R) ||o||; the exact
   blocks' sum and its addition: γ_{P+2}. ||R||_2 <= 1 + ε_R carries each through R^T."""
   d = head_dim
-  inner = (gamma(num_tokens) + gamma(d) * np.sqrt(d) * (1 + defect)
+  inner = (gamma(num_tokens) + (1 + gamma(num_tokens)) * gamma(d) * np.sqrt(d) * (1 + defect)
            + gamma(promoted_tokens + 2) + 2 * U)
   return vhat_max * (1 + defect) * (theta + (1 + theta) * inner)
 
 
-def certificate(rho, delta, eta, nu, vmax, e_fp, theta):
+def certificate(rho, delta, eta, nu, vmax, e_fp, theta, visible=None, block_size: int = 16):
   """The bound on ||O_comp - O_exact||_2 per row, and its key and value terms.
 
   rho:   [..., NB] computed attention mass of each block (0 for blocks the row cannot see)
@@ -60,19 +62,26 @@ def certificate(rho, delta, eta, nu, vmax, e_fp, theta):
   nu:    [..., NB] max ||v_t|| over the block
   vmax:  [...] max ||v_t|| over the visible tokens
   e_fp:  [...] `output_rounding`; theta: [...] `softmax_rounding`
+  visible: [..., NB] bool, the blocks the row's mask lets it see (default rho > 0); a visible
+         block keeps its delta whatever its computed mass
+  block_size: tokens per block (the underflow allowance below)
   Returns (bound, e_key, e_val), each [...].
   """
   nb = rho.shape[-1]
-  visible = rho > 0
+  visible = rho > 0 if visible is None else jnp.broadcast_to(visible, rho.shape)
   delta = jnp.where(visible, delta, 0.0)
   ed, emd = jnp.exp(delta), jnp.exp(-delta)
-  widen = (1 + theta)[..., None]
-  s_lo = jnp.sum(rho * emd, axis=-1) / (1 + theta) / (1 + gamma(nb))
-  s_hi = jnp.sum(rho * ed, axis=-1) * (1 + theta) * (1 + gamma(nb))
+  # Exact masses: rho / (1 + θ) <= ρ̂ <= rho / (1 - θ), plus block_size 2^-125 for weights that
+  # left float32's normal range (θ does not describe them; each is below 2^-126 exactly).
+  rho_lo = rho / (1 + theta)[..., None]
+  rho_up = jnp.where(visible, rho / jnp.maximum(1 - theta, 1e-30)[..., None]
+                     + block_size * 2.0 ** -125, 0.0)
+  s_lo = jnp.sum(rho_lo * emd, axis=-1) / (1 + gamma(nb))
+  s_hi = jnp.sum(rho_up * ed, axis=-1) * (1 + gamma(nb))
   s_lo = jnp.where(s_lo > 0, s_lo, 1.0)[..., None]
   s_hi = jnp.where(s_hi > 0, s_hi, 1.0)[..., None]
-  m = jnp.maximum(ed / s_lo - 1, 1 - emd / s_hi)
-  rho_up = rho * widen
+  # exp(Δ) - 1 carries exp's and s_lo's rounding absolutely, not relative to m: a margin.
+  m = jnp.maximum(ed / s_lo - 1, 1 - emd / s_hi) + 12 * U * ed / s_lo
   tv = jnp.minimum(jnp.tanh(jnp.max(delta, axis=-1) / 2), 0.5 * jnp.sum(rho_up * m, axis=-1))
   tv = jnp.minimum(tv, 1.0)
   e_key = jnp.minimum(2 * tv * vmax, jnp.sum(rho_up * m * nu, axis=-1))
