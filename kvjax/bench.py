@@ -22,11 +22,12 @@ import resource
 import jax
 import jax.numpy as jnp
 
+from kvjax import certified as certified_lib
 from kvjax import timing
 from kvjax.cache import DenseKVCache, QuantizedKVCache
 from kvjax.eval import (cache_bytes, calibrations_for, check_out_dir, check_positive_ints,
                         parse_spec, save_plot, with_layers_for, write_results)
-from kvjax.models.runner import Runner
+from kvjax.models.runner import Runner, prefill
 
 _IS_CACHE = lambda x: isinstance(x, (DenseKVCache, QuantizedKVCache))
 
@@ -71,12 +72,6 @@ def run(model_name: str = "gemma3-270m", *, contexts=(256, 1024, 4096, 8192), re
   if any(s.key8_auto for s in specs):
     raise ValueError("kvjax bench needs explicit layers for 8-bit keys (e.g. int4+k8@2,3,4,10); "
                      "'+k8@auto' layers are chosen by kvjax eval, which prints them")
-  certified = [s.name for s in specs if s.certified is not None]
-  if certified:
-    raise ValueError(f"kvjax bench fills caches with random codes, which says nothing of a "
-                     f"certified cache's ladder ({certified}): time certified attention with "
-                     "benchmarks/certified_cost.py, and its rung shares on real text with "
-                     "kvjax eval")
   if specs[0].quant is not None:
     specs.insert(0, parse_spec("bf16"))
   if calibration is not None:
@@ -89,6 +84,14 @@ def run(model_name: str = "gemma3-270m", *, contexts=(256, 1024, 4096, 8192), re
                           tokenizer=tokenizer, log=log)
   runner = Runner(model)
   contexts = sorted(contexts)
+  text_ids = None
+  if any(s.certified is not None for s in specs):
+    # A certified cache's ladder depends on what it holds: it is filled by prefilling real text
+    # (Pride and Prejudice), not with random codes.
+    from kvjax import corpus
+    text_ids = tokenizer.encode(corpus.eval_text(), add_bos=model.config.add_bos)
+    if len(text_ids) < max(contexts):
+      raise ValueError(f"the text holds {len(text_ids)} tokens, fewer than the longest context")
   log(f"{model_name}: decode step time per token (caches allocated for each context + "
       f"{repeats + 2} tokens), backend {jax.default_backend()}, {repeats} interleaved repeats")
   rows = []
@@ -100,6 +103,10 @@ def run(model_name: str = "gemma3-270m", *, contexts=(256, 1024, 4096, 8192), re
     max_len = ctx + (warmup + repeats) * max(1, len(specs) - 1) + 2
     state = {}
     for s in specs:
+      if s.certified is not None:
+        caches = model.init_cache(1, max_len, certified=s.certified)
+        _, state[s.name] = prefill(runner, text_ids[:ctx], caches)
+        continue
       if s.quant is None:
         base = model.init_cache(1, max_len, dtype=jnp.bfloat16)
       elif s.name in cals:
@@ -120,6 +127,7 @@ def run(model_name: str = "gemma3-270m", *, contexts=(256, 1024, 4096, 8192), re
     base_name = specs[0].name
     nb_base = cache_bytes(model, specs[0], ctx, cals.get(base_name))
     for s in specs[1:]:
+      before = (certified_lib.stats_summary(state[s.name]) if s.certified is not None else None)
       r = timing.pairwise(step(base_name), step(s.name), repeats=repeats, warmup=warmup)
       nb = cache_bytes(model, s, ctx, cals.get(s.name))  # sized to this context (rings: window)
       rows.append({"model": model_name, "context": ctx, "cache": s.name, "base": base_name,
@@ -127,6 +135,12 @@ def run(model_name: str = "gemma3-270m", *, contexts=(256, 1024, 4096, 8192), re
                    "base_ms": r["base_ms"], "base_iqr_ms": r["base_iqr_ms"],
                    "ratio_vs_bf16": r["ratio"], "ratio_iqr": r["ratio_iqr"], "cache_bytes": nb,
                    "base_bytes": nb_base, "compression_vs_bf16": nb_base / nb})
+      if before is not None:
+        rows[-1]["certified"] = _ladder_during(before, certified_lib.stats_summary(state[s.name]),
+                                               steps=warmup + repeats, config=s.certified,
+                                               head_dim=model.config.head_dim)
+        log(f"{ctx:>6} {s.name}: rows per rung while timed {rows[-1]['certified']['rows']}, "
+            f"{rows[-1]['certified']['host_bytes_per_step'] / 2**10:.1f} KiB from the host per step")
       log(f"{ctx:>6} {s.name:<8} {r['variant_ms']:9.2f} ms/token against {base_name} "
           f"{r['base_ms']:9.2f}: ratio {r['ratio']:5.2f} (IQR {r['ratio_iqr'][0]:.2f}-"
           f"{r['ratio_iqr'][1]:.2f}); cache {nb / 2**20:8.2f} MiB ({nb_base / nb:.2f}x smaller)")
@@ -143,6 +157,17 @@ def run(model_name: str = "gemma3-270m", *, contexts=(256, 1024, 4096, 8192), re
   save_plot(lambda: _plot(rows, out / "bench.png", model_name), log=log)
   log(f"peak process memory {peak / 2**30:.2f} GiB; wrote {out / 'bench.json'} and {out / 'bench.png'}")
   return doc
+
+
+def _ladder_during(before: dict, after: dict, *, steps: int, config, head_dim: int) -> dict:
+  """What a certified cache's ladder did over `steps` timed decode steps (`stats_summary` before
+  and after): rows per rung, their shares, and host-to-device bytes per step (bfloat16 keys and
+  values of each exact block moved)."""
+  rows = {r: after["rows"][r] - before["rows"][r] for r in after["rows"]}
+  total = max(1, sum(rows.values()))
+  blocks = after["host_blocks"] - before["host_blocks"]
+  return {"rows": rows, "share": {r: n / total for r, n in rows.items()},
+          "host_bytes_per_step": blocks * config.block_size * head_dim * 2 * 2 / steps}
 
 
 def _plot(rows, path, title):

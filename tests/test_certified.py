@@ -138,10 +138,28 @@ def test_exact_tier_stays_in_host_memory_and_steps_move_only_blocks():
   assert int(new.lengths[0]) == 101
   rows = np.asarray(new.stats["rows"])
   assert rows.sum() == H * R
-  # Every promoted rung fetched 2 blocks per KV head; the exact rung all 8 blocks.
-  fired_promote = rows[1:].sum() > 0
-  fired_exact = rows[-1] > 0
-  assert int(new.stats["host_blocks"]) == H * (2 * fired_promote + 8 * fired_exact)
+  _, cert, _ = jax.jit(lambda q, c: C.attend(q, c))(q, new)
+  rung = np.asarray(cert.rung)[0, 0].reshape(H, R)
+  # A promote rung fetched 2 blocks per KV head; the exact rung all 8 blocks of the failing
+  # heads: of one head (config.exact_heads) or, beyond it, of the layer.
+  promoted = np.any(rung >= 1)
+  exact_heads = np.sum(np.any(rung == 2, axis=1))
+  exact_blocks = 0 if exact_heads == 0 else 8 * (1 if exact_heads == 1 else H)
+  assert int(cert.host_blocks) == H * 2 * promoted + exact_blocks
+
+
+def test_the_exact_rung_of_some_heads_is_bitwise_exact_attention():
+  from kvjax.certified import attention as cattn
+  k, v = _family("gaussian", jax.random.key(5), 2, 100)
+  cache = C.write(C.init_cache(2, H, 128, D), k, v)
+  q = _queries(jax.random.key(6), 2, 3, "gaussian")
+  pos = jnp.full((2, 3), 99, jnp.int32)
+  full = np.asarray(C.exact_attention(q, cache, q_positions=pos))    # [B, T, Hq, D]
+  scale = 1 / np.sqrt(D)
+  part = jax.jit(lambda q, c, heads: cattn._exact_heads(q, c, pos, None, scale, None, heads))(
+      q, cache, jnp.array([3, 0], jnp.int32))                        # [2, T, R, D]
+  grouped = full.reshape(2, 3, H, R, D).transpose(0, 2, 1, 3, 4).reshape(2 * H, 3, R, D)
+  np.testing.assert_array_equal(np.asarray(part), grouped[[3, 0]])
 
 
 def test_a_certified_step_exports_for_tpu_and_cuda():
@@ -173,6 +191,7 @@ def test_kvjax_append_and_attend_runs_the_ladder_for_a_certified_cache():
     (dict(tol=0.0), "both 0"),
     (dict(promote=(8, 4)), "promote"),
     (dict(block_size=0), "block_size"),
+    (dict(exact_heads=0), "exact_heads"),
     (dict(memory_kind="gpu"), "memory_kind"),
     (dict(quant=kvjax.QuantConfig().with_corrections(kvjax.corrections.KeyOffset())),
      "corrections"),
@@ -216,12 +235,9 @@ def test_a_model_runs_on_certified_caches_close_to_its_bf16_cache():
 
 
 def test_eval_and_bench_cache_names():
-  from kvjax import bench
   from kvjax import eval as ev
   spec = ev.parse_spec("cert0.005-int4-naive")
   assert spec.certified.tol == 0.005 and spec.quant.rotation == "none"
   for bad in ("cert-int4", "certx-int4-naive", "cert-bf16"):
     with pytest.raises(ValueError, match="cert"):
       ev.parse_spec(bad)
-  with pytest.raises(ValueError, match="certified_cost"):
-    bench.run(caches=["bf16", "cert-int4-naive"], out_dir="/tmp/kvjax-never-written")

@@ -28,7 +28,7 @@ from jax.experimental.compute_on import compute_on
 
 from kvjax import cache as cache_lib
 from kvjax import quantizer
-from kvjax.attention import _check_q, _grouped_q, _ungroup, dense_attention, visibility_mask
+from kvjax.attention import _check_q, _grouped_q, _ungroup, visibility_mask
 from kvjax.certified import bound as bound_lib
 from kvjax.certified.cache import CertifiedKVCache, U, gamma, write
 
@@ -73,28 +73,31 @@ def _to_device(x, kind):
   return x if kind == "device" else jax.device_put(x, jax.memory.Space.Device)
 
 
-def _gather_blocks(buf, idx, block_size, kind):
-  """buf [B, H, S, D] (exact tier), idx int32 [B, H, P] -> float32 [B, H, P, bs, D] on the
-  device. On a host tier the gather runs on the host: only the P blocks cross."""
-  b, h, s, d = buf.shape
-  nb = s // block_size
-  p = idx.shape[-1]
-  rows = (jnp.arange(b)[:, None, None] * h + jnp.arange(h)[None, :, None]) * nb + idx
-
-  def gather(buf, rows):
-    flat = buf.reshape(b * h * nb, block_size * d)
+def _gather_rows(table, rows, kind):
+  """table [n, L] (exact tier, flattened), rows int32 [M] -> float32 [M, L] on the device. On a
+  host tier the gather runs on the host: only the M rows cross."""
+  def gather(table, rows):
     dn = jax.lax.GatherDimensionNumbers(offset_dims=(1,), collapsed_slice_dims=(0,),
                                         start_index_map=(0,))
-    return jax.lax.gather(flat, rows.reshape(-1, 1), dn, (1, block_size * d),
+    return jax.lax.gather(table, rows.reshape(-1, 1), dn, (1, table.shape[1]),
                           mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
 
   if kind == "device":
-    out = gather(buf, rows)
+    out = gather(table, rows)
   else:
     out = compute_on("device_host")(jax.jit(gather))(
-        buf, jax.device_put(rows.astype(jnp.int32), jax.memory.Space.Host))
+        table, jax.device_put(rows.astype(jnp.int32), jax.memory.Space.Host))
     out = _to_device(out, kind)
-  return out.reshape(b, h, p, block_size, d).astype(jnp.float32)
+  return out.astype(jnp.float32)
+
+
+def _gather_blocks(buf, idx, block_size, kind):
+  """buf [B, H, S, D] (exact tier), idx int32 [B, H, P] -> float32 [B, H, P, bs, D]."""
+  b, h, s, d = buf.shape
+  nb = s // block_size
+  rows = (jnp.arange(b)[:, None, None] * h + jnp.arange(h)[None, :, None]) * nb + idx
+  out = _gather_rows(buf.reshape(b * h * nb, block_size * d), rows.reshape(-1), kind)
+  return out.reshape(b, h, idx.shape[-1], block_size, d)
 
 
 def _softcapped(x, softcap):
@@ -218,15 +221,35 @@ def exact_attention(q, cache: CertifiedKVCache, *, scale=None, softcap=None, win
   """Attention over the exact tier (float32 arithmetic on the bfloat16 originals): the path
   the ladder's last rung returns, bitwise. [B, Tq, Hq, D] float32."""
   scale, window, q_pos = _resolve(q, cache, scale, window, q_positions)
-  return _exact(q, cache, q_pos, window, scale, softcap)
+  b, h = cache.batch, cache.num_kv_heads
+  out = _exact_heads(q, cache, q_pos, window, scale, softcap, jnp.arange(b * h))
+  return _ungroup(out.reshape(b, h, *out.shape[1:]), jnp.float32)
 
 
-def _exact(q, cache, q_pos, window, scale, softcap):
+def _exact_heads(q, cache, q_pos, window, scale, softcap, heads):
+  """Exact attention of the KV heads `heads` (int32 [E], flat b * H + h): [E, T, R, D] float32.
+
+  One head at a time (`lax.map`), so a head's result is the same bits whichever heads are
+  computed with it: the exact rung of one head equals `exact_attention`'s."""
+  b, h, s, d = cache.k_exact.shape
   kind = cache.config.memory_kind
-  k = _to_device(cache.k_exact, kind).astype(jnp.float32)
-  v = _to_device(cache.v_exact, kind).astype(jnp.float32)
-  mask = visibility_mask(q_pos, cache_lib.positions(cache.tier), window)
-  return dense_attention(q.astype(jnp.float32), k, v, mask, scale=scale, softcap=softcap)
+  keys = _gather_rows(cache.k_exact.reshape(b * h, s * d), heads, kind).reshape(-1, s, d)
+  values = _gather_rows(cache.v_exact.reshape(b * h, s * d), heads, kind).reshape(-1, s, d)
+  qg = _grouped_q(q.astype(jnp.float32), h)                       # [B, H, T, R, D]
+  mask = visibility_mask(q_pos, cache_lib.positions(cache.tier), window)   # [B, T, S]
+  bi, hi = heads // h, heads % h
+
+  def one(args):
+    qh, k, v, m = args                                             # [T, R, D], [S, D], [T, S]
+    z = _softcapped(jnp.einsum("trd,sd->trs", qh, k, precision=_HI) * scale, softcap)
+    z = jnp.where(m[:, None, :], z, -jnp.inf)
+    top = jnp.max(z, axis=-1, keepdims=True)
+    e = jnp.exp(z - jnp.where(jnp.isfinite(top), top, 0.0))
+    denom = jnp.sum(e, axis=-1, keepdims=True)
+    p = e / jnp.where(denom > 0, denom, 1.0)
+    return jnp.einsum("trs,sd->trd", p, v, precision=_HI)
+
+  return jax.lax.map(one, (qg[bi, hi], keys, values, mask[bi]))
 
 
 def _resolve(q, cache, scale, window, q_positions):
@@ -291,16 +314,31 @@ def attend(q: jax.Array, cache: CertifiedKVCache, *, scale: float | None = None,
     host_blocks += jnp.where(fire, b * h * count, 0)
     res = new
 
+  # The exact rung: the failing KV heads' exact tier moves to the device, up to
+  # `config.exact_heads` of them, else the whole layer's.
   need = ~ok
-  fire = jnp.any(need)
-  exact = jax.lax.cond(fire, lambda: _grouped_q(_exact(q, cache, q_pos, window, scale, softcap), h),
-                       lambda: jnp.zeros_like(out))
+  need_heads = jnp.any(need, axis=(2, 3)).reshape(b * h)
+  count = jnp.sum(need_heads.astype(jnp.int32))
+  budget = min(cfg.exact_heads, b * h)
+
+  def some_heads():
+    heads = jax.lax.top_k(need_heads.astype(jnp.int32), budget)[1]
+    part = _exact_heads(q, cache, q_pos, window, scale, softcap, heads)
+    full = jnp.zeros((b * h,) + part.shape[1:], part.dtype).at[heads].set(part)
+    return full.reshape(out.shape)
+
+  def all_heads():
+    return _exact_heads(q, cache, q_pos, window, scale, softcap,
+                        jnp.arange(b * h)).reshape(out.shape)
+
+  branch = jnp.where(count == 0, 0, jnp.where(count <= budget, 1, 2))
+  exact = jax.lax.switch(branch, [lambda: jnp.zeros_like(out), some_heads, all_heads])
   out = jnp.where(need[..., None], exact, out)
   out_norm = jnp.where(need, jnp.sqrt(jnp.sum(jnp.square(exact), -1)), out_norm)
   zero = jnp.zeros_like(bound)
   bound, e_key, e_val = (jnp.where(need, zero, x) for x in (bound, e_key, e_val))
   rung = jnp.where(need, len(cfg.promote) + 1, rung)
-  host_blocks += jnp.where(fire, b * h * nb, 0)
+  host_blocks += jnp.select([branch == 1, branch == 2], [budget * nb, b * h * nb], 0)
 
   to_rows = lambda x: x.transpose(0, 2, 1, 3).reshape(b, tq, hq)
   cert = Certificate(*(to_rows(x) for x in (bound, allowed, out_norm, rung, e_key, e_val)),

@@ -29,6 +29,9 @@ class CertifiedConfig:
     promote: the ladder's promotion rungs: rung i fetches the exact keys and values of the
       `promote[i]` blocks with the largest contribution to the bound, per KV head, and only
       runs when a row is still uncertified. Strictly increasing.
+    exact_heads: the exact rung's budget: when at most this many KV heads (of the batch) still
+      hold an uncertified row, only their exact tier moves to the device; beyond it, the whole
+      layer's.
     memory_kind: where the exact tier lives ("pinned_host" by default; "device" keeps it
       beside the codes, e.g. to measure the compressed path alone).
   """
@@ -38,6 +41,7 @@ class CertifiedConfig:
   quant: QuantConfig = QuantConfig(key_bits=8, value_bits=4, group_size=32, rotation="srft")
   block_size: int = 16
   promote: tuple[int, ...] = (4, 32)
+  exact_heads: int = 1
   memory_kind: str = "pinned_host"
 
   def __post_init__(self):
@@ -65,6 +69,9 @@ class CertifiedConfig:
       raise ValueError("CertifiedConfig.promote must be strictly increasing ints >= 1, got "
                        f"{self.promote!r}")
     object.__setattr__(self, "promote", promote)
+    if (isinstance(self.exact_heads, bool) or not isinstance(self.exact_heads, int)
+        or self.exact_heads < 1):
+      raise ValueError(f"CertifiedConfig.exact_heads must be an int >= 1, got {self.exact_heads!r}")
     if self.memory_kind not in MEMORY_KINDS:
       raise ValueError(f"CertifiedConfig.memory_kind must be one of {MEMORY_KINDS}, got "
                        f"{self.memory_kind!r}")
