@@ -31,7 +31,7 @@ def decode_attention(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *, ke
                      value_bits=4, group_size=32, ring=False, window=None, scale=None,
                      softcap=None, logit_offset=None, rope_coef=None, rope_freq=None,
                      sink_logit=None, sink_value=None, recent_values=None, backend=None,
-                     interpret=None, block_s=None, num_splits=None):
+                     interpret=None, block_s=None, num_splits=None, block_logsumexp=None):
   """One decode step of attention over a quantized cache, in the rotated domain.
 
   Args:
@@ -73,10 +73,15 @@ def decode_attention(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *, ke
     interpret: None (interpret on CPU only), a bool, or for the TPU kernel a
       `pltpu.InterpretParams` for TPU-semantics interpretation.
     block_s, num_splits: tuning overrides (defaults from `tuning`).
+    block_logsumexp: None, or a block size n (dividing S and block_s): the kernel also returns,
+      from the same pass, log sum exp(logit) per query head and block of n slots
+      ([B, Hq, S // n], -inf for blocks with no visible slot): each block's share of the
+      attention, for `kvjax.certified`. Not with the sink / recent-value corrections.
 
   Returns:
     [B, Hq, D] float32 output in the rotated value domain (the caller un-rotates
-    once: out = lam_v * R_v^T o~). Rows that see no key (length 0) are zeros.
+    once: out = lam_v * R_v^T o~). Rows that see no key (length 0) are zeros. With
+    block_logsumexp, (that output, the block log-sum-exps).
   """
   backend = tuning.resolve_backend(backend)
   kernel = decode_attention_gpu if backend == "gpu" else decode_attention_tpu
@@ -85,7 +90,7 @@ def decode_attention(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *, ke
                 scale=scale, softcap=softcap, logit_offset=logit_offset, rope_coef=rope_coef,
                 rope_freq=rope_freq, sink_logit=sink_logit, sink_value=sink_value,
                 recent_values=recent_values, block_s=block_s, num_splits=num_splits,
-                interpret=interpret)
+                block_logsumexp=block_logsumexp, interpret=interpret)
 
 
 __all__ = [

@@ -231,6 +231,19 @@ def add_slot_corrections(states, q_rot, k_codes, k_scales, v_codes, v_scales, le
   return states
 
 
+def validate_block_logsumexp(block, capacity, sink_logit, sink_value, recent_values, *,
+                             block_s=None):
+  """Checks a `block_logsumexp` request (see `decode_attention_reference`)."""
+  if isinstance(block, bool) or not isinstance(block, int) or block < 1 or capacity % block:
+    raise ValueError(f"block_logsumexp must be an int >= 1 dividing the cache's S={capacity}, "
+                     f"got {block!r}")
+  if block_s is not None and block_s % block:
+    raise ValueError(f"block_logsumexp={block} must divide the kernel's block_s={block_s}")
+  if sink_logit is not None or sink_value is not None or recent_values is not None:
+    raise ValueError("block_logsumexp covers the kernel's slots only: it does not combine with "
+                     "sink_logit / sink_value / recent_values")
+
+
 def default_scale(head_dim, scale):
   return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
 

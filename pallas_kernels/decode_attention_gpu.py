@@ -115,14 +115,18 @@ def _decode_kernel(
     v_scales_ref,  # [S, G]
     lengths_ref, lo_ref, hi_ref, base_ref, write_ref,  # [B] int32 each
     *refs,  # [offset_ref [R] float32,] [coef_ref [R, 2P], freq_ref [P] float32,]
-    #        acc_out_ref [R, D], m_out_ref [R], l_out_ref [R]
+    #        acc_out_ref [R, D], m_out_ref [R], l_out_ref [R],
+    #        [lse_out_ref [R, split_slots / lse_block]]
     rows_pad, key_tiles, value_tiles, block_s, split_slots, capacity, window, softcap,
-    scale, has_offset, rope_pairs):
+    scale, has_offset, rope_pairs, lse_block):
   offset_ref = coef_ref = freq_ref = None
   if has_offset:
     offset_ref, refs = refs[0], refs[1:]
   if rope_pairs:
     coef_ref, freq_ref, refs = refs[0], refs[1], refs[2:]
+  lse_out_ref = None
+  if lse_block:
+    refs, lse_out_ref = refs[:-1], refs[-1]
   acc_out_ref, m_out_ref, l_out_ref = refs
   b = pl.program_id(0)
   split = pl.program_id(2)
@@ -152,6 +156,17 @@ def _decode_kernel(
     columns = [_compat.pltriton.load(coef_ref.at[pl.ds(0, rows_pad), jnp.int32(col)],
                                      mask=real_rows, other=0.0) for col in (p, rope_pairs + p)]
     rope_terms.append((freq_ref[p], *columns))
+
+  per_block = block_s // lse_block if lse_block else 0
+  if lse_out_ref is not None:
+    # Blocks of the split this program never visits (past the length, outside the window)
+    # read -inf; the loop below overwrites the visited ones.
+    def clear(i, carry):
+      _compat.pltriton.store(
+          lse_out_ref.at[pl.ds(0, rows_pad), pl.ds(i * per_block, per_block)],
+          jnp.full((rows_pad, per_block), -jnp.inf, jnp.float32), mask=real_rows[:, None])
+      return carry
+    lax.fori_loop(0, split_slots // block_s, clear, 0)
 
   def body(block, carry):
     m_prev, l_prev, accs = carry
@@ -186,6 +201,13 @@ def _decode_kernel(
     probs = jnp.exp(scores - m_next[:, None])  # exactly 0 where masked
     correction = jnp.exp(m_prev - m_next)
     l_next = correction * l_prev + jnp.sum(probs, axis=1)
+    if lse_out_ref is not None:
+      # Per block of lse_block slots, log-domain against this step's running max.
+      sums = jnp.sum(probs.reshape(rows_pad, per_block, lse_block), axis=2)
+      offset_in_split = lax.div(start - split * split_slots, lse_block)
+      _compat.pltriton.store(
+          lse_out_ref.at[pl.ds(0, rows_pad), pl.ds(offset_in_split, per_block)],
+          m_next[:, None] + jnp.log(sums), mask=real_rows[:, None])
     weighted = {}  # scale group -> bf16 (high, low) parts of p * s_v[:, group]
     for _, _, nibbles in value_tiles:
       for _, group, _ in nibbles:
@@ -224,11 +246,12 @@ def decode_attention_gpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *
                          value_bits=4, group_size=32, ring=False, window=None, scale=None,
                          softcap=None, logit_offset=None, rope_coef=None, rope_freq=None,
                          sink_logit=None, sink_value=None, recent_values=None, block_s=None, num_splits=None,
-                         num_warps=4, num_stages=2, interpret=None):
+                         num_warps=4, num_stages=2, block_logsumexp=None, interpret=None):
   """Decode attention over a quantized cache with the Triton GPU kernel.
 
   Arguments and result as `decode_attention_reference` ([B, Hq, D] float32 in the
-  rotated value domain). Tuning: `block_s` slots per loop step (a power of two
+  rotated value domain; with `block_logsumexp`, also the per-block log-sum-exp of the logits,
+  computed in the same pass). Tuning: `block_s` slots per loop step (a power of two
   >= 16), `num_splits` split-K factor (None: `tuning` heuristics), Triton's
   `num_warps` and `num_stages`. head_dim must be a power of two (Triton tiles).
   """
@@ -254,6 +277,10 @@ def decode_attention_gpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *
     block_s = tuning.decode_block_s("gpu", d)
   if block_s < _MIN_DOT_DIM or block_s & (block_s - 1):
     raise ValueError(f"block_s must be a power of two >= {_MIN_DOT_DIM}, got {block_s}")
+  lse_block = block_logsumexp
+  if lse_block is not None:
+    _common.validate_block_logsumexp(lse_block, s, sink_logit, sink_value, recent_values,
+                                     block_s=block_s)
   num_blocks = pl.cdiv(s, block_s)
   if num_splits is None:
     num_splits = tuning.default_num_splits("gpu", b, h, num_blocks, block_s)
@@ -272,12 +299,18 @@ def decode_attention_gpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *
       value_tiles=code_tiles(d, group_size, value_bits), block_s=block_s,
       split_slots=split_slots, capacity=s, window=window,
       softcap=None if softcap is None else float(softcap), scale=scale,
-      has_offset=logit_offset is not None, rope_pairs=rope_pairs)
+      has_offset=logit_offset is not None, rope_pairs=rope_pairs, lse_block=lse_block)
   per_head = lambda bi, hi_, split: (bi, hi_, 0, 0)
   per_split = lambda bi, hi_, split: (bi, hi_, split, 0)
   whole = lambda bi, hi_, split: (0,)
   g = shapes.key_groups
-  acc, m, l = pl.pallas_call(
+  stats_spec, stats_shape = [], []
+  if lse_block:
+    stats_spec = [pl.BlockSpec((None, None, None, n_rep, split_slots // lse_block),
+                               lambda bi, hi_, sp: (bi, hi_, sp, 0, 0))]
+    stats_shape = [jax.ShapeDtypeStruct((b, h, num_splits, n_rep, split_slots // lse_block),
+                                        jnp.float32)]
+  outs = pl.pallas_call(
       kernel,
       grid=(b, h, num_splits),
       in_specs=[
@@ -295,22 +328,27 @@ def decode_attention_gpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *
           pl.BlockSpec((None, None, None, n_rep, d), lambda bi, hi_, sp: (bi, hi_, sp, 0, 0)),
           pl.BlockSpec((None, None, None, n_rep), per_split),
           pl.BlockSpec((None, None, None, n_rep), per_split),
-      ],
+      ] + stats_spec,
       out_shape=[
           jax.ShapeDtypeStruct((b, h, num_splits, n_rep, d), jnp.float32),
           jax.ShapeDtypeStruct((b, h, num_splits, n_rep), jnp.float32),
           jax.ShapeDtypeStruct((b, h, num_splits, n_rep), jnp.float32),
-      ],
+      ] + stats_shape,
       compiler_params=_compat.TritonCompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name=f"decode_attention_k{key_bits}v{value_bits}_g{group_size}",
   )(q, k_codes, k_scales, v_codes, v_scales, lengths.astype(jnp.int32), lo, hi, base, write,
     *([] if logit_offset is None else [logit_offset.reshape(b, h, n_rep)]),
     *([] if not rope_pairs else [rope_coef.reshape(b, h, n_rep, 2 * rope_pairs), rope_freq]))
+  acc, m, l = outs[:3]
+  lse = None
+  if lse_block:
+    lse = outs[3].transpose(0, 1, 3, 2, 4).reshape(b, h, n_rep, -1)[..., :s // lse_block]
+    lse = lse.reshape(b, shapes.q_heads, s // lse_block)
   m, l, acc = _common.add_slot_corrections(
       (m, l, acc), q_rot, k_codes, k_scales, v_codes, v_scales, lengths, sink_logit=sink_logit,
       sink_value=sink_value, recent_values=recent_values, key_bits=key_bits, value_bits=value_bits,
       group_size=group_size, ring=ring, window=window, scale=scale, softcap=softcap,
       logit_offset=logit_offset, rope_coef=rope_coef, rope_freq=rope_freq)
-  out = _common.combine_splits(m, l, acc)
-  return out.reshape(b, shapes.q_heads, d)
+  out = _common.combine_splits(m, l, acc).reshape(b, shapes.q_heads, d)
+  return out if lse is None else (out, lse)

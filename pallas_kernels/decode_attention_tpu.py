@@ -102,7 +102,7 @@ def _decode_kernel(
     replicate_ref,  # [n_rep*G, n_rep] 0/1: row r*G+j copies head r
     *refs,
     key_bits, value_bits, group_size, block_s, blocks_per_split, capacity, window, softcap,
-    scale, n_rep, head_dim, has_offset, rope_pairs):
+    scale, n_rep, head_dim, has_offset, rope_pairs, lse_block):
   num_key_parts = 2 if key_bits == 4 else 1
   num_value_parts = 2 if value_bits == 4 else 1
   q_refs = refs[:num_key_parts]  # each [n_rep, Wk] q~ channels
@@ -120,9 +120,16 @@ def _decode_kernel(
    v_scales_ref,  # [block_s, G]
   ) = refs[:4]
   rest = refs[4:]
+  block_sum_ref = None
+  if lse_block:
+    block_sum_ref, rest = rest[0], rest[1:]  # [block_s, block_s / lse_block] 0/1
   m_out_ref, l_out_ref = rest[0], rest[1]  # [n_rep, 1] each
   acc_out_refs = rest[2:2 + num_value_parts]  # [n_rep, Wv] each
-  scratch = rest[2 + num_value_parts:]
+  rest = rest[2 + num_value_parts:]
+  lse_out_ref = None
+  if lse_block:
+    lse_out_ref, rest = rest[0], rest[1:]  # [n_rep, block_s / lse_block]: this step's blocks
+  scratch = rest
   m_ref, l_ref = scratch[0], scratch[1]  # [n_rep, 1] f32
   acc_refs = scratch[2:2 + num_value_parts]  # [n_rep, Wv] f32 each
   # Block-diagonal queries as bfloat16 high and low parts, [n_rep*G, Wk] each:
@@ -159,7 +166,13 @@ def _decode_kernel(
   slot_lo, slot_hi = lo_ref[b], hi_ref[b]
   block_start = (split * blocks_per_split + step) * block_s
 
-  @pl.when((block_start < slot_hi) & (block_start + block_s > slot_lo))
+  in_range = (block_start < slot_hi) & (block_start + block_s > slot_lo)
+  if lse_out_ref is not None:
+    @pl.when(jnp.logical_not(in_range))
+    def _no_blocks():
+      lse_out_ref[...] = jnp.full(lse_out_ref.shape, -jnp.inf, jnp.float32)
+
+  @pl.when(in_range)
   def _compute():
     base, write = base_ref[b], write_ref[b]
     # Scores [n_rep, block_s].
@@ -199,6 +212,12 @@ def _decode_kernel(
     correction = jnp.exp(m_prev - m_next)
     m_ref[...] = m_next
     l_ref[...] = correction * l_ref[...] + jnp.sum(probs, axis=1, keepdims=True)
+    if lse_out_ref is not None:
+      # Per block of lse_block slots: an exact 0/1 matmul sums the block's weights (slots along
+      # lanes stay along lanes); log-domain against this step's running max.
+      sums = jnp.dot(probs, block_sum_ref[...], precision=_HIGHEST,
+                     preferred_element_type=jnp.float32)
+      lse_out_ref[...] = m_next + jnp.log(sums)
 
     # Invisible slots may hold stale or never-written scales (even NaN): zero them
     # before they meet the zero probabilities.
@@ -235,11 +254,12 @@ def decode_attention_tpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *
                          value_bits=4, group_size=32, ring=False, window=None, scale=None,
                          softcap=None, logit_offset=None, rope_coef=None, rope_freq=None,
                          sink_logit=None, sink_value=None, recent_values=None, block_s=None, num_splits=None,
-                         interpret=None):
+                         block_logsumexp=None, interpret=None):
   """Decode attention over a quantized cache with the Mosaic TPU kernel.
 
   Arguments and result as `decode_attention_reference` ([B, Hq, D] float32 in the
-  rotated value domain). Tuning: `block_s` cached slots per grid step (a multiple
+  rotated value domain; with `block_logsumexp`, also the per-block log-sum-exp of the logits,
+  computed in the same pass). Tuning: `block_s` cached slots per grid step (a multiple
   of 32, or S itself), `num_splits` split-K factor (None: `tuning` heuristics).
   `interpret` may be a bool or a `pltpu.InterpretParams` (TPU-semantics
   interpretation on the CPU).
@@ -266,6 +286,10 @@ def decode_attention_tpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *
   if block_s != s and block_s % 32:
     raise ValueError(f"block_s must be a multiple of 32 (int8 tile height) or equal S={s}, "
                      f"got {block_s}")
+  lse_block = block_logsumexp
+  if lse_block is not None:
+    _common.validate_block_logsumexp(lse_block, s, sink_logit, sink_value, recent_values,
+                                     block_s=block_s)
   num_blocks = pl.cdiv(s, block_s)
   if num_splits is None:
     num_splits = tuning.default_num_splits("tpu", b, h, num_blocks, block_s)
@@ -321,6 +345,13 @@ def decode_attention_tpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *
       pl.BlockSpec((None, None, block_s, vw), kv_index),
       pl.BlockSpec((None, None, block_s, g), kv_index),
   ]
+  stats_inputs = []
+  if lse_block:
+    per_step = block_s // lse_block
+    block_sum = (jnp.arange(block_s)[:, None] // lse_block
+                 == jnp.arange(per_step)[None, :]).astype(jnp.float32)  # [block_s, per_step]
+    stats_inputs = [block_sum]
+    in_specs.append(pl.BlockSpec(block_sum.shape, whole))
   num_value_parts = 2 if value_bits == 4 else 1
   value_width = d // num_value_parts
   out_shape = [jax.ShapeDtypeStruct((b, h, num_splits, n_rep, 1), jnp.float32)] * 2
@@ -328,6 +359,13 @@ def decode_attention_tpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *
                 ] * num_value_parts
   out_specs = [pl.BlockSpec((None, None, None, n_rep, o.shape[-1]), per_split)
                for o in out_shape]
+  if lse_block:
+    # One [n_rep, block_s / lse_block] tile per grid step, each written once.
+    out_shape.append(jax.ShapeDtypeStruct(
+        (b, h, num_splits * blocks_per_split, n_rep, block_s // lse_block), jnp.float32))
+    out_specs.append(pl.BlockSpec(
+        (None, None, None, n_rep, block_s // lse_block),
+        lambda bi, hi_, split, step, *_: (bi, hi_, split * blocks_per_split + step, 0, 0)))
   scratch = [_compat.VMEM((n_rep, 1), jnp.float32), _compat.VMEM((n_rep, 1), jnp.float32)]
   scratch += [_compat.VMEM((n_rep, value_width), jnp.float32)] * num_value_parts
   scratch += [_compat.VMEM((n_rep * g, qp.shape[-1]), jnp.bfloat16)
@@ -337,7 +375,8 @@ def decode_attention_tpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *
       _decode_kernel, key_bits=key_bits, value_bits=value_bits, group_size=group_size,
       block_s=block_s, blocks_per_split=blocks_per_split, capacity=s, window=window,
       softcap=None if softcap is None else float(softcap), scale=scale, n_rep=n_rep,
-      head_dim=d, has_offset=logit_offset is not None, rope_pairs=rope_pairs)
+      head_dim=d, has_offset=logit_offset is not None, rope_pairs=rope_pairs,
+      lse_block=lse_block)
   outs = pl.pallas_call(
       kernel,
       grid_spec=_compat.PrefetchScalarGridSpec(
@@ -352,7 +391,12 @@ def decode_attention_tpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *
       interpret=interpret,
       name=f"decode_attention_k{key_bits}v{value_bits}_g{group_size}",
   )(lengths.astype(jnp.int32), lo, hi, base, write, *constants, *q_parts, *offsets,
-    *rope_inputs, k_codes, k_scales, v_codes, v_scales)
+    *rope_inputs, k_codes, k_scales, v_codes, v_scales, *stats_inputs)
+  lse = None
+  if lse_block:
+    outs, lse = outs[:-1], outs[-1]
+    lse = lse.transpose(0, 1, 3, 2, 4).reshape(b, h, n_rep, -1)[..., :s // lse_block]
+    lse = lse.reshape(b, shapes.q_heads, s // lse_block)
   m, l = outs[0][..., 0], outs[1][..., 0]
   acc = jnp.concatenate(outs[2:], axis=-1) if num_value_parts == 2 else outs[2]
   m, l, acc = _common.add_slot_corrections(
@@ -360,5 +404,5 @@ def decode_attention_tpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *
       sink_value=sink_value, recent_values=recent_values, key_bits=key_bits, value_bits=value_bits,
       group_size=group_size, ring=ring, window=window, scale=scale, softcap=softcap,
       logit_offset=logit_offset, rope_coef=rope_coef, rope_freq=rope_freq)
-  out = _common.combine_splits(m, l, acc)  # [B, H, R, D]
-  return out.reshape(b, shapes.q_heads, d)
+  out = _common.combine_splits(m, l, acc).reshape(b, shapes.q_heads, d)  # [B, Hq, D]
+  return out if lse is None else (out, lse)

@@ -34,7 +34,7 @@ def decode_attention_reference(q_rot, k_codes, k_scales, v_codes, v_scales, leng
                                key_bits=4, value_bits=4, group_size=32, ring=False, window=None,
                                scale=None, softcap=None, logit_offset=None, rope_coef=None,
                                rope_freq=None, sink_logit=None, sink_value=None,
-                               recent_values=None):
+                               recent_values=None, block_logsumexp=None):
   """One decode step of attention in the rotated domain.
 
   Args:
@@ -62,10 +62,15 @@ def decode_attention_reference(q_rot, k_codes, k_scales, v_codes, v_scales, leng
       the slot holding position L - 1 - w (w = 0 is the query's own token): the recent values'
       rounding errors (`kvjax.corrections.RecentValues`). Added to the sink value where a position
       is 0.
+    block_logsumexp: None, or a block size n dividing S: also return, per query head and block
+      of n slots, log sum_t exp(logit_t) over the block's visible slots (the logits the
+      softmax sees: scaled, offset, soft-capped); -inf for a block with no visible slot. Block
+      b's share of the attention is exp(lse_b - logsumexp_b' lse_b'): what a certificate of the
+      step's error needs (`kvjax.certified`). Not with sink or recent-value corrections.
 
   Returns:
     [B, Hq, D] float32 output in the rotated value domain; zeros for rows that see
-    no key (length 0).
+    no key (length 0). With block_logsumexp, (that output, [B, Hq, S // n] float32).
   """
   shapes = _common.validate_decode_inputs(q_rot, k_codes, k_scales, v_codes, v_scales, lengths,
                                           key_bits=key_bits, value_bits=value_bits,
@@ -119,4 +124,13 @@ def decode_attention_reference(q_rot, k_codes, k_scales, v_codes, v_scales, leng
   total = jnp.sum(weights, axis=-1, keepdims=True)
   probs = weights / jnp.where(total > 0, total, 1.0)
   out = jnp.einsum("bhrs,bhsd->bhrd", probs, values, precision=lax.Precision.HIGHEST)
-  return out.reshape(b, hq, d)
+  out = out.reshape(b, hq, d)
+  if block_logsumexp is None:
+    return out
+  _common.validate_block_logsumexp(block_logsumexp, s, sink_logit, sink_value, recent_values)
+  n = block_logsumexp
+  blocks = logits.reshape(b, h, shapes.n_rep, s // n, n)
+  top = jnp.max(blocks, axis=-1, keepdims=True)
+  top = jnp.where(jnp.isfinite(top), top, 0.0)
+  lse = jnp.log(jnp.sum(jnp.exp(blocks - top), axis=-1)) + top[..., 0]
+  return out, lse.reshape(b, hq, s // n)

@@ -194,13 +194,14 @@ def _static(case):
               ring=case.ring, window=case.window, softcap=case.softcap)
 
 
-def _oracle(case, inputs, logit_offset=None):
+def _oracle(case, inputs, logit_offset=None, lse_block=None):
   """float64 numpy: dequantize everything, mask, softmax, weighted sum.
 
   Rotary logit offsets (inputs rope_coef, rope_freq), built slot by slot: the angle
   float32(t) * w in float32 (the kernels' and the models' product), then cos and sin of
   that angle in float64. A logit_offset in `inputs` is used unless one is passed; a
-  sink_logit is added to the slot holding position 0.
+  sink_logit is added to the slot holding position 0. With lse_block, also returns the log-sum-exp
+  of the logits per block of lse_block slots ([B, Hq, S // lse_block], -inf where none is visible).
   """
   b, hq, d = inputs["q_rot"].shape
   h, s, g = case.kv_heads, case.capacity, case.group_size
@@ -227,6 +228,7 @@ def _oracle(case, inputs, logit_offset=None):
   coef, freq = inputs.get("rope_coef"), inputs.get("rope_freq")
   out = np.zeros((b, hq, d))
   vmax = np.zeros((b, hq))
+  lse = np.full((b, hq, s // (lse_block or 1)), -np.inf)
   for bi in range(b):
     idx = np.flatnonzero(visible[bi])
     for head in range(hq):
@@ -250,7 +252,12 @@ def _oracle(case, inputs, logit_offset=None):
       p = np.exp(logits - logits.max())
       out[bi, head] = (p / p.sum()) @ values[bi, kv, idx]
       vmax[bi, head] = np.abs(values[bi, kv, idx]).max()
-  return out, vmax
+      if lse_block:
+        weights = np.zeros(s)
+        weights[idx] = p
+        with np.errstate(divide="ignore"):
+          lse[bi, head] = np.log(weights.reshape(-1, lse_block).sum(-1)) + logits.max()
+  return (out, vmax) if lse_block is None else (out, vmax, lse)
 
 
 def _assert_rows_close(out, expected, vmax, rel_tol, lengths_visible):
@@ -415,3 +422,50 @@ def test_bad_arguments_raise(change, error, match):
       kernel(**args, key_bits=4, value_bits=4, group_size=32, interpret=True)
   with pytest.raises(error, match=match):
     decode_attention_reference(**args, key_bits=4, value_bits=4, group_size=32)
+
+
+LSE_CASES = [c for c in CASES + ROPE_CASES if c.capacity % 16 == 0]
+
+
+@pytest.mark.parametrize("target,kernel", [("reference", decode_attention_reference),
+                                           ("tpu", decode_attention_tpu),
+                                           ("gpu", decode_attention_gpu)])
+@pytest.mark.parametrize("case", LSE_CASES, ids=_case_id)
+def test_block_logsumexp_in_the_same_pass(case, target, kernel):
+  """Per block of 16 slots, log sum exp(logit) over its visible slots (what a certificate of the
+  step needs, kvjax.certified), from the kernels' own pass, against the float64 oracle; the
+  attention output is unchanged by asking for it."""
+  inputs = _make_inputs(case, seed=11 + case.capacity)
+  expected, vmax, lse_expected = _oracle(case, inputs, lse_block=16)
+  tuning = {} if target == "reference" else dict(block_s=case.block_s,
+                                                num_splits=case.num_splits, interpret=True)
+  out, lse = kernel(**inputs, **_static(case), block_logsumexp=16, **tuning)
+  plain = kernel(**inputs, **_static(case), **tuning)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(plain))
+  lse = np.asarray(lse, np.float64)
+  assert lse.shape == lse_expected.shape
+  np.testing.assert_array_equal(np.isinf(lse), np.isinf(lse_expected))
+  finite = np.isfinite(lse_expected)
+  # Logit errors: float32 (reference) or 2^-17 per product (kernels), ~1e-5 at |logit| ~ 10.
+  err = np.abs(np.where(finite, lse, 0.0) - np.where(finite, lse_expected, 0.0))
+  assert err.max() <= 1e-4 * (1 + np.abs(np.where(finite, lse_expected, 0.0)).max())
+  # Not vacuous: the blocks' masses differ, and with the softmax's total they give the
+  # oracle's attention output (each block's mass times its own weighted mean would; here the
+  # total: the masses of a row sum to one).
+  rows = finite.any(-1)
+  top = np.where(rows, np.max(np.where(finite, lse, -1e300), -1), 0.0)[..., None]
+  mass = np.where(finite, np.exp(np.where(finite, lse, 0.0) - top), 0.0)
+  total = mass.sum(-1)
+  np.testing.assert_allclose((mass.sum(-1) / np.where(rows, total, 1.0))[rows], 1.0)
+  assert np.ptp(lse[finite]) > 0.1
+
+
+def test_block_logsumexp_refuses_slot_corrections_and_bad_blocks():
+  case = SINK_CASES[0]
+  inputs = _make_inputs(case, seed=1)
+  with pytest.raises(ValueError, match="sink_logit"):
+    decode_attention_reference(**inputs, **_static(case), block_logsumexp=16)
+  case = CASES[0]
+  inputs = _make_inputs(case, seed=1)
+  with pytest.raises(ValueError, match="block_logsumexp"):
+    decode_attention_tpu(**inputs, **_static(case), block_logsumexp=24, interpret=True)

@@ -105,6 +105,31 @@ def test_decode_attention_lowers(platform, case, rope_pairs):
 
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
+@pytest.mark.parametrize("case", DECODE_CASES[:2], ids=lambda c: f"D{c[4]}-g{c[5]}-K{c[6]}V{c[7]}")
+def test_decode_attention_with_block_logsumexp_lowers(platform, case):
+  # The per-block log-sum-exps a certificate needs (kvjax.certified) come out of the same
+  # kernel launch: one custom call, and no [.., S] per-slot logits outside it.
+  b, h, n_rep, s, d, g, key_bits, value_bits, ring, window, softcap = case
+
+  def code_struct(bits):
+    return (jax.ShapeDtypeStruct((b, h, s, d // 2), jnp.uint8) if bits == 4
+            else jax.ShapeDtypeStruct((b, h, s, d), jnp.int8))
+
+  scales = jax.ShapeDtypeStruct((b, h, s, d // g), jnp.bfloat16)
+  args = (jax.ShapeDtypeStruct((b, h * n_rep, d), jnp.float32), code_struct(key_bits), scales,
+          code_struct(value_bits), scales, jax.ShapeDtypeStruct((b,), jnp.int32))
+  fn = functools.partial(decode_attention, key_bits=key_bits, value_bits=value_bits,
+                         group_size=g, ring=ring, window=window, softcap=softcap,
+                         backend=BACKEND[platform], interpret=False, block_logsumexp=16)
+  text = _export(fn, args, platform)
+  targets = [t for pair in _custom_call_targets(text) for t in pair if t]
+  assert targets == [CUSTOM_CALL[platform]], targets
+  assert f"tensor<{b}x{h * n_rep}x{s // 16}xf32>" in text
+  for shape in (f"{b}x{h}x{n_rep}x{s}", f"{b}x{h * n_rep}x{s}"):
+    assert f"tensor<{shape}xf32>" not in text
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
 def test_decode_attention_with_logit_offset_lowers(platform):
   b, h, n_rep, s, d, g = 2, 2, 4, 256, 128, 32
   codes = jax.ShapeDtypeStruct((b, h, s, d // 2), jnp.uint8)
