@@ -628,7 +628,8 @@ def append_and_attend(cache: cache_lib.KVCache, q: jax.Array, k: jax.Array, v: j
   own = getattr(type(cache), "append_and_attend", None)
   if own is not None:  # a cache that runs its own attention (kvjax.certified): impl is its own
     check_impl(impl)
-    return own(cache, q, k, v, scale=scale, softcap=softcap, num_tokens=num_tokens)
+    impl = impl if impl in ("xla", "pallas") else "auto"
+    return own(cache, q, k, v, scale=scale, softcap=softcap, num_tokens=num_tokens, impl=impl)
   scale_, window = _resolve(q, cache, scale, None, impl)
   t = q.shape[1]
   if k.shape[1] != t:

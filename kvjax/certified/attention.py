@@ -104,14 +104,54 @@ def _softcapped(x, softcap):
   return x if softcap is None else softcap * jnp.tanh(x / softcap)
 
 
-def _setup(q, cache: CertifiedKVCache, q_pos, window, scale, softcap) -> _Rows:
-  tier, cfg = cache.tier, cache.config
-  qf = cfg.quant
-  h, d = cache.num_kv_heads, cache.head_dim
+def _rotated_queries(q, cache):
+  """(q [B, H, T, R, D] float32, q~ = R_k (λ_k q))."""
+  tier, h = cache.tier, cache.num_kv_heads
   qg = _grouped_q(q.astype(jnp.float32), h)
   k_rot = _broadcast_heads(tier.k_rotation, h)
   k_lam = _broadcast_heads(tier.k_lambda, h)
   qt = jnp.einsum("bhtrd,hed->bhtre", qg * k_lam[None, :, None, None, :], k_rot, precision=_HI)
+  return qg, qt
+
+
+# Relative rounding of the fused kernels' logits: q~ enters as two bfloat16 parts (|q~ - hi - lo|
+# <= 2^-18 |q~|), codes are exact in bfloat16, products accumulate in float32 (γ_{D+4} with
+# the scale products); 2^-17 covers the split with room.
+KERNEL_DOT = 2.0 ** -17
+# Relative rounding of the fused kernels' value sums: p enters as two bfloat16 parts, v̂ as two
+# (exactly), and the p_lo v_lo product is dropped: |p v̂ - computed| <= 2^-16 |p v̂|.
+KERNEL_VALUES = 2.0 ** -16
+
+
+def _logit_bounds(qg, qt, cache, scale, *, kernel=False):
+  """Logit bounds per block, (quantized, exact) [B, H, T, R, NB] (docs/certified.md, "keys"):
+  the quantization term Σ_c |q~_c| e_bc, the rotation's defect and the rounding of q~ and y
+  (against ||λq|| ||k/λ||), and the rounding of the D-term dot (against ||q~|| ||ŷ||; the fused
+  kernels' bfloat16 splitting with `kernel`). Exact blocks keep only their own dot's
+  rounding. Before the logit-size terms (`_certify`)."""
+  d = cache.head_dim
+  eps = cache.defect[0]
+  k_lam = _broadcast_heads(cache.tier.k_lambda, cache.num_kv_heads)
+  lam_q = jnp.sqrt(jnp.sum(jnp.square(qg * k_lam[None, :, None, None, :]), -1))[..., None]
+  qt_norm = jnp.sqrt(jnp.sum(jnp.square(qt), -1))[..., None]
+  q_norm = jnp.sqrt(jnp.sum(jnp.square(qg), -1))[..., None]
+  quant = jnp.einsum("bhtre,bhne->bhtrn", jnp.abs(qt), cache.k_err, precision=_HI)
+  # fl(R fl(λq)) = R λq + δ, |δ| <= γ_{D+1} |R| |λq| (a product, then a D-term dot); y the same.
+  c_r = eps + (1 + eps) * (2 * math.sqrt(d) * gamma(d + 1) + d * gamma(d + 1) ** 2)
+  rot = c_r * lam_q * cache.k_norm[:, :, None, None]
+  dot_rel = (KERNEL_DOT + gamma(d + 4)) if kernel else gamma(d + 2)
+  dot = dot_rel * qt_norm * cache.k_qnorm[:, :, None, None]
+  up = (1 + gamma(d + 8)) * scale
+  delta_q = (quant + rot + dot) * up
+  delta_x = gamma(d + 2) * q_norm * cache.k_xnorm[:, :, None, None] * up
+  return delta_q, delta_x
+
+
+def _setup(q, cache: CertifiedKVCache, q_pos, window, scale, softcap) -> _Rows:
+  """What the XLA rungs share: queries, the compressed tier's logits and values, the bounds."""
+  qf = cache.config.quant
+  tier = cache.tier
+  qg, qt = _rotated_queries(q, cache)
   yk = quantizer.dequantize_rotated(tier.k_codes, tier.k_scales, bits=qf.key_bits,
                                     group_size=qf.group_size)
   yv = quantizer.dequantize_rotated(tier.v_codes, tier.v_scales, bits=qf.value_bits,
@@ -120,21 +160,7 @@ def _setup(q, cache: CertifiedKVCache, q_pos, window, scale, softcap) -> _Rows:
   mask = visibility_mask(q_pos, kv_pos, window)[:, None, :, None, :]
   s = jnp.einsum("bhtre,bhse->bhtrs", qt, yk, precision=_HI)
   z = jnp.where(mask, _softcapped(scale * s, softcap), -jnp.inf)
-  # Logit bound per block (docs/certified.md, "keys"): the quantization term Σ_c |q~_c| e_bc,
-  # the rotation's defect and the rounding of q~ (against ||λq|| ||k/λ||), and the rounding
-  # of the D-term dot (against ||q~|| ||ŷ||). Exact blocks keep only their own dot's rounding.
-  eps = cache.defect[0]
-  lam_q = jnp.sqrt(jnp.sum(jnp.square(qg * k_lam[None, :, None, None, :]), -1))[..., None]
-  qt_norm = jnp.sqrt(jnp.sum(jnp.square(qt), -1))[..., None]
-  q_norm = jnp.sqrt(jnp.sum(jnp.square(qg), -1))[..., None]
-  quant = jnp.einsum("bhtre,bhne->bhtrn", jnp.abs(qt), cache.k_err, precision=_HI)
-  # fl(R fl(λq)) = R λq + δ, |δ| <= γ_{D+1} |R| |λq| (a product, then a D-term dot); y the same.
-  c_r = eps + (1 + eps) * (2 * math.sqrt(d) * gamma(d + 1) + d * gamma(d + 1) ** 2)
-  rot = c_r * lam_q * cache.k_norm[:, :, None, None]
-  dot = gamma(d + 2) * qt_norm * cache.k_qnorm[:, :, None, None]
-  up = (1 + gamma(d + 8)) * scale
-  delta_q = (quant + rot + dot) * up
-  delta_x = gamma(d + 2) * q_norm * cache.k_xnorm[:, :, None, None] * up
+  delta_q, delta_x = _logit_bounds(qg, qt, cache, scale)
   return _Rows(qg, qt, mask, z, yv, delta_q, delta_x)
 
 
@@ -187,13 +213,28 @@ def _evaluate(cache: CertifiedKVCache, rows: _Rows, *, scale, softcap, idx=None)
     px = pw[bi, hi, :, :, idx]                                   # [B, H, P, T, R, bs]
     out = out + jnp.einsum("bhptrj,bhpjd->bhtrd", px, vx, precision=_HI)
 
-  # The certificate (kvjax.certified.bound).
   rho = jnp.sum(pw, axis=-1)                                     # [B, H, T, R, NB]
-  cap = 0.0 if softcap is None else 8 * U * softcap
   delta = jnp.where(promoted[:, :, None, None], rows.delta_x, rows.delta_q)
+  visible = jnp.any(rows.mask.reshape(b, 1, t, 1, nb, bs), axis=-1)   # [B, 1, T, 1, NB]
+  return _certify(cache, out, rho, delta, visible, zmax, promoted, softcap=softcap,
+                  promoted_tokens=p * bs)
+
+
+def _certify(cache, out, rho, delta, visible, zmax, promoted, *, softcap, promoted_tokens,
+             kernel=False) -> _Result:
+  """The certificate of computed rows (`kvjax.certified.bound`) and the acceptance test.
+
+  out [B, H, T, R, D] float32; rho, delta [B, H, T, R, NB] (delta before the logit-size
+  terms); visible [B, 1, T, 1, NB]; zmax [B, H, T, R] >= max |ẑ|; promoted [B, H, NB];
+  kernel: the fused kernels' arithmetic (exp within 4 ulp, bfloat16-split value sums)."""
+  cfg, tier = cache.config, cache.tier
+  s = cache.capacity
+  d = cache.head_dim
+  h = cache.num_kv_heads
+  v_lam = _broadcast_heads(tier.v_lambda, h)
+  cap = 0.0 if softcap is None else 8 * U * softcap
   delta = delta + (U * zmax * (1 + U) + cap)[..., None]
   eps_v = cache.defect[1]
-  visible = jnp.any(rows.mask.reshape(b, 1, t, 1, nb, bs), axis=-1)   # [B, 1, T, 1, NB]
   pmb = promoted[:, :, None, None]
   eta = jnp.where(pmb, 0.0, cache.v_err[:, :, None, None])
   nu = jnp.broadcast_to(cache.v_norm[:, :, None, None], rho.shape)
@@ -201,12 +242,13 @@ def _evaluate(cache: CertifiedKVCache, rows: _Rows, *, scale, softcap, idx=None)
   vhat = jnp.where(pmb, nu, jnp.maximum(lam_inf * (1 + eps_v) * cache.v_qnorm[:, :, None, None], nu))
   vmax = jnp.max(jnp.where(visible, nu, 0.0), axis=-1)
   vhat_max = jnp.max(jnp.where(visible, vhat, 0.0), axis=-1)
-  theta = bound_lib.softmax_rounding(zmax, s)
+  theta = bound_lib.softmax_rounding(zmax, s, exp_ulps=4 if kernel else 2)
   e_fp = bound_lib.output_rounding(theta, vhat_max, num_tokens=s, head_dim=d,
-                                   promoted_tokens=p * bs, defect=eps_v)
+                                   promoted_tokens=promoted_tokens, defect=eps_v,
+                                   split=KERNEL_VALUES if kernel else 0.0)
   rho = jnp.where(visible, rho, 0.0)
   bound, e_key, e_val = bound_lib.certificate(rho, delta, eta, nu, vmax, e_fp, theta,
-                                              visible=visible, block_size=bs)
+                                              visible=visible, block_size=cfg.block_size)
   out_norm = jnp.sqrt(jnp.sum(jnp.square(out), axis=-1))
   # ||O|| rounded down, and the test's own rounding (the subtraction, tol, the product) against
   # acceptance.
@@ -214,6 +256,49 @@ def _evaluate(cache: CertifiedKVCache, rows: _Rows, *, scale, softcap, idx=None)
   allowed = jnp.maximum(cfg.atol, cfg.tol * jnp.maximum(norm_lo - bound, 0.0))
   ok = bound * (1 + gamma(3)) <= allowed
   return _Result(out, bound, ok, allowed, out_norm, e_key, e_val, rho, delta)
+
+
+def _evaluate_kernel(q, cache: CertifiedKVCache, window, scale, softcap, *, backend,
+                     interpret) -> _Result:
+  """Rung 0 of a decode step (one query per sequence, at position length - 1) with the fused
+  decode kernel: the output and each block's log-sum-exp of the logits come from one pass over
+  the codes (`block_logsumexp`); the block masses, the logit bounds (a [NB, D] product with
+  the key metadata) and the certificate follow in XLA, O(NB) per row."""
+  from kvjax import pallas_kernels
+  tier, cfg = cache.tier, cache.config
+  qf = cfg.quant
+  b, t, hq, d = q.shape
+  h, bs, nb = cache.num_kv_heads, cfg.block_size, cache.num_blocks
+  qg, qt = _rotated_queries(q, cache)                             # [B, H, 1, R, D]
+  o_rot, lse = pallas_kernels.decode_attention(
+      qt.reshape(b, hq, d), tier.k_codes, tier.k_scales, tier.v_codes, tier.v_scales,
+      tier.lengths, key_bits=qf.key_bits, value_bits=qf.value_bits, group_size=qf.group_size,
+      window=window, scale=scale, softcap=softcap, backend=backend, interpret=interpret,
+      block_logsumexp=bs)
+  o_rot = o_rot.reshape(b, h, 1, hq // h, d)
+  v_rot = _broadcast_heads(tier.v_rotation, h)
+  v_lam = _broadcast_heads(tier.v_lambda, h)
+  out = jnp.einsum("bhtre,hed->bhtrd", o_rot, v_rot, precision=_HI) * v_lam[None, :, None, None]
+  lse = lse.reshape(b, h, 1, hq // h, nb)
+  top = jnp.max(lse, axis=-1, keepdims=True)
+  top = jnp.where(jnp.isfinite(top), top, 0.0)
+  mass = jnp.exp(lse - top)
+  rho = mass / jnp.maximum(jnp.sum(mass, axis=-1, keepdims=True), 1e-30)
+  q_pos = tier.lengths[:, None] - 1
+  visible = jnp.any(visibility_mask(q_pos, cache_lib.positions(tier), window).reshape(
+      b, 1, 1, 1, nb, bs), axis=-1)
+  delta_q, _ = _logit_bounds(qg, qt, cache, scale, kernel=True)
+  # |ẑ| <= α ||q~|| max ||ŷ|| (Cauchy-Schwarz; a soft cap bounds it too), plus log N for the
+  # block log-sum-exps that carry the masses here.
+  qt_norm = jnp.sqrt(jnp.sum(jnp.square(qt), -1))
+  zmax = scale * qt_norm * jnp.max(jnp.where(visible[:, 0, 0, 0][:, None], cache.k_qnorm, 0.0),
+                                   axis=-1)[:, :, None, None] * (1 + gamma(d + 4))
+  if softcap is not None:
+    zmax = jnp.minimum(zmax, softcap)
+  zmax = zmax + math.log(cache.capacity)
+  promoted = jnp.zeros((b, h, nb), bool)
+  return _certify(cache, out, rho, delta_q, visible, zmax, promoted, softcap=softcap,
+                  promoted_tokens=0, kernel=True)
 
 
 def exact_attention(q, cache: CertifiedKVCache, *, scale=None, softcap=None, window=None,
@@ -265,25 +350,77 @@ def _resolve(q, cache, scale, window, q_positions):
   return scale, window, q_positions
 
 
+IMPLS = ("auto", "xla", "pallas")
+
+
 def attend(q: jax.Array, cache: CertifiedKVCache, *, scale: float | None = None,
            softcap: float | None = None, window: int | None = None,
-           q_positions: jax.Array | None = None, valid: jax.Array | None = None
-           ) -> tuple[jax.Array, Certificate, CertifiedKVCache]:
+           q_positions: jax.Array | None = None, valid: jax.Array | None = None,
+           impl: str = "auto") -> tuple[jax.Array, Certificate, CertifiedKVCache]:
   """Certified attention of q [B, Tq, Hq, D] over the cache (queries at the last Tq positions
   unless `q_positions` [B, Tq] says otherwise).
 
   valid: optional bool [B, Tq]: rows counted in the cache's stats (padding is not).
+  impl: how rung 0 reads the compressed tier for a decode step (Tq = 1 at the last position):
+    "auto" the fused Pallas kernel with per-block log-sum-exps on TPU and GPU, XLA on the CPU
+    (decided when the step is lowered); "xla"; "pallas" (interpret mode on the CPU). Chunks and
+    the higher rungs run in XLA.
   Returns (out [B, Tq, Hq, D] in q's dtype, its `Certificate`, the cache with `stats`
   updated). Every row of `out` is within the tolerance of exact attention over the bfloat16
   originals (certified, before the cast to q's dtype) or is `exact_attention`'s row.
   """
+  return _attend(q, cache, scale=scale, softcap=softcap, window=window, q_positions=q_positions,
+                 valid=valid, impl=impl, at_end=q_positions is None)
+
+
+def _attend(q, cache, *, scale, softcap, window, q_positions, valid, impl, at_end):
+  if impl not in IMPLS:
+    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
   scale, window, q_pos = _resolve(q, cache, scale, window, q_positions)
+  decode = at_end and q.shape[1] == 1
+  if impl == "pallas" and not decode:
+    raise ValueError("impl='pallas' is rung 0 of a decode step: one query per sequence, at its "
+                     "last position (q_positions=None)")
+  run = lambda backend, interpret=False: _ladder(q, cache, q_pos, window, scale, softcap,
+                                                 backend=backend, interpret=interpret)
+  if impl == "xla" or not decode:
+    result = run(None)
+  elif impl == "pallas":
+    result = run(jax.default_backend() if jax.default_backend() in ("tpu", "gpu") else "tpu",
+                 None)
+  else:
+    result = jax.lax.platform_dependent(default=lambda: run(None), cpu=lambda: run(None),
+                                        tpu=lambda: run("tpu"), cuda=lambda: run("gpu"))
+  out, cert = result
+  b, tq, hq, _ = q.shape
+  cfg = cache.config
+  counted = jnp.ones((b, tq), bool) if valid is None else valid
+  counted = jnp.broadcast_to(counted[:, :, None], (b, tq, hq))
+  rows_per_rung = jnp.sum(jax.nn.one_hot(cert.rung, len(cfg.rungs), dtype=jnp.int32)
+                          * counted[..., None], axis=(0, 1, 2))
+  ratio = jnp.where(counted & (cert.rung <= len(cfg.promote)) & (cert.allowed > 0),
+                    cert.bound / jnp.where(cert.allowed > 0, cert.allowed, 1.0), 0.0)
+  stats = {"rows": cache.stats["rows"] + rows_per_rung,
+           "host_blocks": cache.stats["host_blocks"] + cert.host_blocks,
+           "max_bound": jnp.maximum(cache.stats["max_bound"], jnp.max(ratio))}
+  return _ungroup(out, q.dtype), cert, dataclasses.replace(cache, stats=stats)
+
+
+def _ladder(q, cache, q_pos, window, scale, softcap, *, backend, interpret):
+  """The rungs (module docstring). backend None: rung 0 in XLA; "tpu" / "gpu": rung 0 with the
+  fused kernel (then the XLA rungs compute their shared logits only if they run).
+  Returns (out [B, H, T, R, D] float32, Certificate)."""
   cfg = cache.config
   b, tq, hq, d = q.shape
   h = cache.num_kv_heads
   nb = cache.num_blocks
-  rows = _setup(q, cache, q_pos, window, scale, softcap)
-  res = _evaluate(cache, rows, scale=scale, softcap=softcap)
+  rows = None
+  if backend is None:
+    rows = _setup(q, cache, q_pos, window, scale, softcap)
+    res = _evaluate(cache, rows, scale=scale, softcap=softcap)
+  else:
+    res = _evaluate_kernel(q, cache, window, scale, softcap, backend=backend,
+                           interpret=interpret)
   out, bound, ok = res.out, res.bound, res.ok
   allowed, out_norm, e_key, e_val = res.allowed, res.out_norm, res.e_key, res.e_val
   rung = jnp.zeros(ok.shape, jnp.int32)
@@ -302,7 +439,8 @@ def attend(q: jax.Array, cache: CertifiedKVCache, *, scale: float | None = None,
       written = (jnp.arange(nb) * cfg.block_size)[None, None] < cache.lengths[:, None, None]
       score = jnp.where(written, score, -1.0)
       idx = jax.lax.top_k(score, count)[1].astype(jnp.int32)
-      return _evaluate(cache, rows, scale=scale, softcap=softcap, idx=idx)
+      shared = rows if rows is not None else _setup(q, cache, q_pos, window, scale, softcap)
+      return _evaluate(cache, shared, scale=scale, softcap=softcap, idx=idx)
 
     new = jax.lax.cond(fire, promote, lambda res=res: res)
     pick = lambda a, n: jnp.where(need.reshape(need.shape + (1,) * (a.ndim - need.ndim)), n, a)
@@ -343,23 +481,14 @@ def attend(q: jax.Array, cache: CertifiedKVCache, *, scale: float | None = None,
   to_rows = lambda x: x.transpose(0, 2, 1, 3).reshape(b, tq, hq)
   cert = Certificate(*(to_rows(x) for x in (bound, allowed, out_norm, rung, e_key, e_val)),
                      host_blocks=host_blocks)
-  counted = jnp.ones((b, tq), bool) if valid is None else valid
-  counted = jnp.broadcast_to(counted[:, :, None], (b, tq, hq))
-  rows_per_rung = jnp.sum(jax.nn.one_hot(cert.rung, len(cfg.rungs), dtype=jnp.int32)
-                          * counted[..., None], axis=(0, 1, 2))
-  ratio = jnp.where(counted & (cert.rung <= len(cfg.promote)) & (cert.allowed > 0),
-                    cert.bound / jnp.where(cert.allowed > 0, cert.allowed, 1.0), 0.0)
-  stats = {"rows": cache.stats["rows"] + rows_per_rung,
-           "host_blocks": cache.stats["host_blocks"] + host_blocks,
-           "max_bound": jnp.maximum(cache.stats["max_bound"], jnp.max(ratio))}
-  return (_ungroup(out, q.dtype), cert, dataclasses.replace(cache, stats=stats))
+  return out, cert
 
 
 def append_and_attend(cache: CertifiedKVCache, q, k, v, *, scale=None, softcap=None,
-                      num_tokens=None):
+                      num_tokens=None, impl: str = "auto"):
   """Writes k, v [B, T, H, D] and attends q [B, T, Hq, D] (the same T new tokens): the call a
-  model layer makes (`kvjax.append_and_attend` lands here for a certified cache, whatever its
-  impl: the cache runs its own ladder).
+  model layer makes (`kvjax.append_and_attend` lands here for a certified cache: its impl
+  "auto" / "xla" / "pallas" picks rung 0's path as in `attend`; any other runs "auto").
   Returns (out, new cache); the step's `Certificate` is summed into the cache's `stats`."""
   _resolve(q, cache, scale, None, None)
   t = q.shape[1]
@@ -370,7 +499,8 @@ def append_and_attend(cache: CertifiedKVCache, q, k, v, *, scale=None, softcap=N
        else jnp.asarray(num_tokens, jnp.int32))
   valid = jnp.arange(t)[None, :] < n[:, None]
   new = write(cache, k, v, num_tokens=num_tokens)
-  out, _, new = attend(q, new, scale=scale, softcap=softcap, q_positions=q_pos, valid=valid)
+  out, _, new = _attend(q, new, scale=scale, softcap=softcap, window=None, q_positions=q_pos,
+                        valid=valid, impl=impl, at_end=num_tokens is None)
   return out, new
 
 

@@ -29,25 +29,26 @@ import numpy as np
 from kvjax.certified.cache import U, gamma
 
 
-def softmax_rounding(zmax, num_tokens: int):
+def softmax_rounding(zmax, num_tokens: int, *, exp_ulps: int = 2):
   """θ: max_t |p_t / â_t - 1| for the float32 softmax of logits with |ẑ| <= zmax over
   `num_tokens` tokens: the exponent's argument ẑ - max ẑ is rounded by <= 2 u zmax, exp is
-  taken to be within 2 ulp (XLA's float32 exp), the normaliser is a num_tokens-term sum (γ_N),
-  and the division rounds once."""
+  taken to be within `exp_ulps` ulp (2: XLA's float32 exp; the fused kernels are given 4), the
+  normaliser is a num_tokens-term sum (γ_N), and the division rounds once."""
   # The argument's and exp's errors (κ) enter p_t and, the other way, its normaliser: 2κ.
-  kappa = 2 * U * zmax + 4 * U
+  kappa = 2 * U * zmax + 2 * exp_ulps * U
   return jnp.exp(2 * kappa) * (1 + U) / (1 - gamma(num_tokens)) - 1
 
 
 def output_rounding(theta, vhat_max, *, num_tokens: int, head_dim: int, promoted_tokens: int,
-                    defect):
+                    defect, split: float = 0.0):
   """E_fp: ||O_comp - Σ_t â_t v̂_t|| for a row whose stored values have norms <= vhat_max.
 
   p vs â: θ vhat_max; the value sum Σ p_t ŷ_t over N tokens: γ_N (1 + θ) vhat_max (any order);
   the un-rotation λ R^T o (a D-term dot per channel): γ_D sqrt(D) (1 + ε_R) ||o||; the exact
-  blocks' sum and its addition: γ_{P+2}. ||R||_2 <= 1 + ε_R carries each through R^T."""
+  blocks' sum and its addition: γ_{P+2}. ||R||_2 <= 1 + ε_R carries each through R^T.
+  split: the relative error of each p_t ŷ_t product in the fused kernels (bfloat16 parts)."""
   d = head_dim
-  inner = (gamma(num_tokens) + (1 + gamma(num_tokens)) * gamma(d) * np.sqrt(d) * (1 + defect)
+  inner = (split + gamma(num_tokens) + (1 + gamma(num_tokens)) * gamma(d) * np.sqrt(d) * (1 + defect)
            + gamma(promoted_tokens + 2) + 2 * U)
   return vhat_max * (1 + defect) * (theta + (1 + theta) * inner)
 
