@@ -108,7 +108,7 @@ def test_a_block_mean_value_error_breaks_the_certificate():
 
 
 def test_compressed_tier_holds_the_codes_kvjax_append_writes():
-  config = C.CertifiedConfig()
+  config = C.CertifiedConfig(center=False)
   k, v = _family("gaussian", jax.random.key(3), 2, 40)
   kb, vb = k.astype(jnp.bfloat16), v.astype(jnp.bfloat16)
   cache = C.write(C.init_cache(2, H, 64, D, config=config), k, v, num_tokens=jnp.array([40, 23]))
@@ -196,6 +196,7 @@ def test_kvjax_append_and_attend_runs_the_ladder_for_a_certified_cache():
     (dict(promote=(8, 4)), "promote"),
     (dict(block_size=0), "block_size"),
     (dict(exact_heads=0), "exact_heads"),
+    (dict(center=1), "center"),
     (dict(memory_kind="gpu"), "memory_kind"),
     (dict(quant=kvjax.QuantConfig().with_corrections(kvjax.corrections.KeyOffset())),
      "corrections"),
@@ -279,3 +280,29 @@ def test_pallas_rung0_needs_a_decode_step():
     C.attend(q, cache, impl="pallas")
   with pytest.raises(ValueError, match="impl"):
     C.attend(q, cache, impl="int8dot")
+
+
+def test_centring_stores_the_first_write_mean_and_leaves_attention_exactly_offset():
+  """A key offset shared by every token does not change softmax, a value offset moves the
+  output by itself: with centring the compressed tier holds k - mean, v - mean (of the first
+  write), the certificate stays sound, and on the key-offset family it is far tighter."""
+  k, v = _family("key_offset", jax.random.key(41), 2, 256)
+  v = v + 30.0
+  q = _queries(jax.random.key(42), 2, 64, "key_offset")
+  pos = jnp.full((2, 64), 255, jnp.int32)
+  exact = _exact64(q, C.write(C.init_cache(2, H, 256, D), k, v), 256)
+  bounds = {}
+  for center in (False, True):
+    config = C.CertifiedConfig(tol=1e9, atol=1e30, center=center)
+    first, rest = C.write(C.init_cache(2, H, 256, D, config=config), k[:, :100], v[:, :100]), None
+    rest = C.write(first, k[:, 100:], v[:, 100:])
+    if center:
+      np.testing.assert_allclose(np.asarray(rest.k_offset),
+                                 np.asarray(k[:, :100].astype(jnp.bfloat16).astype(jnp.float32)
+                                            .mean(1)), rtol=1e-5, atol=1e-4)
+      np.testing.assert_array_equal(np.asarray(rest.k_offset), np.asarray(first.k_offset))
+    out, cert = _attend(q, rest, pos)
+    err = np.linalg.norm(np.asarray(out, np.float64) - exact, axis=-1)
+    assert np.all(err <= np.asarray(cert.bound)), center
+    bounds[center] = np.median(np.asarray(cert.bound))
+  assert bounds[True] < 0.2 * bounds[False], bounds

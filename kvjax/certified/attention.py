@@ -136,14 +136,15 @@ def _logit_bounds(qg, qt, cache, scale, *, kernel=False):
   qt_norm = jnp.sqrt(jnp.sum(jnp.square(qt), -1))[..., None]
   q_norm = jnp.sqrt(jnp.sum(jnp.square(qg), -1))[..., None]
   quant = jnp.einsum("bhtre,bhne->bhtrn", jnp.abs(qt), cache.k_err, precision=_HI)
-  # fl(R fl(λq)) = R λq + δ, |δ| <= γ_{D+1} |R| |λq| (a product, then a D-term dot); y the same.
-  c_r = eps + (1 + eps) * (2 * math.sqrt(d) * gamma(d + 1) + d * gamma(d + 1) ** 2)
+  # fl(R fl(λq)) = R λq + δ, |δ| <= γ_{D+1} |R| |λq| (a product, then a D-term dot); y the same
+  # with one more rounding, the centring subtraction: γ_{D+2}.
+  c_r = eps + (1 + eps) * (2 * math.sqrt(d) * gamma(d + 2) + d * gamma(d + 2) ** 2)
   rot = c_r * lam_q * cache.k_norm[:, :, None, None]
   dot_rel = (KERNEL_DOT + gamma(d + 4)) if kernel else gamma(d + 2)
   dot = dot_rel * qt_norm * cache.k_qnorm[:, :, None, None]
   up = (1 + gamma(d + 8)) * scale
   delta_q = (quant + rot + dot) * up
-  delta_x = gamma(d + 2) * q_norm * cache.k_xnorm[:, :, None, None] * up
+  delta_x = gamma(d + 3) * q_norm * cache.k_xnorm[:, :, None, None] * up
   return delta_q, delta_x
 
 
@@ -193,6 +194,9 @@ def _evaluate(cache: CertifiedKVCache, rows: _Rows, *, scale, softcap, idx=None)
     bi = jnp.arange(b)[:, None, None]
     hi = jnp.arange(h)[None, :, None]
     promoted = promoted.at[bi, hi, idx].set(True)
+    # Exact blocks, centred like the compressed tier: their logits share its offset.
+    kx = kx - cache.k_offset[:, :, None, None, :]
+    vx = vx - cache.v_offset[:, :, None, None, :]
     zx = jnp.einsum("bhtrd,bhpjd->bhptrj", rows.qg, kx, precision=_HI)
     # z[b, h, :, :, idx] is [B, H, P, T, R, bs] (advanced indices first).
     vis = z[bi, hi, :, :, idx] > -jnp.inf
@@ -212,6 +216,7 @@ def _evaluate(cache: CertifiedKVCache, rows: _Rows, *, scale, softcap, idx=None)
   if idx is not None:
     px = pw[bi, hi, :, :, idx]                                   # [B, H, P, T, R, bs]
     out = out + jnp.einsum("bhptrj,bhpjd->bhtrd", px, vx, precision=_HI)
+  out = out + cache.v_offset[:, :, None, None, :]               # weights sum to one
 
   rho = jnp.sum(pw, axis=-1)                                     # [B, H, T, R, NB]
   delta = jnp.where(promoted[:, :, None, None], rows.delta_x, rows.delta_q)
@@ -247,9 +252,11 @@ def _certify(cache, out, rho, delta, visible, zmax, promoted, *, softcap, promot
                                    promoted_tokens=promoted_tokens, defect=eps_v,
                                    split=KERNEL_VALUES if kernel else 0.0)
   rho = jnp.where(visible, rho, 0.0)
+  out_norm = jnp.sqrt(jnp.sum(jnp.square(out), axis=-1))
+  # Adding the value offset rounds each component once: u ||O||.
+  e_fp = e_fp + 2 * U * out_norm
   bound, e_key, e_val = bound_lib.certificate(rho, delta, eta, nu, vmax, e_fp, theta,
                                               visible=visible, block_size=cfg.block_size)
-  out_norm = jnp.sqrt(jnp.sum(jnp.square(out), axis=-1))
   # ||O|| rounded down, and the test's own rounding (the subtraction, tol, the product) against
   # acceptance.
   norm_lo = out_norm * (1 - gamma(d + 2))
@@ -279,6 +286,7 @@ def _evaluate_kernel(q, cache: CertifiedKVCache, window, scale, softcap, *, back
   v_rot = _broadcast_heads(tier.v_rotation, h)
   v_lam = _broadcast_heads(tier.v_lambda, h)
   out = jnp.einsum("bhtre,hed->bhtrd", o_rot, v_rot, precision=_HI) * v_lam[None, :, None, None]
+  out = out + cache.v_offset[:, :, None, None, :]
   lse = lse.reshape(b, h, 1, hq // h, nb)
   top = jnp.max(lse, axis=-1, keepdims=True)
   top = jnp.where(jnp.isfinite(top), top, 0.0)

@@ -19,6 +19,10 @@ Layout ([batch, kv_heads, slots, ...], slots a multiple of the block size):
                                      ABSOLUTE error: what the theorem needs)
                v_norm [B, H, NB]     ν = max_t ||v_t||
                v_qnorm[B, H, NB]     max_t ||ŷ_t|| (values)
+  k_offset, v_offset
+             float32 [B, H, D]: what keys and values are stored minus (`config.center`: the mean
+             of a sequence's first write; zeros otherwise); offset_set bool [B]. The metadata
+             and the compressed tier describe k - k_offset and v - v_offset.
   defect     float32 [2]: max over heads of ||R^T R - I||_2 for the key and value rotations,
              measured in float64 when the cache is made (the stored R is orthogonal only to
              float32 rounding).
@@ -68,6 +72,9 @@ class CertifiedKVCache:
   v_err: jax.Array
   v_norm: jax.Array
   v_qnorm: jax.Array
+  k_offset: jax.Array
+  v_offset: jax.Array
+  offset_set: jax.Array
   defect: jax.Array
   stats: dict
   config: CertifiedConfig = dataclasses.field(metadata=dict(static=True))
@@ -161,7 +168,9 @@ def init_cache(batch: int, num_kv_heads: int, max_len: int, head_dim: int, *,
   stats = {"rows": jnp.zeros((len(config.rungs),), jnp.int32),
            "host_blocks": jnp.zeros((), jnp.int32), "max_bound": jnp.zeros((), jnp.float32)}
   return CertifiedKVCache(
-      tier=tier,
+      tier=tier, k_offset=jnp.zeros((batch, num_kv_heads, head_dim), jnp.float32),
+      v_offset=jnp.zeros((batch, num_kv_heads, head_dim), jnp.float32),
+      offset_set=jnp.zeros((batch,), bool),
       k_exact=_to_memory(jnp.zeros(exact, jnp.bfloat16), config.memory_kind),
       v_exact=_to_memory(jnp.zeros(exact, jnp.bfloat16), config.memory_kind),
       defect=defect, stats=stats, config=config, window=window, **meta)
@@ -183,22 +192,29 @@ def _norm(x):
   return jnp.sqrt(jnp.sum(jnp.square(x), axis=-1))
 
 
-def token_metadata(cache: CertifiedKVCache, k: jax.Array, v: jax.Array):
+def token_metadata(cache: CertifiedKVCache, k: jax.Array, v: jax.Array, k_offset=None,
+                   v_offset=None):
   """Codes, scales and each token's error metadata for keys/values [B, T, H, D] (already
-  rounded to bfloat16: the exact tier's values). Returns (codes, scales dicts, meta dict of
-  [B, T, H, ...] float32), every metadata value rounded up to bound its quantity."""
+  rounded to bfloat16: the exact tier's values), stored minus the offsets [B, H, D] (default:
+  the cache's). Returns (codes, scales dicts, meta dict of [B, T, H, ...] float32), every
+  metadata value rounded up to bound its quantity for the exactly centred k - k_offset and
+  v - v_offset."""
   tier, q = cache.tier, cache.config.quant
   d = cache.head_dim
   up = 1 + gamma(d + 4)  # rounding of a D-term norm (square, sum, sqrt) and of this product
   eps_v = cache.defect[1]
-  kf, vf = k.astype(jnp.float32), v.astype(jnp.float32)
+  k_offset = cache.k_offset if k_offset is None else k_offset
+  v_offset = cache.v_offset if v_offset is None else v_offset
+  # fl(k - offset): each component within u of the exact difference (counted in the bounds).
+  kf = k.astype(jnp.float32) - k_offset[:, None]
+  vf = v.astype(jnp.float32) - v_offset[:, None]
   # One y per token serves both the codes and the error metadata: the bound is about the
   # codes actually stored, so they must come from the same computed y.
-  yk = quantizer.rotate(k, tier.k_rotation, tier.k_lambda)
+  yk = quantizer.rotate(kf, tier.k_rotation, tier.k_lambda)
   kc, ks = quantizer.quantize_rotated(yk, bits=q.key_bits, group_size=q.group_size,
                                       scale_dtype=q.scale_jnp_dtype)
   yk_hat = quantizer.dequantize_rotated(kc, ks, bits=q.key_bits, group_size=q.group_size)
-  yv = quantizer.rotate(v, tier.v_rotation, tier.v_lambda)
+  yv = quantizer.rotate(vf, tier.v_rotation, tier.v_lambda)
   vc, vs = quantizer.quantize_rotated(yv, bits=q.value_bits, group_size=q.group_size,
                                       scale_dtype=q.scale_jnp_dtype)
   yv_hat = quantizer.dequantize_rotated(vc, vs, bits=q.value_bits, group_size=q.group_size)
@@ -213,7 +229,8 @@ def token_metadata(cache: CertifiedKVCache, k: jax.Array, v: jax.Array):
       "k_norm": _norm(kf / tier.k_lambda) * up * (1 + U),
       "k_qnorm": _norm(yk_hat) * up,
       "k_xnorm": _norm(kf) * up,
-      "v_err": (_norm(vf - v_hat) * up + v_hat_rounding) * (1 + 2 * U),
+      # + u ||v - offset||: the rounding of the centring subtraction itself.
+      "v_err": (_norm(vf - v_hat) * up + v_hat_rounding + U * _norm(vf) * up) * (1 + 2 * U),
       "v_norm": _norm(vf) * up,
       "v_qnorm": yv_hat_norm * up,
   }
@@ -251,9 +268,18 @@ def write(cache: CertifiedKVCache, k: jax.Array, v: jax.Array, *,
     if n is not None and np.any(concrete + np.clip(n, 0, t) > tier.capacity):
       raise ValueError(f"appending {t} tokens overflows the certified cache: lengths "
                        f"{concrete.tolist()} + new tokens > capacity {tier.capacity}")
-  slots, new_lengths, new_overflow, _ = cache_lib._plan(tier, t, num_tokens)
+  slots, new_lengths, new_overflow, valid = cache_lib._plan(tier, t, num_tokens)
   kb, vb = k.astype(jnp.bfloat16), v.astype(jnp.bfloat16)
-  arrays, meta = token_metadata(cache, kb, vb)
+  k_offset, v_offset, offset_set = cache.k_offset, cache.v_offset, cache.offset_set
+  if cache.config.center:
+    # A sequence's offsets are the mean of its first write with tokens, then fixed.
+    count = jnp.sum(valid, axis=1)                                      # [B]
+    w = (valid / jnp.maximum(count, 1)[:, None])[:, :, None, None]
+    first = ~offset_set & (count > 0)
+    k_offset = jnp.where(first[:, None, None], jnp.sum(kb.astype(jnp.float32) * w, 1), k_offset)
+    v_offset = jnp.where(first[:, None, None], jnp.sum(vb.astype(jnp.float32) * w, 1), v_offset)
+    offset_set = offset_set | (count > 0)
+  arrays, meta = token_metadata(cache, kb, vb, k_offset, v_offset)
   b_idx = jnp.arange(tier.batch, dtype=jnp.int32)[:, None]
   # buf[b, :, slot] is [B, T, H, ...]: the chunk's own layout (see kvjax.cache.write).
   tier_updates = {n: getattr(tier, n).at[b_idx, :, slots].set(a, mode="drop")
@@ -265,7 +291,7 @@ def write(cache: CertifiedKVCache, k: jax.Array, v: jax.Array, *,
                   for n, a in meta.items()}
   kind = cache.config.memory_kind
   return dataclasses.replace(
-      cache, tier=new_tier,
+      cache, tier=new_tier, k_offset=k_offset, v_offset=v_offset, offset_set=offset_set,
       k_exact=_host_scatter(cache.k_exact, b_idx, slots, kb, kind),
       v_exact=_host_scatter(cache.v_exact, b_idx, slots, vb, kind),
       **meta_updates)

@@ -32,6 +32,12 @@ class CertifiedConfig:
     exact_heads: the exact rung's budget: when at most this many KV heads (of the batch) still
       hold an uncertified row, only their exact tier moves to the device; beyond it, the whole
       layer's.
+    center: store keys and values minus a per-sequence, per-head offset, the mean of the
+      sequence's first write (a prefill chunk). Softmax ignores a key offset shared by every
+      token and a convex combination carries a value offset exactly, so the certificate loses
+      nothing while the codes' range shrinks to the spread around the mean (keys with a large
+      shared offset, as Qwen's k_proj bias makes them, would otherwise spend their 8 or 4 bits
+      on the offset).
     memory_kind: where the exact tier lives ("pinned_host" by default; "device" keeps it
       beside the codes, e.g. to measure the compressed path alone).
   """
@@ -42,6 +48,7 @@ class CertifiedConfig:
   block_size: int = 16
   promote: tuple[int, ...] = (4, 32)
   exact_heads: int = 1
+  center: bool = True
   memory_kind: str = "pinned_host"
 
   def __post_init__(self):
@@ -72,6 +79,8 @@ class CertifiedConfig:
     if (isinstance(self.exact_heads, bool) or not isinstance(self.exact_heads, int)
         or self.exact_heads < 1):
       raise ValueError(f"CertifiedConfig.exact_heads must be an int >= 1, got {self.exact_heads!r}")
+    if not isinstance(self.center, bool):
+      raise ValueError(f"CertifiedConfig.center must be a bool, got {self.center!r}")
     if self.memory_kind not in MEMORY_KINDS:
       raise ValueError(f"CertifiedConfig.memory_kind must be one of {MEMORY_KINDS}, got "
                        f"{self.memory_kind!r}")
