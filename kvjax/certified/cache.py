@@ -12,6 +12,7 @@ Layout ([batch, kv_heads, slots, ...], slots a multiple of the block size):
              quantity it names (docs/certified.md):
                k_err  [B, H, NB, D]  e_c = max_t |ŷ_tc - y_tc|, y = R (k / λ) as computed,
                                      ŷ its dequantized codes (rotated domain)
+               k_err2 [B, H, NB]     max_t ||ŷ_t - y_t||  (the same error, as one norm)
                k_norm [B, H, NB]     max_t ||k_t / λ||
                k_qnorm[B, H, NB]     max_t ||ŷ_t||
                k_xnorm[B, H, NB]     max_t ||k_t||
@@ -54,7 +55,7 @@ def gamma(n) -> float:
   return n * U / (1 - n * U)
 
 
-META_FIELDS = ("k_err", "k_norm", "k_qnorm", "k_xnorm", "v_err", "v_norm", "v_qnorm")
+META_FIELDS = ("k_err", "k_err2", "k_norm", "k_qnorm", "k_xnorm", "v_err", "v_norm", "v_qnorm")
 
 
 @jax.tree_util.register_dataclass
@@ -66,6 +67,7 @@ class CertifiedKVCache:
   k_exact: jax.Array
   v_exact: jax.Array
   k_err: jax.Array
+  k_err2: jax.Array
   k_norm: jax.Array
   k_qnorm: jax.Array
   k_xnorm: jax.Array
@@ -226,6 +228,7 @@ def token_metadata(cache: CertifiedKVCache, k: jax.Array, v: jax.Array, k_offset
                     + U * _norm(v_hat))
   meta = {
       "k_err": jnp.abs(yk_hat - yk) * (1 + 2 * U),
+      "k_err2": _norm(yk_hat - yk) * up * (1 + 2 * U),
       "k_norm": _norm(kf / tier.k_lambda) * up * (1 + U),
       "k_qnorm": _norm(yk_hat) * up,
       "k_xnorm": _norm(kf) * up,
