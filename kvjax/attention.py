@@ -60,6 +60,18 @@ def _check_q(q, c):
     raise ValueError(f"q_heads={hq} must be a multiple of the cache's kv_heads={c.num_kv_heads}")
 
 
+# Cache types that run their own attention (kvjax.certified): type -> (attend, append_and_attend),
+# registered by the module that defines them, so this module imports none of them.
+_OWN_ATTENTION = {}
+
+
+def register_cache_type(cls, *, attend, append_and_attend) -> None:
+  """Lets `attend` / `append_and_attend` hand caches of type `cls` to their own functions:
+  attend(q, cache, scale=, softcap=, window=, q_positions=) -> out and
+  append_and_attend(cache, q, k, v, scale=, softcap=, num_tokens=, impl=) -> (out, cache)."""
+  _OWN_ATTENTION[cls] = (attend, append_and_attend)
+
+
 def check_impl(impl):
   if impl not in _IMPLS:
     raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
@@ -579,9 +591,9 @@ def attend(q: jax.Array, cache: cache_lib.KVCache, *, scale: float | None = None
 
   Returns [B, Tq, Hq, D] in q's dtype; a query with no visible key gets zeros.
   """
-  own = getattr(type(cache), "attend", None)
-  if own is not None:  # a cache that runs its own attention (kvjax.certified): impl is its own
-    return own(cache, q, scale=scale, softcap=softcap, window=window, q_positions=q_positions)
+  own = _OWN_ATTENTION.get(type(cache))
+  if own is not None:  # a cache that runs its own attention (kvjax.certified)
+    return own[0](q, cache, scale=scale, softcap=softcap, window=window, q_positions=q_positions)
   scale, window = _resolve(q, cache, scale, window, impl)
   if impl == "pallas" and (not isinstance(cache, QuantizedKVCache) or q.shape[1] != 1):
     raise ValueError("impl='pallas' is the single-token decode kernel over a quantized cache")
@@ -625,11 +637,12 @@ def append_and_attend(cache: cache_lib.KVCache, q: jax.Array, k: jax.Array, v: j
     attention does ("pallas").
   Returns (out [B, T, Hq, D], new cache).
   """
-  own = getattr(type(cache), "append_and_attend", None)
-  if own is not None:  # a cache that runs its own attention (kvjax.certified): impl is its own
+  own = _OWN_ATTENTION.get(type(cache))
+  if own is not None:  # a cache that runs its own attention (kvjax.certified)
     check_impl(impl)
     impl = impl if impl in ("xla", "pallas") else "auto"
-    return own(cache, q, k, v, scale=scale, softcap=softcap, num_tokens=num_tokens, impl=impl)
+    return own[1](cache, q, k, v, scale=scale, softcap=softcap, num_tokens=num_tokens,
+                  impl=impl)
   scale_, window = _resolve(q, cache, scale, None, impl)
   t = q.shape[1]
   if k.shape[1] != t:

@@ -15,8 +15,8 @@ from kvjax import certified as C
 from kvjax.certified import cache as ccache
 from kvjax.certified import soundness
 
-# Head-steps (rows: one query token of one query head) checked per family at 512 tokens; the 8K
-# context checks a tenth of them here (benchmarks/certified_soundness.py runs 10^5 at 8K).
+# Head-steps (rows: one query token of one query head) checked per family (at 512 tokens, and the
+# Gaussian family at 8,192); benchmarks/certified_soundness.py runs every family at both.
 ROWS = int(os.environ.get("KVJAX_CERTIFIED_ROWS", "100000"))
 H, R, D = 2, 4, 64
 LOOSE = C.CertifiedConfig(tol=1e9, atol=1e30)  # rung 0 only: every row keeps its compressed-tier bound
@@ -57,7 +57,7 @@ def test_certificate_bounds_the_actual_error_on_every_row(name):
 
 
 def test_certificate_holds_at_8k_context():
-  err, cert = _run("gaussian", LOOSE, 8192, max(2048, ROWS // 10), seed=3)
+  err, cert = _run("gaussian", LOOSE, 8192, ROWS, seed=3)
   assert np.max(err / cert.bound) <= 1.0
 
 
@@ -248,7 +248,7 @@ def test_eval_and_bench_cache_names():
       ev.parse_spec(bad)
 
 
-@pytest.mark.parametrize("name", ["gaussian", "needle", "outliers"])
+@pytest.mark.parametrize("name", ["gaussian", "needle"])
 def test_rung0_with_the_fused_kernel_is_sound_and_matches_the_xla_rung0(name):
   """impl="pallas": the decode kernel (interpret mode here) returns the output and every
   block's log-sum-exp in one pass; its certificate (with the kernel's bfloat16-split margins)
@@ -257,7 +257,7 @@ def test_rung0_with_the_fused_kernel_is_sound_and_matches_the_xla_rung0(name):
   k, v = _family(name, jax.random.key(21), b, n)
   cache = C.write(C.init_cache(b, H, 256, D, config=LOOSE), k, v)
   errs, ratios = [], []
-  for i in range(4):
+  for i in range(3):
     q = _queries(jax.random.key(30 + i), b, 1, name)
     out_k, cert_k, _ = C.attend(q, cache, impl="pallas")
     out_x, cert_x, _ = C.attend(q, cache, impl="xla")

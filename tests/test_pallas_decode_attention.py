@@ -424,7 +424,8 @@ def test_bad_arguments_raise(change, error, match):
     decode_attention_reference(**args, key_bits=4, value_bits=4, group_size=32)
 
 
-LSE_CASES = [c for c in CASES + ROPE_CASES if c.capacity % 16 == 0]
+# Linear and ring caches, windows, a soft-cap, 8-bit keys, rotary offsets, GQA up to 8.
+LSE_CASES = [c for c in CASES[:4] + ROPE_CASES[1:3] if c.capacity % 16 == 0]
 
 
 @pytest.mark.parametrize("target,kernel", [("reference", decode_attention_reference),

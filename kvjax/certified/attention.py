@@ -28,7 +28,8 @@ from jax.experimental.compute_on import compute_on
 
 from kvjax import cache as cache_lib
 from kvjax import quantizer
-from kvjax.attention import _check_q, _grouped_q, _ungroup, visibility_mask
+from kvjax.attention import (_check_q, _grouped_q, _ungroup, register_cache_type,
+                             visibility_mask)
 from kvjax.certified import bound as bound_lib
 from kvjax.certified.cache import CertifiedKVCache, U, gamma, write
 
@@ -528,3 +529,10 @@ def stats_summary(caches) -> dict:
   return {"rows": dict(zip(rungs, (int(x) for x in rows))),
           "host_blocks": int(sum(np.asarray(c.stats["host_blocks"]).sum() for c in leaves)),
           "max_bound": float(max(np.asarray(c.stats["max_bound"]).max() for c in leaves))}
+
+
+# kvjax.attend / kvjax.append_and_attend (what model layers call) hand certified caches here.
+register_cache_type(
+    CertifiedKVCache,
+    attend=lambda q, cache, **kw: attend(q, cache, **kw)[0],
+    append_and_attend=append_and_attend)

@@ -113,16 +113,6 @@ class CertifiedKVCache:
   def num_blocks(self) -> int:
     return self.capacity // self.config.block_size
 
-  def append_and_attend(self, q, k, v, **kwargs):
-    """`kvjax.append_and_attend` over this cache (see `kvjax.certified.append_and_attend`)."""
-    from kvjax.certified import attention
-    return attention.append_and_attend(self, q, k, v, **kwargs)
-
-  def attend(self, q, **kwargs):
-    """`kvjax.attend` over this cache: the output only (see `kvjax.certified.attend`)."""
-    from kvjax.certified import attention
-    return attention.attend(q, self, **kwargs)[0]
-
 
 def _defect(r: jax.Array) -> float:
   """max over heads of ||R^T R - I||_2, in float64 (a concrete R: at cache creation)."""
