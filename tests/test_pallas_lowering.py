@@ -65,19 +65,25 @@ DECODE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("platform", ["tpu", "cuda"])
-@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: f"D{c[4]}-g{c[5]}-K{c[6]}V{c[7]}")
-@pytest.mark.parametrize("rope_pairs", [0, 1, 8], ids=lambda p: f"rope{p}")
-def test_decode_attention_lowers(platform, case, rope_pairs):
-  b, h, n_rep, s, d, g, key_bits, value_bits, ring, window, softcap = case
+def _decode_args(case):
+  """Shapes of decode_attention's positional arguments for a DECODE_CASES entry."""
+  b, h, n_rep, s, d, g, key_bits, value_bits, *_ = case
 
   def code_struct(bits):
     return (jax.ShapeDtypeStruct((b, h, s, d // 2), jnp.uint8) if bits == 4
             else jax.ShapeDtypeStruct((b, h, s, d), jnp.int8))
 
   scales = jax.ShapeDtypeStruct((b, h, s, d // g), jnp.bfloat16)
-  args = (jax.ShapeDtypeStruct((b, h * n_rep, d), jnp.float32), code_struct(key_bits), scales,
+  return (jax.ShapeDtypeStruct((b, h * n_rep, d), jnp.float32), code_struct(key_bits), scales,
           code_struct(value_bits), scales, jax.ShapeDtypeStruct((b,), jnp.int32))
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: f"D{c[4]}-g{c[5]}-K{c[6]}V{c[7]}")
+@pytest.mark.parametrize("rope_pairs", [0, 1, 8], ids=lambda p: f"rope{p}")
+def test_decode_attention_lowers(platform, case, rope_pairs):
+  b, h, n_rep, s, d, g, key_bits, value_bits, ring, window, softcap = case
+  args = _decode_args(case)
   fn = functools.partial(decode_attention, key_bits=key_bits, value_bits=value_bits,
                          group_size=g, ring=ring, window=window, softcap=softcap,
                          backend=BACKEND[platform], interpret=False)
@@ -110,14 +116,7 @@ def test_decode_attention_with_block_logsumexp_lowers(platform, case):
   # The per-block log-sum-exps a certificate needs (kvjax.certified) come out of the same
   # kernel launch: one custom call, and no [.., S] per-slot logits outside it.
   b, h, n_rep, s, d, g, key_bits, value_bits, ring, window, softcap = case
-
-  def code_struct(bits):
-    return (jax.ShapeDtypeStruct((b, h, s, d // 2), jnp.uint8) if bits == 4
-            else jax.ShapeDtypeStruct((b, h, s, d), jnp.int8))
-
-  scales = jax.ShapeDtypeStruct((b, h, s, d // g), jnp.bfloat16)
-  args = (jax.ShapeDtypeStruct((b, h * n_rep, d), jnp.float32), code_struct(key_bits), scales,
-          code_struct(value_bits), scales, jax.ShapeDtypeStruct((b,), jnp.int32))
+  args = _decode_args(case)
   fn = functools.partial(decode_attention, key_bits=key_bits, value_bits=value_bits,
                          group_size=g, ring=ring, window=window, softcap=softcap,
                          backend=BACKEND[platform], interpret=False, block_logsumexp=16)
