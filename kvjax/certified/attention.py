@@ -187,7 +187,6 @@ def _evaluate(cache: CertifiedKVCache, rows: _Rows, *, scale, softcap, idx=None)
   b, h, t, r, s = rows.z.shape
   bs = cfg.block_size
   nb = s // bs
-  d = cache.head_dim
   z = rows.z.reshape(b, h, t, r, nb, bs)
   promoted = jnp.zeros((b, h, nb), bool)
   p = 0 if idx is None else idx.shape[-1]
