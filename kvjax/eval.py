@@ -406,6 +406,10 @@ def calibrations_for(model, specs: Sequence[CacheSpec], *, tokenizer=None, ids=N
 def cache_bytes(model, spec: CacheSpec, context: int, calibration=None) -> int:
   """Real bytes of the caches of one sequence of `context` tokens (from `calibration`'s formats
   when the spec's cache is built from one)."""
+  if spec.certified is not None:
+    # Allocated for real (one sequence): every layer keeps every token (no ring), and the
+    # device holds the tier and its block metadata; the bfloat16 copy is in host memory.
+    return certified_lib.device_nbytes(model.init_cache(1, context, certified=spec.certified))
   if calibration is not None:
     # Allocated for real (one sequence: a few MB): the calibrated caches hold its tensors.
     caches = model.init_cache(1, context, calibration=calibration)
@@ -417,8 +421,6 @@ def cache_bytes(model, spec: CacheSpec, context: int, calibration=None) -> int:
 def _make_caches_shape(model, spec, context):
   if spec.quant is None:
     return model.init_cache(1, context, dtype=jnp.bfloat16)
-  if spec.certified is not None:  # the device tier: what a certified cache holds on the chip
-    return model.init_cache(1, context, quant=spec.quant)
   # As calibration configures the caches (the exact sink buffers count).
   quant, layer_quant = spec.formats(model.config.head_dim)
   return model.init_cache(1, context, quant=quant, layer_quant=layer_quant)

@@ -9,8 +9,8 @@ The ladder that guarantees this (promote blocks, then exact rows) runs inside th
 from kvjax.certified.attention import (Certificate, append_and_attend, attend, exact_attention,
                                        stats_summary)
 from kvjax.certified.bound import certificate
-from kvjax.certified.cache import CertifiedKVCache, init_cache, stacked, write
+from kvjax.certified.cache import CertifiedKVCache, device_nbytes, init_cache, stacked, write
 from kvjax.certified.config import CertifiedConfig
 
 __all__ = ["Certificate", "CertifiedConfig", "CertifiedKVCache", "append_and_attend", "attend",
-           "certificate", "exact_attention", "init_cache", "stacked", "stats_summary", "write"]
+           "certificate", "device_nbytes", "exact_attention", "init_cache", "stacked", "stats_summary", "write"]

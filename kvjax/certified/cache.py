@@ -177,6 +177,18 @@ def stacked(cache: CertifiedKVCache, lead: tuple[int, ...]) -> CertifiedKVCache:
                              v_exact=_to_memory(out.v_exact, kind))
 
 
+def device_nbytes(caches) -> int:
+  """Bytes the certified caches in a pytree hold per sequence on the device: the compressed
+  tier's codes and scales (counted as `kvjax.cache.nbytes` counts them), the block metadata and
+  the offsets; the exact tier lives in host memory."""
+  total = 0
+  for c in jax.tree_util.tree_leaves(caches, is_leaf=lambda x: isinstance(x, CertifiedKVCache)):
+    if isinstance(c, CertifiedKVCache):
+      total += cache_lib.nbytes(c.tier)  # codes and scales (the basis is per layer, as for int4)
+      total += sum(getattr(c, f).nbytes for f in META_FIELDS + ("k_offset", "v_offset"))
+  return total
+
+
 # ----------------------------------------------------------------------------- write
 
 
