@@ -58,7 +58,6 @@ class _Rows(NamedTuple):
   KV head), S slots = NB blocks x bs."""
 
   qg: jax.Array       # [B, H, T, R, D] float32 queries
-  qt: jax.Array       # [B, H, T, R, D] q~ = R_k (λ_k q)
   mask: jax.Array     # [B, 1, T, 1, S] visibility
   z: jax.Array        # [B, H, T, R, S] logits over the compressed tier (masked: -inf)
   yv: jax.Array       # [B, H, S, D] dequantized values, rotated domain
@@ -166,7 +165,7 @@ def _setup(q, cache: CertifiedKVCache, q_pos, window, scale, softcap) -> _Rows:
   s = jnp.einsum("bhtre,bhse->bhtrs", qt, yk, precision=_HI)
   z = jnp.where(mask, _softcapped(scale * s, softcap), -jnp.inf)
   delta_q, delta_x = _logit_bounds(qg, qt, cache, scale)
-  return _Rows(qg, qt, mask, z, yv, delta_q, delta_x)
+  return _Rows(qg, mask, z, yv, delta_q, delta_x)
 
 
 class _Result(NamedTuple):
