@@ -11,6 +11,7 @@ from kvjax.models.gemma3 import Gemma3ForCausalLM
 from kvjax.models.qwen2 import LlamaForCausalLM, Qwen2ForCausalLM
 from kvjax.models.params import model_class, build_model, params_from_hf, params_from_gguf
 from kvjax.models.runner import Runner, prefill, collect_stats, windows
+from kvjax.models.sharding import Layout, shard
 
 
 def __getattr__(name):
@@ -28,5 +29,5 @@ __all__ = [
     "ModelConfig", "RopeScaling", "PRESETS", "CausalLM", "Gemma3ForCausalLM", "Qwen2ForCausalLM",
     "LlamaForCausalLM", "cache_lengths", "model_class", "build_model", "params_from_hf",
     "params_from_gguf", "load", "attach_calibration", "generate", "with_separate_layers", "Runner", "prefill",
-    "collect_stats", "windows",
+    "collect_stats", "windows", "Layout", "shard",
 ]

@@ -150,7 +150,7 @@ def from_stats(model, stats, *, quant: QuantConfig | None = None, layer_quant=No
       else None
 
   def one(tree):
-    caches = model.init_cache(1, 1, quant=quant, layer_quant=layer_quant)
+    caches = model.init_cache(1, 1, quant=quant, layer_quant=layer_quant, _unplaced=True)
     caches = calibrate_caches(caches, tree, recipe, value_metric=metric)
     configs: list = [None] * cfg.num_layers
     tensors: list = [None] * cfg.num_layers
@@ -252,7 +252,8 @@ def init_cache(model, batch: int, max_len: int, calibration):
   # values: the generated ones are replaced).
   common = configs[stacked[0]] if stacked else configs[0]
   layer_quant = {l: configs[l] for l in cfg.separate_layers}
-  caches = model.init_cache(batch, max_len, quant=common, layer_quant=layer_quant)
+  caches = model.init_cache(batch, max_len, quant=common, layer_quant=layer_quant,
+                            _unplaced=True)
   chosen = cal.tensors_for(max_len)
   slots = layer_slots(cfg)
   out = {"groups": [], "tail": []}

@@ -110,13 +110,14 @@ def _stacked_layers(cfg: ModelConfig, layer_type: str, lead: tuple[int, ...], *,
 
 
 def _scan_run(run: DecoderLayer, caches, x: jax.Array, positions: jax.Array, num_tokens,
-              impl: str = "auto"):
+              impl: str = "auto", layout=None):
   """Applies the stacked layers of one run in order; caches have the same leading axis."""
   graphdef, state = nnx.split(run)
 
   def body(h, layer_and_cache):
     layer_state, cache = layer_and_cache
-    h, cache = nnx.merge(graphdef, layer_state)(h, cache, positions, num_tokens, impl=impl)
+    h, cache = nnx.merge(graphdef, layer_state)(h, cache, positions, num_tokens, impl=impl,
+                                                layout=layout)
     return h, cache
 
   return jax.lax.scan(body, x, (state, caches))
@@ -140,6 +141,9 @@ class CausalLM(nnx.Module):
     # (a kvjax.calibration.Calibration; static, hashed by identity under jit).
     self.checkpoint_name: str | None = None
     self.calibration = None
+    # Set by kvjax.models.shard: where parameters, activations and caches live on a mesh
+    # (a kvjax.models.sharding.Layout; static). None: one device.
+    self.layout = None
     e = cfg.hidden_size
     self.embedding = nnx.Param(
         jax.random.normal(rngs.params(), (cfg.vocab_size, e)).astype(self.dtype))
@@ -207,7 +211,8 @@ class CausalLM(nnx.Module):
             "tail": tuple(one(r) for r in self.tail_runs)}
 
   def init_cache(self, batch: int, max_len: int, *, quant: kvjax.QuantConfig | None = None,
-                 dtype=None, layer_quant=None, calibration=None, certified=None) -> Caches:
+                 dtype=None, layer_quant=None, calibration=None, certified=None,
+                 _unplaced: bool = False) -> Caches:
     """Empty caches for `batch` sequences of up to `max_len` tokens.
 
     Args:
@@ -228,7 +233,9 @@ class CausalLM(nnx.Module):
     Returns:
       {"groups": (...), "tail": (...)}: one kvjax cache per run of equal layer types, stacked on
       the leading axes [groups, run_length] (or [run_length] for the tail). Local layers use
-      ring buffers of capacity `sliding_window` when `max_len` exceeds the window.
+      ring buffers of capacity `sliding_window` when `max_len` exceeds the window. On a model
+      sharded over a mesh (`kvjax.models.shard`) the caches are placed to match it: split over
+      KV heads and batch (`batch` must split over the data axis); see models/sharding.py.
     """
     if not isinstance(batch, int) or batch < 1:
       raise ValueError(f"batch must be a positive int, got {batch!r}")
@@ -242,12 +249,18 @@ class CausalLM(nnx.Module):
       if not isinstance(certified, certified_lib.CertifiedConfig):
         raise TypeError("certified must be a kvjax.certified.CertifiedConfig, got "
                         f"{type(certified).__name__}")
+    if self.layout is not None and not _unplaced:
+      if certified is not None:
+        raise ValueError("init_cache: certified caches are not sharded yet; use them on an "
+                         "unsharded model")
+      from kvjax.models import sharding
+      sharding.check_batch(self.layout, batch)
     if calibration is not None:
       if quant is not None or layer_quant or dtype is not None:
         raise ValueError("init_cache: give either calibration or quant / layer_quant / dtype, "
                          "not both (the calibration fixes every layer's format)")
       from kvjax.models import calibrated
-      return calibrated.init_cache(self, batch, max_len, calibration)
+      return self._placed(calibrated.init_cache(self, batch, max_len, calibration))
     cfg = self.config
     dtype = self.dtype if dtype is None else jnp.dtype(dtype)
     num_groups, group_runs, tail_runs = layer_layout(cfg)
@@ -276,9 +289,17 @@ class CausalLM(nnx.Module):
       return jax.tree.map(lambda a: jnp.broadcast_to(a, lead + a.shape).copy(), cache)
 
     # A separate layer forms a run of one in the single group; its index is the run offset.
-    return {"groups": tuple(one(t, (num_groups, n), off if num_groups == 1 else -1)
-                            for t, n, off in group_runs),
-            "tail": tuple(one(t, (n,), -1) for t, n, _ in tail_runs)}
+    caches = {"groups": tuple(one(t, (num_groups, n), off if num_groups == 1 else -1)
+                              for t, n, off in group_runs),
+              "tail": tuple(one(t, (n,), -1) for t, n, _ in tail_runs)}
+    return caches if _unplaced else self._placed(caches)
+
+  def _placed(self, caches: Caches) -> Caches:
+    """Caches laid out for this model's mesh (`kvjax.models.shard`); as they are without one."""
+    if self.layout is None:
+      return caches
+    from kvjax.models import sharding
+    return sharding.place_caches(caches, self.layout)
 
   def __call__(self, tokens: jax.Array, caches: Caches, *, positions: jax.Array | None = None,
                num_tokens: jax.Array | None = None, logits_at: jax.Array | None = None,
@@ -325,14 +346,14 @@ class CausalLM(nnx.Module):
         out = []
         for graphdef, state, cache in zip(graphdefs, run_states, run_caches):
           h, cache = _scan_run(nnx.merge(graphdef, state), cache, h, positions, num_tokens,
-                               attention_impl)
+                               attention_impl, self.layout)
           out.append(cache)
         return h, tuple(out)
 
       x, new_group_caches = jax.lax.scan(group_body, x, (tuple(states), caches["groups"]))
     new_tail_caches = []
     for run, cache in zip(self.tail_runs, caches["tail"]):
-      x, cache = _scan_run(run, cache, x, positions, num_tokens, attention_impl)
+      x, cache = _scan_run(run, cache, x, positions, num_tokens, attention_impl, self.layout)
       new_tail_caches.append(cache)
 
     if logits_at is not None:

@@ -61,7 +61,7 @@ def _prefill(graphdef, state, caches, tokens, lengths, rng, sampling, impl):
   model = nnx.merge(graphdef, state)
   logits, caches = model(tokens, caches, num_tokens=lengths, logits_at=lengths - 1,
                          attention_impl=impl)
-  return sample_logits(logits[:, 0], rng, **dict(sampling)), caches
+  return _host_readable(model, sample_logits(logits[:, 0], rng, **dict(sampling))), caches
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "impl"),
@@ -69,7 +69,12 @@ def _prefill(graphdef, state, caches, tokens, lengths, rng, sampling, impl):
 def _decode_step(graphdef, state, caches, tokens, rng, sampling, impl):
   model = nnx.merge(graphdef, state)
   logits, caches = model(tokens[:, None], caches, attention_impl=impl)
-  return sample_logits(logits[:, 0], rng, **dict(sampling)), caches
+  return _host_readable(model, sample_logits(logits[:, 0], rng, **dict(sampling))), caches
+
+
+def _host_readable(model, tokens):
+  # On a mesh the sampled tokens are replicated, so every process can read them.
+  return tokens if model.layout is None else model.layout.constrain(tokens)
 
 
 def generate_tokens(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
@@ -152,9 +157,13 @@ def generate_tokens(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_ne
   else:
     caches = model.init_cache(batch, max_len, quant=quant, dtype=cache_dtype)
 
+  place = jnp.asarray
+  if model.layout is not None:
+    from kvjax.models import sharding
+    place = functools.partial(sharding.replicated, model.layout)
   rng, sub = jax.random.split(rng)
-  tokens, caches = _prefill(graphdef, state, caches, jnp.asarray(padded), jnp.asarray(lengths),
-                            sub, sampling, attention_impl)
+  tokens, caches = _prefill(graphdef, state, caches, place(padded), place(lengths),
+                            place(sub), sampling, attention_impl)
   out: list[list[int]] = [[] for _ in range(batch)]
   done = np.zeros(batch, bool)
   for step in range(max_new_tokens):
@@ -166,7 +175,7 @@ def generate_tokens(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_ne
     if done.all() or step == max_new_tokens - 1:
       break
     rng, sub = jax.random.split(rng)
-    tokens, caches = _decode_step(graphdef, state, caches, tokens, sub, sampling,
+    tokens, caches = _decode_step(graphdef, state, caches, tokens, place(sub), sampling,
                                   attention_impl)
   kvjax.check_overflow(caches)
   return out

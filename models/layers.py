@@ -142,11 +142,13 @@ class Attention(nnx.Module):
     self.softcap = cfg.attn_logit_softcap
 
   def __call__(self, x: jax.Array, cache, positions: jax.Array, num_tokens: jax.Array | None = None,
-               *, impl: str = "auto"):
+               *, impl: str = "auto", layout=None):
     """x [B, T, E], positions [B, T] -> (out [B, T, E], new cache); impl: `kvjax.attend`'s.
 
     num_tokens: optional int [B]; only the first num_tokens[b] tokens of sequence b are written to
     the cache (right-padded ragged chunks); outputs at padded tokens are unspecified.
+    layout: a `kvjax.models.sharding.Layout` when the model is sharded over a mesh: attention
+    then runs per device on its own heads and batch rows (`Layout.append_and_attend`).
     """
     b, t, _ = x.shape
     q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
@@ -157,8 +159,9 @@ class Attention(nnx.Module):
     inv_freq = rope_inverse_frequencies(self.head_dim, self.rope_base, self.rope_scaling)
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
-    out, cache = kvjax.append_and_attend(cache, q, k, v, scale=self.scale, softcap=self.softcap,
-                                         num_tokens=num_tokens, impl=impl)
+    attend = kvjax.append_and_attend if layout is None else layout.append_and_attend
+    out, cache = attend(cache, q, k, v, scale=self.scale, softcap=self.softcap,
+                        num_tokens=num_tokens, impl=impl)
     return self.o_proj(out.astype(x.dtype).reshape(b, t, self.num_heads * self.head_dim)), cache
 
 
@@ -180,9 +183,10 @@ class DecoderLayer(nnx.Module):
       self.post_attention_norm = self.post_mlp_norm = None
 
   def __call__(self, x: jax.Array, cache, positions: jax.Array, num_tokens: jax.Array | None = None,
-               *, impl: str = "auto"):
-    """x [B, T, E] -> (x [B, T, E], new cache)."""
-    h, cache = self.attention(self.pre_attention_norm(x), cache, positions, num_tokens, impl=impl)
+               *, impl: str = "auto", layout=None):
+    """x [B, T, E] -> (x [B, T, E], new cache); layout as in `Attention`."""
+    h, cache = self.attention(self.pre_attention_norm(x), cache, positions, num_tokens, impl=impl,
+                              layout=layout)
     if self.post_attention_norm is not None:
       h = self.post_attention_norm(h)
     x = x + h

@@ -37,7 +37,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from kvjax import corrections as corrections_lib
 from kvjax.foe import routing as routing_lib
-from kvjax.foe._shard_map import shard_map
+from kvjax._shard_map import shard_map
 from kvjax.foe.attention import (apply_rope, cache_positions, cached_attention,
                                  causal_attention, rms_norm)
 from kvjax.foe.config import FoEConfig, MoEConfig, expert_capacity

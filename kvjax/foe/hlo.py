@@ -95,10 +95,39 @@ def _parse_iota_groups(match) -> tuple[tuple[int, ...], ...]:
   return tuple(tuple(int(x) for x in row) for row in ids)
 
 
+_MESH_GROUPS = re.compile(
+    r"replica_groups=mesh\[(?P<axes>[^\]]*)\]"
+    r"(?:,\s*device_ids=\(\[(?P<dims>[0-9,]+)\](?:T\((?P<perm>[0-9,]+)\))?\))?"
+    r"\s*\{(?P<over>[^}]*)\}")
+
+
+def _parse_mesh_groups(match) -> tuple[tuple[int, ...], ...]:
+  # mesh['a'=4,'b'=2][, device_ids=([d0,d1]T(p))] {'a'}: the devices, laid out on a mesh of
+  # those axis sizes (row-major over the iota, or over iota(d) transposed by p), grouped along
+  # the named axes (the others fixed).
+  axes = [(name, int(size)) for name, size in re.findall(r"'([^']+)'=(\d+)", match.group("axes"))]
+  sizes = [n for _, n in axes]
+  if match.group("dims"):
+    ids = np.arange(int(np.prod(sizes))).reshape([int(x) for x in match.group("dims").split(",")])
+    if match.group("perm"):
+      ids = ids.transpose([int(x) for x in match.group("perm").split(",")])
+  else:
+    ids = np.arange(int(np.prod(sizes)))
+  ids = ids.reshape(sizes)
+  over = set(re.findall(r"'([^']+)'", match.group("over")))
+  grouped = [i for i, (name, _) in enumerate(axes) if name in over]
+  fixed = [i for i in range(len(axes)) if i not in grouped]
+  ids = ids.transpose(fixed + grouped).reshape(-1, int(np.prod([sizes[i] for i in grouped])))
+  return tuple(tuple(int(x) for x in row) for row in ids)
+
+
 def _groups(line: str, kind: str, num_devices: int | None):
   if kind == "collective-permute":
     m = re.search(r"source_target_pairs=(\{(?:\{[0-9,\s]*\},?)*\})", line)
     return _parse_brace_groups(m.group(1)) if m else ()
+  m = _MESH_GROUPS.search(line)
+  if m:
+    return _parse_mesh_groups(m)
   m = re.search(r"replica_groups=\[([0-9,]+)\]<=\[([0-9,]+)\](?:T\(([0-9,]+)\))?", line)
   if m:
     return _parse_iota_groups(m)

@@ -1,8 +1,9 @@
 """One place for the `shard_map` import, whose home and keyword moved between jax versions.
 
 jax >= 0.6 exposes `jax.shard_map(f, mesh=..., in_specs=..., out_specs=..., check_vma=...)`;
-older releases have `jax.experimental.shard_map.shard_map(..., check_rep=...)`. The rest of
-`kvjax.foe` calls `shard_map` from here with `check_vma`, and this module translates.
+older releases have `jax.experimental.shard_map.shard_map(..., check_rep=...)`. `kvjax.foe`
+and `kvjax.models.sharding` call `shard_map` from here with `check_vma`, and this module
+translates.
 
 `check_vma=True` (the default here) keeps jax's tracking of which values vary across mesh
 axes. Besides catching wrong out_specs, it is what makes the transpose of `psum` on a
