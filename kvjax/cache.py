@@ -678,7 +678,12 @@ def check_overflow(cache) -> None:
       cache, is_leaf=lambda x: isinstance(x, (DenseKVCache, QuantizedKVCache)))
   for i, c in enumerate(leaves):
     if isinstance(c, (DenseKVCache, QuantizedKVCache)):
-      flags = np.asarray(c.overflow)
+      flags = c.overflow
+      if isinstance(flags, jax.Array) and not flags.is_fully_addressable:
+        # A cache split across processes: every process calls this, so every one gathers.
+        from jax.experimental import multihost_utils
+        flags = multihost_utils.process_allgather(flags, tiled=True)
+      flags = np.asarray(flags)
       if flags.any():
         raise OverflowError(
             f"cache {i} overflowed for sequences {np.nonzero(flags.reshape(-1))[0].tolist()}: "

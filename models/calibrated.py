@@ -24,6 +24,7 @@ import os
 import pathlib
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -83,11 +84,20 @@ def fingerprint(model) -> dict:
         if p is None:
           continue
         # numpy only: safe inside a trace (jax.eval_shape), where jnp ops would stage tracers.
-        a = np.asarray(p[...])[index].astype(jnp.bfloat16).view(np.uint16)
+        a = _host(p[...])[index].astype(jnp.bfloat16).view(np.uint16)
         h.update(f"{layer}/{name}/{pname}/{a.shape}".encode())
         h.update(np.ascontiguousarray(a).tobytes())
   out["qk_sha256"] = h.hexdigest()
   return out
+
+
+def _host(x) -> np.ndarray:
+  """x as a numpy array; a parameter sharded across processes is gathered first (every process
+  computes the fingerprint, so every process takes part)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
 
 
 # ---------------------------------------------------------------------------------- calibrate

@@ -423,4 +423,8 @@ def with_separate_layers(model: CausalLM, layers) -> CausalLM:
   pure["tail_runs"] = {}
   new = build_model(new_cfg, pure, dtype=model.dtype)
   new.checkpoint_name, new.calibration = model.checkpoint_name, model.calibration
+  if model.layout is not None:
+    from kvjax.models.sharding import shard
+    layout = model.layout
+    new = shard(new, layout.mesh, data_axis=layout.data_axis, model_axis=layout.model_axis)
   return new

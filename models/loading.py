@@ -20,7 +20,8 @@ from kvjax.models.params import build_model, params_from_gguf, params_from_hf
 
 def load(name_or_path: str | os.PathLike, *, dtype=jnp.float32,
          config: ModelConfig | None = None,
-         separate_layers=(), calibration=None,
+         separate_layers=(), calibration=None, mesh=None,
+         data_axis: str | None = "data", model_axis: str | None = "model",
          progress: bool = True) -> tuple[CausalLM, object | None]:
   """Loads a model and its tokenizer.
 
@@ -36,6 +37,9 @@ def load(name_or_path: str | os.PathLike, *, dtype=jnp.float32,
       `model.init_cache(b, n, calibration=model.calibration)` run the calibrated int4 cache.
       "auto" reads the model's default calibration from the user cache, computing it on
       first use (a minute or two on a CPU: one pass over 6,144 tokens of calibration text).
+    mesh: optional `jax.sharding.Mesh`: the model is sharded over it (`kvjax.models.shard`:
+      tensor parallel over `model_axis`, batches split over `data_axis`; either may be None),
+      and its caches and `kvjax.generate` follow.
     progress: show progress bars for downloads and first-use calibration.
   Returns:
     (model, tokenizer); the tokenizer is None for a Hugging Face directory without tokenizer
@@ -59,6 +63,9 @@ def load(name_or_path: str | os.PathLike, *, dtype=jnp.float32,
                       f"kvjax.calibration.Calibration, got {type(calibration).__name__}")
     if calibration != "auto":
       artifact.read_manifest(calibration)  # a wrong path fails before the model loads
+  if mesh is not None:
+    from kvjax.models import sharding
+    sharding.check_mesh(mesh, data_axis=data_axis, model_axis=model_axis)
   model, tokenizer = _load(name_or_path, dtype, config)
   path = os.fspath(name_or_path)
   model.checkpoint_name = (path if not (os.path.exists(path) or os.sep in path)
@@ -68,6 +75,8 @@ def load(name_or_path: str | os.PathLike, *, dtype=jnp.float32,
     model = with_separate_layers(model, separate_layers)
   if calibration is not None:
     model = attach_calibration(model, calibration, tokenizer, progress=progress)
+  if mesh is not None:
+    model = sharding.shard(model, mesh, data_axis=data_axis, model_axis=model_axis)
   return model, tokenizer
 
 

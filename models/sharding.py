@@ -124,20 +124,29 @@ class Layout:
 def plan(cfg: ModelConfig, mesh: Mesh, *, data_axis: str | None = "data",
          model_axis: str | None = "model") -> Layout:
   """The layout of a model with config `cfg` on `mesh` (see the module docstring)."""
+  check_mesh(mesh, data_axis=data_axis, model_axis=model_axis)
+  mesh = _auto_axes(mesh)
+  tp = mesh.shape[model_axis] if model_axis else 1
+  hq, h = cfg.num_heads, cfg.num_kv_heads
+  if tp > 1 and hq % tp == 0 and (h % tp == 0 or tp % h == 0):
+    return Layout(mesh, data_axis, model_axis, HEADS, max(1, tp // h))
+  return Layout(mesh, data_axis, model_axis, REPLICATED if tp > 1 else HEADS, 1)
+
+
+def check_mesh(mesh, *, data_axis, model_axis) -> None:
+  """ValueError/TypeError naming the argument unless `mesh` has the two (distinct) axes."""
   if not isinstance(mesh, Mesh):
     raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
   for name, axis in (("data_axis", data_axis), ("model_axis", model_axis)):
     if axis is not None and axis not in mesh.axis_names:
       raise ValueError(f"{name}={axis!r} is not an axis of the mesh {mesh.axis_names}; pass "
                        f"{name}=None to leave it out")
-  mesh = _auto_axes(mesh)
   if data_axis is not None and data_axis == model_axis:
     raise ValueError(f"data_axis and model_axis must differ, both are {data_axis!r}")
-  tp = mesh.shape[model_axis] if model_axis else 1
-  hq, h = cfg.num_heads, cfg.num_kv_heads
-  if tp > 1 and hq % tp == 0 and (h % tp == 0 or tp % h == 0):
-    return Layout(mesh, data_axis, model_axis, HEADS, max(1, tp // h))
-  return Layout(mesh, data_axis, model_axis, REPLICATED if tp > 1 else HEADS, 1)
+  others = set(mesh.axis_names) - {data_axis, model_axis}
+  if any(mesh.shape[a] > 1 for a in others):
+    raise ValueError(f"mesh axes {sorted(others)} are neither data_axis nor model_axis; name "
+                     "them, or give the mesh only those two")
 
 
 def _auto_axes(mesh: Mesh) -> Mesh:
@@ -321,3 +330,20 @@ def cache_nbytes_per_device(caches) -> int:
     for s in leaf.addressable_shards:
       per_device[s.device] = per_device.get(s.device, 0) + s.data.nbytes
   return max(per_device.values(), default=0)
+
+
+def decode_step_collectives(model, caches) -> list:
+  """The collectives (`kvjax.foe.hlo.Collective`) of one compiled greedy decode step of the
+  sharded `model` over `caches` (read from the compiled HLO, not from what the code meant)."""
+  from kvjax.foe.hlo import collectives
+  from kvjax.models.decoder import cache_lengths
+  from kvjax.models.generate import _decode_step
+  if model.layout is None:
+    raise ValueError("decode_step_collectives needs a sharded model (kvjax.models.shard)")
+  graphdef, state = nnx.split(model)
+  batch = cache_lengths(caches).shape[0]
+  tokens = replicated(model.layout, np.zeros(batch, np.int32))
+  key = replicated(model.layout, jax.random.key(0))
+  greedy = (("temperature", 0.0), ("top_k", None), ("top_p", None))
+  compiled = _decode_step.lower(graphdef, state, caches, tokens, key, greedy, "auto").compile()
+  return collectives(compiled.as_text(), model.layout.mesh.size)
