@@ -126,10 +126,11 @@ def main(argv=None):
                 machine=machine(), rows=rows,
                 command="python benchmarks/sharded_generate.py " + " ".join(argv or []))
   out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out.with_suffix(".json.tmp")
+  path = out.parent / (out.name + ".json")  # not with_suffix: "qwen2.5-..." has a dot
+  tmp = out.parent / (out.name + ".json.tmp")
   tmp.write_text(json.dumps(result, indent=1))
-  tmp.replace(out.with_suffix(".json"))
-  print(f"wrote {out.with_suffix('.json')}")
+  tmp.replace(path)
+  print(f"wrote {path}")
 
 
 def _perturbed(model):

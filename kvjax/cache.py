@@ -672,6 +672,50 @@ def nbytes(cache: KVCache, *, include_params: bool = False) -> int:
   return total
 
 
+def partition_specs(cache: KVCache, batch_axes=None, head_axis=None):
+  """A pytree like `cache` holding a `jax.sharding.PartitionSpec` in place of each array.
+
+  Batch axes go over `batch_axes` (a mesh axis name, a tuple of names, or None), KV-head axes
+  over `head_axis` (None: replicated): [B, H, ...] storage (dense k/v, codes, scales) and the
+  corrections' per-sequence state on both; lengths and overflow [B] on the batch; per-head
+  parameters [Hr, ...] (rotations, λ, a correction's params) on the heads when Hr is the head
+  count, replicated when Hr == 1; parameters shared by all heads replicated. Leading stacked
+  axes (a model's [groups, run] layer axes) are not split. Used with `shard_map` / `NamedSharding`
+  by `kvjax.models.sharding` and `kvjax.foe`.
+  """
+  if isinstance(cache, StatsKVCache):
+    raise TypeError("statistics caches (kvjax.with_stats) are not sharded; collect calibration "
+                    "statistics on one device")
+  if not isinstance(cache, (DenseKVCache, QuantizedKVCache)):
+    raise TypeError(f"cache must be a kvjax DenseKVCache or QuantizedKVCache, got "
+                    f"{type(cache).__name__}")
+  P = jax.sharding.PartitionSpec
+  lead = (None,) * (cache.lengths.ndim - 1)
+  rows = P(*lead, batch_axes)
+  per_head = P(*lead, batch_axes, head_axis)
+  if isinstance(cache, DenseKVCache):
+    return dataclasses.replace(cache, k=per_head, v=per_head, lengths=rows, overflow=rows)
+  heads = cache.num_kv_heads
+
+  def param(name, a):  # [lead..., Hr, ...], Hr in {1, H}
+    hr = a.shape[len(lead)]
+    if hr == heads and heads > 1:
+      return P(*lead, head_axis)
+    if hr == 1:
+      return P()
+    raise ValueError(f"cache field {name!r} has shape {a.shape}; expected a per-head axis of 1 "
+                     f"or num_kv_heads={heads} after {len(lead)} stacked axes")
+
+  corrections = []
+  for c, arrays in zip(cache.config.corrections, cache.corrections):
+    corrections.append({name: (P() if name in c.shared else per_head if name in c.state
+                               else param(name, a)) for name, a in arrays.items()})
+  return dataclasses.replace(
+      cache, k_codes=per_head, k_scales=per_head, v_codes=per_head, v_scales=per_head,
+      **{f: param(f, getattr(cache, f)) for f in BASIS_FIELDS},
+      corrections=tuple(corrections), lengths=rows, overflow=rows)
+
+
 def check_overflow(cache) -> None:
   """Raises OverflowError on the host if any cache in the pytree `cache` overflowed."""
   leaves = jax.tree_util.tree_leaves(

@@ -40,7 +40,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import kvjax
 from kvjax._shard_map import shard_map
-from kvjax.cache import DenseKVCache, QuantizedKVCache, StatsKVCache
+from kvjax.cache import DenseKVCache, QuantizedKVCache, partition_specs
 from kvjax.models.config import ModelConfig
 
 HEADS = "heads"           # Layout.attention: query heads (and KV heads) split over the model axis
@@ -249,37 +249,16 @@ def shard(model, mesh: Mesh, *, data_axis: str | None = "data",
 # -- caches -----------------------------------------------------------------------------------------
 
 def cache_specs(cache, data_axis: str | None, head_axis: str | None):
-  """A pytree like `cache` with a PartitionSpec in place of every array.
-
-  Batch axes go over `data_axis`, KV-head axes over `head_axis` (None: replicated). Works on
-  one layer's cache and on a stacked one (leading layer axes are not split).
-  """
-  if isinstance(cache, StatsKVCache):
-    raise ValueError("statistics caches (kvjax.with_stats) are not sharded; collect "
-                     "calibration statistics on an unsharded model")
+  """`kvjax.cache.partition_specs` for a model's caches; certified and statistics caches are
+  refused with the reason."""
   if not isinstance(cache, (DenseKVCache, QuantizedKVCache)):
     raise ValueError(f"a sharded model runs on dense and quantized caches, got "
                      f"{type(cache).__name__} (certified caches keep host-memory tiers that "
                      "are not sharded yet)")
-  lead = (None,) * (cache.lengths.ndim - 1)
-  rows = P(*lead, data_axis)
-  per_head = P(*lead, data_axis, head_axis)
-  if isinstance(cache, DenseKVCache):
-    return dataclasses.replace(cache, k=per_head, v=per_head, lengths=rows, overflow=rows)
-  heads = cache.num_kv_heads
-
-  def param(a):  # [lead..., Hr, ...], Hr in {1, H}
-    return P(*lead, head_axis) if a.shape[len(lead)] == heads and heads > 1 else P()
-
-  corrections = []
-  for c, arrays in zip(cache.config.corrections, cache.corrections):
-    corrections.append({name: (P() if name in c.shared else per_head if name in c.state
-                               else param(a)) for name, a in arrays.items()})
-  return dataclasses.replace(
-      cache, k_codes=per_head, k_scales=per_head, v_codes=per_head, v_scales=per_head,
-      k_rotation=param(cache.k_rotation), v_rotation=param(cache.v_rotation),
-      k_lambda=param(cache.k_lambda), v_lambda=param(cache.v_lambda),
-      corrections=tuple(corrections), lengths=rows, overflow=rows)
+  try:
+    return partition_specs(cache, data_axis, head_axis)
+  except TypeError as e:
+    raise ValueError(str(e)) from None
 
 
 def _repeat_heads(cache, r: int):

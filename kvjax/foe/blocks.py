@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from kvjax import corrections as corrections_lib
+from kvjax import cache as cache_lib
 from kvjax.foe import routing as routing_lib
 from kvjax._shard_map import shard_map
 from kvjax.foe.attention import (apply_rope, cache_positions, cached_attention,
@@ -266,45 +266,6 @@ def _check_mesh(mesh: Mesh) -> tuple[int, int]:
   return mesh.shape[CLUSTER_AXIS], mesh.shape[EXPERT_AXIS]
 
 
-def cache_partition_specs(cache, batch_axes, head_axis):
-  """PartitionSpecs for a kvjax cache: batch over `batch_axes`, KV heads over `head_axis`.
-
-  Per docs/cache_layout.md: [B, H, ...] arrays (codes, scales, dense k/v) split on both;
-  [B] arrays (lengths, overflow) on batch; parameters shared by all heads (rotary offset
-  frequencies and channel pairs) replicated; per-head parameters [Hr, ...] (rotations,
-  lambdas, key means) split on heads when Hr is the head count, replicated when Hr == 1.
-  """
-  if cache is None:
-    return None
-  num_heads = None
-  for name in ("k_codes", "k"):
-    if hasattr(cache, name):
-      num_heads = getattr(cache, name).shape[1]
-  if num_heads is None:
-    raise TypeError(f"cache must be a kvjax DenseKVCache or QuantizedKVCache, got "
-                    f"{type(cache).__name__}")
-
-  def spec(path, leaf):
-    name = getattr(path[-1], "name", getattr(path[-1], "key", str(path[-1])))
-    if name in ("k", "v") or name.endswith("_codes") or name.endswith("_scales"):
-      return P(batch_axes, head_axis)  # per-token storage [B, H, S, ...]
-    if name in corrections_lib.state_names():
-      return P(batch_axes, head_axis)  # corrections' per-sequence state [B, H, ...]
-    if name in corrections_lib.shared_names():
-      return P()  # one per layer, no head axis: rotary offset frequencies and channel pairs
-    if name in ("lengths", "overflow"):
-      return P(batch_axes)  # per sequence [B]
-    # Anything else is a per-head parameter [Hr, ...] (rotation, lambda, a correction's params).
-    if leaf.shape[0] == num_heads and num_heads > 1:
-      return P(head_axis)
-    if leaf.shape[0] == 1:
-      return P()
-    raise ValueError(f"cache field {name!r} has shape {leaf.shape}; expected a leading "
-                     f"per-head axis of 1 or num_kv_heads={num_heads}")
-
-  return jax.tree_util.tree_map_with_path(spec, cache)
-
-
 def make_foe_block(cfg: FoEConfig, mesh: Mesh, *, with_cache: bool = False,
                    with_aux: bool = True, attention_impl: str = "auto"):
   """Builds the jitted `shard_map` FoE block for `mesh`.
@@ -367,7 +328,8 @@ def make_foe_block(cfg: FoEConfig, mesh: Mesh, *, with_cache: bool = False,
     if (cache is not None) != with_cache:
       raise ValueError(f"this block was built with with_cache={with_cache}; pass "
                        f"{'a cache' if with_cache else 'cache=None'}")
-    cache_specs = cache_partition_specs(cache, EXPERT_AXIS, CLUSTER_AXIS)
+    cache_specs = None if cache is None else cache_lib.partition_specs(cache, EXPERT_AXIS,
+                                                                       CLUSTER_AXIS)
     fn = shard_map(local_block, mesh=mesh,
                    in_specs=(param_specs, residual_spec, cache_specs),
                    out_specs=(residual_spec, cache_specs, P()))
@@ -418,7 +380,7 @@ def make_moe_block(cfg: MoEConfig, mesh: Mesh, *, with_cache: bool = False,
     if (cache is not None) != with_cache:
       raise ValueError(f"this block was built with with_cache={with_cache}; pass "
                        f"{'a cache' if with_cache else 'cache=None'}")
-    cache_specs = cache_partition_specs(cache, token_axes, None)
+    cache_specs = None if cache is None else cache_lib.partition_specs(cache, token_axes, None)
     fn = shard_map(local_block, mesh=mesh, in_specs=(param_specs, x_spec, cache_specs),
                    out_specs=(x_spec, cache_specs, P()))
     return fn(params, x, cache)
@@ -437,11 +399,13 @@ def shard_foe_inputs(mesh: Mesh, params: Params, residual: jax.Array, cache=None
   """Places FoE parameters, residual and optional cache on `mesh` as `make_foe_block` expects."""
   return (place(params, mesh, foe_param_specs()),
           place(residual, mesh, P(CLUSTER_AXIS, EXPERT_AXIS)),
-          place(cache, mesh, cache_partition_specs(cache, EXPERT_AXIS, CLUSTER_AXIS)))
+          None if cache is None else
+          place(cache, mesh, cache_lib.partition_specs(cache, EXPERT_AXIS, CLUSTER_AXIS)))
 
 
 def shard_moe_inputs(mesh: Mesh, params: Params, x: jax.Array, cache=None):
   """Places baseline parameters, input and optional cache on `mesh`."""
   token_axes = (CLUSTER_AXIS, EXPERT_AXIS)
   return (place(params, mesh, moe_param_specs()), place(x, mesh, P(token_axes)),
-          place(cache, mesh, cache_partition_specs(cache, token_axes, None)))
+          None if cache is None else
+          place(cache, mesh, cache_lib.partition_specs(cache, token_axes, None)))

@@ -65,6 +65,7 @@ def compile_blocks(num_devices: int, num_clusters: int, cfg_kwargs: dict, batch:
   import jax.numpy as jnp
   from jax.sharding import PartitionSpec as P
   import kvjax
+  from kvjax import cache as cache_lib
   from kvjax.foe import blocks
   from kvjax.foe.config import FoEConfig
   from kvjax.foe.mesh import CLUSTER_AXIS, EXPERT_AXIS, make_foe_mesh
@@ -92,12 +93,12 @@ def compile_blocks(num_devices: int, num_clusters: int, cfg_kwargs: dict, batch:
               _abstract(residual, mesh, P(CLUSTER_AXIS, EXPERT_AXIS)),
               None if caches["foe"] is None else _abstract(
                   caches["foe"], mesh,
-                  blocks.cache_partition_specs(caches["foe"], EXPERT_AXIS, CLUSTER_AXIS)))
+                  cache_lib.partition_specs(caches["foe"], EXPERT_AXIS, CLUSTER_AXIS)))
   base_args = (_abstract(base_params, mesh, blocks.moe_param_specs()),
                _abstract(x, mesh, P(token_axes)),
                None if caches["baseline"] is None else _abstract(
                    caches["baseline"], mesh,
-                   blocks.cache_partition_specs(caches["baseline"], token_axes, None)))
+                   cache_lib.partition_specs(caches["baseline"], token_axes, None)))
   lowered = {"foe": foe_block.lower(*foe_args), "baseline": base_block.lower(*base_args)}
   if stage == "lowered":
     return {name: low.as_text(dialect="hlo") for name, low in lowered.items()}
