@@ -74,7 +74,7 @@ def _decode_step(graphdef, state, caches, tokens, rng, sampling, impl):
 
 def _host_readable(model, tokens):
   # On a mesh the sampled tokens are replicated, so every process can read them.
-  return tokens if model.layout is None else model.layout.constrain(tokens)
+  return tokens if model.layout is None else model.layout.replicate(tokens)
 
 
 def generate_tokens(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,

@@ -114,11 +114,9 @@ class Layout:
                     out_specs=(act, cache_spec), check_vma=False)
     return run(cache, q, k, v, n.astype(jnp.int32))
 
-  def constrain(self, x: jax.Array, *spec) -> jax.Array:
-    """x with sharding P(*spec) (names "data"/"model" stand for this layout's axes)."""
-    names = {"data": self.data_axis, "model": self.model_axis}
-    return jax.lax.with_sharding_constraint(
-        x, self.sharding(P(*(names.get(s, s) if isinstance(s, str) else s for s in spec))))
+  def replicate(self, x: jax.Array) -> jax.Array:
+    """x (inside jit) replicated on every device, so that every process can read it."""
+    return jax.lax.with_sharding_constraint(x, self.sharding(P()))
 
 
 def plan(cfg: ModelConfig, mesh: Mesh, *, data_axis: str | None = "data",

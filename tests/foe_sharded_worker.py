@@ -179,7 +179,8 @@ def collectives_2x4(mesh):
   batch, seq = 8, 8
   residual = jax.random.normal(jax.random.key(7), (2, batch, seq, cfg.d_model))
   x = residual[0]
-  foe_in = foe.shard_foe_inputs(mesh, foe.init_foe_params(jax.random.key(8), cfg), residual)
+  params = foe.init_foe_params(jax.random.key(8), cfg)
+  foe_in = foe.shard_foe_inputs(mesh, params, residual)
   base_cfg = cfg.matched_baseline()
   base_in = foe.shard_moe_inputs(mesh, foe.init_moe_params(jax.random.key(9), base_cfg), x)
   texts = {
@@ -195,6 +196,18 @@ def collectives_2x4(mesh):
   foe8_in = foe.shard_foe_inputs(mesh8, foe.init_foe_params(jax.random.key(11), cfg8), residual8)
   text8 = foe.make_foe_block(cfg8, mesh8, with_aux=False).lower(*foe8_in[:2]).compile().as_text()
   rows["foe_8x1"] = hlo.table_rows(hlo.collectives(text8, 8), 1)
+  # The same block inside a sharded model's mesh vocabulary: clusters along "data", experts
+  # along "model" (same devices, same order). Its outputs must be bitwise those of the
+  # (cluster, expert) mesh, its collectives the same.
+  model_mesh = jax.sharding.Mesh(np.asarray(mesh.devices), ("data", "model"))
+  axes = ("data", "model")
+  named_in = foe.shard_foe_inputs(model_mesh, params, residual, axes=axes)
+  named = foe.make_foe_block(cfg, model_mesh, with_aux=False, axes=axes)
+  default = foe.make_foe_block(cfg, mesh, with_aux=False)
+  rows["model_mesh_max_abs_difference"] = float(np.max(np.abs(
+      np.asarray(named(*named_in[:2])[0]) - np.asarray(default(*foe_in[:2])[0]))))
+  rows["foe_model_mesh"] = hlo.table_rows(
+      hlo.collectives(named.lower(*named_in[:2]).compile().as_text(), 8), 4)
   return rows | {"residual_bytes_per_device": batch // 4 * seq * cfg.d_model * 4,
                  "residual_bytes_per_device_8x1": 2 * seq * cfg8.d_model * 4}
 

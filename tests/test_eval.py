@@ -322,8 +322,10 @@ def test_key_sensitivity_ranks_layers_on_calibration_text(tiny):
   """One run per layer with only that layer quantized; a layer with a coarser cache ranks higher."""
   from flax import nnx
   # A soft-capped copy of the tiny model: its random logits would otherwise be so peaked that
-  # every KL underflows to 0.
-  cfg = ModelConfig.preset("gemma3-tiny").replace(final_logit_softcap=4.0)
+  # every KL underflows to 0. Three layers (local, local, global) keep both layer kinds at half
+  # the compilations of six.
+  cfg = ModelConfig.preset("gemma3-tiny").replace(final_logit_softcap=4.0, num_layers=3,
+                                                  layer_types=("local", "local", "global"))
   model = model_class(cfg)(cfg, dtype=jnp.float32, rngs=nnx.Rngs(3))
   rng = np.random.default_rng(4)
   cal = rng.integers(3, cfg.vocab_size, 48).tolist()

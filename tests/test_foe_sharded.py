@@ -82,3 +82,7 @@ def _check_collectives(collectives: dict):
   assert [r["kind"] for r in single_node] == ["all-reduce"], single_node
   assert single_node[0]["group_size"] == 8
   assert single_node[0]["bytes_per_device"] == collectives["residual_bytes_per_device_8x1"]
+  # The FoE block on a sharded model's (data, model) mesh, clusters along "data": the same
+  # program under other axis names, bitwise the same outputs and collectives.
+  assert collectives["model_mesh_max_abs_difference"] == 0.0
+  assert collectives["foe_model_mesh"] == collectives["foe"]

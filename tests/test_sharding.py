@@ -52,9 +52,12 @@ EXPECTED_LAYOUT = {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", MODELS[1:])
 def test_sharded_greedy_tokens_equal_the_unsharded_models(name, tmp_path):
-  result = run_single(name, tmp_path)
+  _check_model(name, run_single(name, tmp_path))
+
+
+def _check_model(name, result):
   assert result["devices"] == 8
   model = result["models"][name]
   for key, run in model["runs"].items():
@@ -110,6 +113,7 @@ def test_plan_splits_heads_only_where_they_divide():
 
 @pytest.mark.slow
 def test_two_processes_produce_the_tokens_of_one_process_with_eight_devices(tmp_path):
+  """Mesh 2x4 with the data axis across two processes of 4 devices each (gloo collectives)."""
   multi_out = tmp_path / "multi.json"
   proc = subprocess.run([sys.executable, "-m", "kvjax.distributed", "--processes", "2",
                          "--local-devices", "4", "--timeout", "900", "--",
@@ -118,12 +122,10 @@ def test_two_processes_produce_the_tokens_of_one_process_with_eight_devices(tmp_
   assert proc.returncode == 0, proc.stderr[-4000:]
   multi = json.loads(multi_out.read_text())
   assert (multi["processes"], multi["devices"], multi["local_devices"]) == (2, 8, 4)
-  # The reference: the same model, mesh 2x4, one process with 8 devices.
-  single_out = tmp_path / "single.json"
-  proc = subprocess.run([sys.executable, str(WORKER), "reference", str(single_out)], env=_env(),
-                        capture_output=True, text=True, timeout=1000)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  reference = json.loads(single_out.read_text())
+  # The reference: the same model in one process with 8 devices, whose every mesh is checked
+  # against the unsharded model here too (the llama-8kv case of the test above).
+  reference = run_single("llama-8kv", tmp_path)
+  _check_model("llama-8kv", reference)
   for cache in ("bf16", "int4"):
-    assert multi["tokens"][cache] == reference["tokens"][cache], cache
-    assert multi["tokens"][cache] == reference["unsharded"][cache], cache
+    assert multi["tokens"][cache] == reference["models"]["llama-8kv"]["runs"][f"{cache} 2x4"][
+        "tokens"], cache

@@ -105,19 +105,23 @@ def init_moe_params(key: jax.Array, cfg: MoEConfig, dtype=jnp.float32) -> Params
   }
 
 
-def foe_param_specs() -> dict[str, P]:
-  """PartitionSpecs of FoE parameters: clusters over `cluster`, experts over `expert`."""
-  specs = {name: P(CLUSTER_AXIS) for name in
+AXES = (CLUSTER_AXIS, EXPERT_AXIS)
+
+
+def foe_param_specs(axes: tuple[str, str] = AXES) -> dict[str, P]:
+  """PartitionSpecs of FoE parameters: clusters over axes[0], experts over axes[1]."""
+  cluster, expert = axes
+  specs = {name: P(cluster) for name in
            ("attn_norm", "wq", "wk", "wv", "wo", "moe_norm", "router")}
-  specs.update({name: P(CLUSTER_AXIS, EXPERT_AXIS) for name in ("w_gate", "w_up", "w_down")})
+  specs.update({name: P(cluster, expert) for name in ("w_gate", "w_up", "w_down")})
   return specs
 
 
-def moe_param_specs() -> dict[str, P]:
+def moe_param_specs(axes: tuple[str, str] = AXES) -> dict[str, P]:
   """PartitionSpecs of baseline parameters: experts over both axes, the rest replicated."""
   specs = {name: P() for name in
            ("attn_norm", "wq", "wk", "wv", "wo", "moe_norm", "router")}
-  specs.update({name: P((CLUSTER_AXIS, EXPERT_AXIS)) for name in ("w_gate", "w_up", "w_down")})
+  specs.update({name: P(tuple(axes)) for name in ("w_gate", "w_up", "w_down")})
   return specs
 
 
@@ -259,15 +263,25 @@ def moe_block_reference(params: Params, x: jax.Array, cfg: MoEConfig, *, cache=N
 
 # ------------------------------------------------------------------------ sharded blocks
 
-def _check_mesh(mesh: Mesh) -> tuple[int, int]:
-  if tuple(mesh.axis_names) != (CLUSTER_AXIS, EXPERT_AXIS):
-    raise ValueError(f"mesh must have axes ({CLUSTER_AXIS!r}, {EXPERT_AXIS!r}) (see "
-                     f"kvjax.foe.make_foe_mesh), got {mesh.axis_names}")
-  return mesh.shape[CLUSTER_AXIS], mesh.shape[EXPERT_AXIS]
+def _check_mesh(mesh: Mesh, axes) -> tuple[int, int]:
+  """(cluster axis size, expert axis size); the mesh must have both axes and no other axis of
+  size > 1 (a model's (data, model) mesh serves with axes=("data", "model"))."""
+  if (not isinstance(axes, (tuple, list)) or len(axes) != 2 or axes[0] == axes[1]
+      or not all(isinstance(a, str) for a in axes)):
+    raise ValueError(f"axes must be two distinct mesh axis names (cluster, expert), got {axes!r}")
+  missing = [a for a in axes if a not in mesh.axis_names]
+  if missing:
+    raise ValueError(f"mesh has axes {mesh.axis_names}, not {missing} (axes={tuple(axes)!r}; "
+                     "see kvjax.foe.make_foe_mesh)")
+  others = [a for a in mesh.axis_names if a not in axes and mesh.shape[a] > 1]
+  if others:
+    raise ValueError(f"mesh axes {others} are neither of axes={tuple(axes)!r}")
+  return mesh.shape[axes[0]], mesh.shape[axes[1]]
 
 
 def make_foe_block(cfg: FoEConfig, mesh: Mesh, *, with_cache: bool = False,
-                   with_aux: bool = True, attention_impl: str = "auto"):
+                   with_aux: bool = True, attention_impl: str = "auto",
+                   axes: tuple[str, str] = AXES):
   """Builds the jitted `shard_map` FoE block for `mesh`.
 
   Returns `block(params, residual, cache=None) -> (residual', cache', aux)` with shapes as
@@ -277,25 +291,30 @@ def make_foe_block(cfg: FoEConfig, mesh: Mesh, *, with_cache: bool = False,
   inputs' shardings): residual [C, B, T, D] is split as P(cluster, expert) (clusters x
   batch shards).
 
+  axes: the mesh axes that play (cluster, expert): ("cluster", "expert") on a
+  `make_foe_mesh` mesh, ("data", "model") inside a sharded model's mesh (clusters along the data
+  axis, experts along the model axis).
+
   Raises:
     ValueError: if the mesh's cluster axis does not divide num_clusters or its expert axis
       does not divide experts_per_cluster.
   """
-  mesh_clusters, mesh_experts = _check_mesh(mesh)
+  mesh_clusters, mesh_experts = _check_mesh(mesh, axes)
+  cluster_axis, expert_axis = axes
   if cfg.num_clusters % mesh_clusters:
     raise ValueError(f"FoEConfig.num_clusters={cfg.num_clusters} must be divisible by the "
-                     f"mesh's {CLUSTER_AXIS!r} axis size {mesh_clusters}")
+                     f"mesh's {cluster_axis!r} axis size {mesh_clusters}")
   if cfg.experts_per_cluster % mesh_experts:
     raise ValueError(f"FoEConfig.experts_per_cluster={cfg.experts_per_cluster} must be "
-                     f"divisible by the mesh's {EXPERT_AXIS!r} axis size {mesh_experts}")
-  param_specs = foe_param_specs()
-  residual_spec = P(CLUSTER_AXIS, EXPERT_AXIS)
+                     f"divisible by the mesh's {expert_axis!r} axis size {mesh_experts}")
+  param_specs = foe_param_specs(axes)
+  residual_spec = P(cluster_axis, expert_axis)
 
   def local_block(params, residual, cache):
     local_clusters, local_batch, seq, width = residual.shape
     attn, cache = _foe_attention(params, residual, cfg, cache, attention_impl)
     # The cross-cluster sync: one all-reduce of the residual over the cluster axis.
-    synced = jax.lax.psum(jnp.sum(residual + attn, axis=0), CLUSTER_AXIS) / cfg.num_clusters
+    synced = jax.lax.psum(jnp.sum(residual + attn, axis=0), cluster_axis) / cfg.num_clusters
     tokens = local_batch * seq
     capacity = expert_capacity(tokens, cfg.top_k, cfg.experts_per_cluster,
                                cfg.capacity_factor)
@@ -306,15 +325,15 @@ def make_foe_block(cfg: FoEConfig, mesh: Mesh, *, with_cache: bool = False,
       out, st = routing_lib.moe_layer(normed, params["router"][c], params["w_gate"][c],
                                       params["w_up"][c], params["w_down"][c],
                                       top_k=cfg.top_k, capacity=capacity,
-                                      expert_axis=EXPERT_AXIS)
+                                      expert_axis=expert_axis)
       outputs.append(out.reshape(local_batch, seq, width))
       stats.append(st)
     aux = {}
     if with_aux:
       # Means of the statistics over all token groups first, then the losses (a mean of
       # per-group products would not be the batch's load-balancing loss).
-      stats = [jax.tree.map(lambda s: jax.lax.pmean(s, EXPERT_AXIS), st) for st in stats]
-      aux = jax.tree.map(lambda s: jax.lax.pmean(s, CLUSTER_AXIS),
+      stats = [jax.tree.map(lambda s: jax.lax.pmean(s, expert_axis), st) for st in stats]
+      aux = jax.tree.map(lambda s: jax.lax.pmean(s, cluster_axis),
                          _aux_dict(_stack_stats(stats)))
     return synced[None] + jnp.stack(outputs), cache, aux
 
@@ -324,12 +343,12 @@ def make_foe_block(cfg: FoEConfig, mesh: Mesh, *, with_cache: bool = False,
                        f"shape {residual.shape}")
     if residual.shape[1] % mesh_experts:
       raise ValueError(f"batch size {residual.shape[1]} must be divisible by the mesh's "
-                       f"{EXPERT_AXIS!r} axis size {mesh_experts}")
+                       f"{expert_axis!r} axis size {mesh_experts}")
     if (cache is not None) != with_cache:
       raise ValueError(f"this block was built with with_cache={with_cache}; pass "
                        f"{'a cache' if with_cache else 'cache=None'}")
-    cache_specs = None if cache is None else cache_lib.partition_specs(cache, EXPERT_AXIS,
-                                                                       CLUSTER_AXIS)
+    cache_specs = None if cache is None else cache_lib.partition_specs(cache, expert_axis,
+                                                                       cluster_axis)
     fn = shard_map(local_block, mesh=mesh,
                    in_specs=(param_specs, residual_spec, cache_specs),
                    out_specs=(residual_spec, cache_specs, P()))
@@ -339,23 +358,24 @@ def make_foe_block(cfg: FoEConfig, mesh: Mesh, *, with_cache: bool = False,
 
 
 def make_moe_block(cfg: MoEConfig, mesh: Mesh, *, with_cache: bool = False,
-                   with_aux: bool = True, attention_impl: str = "auto"):
+                   with_aux: bool = True, attention_impl: str = "auto",
+                   axes: tuple[str, str] = AXES):
   """Builds the jitted `shard_map` baseline block for `mesh`.
 
   Returns `block(params, x, cache=None) -> (x', cache', aux)`; x [B, T, D] is split over
   the batch on both mesh axes, experts over both axes (global expert parallelism).
-  `with_aux` as in `make_foe_block`.
+  `with_aux` and `axes` as in `make_foe_block`.
 
   Raises:
     ValueError: if the device count does not divide num_experts.
   """
-  mesh_clusters, mesh_experts = _check_mesh(mesh)
+  mesh_clusters, mesh_experts = _check_mesh(mesh, axes)
   num_devices = mesh_clusters * mesh_experts
   if cfg.num_experts % num_devices:
     raise ValueError(f"MoEConfig.num_experts={cfg.num_experts} must be divisible by the "
                      f"mesh size {num_devices} (experts are split over both mesh axes)")
-  token_axes = (CLUSTER_AXIS, EXPERT_AXIS)
-  param_specs = moe_param_specs()
+  token_axes = tuple(axes)
+  param_specs = moe_param_specs(axes)
   x_spec = P(token_axes)
 
   def local_block(params, x, cache):
@@ -395,17 +415,20 @@ def place(tree, mesh: Mesh, specs):
   return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), tree, specs)
 
 
-def shard_foe_inputs(mesh: Mesh, params: Params, residual: jax.Array, cache=None):
+def shard_foe_inputs(mesh: Mesh, params: Params, residual: jax.Array, cache=None, *,
+                     axes: tuple[str, str] = AXES):
   """Places FoE parameters, residual and optional cache on `mesh` as `make_foe_block` expects."""
-  return (place(params, mesh, foe_param_specs()),
-          place(residual, mesh, P(CLUSTER_AXIS, EXPERT_AXIS)),
+  cluster, expert = axes
+  return (place(params, mesh, foe_param_specs(axes)),
+          place(residual, mesh, P(cluster, expert)),
           None if cache is None else
-          place(cache, mesh, cache_lib.partition_specs(cache, EXPERT_AXIS, CLUSTER_AXIS)))
+          place(cache, mesh, cache_lib.partition_specs(cache, expert, cluster)))
 
 
-def shard_moe_inputs(mesh: Mesh, params: Params, x: jax.Array, cache=None):
+def shard_moe_inputs(mesh: Mesh, params: Params, x: jax.Array, cache=None, *,
+                     axes: tuple[str, str] = AXES):
   """Places baseline parameters, input and optional cache on `mesh`."""
-  token_axes = (CLUSTER_AXIS, EXPERT_AXIS)
-  return (place(params, mesh, moe_param_specs()), place(x, mesh, P(token_axes)),
+  token_axes = tuple(axes)
+  return (place(params, mesh, moe_param_specs(axes)), place(x, mesh, P(token_axes)),
           None if cache is None else
           place(cache, mesh, cache_lib.partition_specs(cache, token_axes, None)))
