@@ -10,8 +10,10 @@ GGUF files carry the tokenizer as metadata (`tokenizer.ggml.*`):
 * Gemma-3 (`tokenizer.ggml.model == "llama"`): tokens, scores and token types of a SentencePiece
   BPE model with byte fallback. They are turned into a SentencePiece `ModelProto` (unk 3, bos 2,
   eos 1, pad 0; no dummy prefix; BOS prepended) and loaded with `sentencepiece`.
-* Qwen2 (`"gpt2"`): a byte-level BPE vocabulary and merge list, run by the `tokenizers` library
-  behind Qwen2's pre-tokenizer split regex. No BOS.
+* Qwen2, Llama 3 and other byte-level BPE models (`"gpt2"`): a byte-level BPE vocabulary and
+  merge list, run by the `tokenizers` library behind the split that `tokenizer.ggml.pre` names
+  (`BYTE_LEVEL_PRE_TOKENIZERS`: Qwen2's and Llama 3's regexes, GPT-2's, GPT-4o's, SmolLM's
+  digits-then-GPT-2). BOS as the file says (`tokenizer.ggml.add_bos_token`; Qwen2 has none).
 
 Both follow what `transformers` builds from the same GGUF file (tests compare ids on prose, code,
 unicode and whitespace runs), including two details of Gemma files: tokens made only of spaces are
@@ -40,6 +42,30 @@ _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 # punctuation runs, newlines, and whitespace that is not followed by a word.
 QWEN2_SPLIT_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                      r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Llama 3's: Qwen2's, with digits in runs of up to three.
+LLAMA3_SPLIT_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                      r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# GPT-4o / Llama 4's: case-aware letter runs with a trailing contraction, digits in threes.
+GPT4O_SPLIT_REGEX = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+# llama.cpp's `tokenizer.ggml.pre` names (what its converter writes for each model family) ->
+# how text is split before the byte-level BPE runs: a split regex, "gpt2" (GPT-2's own regex,
+# the ByteLevel pre-tokenizer's), or "digits+gpt2" (every digit alone, then GPT-2's regex:
+# SmolLM's tokenizer.json). Names with the same split share an entry.
+BYTE_LEVEL_PRE_TOKENIZERS = {
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez"), QWEN2_SPLIT_REGEX),
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx"),
+                    LLAMA3_SPLIT_REGEX),
+    **dict.fromkeys(("gpt-4o", "llama4"), GPT4O_SPLIT_REGEX),
+    **dict.fromkeys(("gpt-2", "gpt2", "phi-2", "roberta-bpe", "jina-es", "jina-de",
+                     "jina-v2-es", "jina-v2-de", "jina-v2-code"), "gpt2"),
+    "smollm": "digits+gpt2",
+}
 
 
 class Tokenizer:
@@ -281,12 +307,22 @@ def _byte_level_bpe_from_gguf(meta: dict, name: str) -> Tokenizer:
                      byte_fallback=False)
   tok = HFTokenizer(model)
   pre = meta.get("tokenizer.ggml.pre")
-  if pre not in ("qwen2", "deepseek-r1-qwen"):
-    raise ValueError(f"{name}: byte-level pre-tokenizer {pre!r} is not supported (only 'qwen2')")
-  tok.pre_tokenizer = pre_tokenizers.Sequence([
-      pre_tokenizers.Split(Regex(QWEN2_SPLIT_REGEX), behavior="isolated"),
-      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-  ])
+  split = BYTE_LEVEL_PRE_TOKENIZERS.get(pre)
+  if split is None:
+    raise ValueError(f"{name}: byte-level pre-tokenizer {pre!r} is not supported; supported: "
+                     f"{sorted(BYTE_LEVEL_PRE_TOKENIZERS)}")
+  if split == "gpt2":
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+  elif split == "digits+gpt2":
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+  else:
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(split), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
   tok.decoder = decoders.ByteLevel()
   # Every ordinary token is spelled in the 256-character byte alphabet; a token marked control
   # that uses other characters is a mislabel and must not be matched in text.
@@ -299,7 +335,10 @@ def _byte_level_bpe_from_gguf(meta: dict, name: str) -> Tokenizer:
   pad = meta.get("tokenizer.ggml.padding_token_id")
   # Instruct models end a reply with <|im_end|> (the file's EOS) but may also emit the base
   # model's <|endoftext|>; generation stops on either.
-  eos_ids = [eos_id] + [i for i in (tok.token_to_id("<|endoftext|>"),) if i is not None and i != eos_id]
+  eot = meta.get("tokenizer.ggml.eot_token_id")  # Llama 3 instruct: <|eot_id|> ends a turn
+  eos_ids = [eos_id] + [i for i in dict.fromkeys((tok.token_to_id("<|endoftext|>"),
+                                                  None if eot is None else int(eot)))
+                        if i is not None and i != eos_id]
   add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
   bos = meta.get("tokenizer.ggml.bos_token_id")
   return Tokenizer(_HFTokenizersBackend(tok), bos_id=None if bos is None else int(bos),
