@@ -207,9 +207,7 @@ def ragged_attention(q: jax.Array, pool: PagedKVCache, kv_lens, page_indices, cu
   valid = j < q_lens[:, None]
   qs = jnp.where(valid[..., None, None], q[jnp.clip(rows, 0, t - 1)], 0)   # [S, T, Hq, D]
   q_pos = kv_lens[:, None] - q_lens[:, None] + j
-  pool = dataclasses.replace(pool, slots=dataclasses.replace(
-      pool.slots, lengths=pool.slots.lengths.at[jnp.asarray(slot_ids)].set(kv_lens)))
-  c = view(pool, slot_ids, page_indices)
+  c = dataclasses.replace(view(pool, slot_ids, page_indices), lengths=kv_lens)
   out = attention.attend(qs, c, scale=scale, softcap=soft_cap, window=sliding_window,
                          q_positions=jnp.where(valid, q_pos, 0), impl=impl)
   out = jnp.where(valid[..., None, None], out, 0)
