@@ -128,8 +128,18 @@ def test_sharded_block_errors_on_mesh_mismatch():
   with pytest.raises(ValueError, match="num_experts=12 must be divisible by the mesh size 8"):
     foe.make_moe_block(foe.MoEConfig(d_model=8, num_q_heads=2, num_kv_heads=1, head_dim=8,
                                      num_experts=12, top_k=2, d_ff=8), mesh)
-  with pytest.raises(ValueError, match="mesh must have axes"):
-    foe.make_foe_block(small_foe(), AbstractMesh((2, 4), ("data", "model")))
+  model_mesh = AbstractMesh((2, 4), ("data", "model"))
+  with pytest.raises(ValueError, match=r"mesh has axes \('data', 'model'\), not \['cluster', "
+                                       r"'expert'\]"):
+    foe.make_foe_block(small_foe(), model_mesh)
+  # The same mesh serves when its axes are named as (cluster, expert).
+  foe.make_foe_block(small_foe(), model_mesh, axes=("data", "model"))
+  with pytest.raises(ValueError, match="axes must be two distinct mesh axis names"):
+    foe.make_foe_block(small_foe(), model_mesh, axes=("data", "data"))
+  with pytest.raises(ValueError, match=r"mesh axes \['extra'\] are neither"):
+    foe.make_moe_block(foe.MoEConfig(d_model=8, num_q_heads=2, num_kv_heads=1, head_dim=8,
+                                     num_experts=8, top_k=2, d_ff=8),
+                       AbstractMesh((2, 2, 2), ("data", "model", "extra")), axes=("data", "model"))
 
 
 def test_reference_input_errors():
