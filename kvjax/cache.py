@@ -265,7 +265,7 @@ def accumulate_stats(cache: StatsKVCache, q, k, v, num_tokens=None) -> StatsKVCa
 KVCache = Union[DenseKVCache, QuantizedKVCache]
 
 # The basis the codes live in (per layer, [Hr, ...]). The corrections' arrays are named by their
-# classes: `kvjax.corrections.shared_names()` (no head axis) and `state_names()` (per sequence).
+# classes: `params` ([Hr, ...]; `shared` ones have no head axis) and `state` ([B, H, ...]).
 BASIS_FIELDS = ("k_rotation", "v_rotation", "k_lambda", "v_lambda")
 
 

@@ -26,16 +26,6 @@ def param_names() -> tuple[str, ...]:
   return tuple(n for cls in REGISTRY.values() for n in cls.params)
 
 
-def shared_names() -> tuple[str, ...]:
-  """Params with no KV-head axis (replicated when a cache is sharded over heads)."""
-  return tuple(n for cls in REGISTRY.values() for n in cls.shared)
-
-
-def state_names() -> tuple[str, ...]:
-  """Per-sequence state arrays [B, H, ...]."""
-  return tuple(n for cls in REGISTRY.values() for n in cls.state)
-
-
 def find(corrections, kind) -> int | None:
   """Index of the correction of `kind` (a kind string or a Correction class), or None."""
   kind = kind if isinstance(kind, str) else kind.kind
