@@ -159,8 +159,7 @@ def _auto_axes(mesh: Mesh) -> Mesh:
 
 # -- parameters ------------------------------------------------------------------------------------
 
-def _param_spec(path: tuple[str, ...], shape: tuple[int, ...], cfg: ModelConfig,
-                layout: Layout) -> P:
+def _param_spec(path: tuple[str, ...], shape: tuple[int, ...], layout: Layout) -> P:
   """The PartitionSpec of one parameter (path: its names from the model root)."""
   m, tp = layout.model_axis, layout.model_size
   lead = (None,) * (len(shape) - (2 if path[-1] == "kernel" else 1))
@@ -204,7 +203,7 @@ def param_specs(model, layout: Layout) -> dict:
 
   def spec(path, leaf):
     names = tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-    return _param_spec(names, leaf.shape, model.config, layout)
+    return _param_spec(names, leaf.shape, layout)
 
   return jax.tree_util.tree_map_with_path(spec, pure)
 
@@ -293,11 +292,6 @@ def check_batch(layout: Layout, batch: int) -> None:
 
 def replicated(layout: Layout, x) -> jax.Array:
   return put(x, layout.sharding(P()))
-
-
-def by_batch(layout: Layout, x) -> jax.Array:
-  """x [B, ...] split over the data axis."""
-  return put(x, layout.sharding(P(layout.data_axis)))
 
 
 def cache_nbytes_per_device(caches) -> int:
