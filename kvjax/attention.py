@@ -592,7 +592,7 @@ def attend(q: jax.Array, cache: cache_lib.KVCache, *, scale: float | None = None
   Returns [B, Tq, Hq, D] in q's dtype; a query with no visible key gets zeros.
   """
   own = _OWN_ATTENTION.get(type(cache))
-  if own is not None:  # a cache that runs its own attention (kvjax.certified)
+  if own is not None:  # a cache that runs its own attention (kvjax.certified, kvjax.paged)
     return own[0](q, cache, scale=scale, softcap=softcap, window=window, q_positions=q_positions)
   scale, window = _resolve(q, cache, scale, window, impl)
   if impl == "pallas" and (not isinstance(cache, QuantizedKVCache) or q.shape[1] != 1):
@@ -638,9 +638,8 @@ def append_and_attend(cache: cache_lib.KVCache, q: jax.Array, k: jax.Array, v: j
   Returns (out [B, T, Hq, D], new cache).
   """
   own = _OWN_ATTENTION.get(type(cache))
-  if own is not None:  # a cache that runs its own attention (kvjax.certified)
+  if own is not None:  # a cache that runs its own attention (kvjax.certified, kvjax.paged)
     check_impl(impl)
-    impl = impl if impl in ("xla", "pallas") else "auto"
     return own[1](cache, q, k, v, scale=scale, softcap=softcap, num_tokens=num_tokens,
                   impl=impl)
   scale_, window = _resolve(q, cache, scale, None, impl)

@@ -81,16 +81,30 @@ def init_paged_cache(num_pages: int, page_size: int, num_slots: int, num_kv_head
       raise ValueError(f"{name} must be a positive int, got {v!r}")
   template = cache_lib.init_cache(num_slots, num_kv_heads, page_size, head_dim, quant=quant,
                                   dtype=dtype, **params)
-  names = QUANT_STORAGE if quant is not None else DENSE_STORAGE
-  pages = {n: jnp.zeros((num_pages,) + getattr(template, n).shape[1:], getattr(template, n).dtype)
-           for n in names}
-  return PagedKVCache(pages=pages, slots=_without_storage(template), page_size=page_size)
+  return pool_like(template, num_pages, page_size)
 
 
-def _without_storage(c):
-  empty = {n: getattr(c, n)[:, :, :0] for n in (QUANT_STORAGE if isinstance(c, QuantizedKVCache)
-                                               else DENSE_STORAGE)}
-  return dataclasses.replace(c, capacity=0, **empty)
+def pool_like(template: cache_lib.KVCache, num_pages: int, page_size: int) -> PagedKVCache:
+  """An empty pool of `num_pages` pages storing what `template` (a contiguous cache, possibly
+  stacked on leading layer axes [L..., B, H, S, ...]) stores, with its basis, corrections'
+  params and one slot per batch row. Stacked templates give pools stacked the same way (what a
+  model's scanned layers carry: `kvjax.models.engine.init_pools`)."""
+  if not isinstance(template, (DenseKVCache, QuantizedKVCache)):
+    raise TypeError(f"template must be a kvjax DenseKVCache or QuantizedKVCache, got "
+                    f"{type(template).__name__}")
+  for name, v in (("num_pages", num_pages), ("page_size", page_size)):
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+      raise ValueError(f"{name} must be a positive int, got {v!r}")
+  lead = template.lengths.ndim - 1                         # stacked layer axes
+  names = QUANT_STORAGE if isinstance(template, QuantizedKVCache) else DENSE_STORAGE
+  pages = {}
+  for n in names:
+    a = getattr(template, n)                              # [L..., B, H, S, ...]
+    shape = a.shape[:lead] + (num_pages, a.shape[lead + 1], page_size) + a.shape[lead + 3:]
+    pages[n] = jnp.zeros(shape, a.dtype)
+  empty = {n: jax.lax.slice_in_dim(getattr(template, n), 0, 0, axis=lead + 2) for n in names}
+  slots = dataclasses.replace(template, capacity=0, window=None, ring=False, **empty)
+  return PagedKVCache(pages=pages, slots=slots, page_size=page_size)
 
 
 def _rows(pool: PagedKVCache, slot_ids, capacity: int, storage: dict):
@@ -115,10 +129,12 @@ def _check_tables(pool: PagedKVCache, slot_ids, page_table):
   return slot_ids.astype(jnp.int32), page_table.astype(jnp.int32)
 
 
-def view(pool: PagedKVCache, slot_ids, page_table) -> cache_lib.KVCache:
+def view(pool: PagedKVCache, slot_ids, page_table, *, window: int | None = None
+         ) -> cache_lib.KVCache:
   """The sequences (slot_ids [B], page_table [B, P]) as a contiguous cache of P * page_size
   tokens: their pages gathered in order, their slots' lengths and correction state. Every
-  `kvjax.attend` path runs over it (pass `window=` for a sliding-window layer's mask)."""
+  `kvjax.attend` path runs over it. window: the sliding window its attention masks to (a
+  plain, non-ring cache: pages hold every position)."""
   slot_ids, page_table = _check_tables(pool, slot_ids, page_table)
   b, p = page_table.shape
   storage = {}
@@ -126,7 +142,31 @@ def view(pool: PagedKVCache, slot_ids, page_table) -> cache_lib.KVCache:
     g = buf[page_table]                                   # [B, P, H, page, ...]
     g = jnp.moveaxis(g, 2, 1)                             # [B, H, P, page, ...]
     storage[n] = g.reshape((b, g.shape[1], p * pool.page_size) + g.shape[4:])
-  return _rows(pool, slot_ids, p * pool.page_size, storage)
+  return dataclasses.replace(_rows(pool, slot_ids, p * pool.page_size, storage), window=window)
+
+
+def _scatter(pool: PagedKVCache, page_table, positions, written, arrays: dict) -> dict:
+  """Pages with arrays[n] [B, T, H, ...] stored at token positions [B, T] of each row's pages
+  where `written` [B, T]; other tokens are dropped."""
+  pos = jnp.where(written, positions, 0)
+  page = jnp.take_along_axis(page_table, pos // pool.page_size, axis=1)
+  page = jnp.where(written, page, pool.num_pages)         # out of range: dropped
+  offset = pos % pool.page_size
+  return {n: buf.at[page, :, offset].set(arrays[n].astype(buf.dtype), mode="drop")
+          for n, buf in pool.pages.items()}
+
+
+def _with_rows(pool: PagedKVCache, slot_ids, lengths, corrections, overflow=None) -> PagedKVCache:
+  """The pool's slots with rows `slot_ids` holding these lengths and correction state."""
+  s = pool.slots
+  fields = dict(lengths=s.lengths.at[slot_ids].set(lengths))
+  if overflow is not None:
+    fields["overflow"] = s.overflow.at[slot_ids].set(s.overflow[slot_ids] | overflow)
+  if isinstance(s, QuantizedKVCache):
+    fields["corrections"] = tuple(
+        {n: (a.at[slot_ids].set(new[n]) if n in c.state else a) for n, a in arrays.items()}
+        for c, arrays, new in zip(s.config.corrections, s.corrections, corrections))
+  return dataclasses.replace(pool, slots=dataclasses.replace(s, **fields))
 
 
 def write(pool: PagedKVCache, k: jax.Array, v: jax.Array, *, slot_ids, page_table,
@@ -141,36 +181,25 @@ def write(pool: PagedKVCache, k: jax.Array, v: jax.Array, *, slot_ids, page_tabl
            for n, a in pool.pages.items()}
   rows = _rows(pool, slot_ids, p * pool.page_size, empty)
   chunk = cache_lib.encode(rows, k, v, num_tokens=num_tokens, impl=impl)
-  cap = p * pool.page_size
-  written = chunk.slots < cap                             # [B, T]: token lands in the cache
-  pos = jnp.where(written, chunk.slots, 0)
-  page = jnp.take_along_axis(page_table, pos // pool.page_size, axis=1)
-  page = jnp.where(written, page, pool.num_pages)         # out of range: dropped
-  offset = pos % pool.page_size
-  pages = {n: buf.at[page, :, offset].set(chunk.arrays[n].astype(buf.dtype), mode="drop")
-           for n, buf in pool.pages.items()}
-  s = pool.slots
-  fields = dict(lengths=s.lengths.at[slot_ids].set(chunk.new_lengths))
-  if isinstance(s, QuantizedKVCache):
-    fields["corrections"] = tuple(
-        {n: (a.at[slot_ids].set(new[n]) if n in c.state else a) for n, a in arrays.items()}
-        for c, arrays, new in zip(s.config.corrections, s.corrections, chunk.corrections))
-  return PagedKVCache(pages=pages, slots=dataclasses.replace(s, **fields),
-                      page_size=pool.page_size)
+  written = chunk.slots < p * pool.page_size              # [B, T]: token lands in the cache
+  pages = _scatter(pool, page_table, chunk.slots, written, chunk.arrays)
+  pool = dataclasses.replace(pool, pages=pages)
+  return _with_rows(pool, slot_ids, chunk.new_lengths, chunk.corrections)
 
 
 def reset_slot(pool: PagedKVCache, slot: int, *, like: int | None = None) -> PagedKVCache:
   """The pool with `slot` emptied (length 0, correction state zero) or, with `like`, holding a
-  copy of slot `like`'s length and state (a forked sequence)."""
+  copy of slot `like`'s length and state (a forked sequence). Works on stacked pools too."""
   s = pool.slots
+  lead = (slice(None),) * (s.lengths.ndim - 1)           # stacked layer axes
 
   def one(a, fresh):
-    return a.at[slot].set(a[like] if like is not None else fresh)
+    return a.at[lead + (slot,)].set(a[lead + (like,)] if like is not None else fresh)
 
-  fields = dict(lengths=one(s.lengths, 0))
+  fields = dict(lengths=one(s.lengths, 0), overflow=one(s.overflow, False))
   if isinstance(s, QuantizedKVCache):
     fields["corrections"] = tuple(
-        {n: (one(a, jnp.zeros_like(a[slot])) if n in c.state else a) for n, a in arrays.items()}
+        {n: (one(a, 0) if n in c.state else a) for n, a in arrays.items()}
         for c, arrays in zip(s.config.corrections, s.corrections))
   return dataclasses.replace(pool, slots=dataclasses.replace(s, **fields))
 
@@ -213,6 +242,76 @@ def ragged_attention(q: jax.Array, pool: PagedKVCache, kv_lens, page_indices, cu
   out = jnp.where(valid[..., None, None], out, 0)
   packed = jnp.zeros_like(q)
   return packed.at[jnp.where(valid, rows, t)].set(out, mode="drop")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PagedBatch:
+  """A layer's pool bound to the sequences of one model call: what a model layer receives in
+  place of a contiguous cache (`kvjax.append_and_attend` accepts it).
+
+  pool: the layer's `PagedKVCache`; slot_ids int32 [B]: each row's slot; page_table int32
+  [B, P]: each row's pages (P * page_size tokens of view); window: the layer's sliding window
+  (a mask over pages that hold every position), None for global layers. The three arrays may
+  carry leading stacked layer axes (a model's scanned runs), sliced by the scan like a cache's.
+  """
+
+  pool: PagedKVCache
+  slot_ids: jax.Array
+  page_table: jax.Array
+  window: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+
+  @property
+  def lengths(self) -> jax.Array:
+    """int32 [..., B]: tokens written so far by each row's sequence."""
+    return jnp.take_along_axis(self.pool.slots.lengths, self.slot_ids, axis=-1)
+
+
+def append_and_attend(cache: PagedBatch, q, k, v, *, scale=None, softcap=None, num_tokens=None,
+                      impl: str = "auto"):
+  """`kvjax.append_and_attend` over pages: the rows' pages viewed as a contiguous cache, the
+  contiguous cache's own append_and_attend (so the codes, correction state and attention are
+  those of a contiguous cache of P * page_size tokens, bit for bit), and the new tokens and
+  state stored back into the pages and slots. Returns (out [B, T, Hq, D], new PagedBatch).
+
+  Cost: the view gathers every page of the table (P * page_size tokens per row per layer); a
+  fused kernel that reads pages through the table in place is the accelerator path still to
+  write (module docstring)."""
+  if not isinstance(cache, PagedBatch):
+    raise TypeError(f"cache must be a PagedBatch, got {type(cache).__name__}")
+  from kvjax import attention
+  pool = cache.pool
+  slot_ids, page_table = _check_tables(pool, cache.slot_ids, cache.page_table)
+  contiguous = view(pool, slot_ids, page_table, window=cache.window)
+  out, new = attention.append_and_attend(contiguous, q, k, v, scale=scale, softcap=softcap,
+                                         num_tokens=num_tokens, impl=impl)
+  t = q.shape[1]
+  positions = contiguous.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+  written = positions < new.lengths[:, None]
+  b_idx = jnp.arange(positions.shape[0], dtype=jnp.int32)[:, None]
+  safe = jnp.where(written, positions, 0)
+  arrays = {n: getattr(new, n)[b_idx, :, safe] for n in pool.pages}     # [B, T, H, ...]
+  pool = dataclasses.replace(pool, pages=_scatter(pool, page_table, positions, written, arrays))
+  corrections = new.corrections if isinstance(new, QuantizedKVCache) else ()
+  pool = _with_rows(pool, slot_ids, new.lengths, corrections, overflow=new.overflow)
+  return out, dataclasses.replace(cache, pool=pool)
+
+
+def _attend_bound(q, cache: PagedBatch, *, scale=None, softcap=None, window=None,
+                  q_positions=None):
+  from kvjax import attention
+  c = view(cache.pool, cache.slot_ids, cache.page_table, window=cache.window)
+  return attention.attend(q, c, scale=scale, softcap=softcap, window=window,
+                          q_positions=q_positions)
+
+
+def _register():
+  from kvjax import attention
+  attention.register_cache_type(PagedBatch, attend=_attend_bound,
+                                append_and_attend=append_and_attend)
+
+
+_register()
 
 
 class PageAllocator:

@@ -240,9 +240,10 @@ def required_separate_layers(calibration: artifact.Calibration, cfg) -> tuple[in
   return tuple(l for l, c in enumerate(names) if c != common)
 
 
-def init_cache(model, batch: int, max_len: int, calibration):
+def init_cache(model, batch: int, max_len: int, calibration, *, context: int | None = None):
   """Empty caches for `model` in the format of `calibration` (a Calibration or an artifact
-  directory), holding its tensors for caches of `max_len` tokens (`Calibration.tensors_for`).
+  directory), holding its tensors for caches of `max_len` tokens (`Calibration.tensors_for`;
+  `context`: for sequences of up to that many tokens instead, e.g. a paged pool's template).
   The model must scan on their own the layers whose format differs from the others'
   (`required_separate_layers`; `kvjax.models.load(..., calibration=...)` does this)."""
   cfg = model.config
@@ -264,7 +265,7 @@ def init_cache(model, batch: int, max_len: int, calibration):
   layer_quant = {l: configs[l] for l in cfg.separate_layers}
   caches = model.init_cache(batch, max_len, quant=common, layer_quant=layer_quant,
                             _unplaced=True)
-  chosen = cal.tensors_for(max_len)
+  chosen = cal.tensors_for(max_len if context is None else context)
   slots = layer_slots(cfg)
   out = {"groups": [], "tail": []}
   for part in ("groups", "tail"):

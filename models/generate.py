@@ -57,9 +57,10 @@ def sample_logits(logits: jax.Array, rng: jax.Array | None, *, temperature: floa
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "impl"),
                    donate_argnames=("caches",))
-def _prefill(graphdef, state, caches, tokens, lengths, rng, sampling, impl):
+def _prefill(graphdef, state, caches, tokens, lengths, rng, sampling, impl, logits_at=None):
   model = nnx.merge(graphdef, state)
-  logits, caches = model(tokens, caches, num_tokens=lengths, logits_at=lengths - 1,
+  logits, caches = model(tokens, caches, num_tokens=lengths,
+                         logits_at=lengths - 1 if logits_at is None else logits_at,
                          attention_impl=impl)
   return _host_readable(model, sample_logits(logits[:, 0], rng, **dict(sampling))), caches
 
@@ -83,7 +84,8 @@ def generate_tokens(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_ne
                     rng: jax.Array | None = None, max_len: int | None = None,
                     eos_token_ids: Sequence[int] | None = None,
                     cache_dtype=None, calibration=None,
-                    attention_impl: str = "auto") -> list[list[int]]:
+                    attention_impl: str = "auto",
+                    prefill_chunk: int | None = None) -> list[list[int]]:
   """Generates up to `max_new_tokens` tokens after each prompt (token ids).
 
   Args:
@@ -101,6 +103,9 @@ def generate_tokens(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_ne
     cache_dtype: dense cache dtype (default: the model's parameter dtype).
     attention_impl: the attention implementation (`kvjax.attend`'s impl; "auto" picks by
       platform and step, "xla" is the exact quantized-domain path).
+    prefill_chunk: write prompts in chunks of at most this many tokens (each padded to
+      min(prefill_chunk, the power-of-two bucket of what is left), as the serving engine does);
+      default: one call for the whole prompt.
   Returns:
     B lists of generated token ids, each ending at (and including) its first EOS token if any.
   """
@@ -109,6 +114,9 @@ def generate_tokens(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_ne
   check_impl(attention_impl)
   if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+  if prefill_chunk is not None and (not isinstance(prefill_chunk, int)
+                                    or isinstance(prefill_chunk, bool) or prefill_chunk < 1):
+    raise ValueError(f"prefill_chunk must be a positive int or None, got {prefill_chunk!r}")
   if isinstance(prompts, (str, bytes)) or not len(prompts):
     raise ValueError("prompts must be a non-empty list of token-id sequences")
   raw = [np.asarray(p) for p in prompts]
@@ -161,9 +169,27 @@ def generate_tokens(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_ne
   if model.layout is not None:
     from kvjax.models import sharding
     place = functools.partial(sharding.replicated, model.layout)
-  rng, sub = jax.random.split(rng)
-  tokens, caches = _prefill(graphdef, state, caches, place(padded), place(lengths),
-                            place(sub), sampling, attention_impl)
+  if prefill_chunk is None:
+    rng, sub = jax.random.split(rng)
+    tokens, caches = _prefill(graphdef, state, caches, place(padded), place(lengths),
+                              place(sub), sampling, attention_impl)
+  else:
+    first = np.zeros(batch, np.int32)
+    for start in range(0, longest, prefill_chunk):
+      left = np.maximum(lengths - start, 0)
+      n = np.minimum(left, prefill_chunk).astype(np.int32)
+      t = min(prefill_chunk, prompt_bucket(int(left.max())))
+      chunk = np.zeros((batch, t), np.int32)
+      for i, p in enumerate(prompts):
+        chunk[i, :n[i]] = p[start:start + n[i]]
+      rng, sub = jax.random.split(rng)
+      # logits_at of a row with nothing left is any index: its token is not kept
+      sampled, caches = _prefill(graphdef, state, caches, place(chunk), place(n),
+                                 place(sub), sampling, attention_impl, logits_at=place(
+                                     np.maximum(n - 1, 0)))
+      ends = (lengths > start) & (lengths <= start + prefill_chunk)
+      first = np.where(ends, np.asarray(sampled), first)
+    tokens = place(first)
   out: list[list[int]] = [[] for _ in range(batch)]
   done = np.zeros(batch, bool)
   for step in range(max_new_tokens):

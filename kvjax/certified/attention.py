@@ -500,6 +500,7 @@ def append_and_attend(cache: CertifiedKVCache, q, k, v, *, scale=None, softcap=N
   model layer makes (`kvjax.append_and_attend` lands here for a certified cache: its impl
   "auto" / "xla" / "pallas" picks rung 0's path as in `attend`; any other runs "auto").
   Returns (out, new cache); the step's `Certificate` is summed into the cache's `stats`."""
+  impl = impl if impl in ("xla", "pallas") else "auto"
   _resolve(q, cache, scale, None, None)
   t = q.shape[1]
   if k.shape[1] != t:
