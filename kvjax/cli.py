@@ -1,4 +1,5 @@
-"""The `kvjax` command: `kvjax eval`, `kvjax bench`, `kvjax calibrate` (also `python -m kvjax ...`)."""
+"""The `kvjax` command: `kvjax eval`, `kvjax bench`, `kvjax calibrate`, `kvjax passkey`, `kvjax serve`
+(also `python -m kvjax ...`)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,11 @@ def _passkey(a):
   specs = [ev.parse_spec(s) for s in a.caches] if a.caches else None
   retrieval.run(a.model, lengths=a.lengths, depths=a.depths, specs=specs, out_dir=a.out,
                 calibration=a.calibration)
+
+
+def _serve(a):
+  from kvjax import serve
+  serve.run_from_args(a)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
   r.add_argument("--calibration", default=None, metavar="DIR",
                  help="calibration artifact of the int4 cache (default: the model's own)")
   r.set_defaults(func=_passkey)
+  s = sub.add_parser("serve", help="OpenAI-compatible HTTP server over the continuous-batching "
+                     "engine (needs kvjax[serve])")
+  from kvjax.serve import add_arguments as serve_arguments
+  serve_arguments(s)
+  s.set_defaults(func=_serve)
   return p
 
 

@@ -287,6 +287,14 @@ class Engine:
       self.free(request_id)
     req.state, req.finish_reason = DONE, "cancelled"
 
+  def forget(self, request_id: int) -> Request:
+    """Drops a finished request's record (a long-running server calls this for each one, so the
+    engine holds only live requests); returns it."""
+    req = self.requests[request_id]
+    if req.state != DONE:
+      raise ValueError(f"request {request_id} is {req.state}; cancel it first")
+    return self.requests.pop(request_id)
+
   def has_work(self) -> bool:
     return bool(self.waiting) or any(r is not None for r in self.slots)
 
