@@ -33,6 +33,34 @@ def _code_dtype(bits):
   return jnp.dtype(jnp.uint8) if bits == 4 else jnp.dtype(jnp.int8)
 
 
+def paged_view_shapes(page_table, k_codes, k_scales, v_codes, v_scales):
+  """Checks pages [N, H, page_size, ...] of codes and scales and a page table int [B, P];
+  returns stand-ins (shape and dtype) of the contiguous [B, H, P * page_size, ...] arrays the
+  sequences' pages spell, for `validate_decode_inputs`."""
+  if (getattr(page_table, "ndim", None) != 2
+      or not jnp.issubdtype(page_table.dtype, jnp.integer)):
+    raise ValueError(f"page_table must be an int [B, P] array, got "
+                     f"{getattr(page_table, 'dtype', type(page_table).__name__)}"
+                     f"{list(getattr(page_table, 'shape', ()))}")
+  pages = (k_codes, k_scales, v_codes, v_scales)
+  if any(a.ndim != 4 for a in pages) or len({a.shape[:3] for a in pages}) != 1:
+    raise ValueError("paged codes and scales must be [num_pages, H, page_size, ...] with the "
+                     f"same first three axes, got {[a.shape for a in pages]}")
+  b, p = page_table.shape
+  return tuple(jax.ShapeDtypeStruct((b, a.shape[1], p * a.shape[2], a.shape[3]), a.dtype)
+               for a in pages)
+
+
+def gather_pages(page_table, *pages):
+  """The contiguous [B, H, P * page_size, ...] arrays of pages [N, H, page_size, ...]."""
+  b, p = page_table.shape
+  out = []
+  for a in pages:
+    g = jnp.moveaxis(a[page_table], 2, 1)                 # [B, H, P, page, ...]
+    out.append(g.reshape((b, a.shape[1], p * a.shape[2]) + a.shape[3:]))
+  return out
+
+
 def validate_decode_inputs(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *, key_bits,
                            value_bits, group_size, ring, window, softcap) -> DecodeShapes:
   """Checks the cache layout (docs/cache_layout.md) and returns the problem sizes."""
@@ -149,7 +177,8 @@ def validate_recent_values(values, batch, kv_heads, head_dim):
 
 def slot_split(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, position, *,
                logit_delta=None, value_delta=None, logit_base=None, key_bits, value_bits,
-               group_size, ring, window, scale, softcap, logit_offset, rope_coef, rope_freq):
+               group_size, ring, window, scale, softcap, logit_offset, rope_coef, rope_freq,
+               page_table=None):
   """A correction to one slot's logit and value as one more split-K state (m, l, acc) for
   `combine_splits`.
 
@@ -167,18 +196,28 @@ def slot_split(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, position, *
   O(B Hq D) work outside the kernel: one slot's codes are read again. z' is recomputed in
   float32; the kernels' bf16-split products carry ~16 bits, so the merge is exact to ~2^-16
   of the slot's weight.
+  page_table: None, or int32 [B, P] when the codes and scales are pages [N, H, page, ...]
+  (`paged_view_shapes`): the slot is read from its page.
   Returns m, l [B, H, 1, R] and acc [B, H, 1, R, D] (m = NO_SCORE_YET, l = acc = 0 where
   the position is not visible to the query).
   """
   from kvjax.pallas_kernels import reference  # reference imports this module
 
   b, hq, d = q_rot.shape
-  h, s = k_codes.shape[1], k_codes.shape[2]
+  h = k_codes.shape[1]
   r = hq // h
   lengths = lengths.astype(jnp.int32)
   position = position.astype(jnp.int32)
-  slot = jnp.mod(jnp.maximum(position, 0), s)                                   # [B]
-  take = lambda a: jnp.take_along_axis(a, slot[:, None, None, None], axis=2)
+  if page_table is None:
+    s = k_codes.shape[2]
+    slot = jnp.mod(jnp.maximum(position, 0), s)                                 # [B]
+    take = lambda a: jnp.take_along_axis(a, slot[:, None, None, None], axis=2)
+  else:  # pages [N, H, page, ...]: the slot's page from the table, then its row in the page
+    page_size = k_codes.shape[2]
+    s = page_table.shape[1] * page_size
+    slot = jnp.mod(jnp.maximum(position, 0), s)
+    page = jnp.take_along_axis(page_table, (slot // page_size)[:, None], axis=1)[:, 0]
+    take = lambda a: a[page, :, slot % page_size][:, :, None]
   k0 = reference.dequantize_codes(take(k_codes), take(k_scales), bits=key_bits,
                                   group_size=group_size)[:, :, 0]              # [B, H, D]
   v0 = reference.dequantize_codes(take(v_codes), take(v_scales), bits=value_bits,

@@ -254,7 +254,7 @@ def decode_attention_tpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *
                          value_bits=4, group_size=32, ring=False, window=None, scale=None,
                          softcap=None, logit_offset=None, rope_coef=None, rope_freq=None,
                          sink_logit=None, sink_value=None, recent_values=None, block_s=None, num_splits=None,
-                         block_logsumexp=None, interpret=None):
+                         block_logsumexp=None, interpret=None, page_table=None):
   """Decode attention over a quantized cache with the Mosaic TPU kernel.
 
   Arguments and result as `decode_attention_reference` ([B, Hq, D] float32 in the
@@ -263,8 +263,31 @@ def decode_attention_tpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *
   of 32, or S itself), `num_splits` split-K factor (None: `tuning` heuristics).
   `interpret` may be a bool or a `pltpu.InterpretParams` (TPU-semantics
   interpretation on the CPU).
+
+  Paged caches: with `page_table` int32 [B, P], the codes and scales are a page pool
+  [num_pages, H, page_size, ...] (`kvjax.paged`) and sequence b's slot t lives in page
+  page_table[b, t // page_size]; the table is scalar-prefetched with the lengths and each grid
+  step DMAs one page straight from the pool (block_s = page_size, a multiple of 32 unless a
+  sequence has one page). Nothing is gathered outside the kernel. Not with `ring` (pages keep
+  every position; a window is a mask) or `block_logsumexp`.
   """
-  shapes = _common.validate_decode_inputs(q_rot, k_codes, k_scales, v_codes, v_scales, lengths,
+  paged = page_table is not None
+  if paged:
+    logical = _common.paged_view_shapes(page_table, k_codes, k_scales, v_codes, v_scales)
+    if ring:
+      raise ValueError("a paged cache is not a ring buffer: pass window= for the mask")
+    if block_logsumexp is not None:
+      raise ValueError("block_logsumexp is not available over a paged cache")
+    page_size, table_width = k_codes.shape[2], page_table.shape[1]
+    if block_s not in (None, page_size):
+      raise ValueError(f"over pages block_s is the page size {page_size}, got {block_s}")
+    block_s = page_size
+    if page_size % 32 and table_width > 1:
+      raise ValueError(f"page_size must be a multiple of 32 (int8 tile height) for the TPU "
+                       f"kernel, got {page_size}")
+  else:
+    logical = (k_codes, k_scales, v_codes, v_scales)
+  shapes = _common.validate_decode_inputs(q_rot, *logical, lengths,
                                           key_bits=key_bits, value_bits=value_bits,
                                           group_size=group_size, ring=ring, window=window,
                                           softcap=softcap)
@@ -307,13 +330,23 @@ def decode_attention_tpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *
   replicate = head_sum.T  # [nG, R]
   lo, hi, base, write = _common.slot_bounds(lengths, s, ring=ring, window=window)
 
-  def kv_index(bi, hi_, split, step, lengths_ref, lo_ref, hi_ref, base_ref, write_ref):
+  def visible_block(bi, split, step, lo_ref, hi_ref):
     # Clamp into the sequence's visible blocks: repeated indices skip the DMA.
     # lax.div (truncating) on non-negative ints: jnp's floor division lowers through
     # lax.sign, which Mosaic can only lower when it knows the TPU generation.
     first = lax.div(lo_ref[bi], block_s)
     last = jnp.maximum(lax.div(hi_ref[bi] + block_s - 1, block_s) - 1, first)
-    return bi, hi_, jnp.clip(split * blocks_per_split + step, first, last), 0
+    return jnp.clip(split * blocks_per_split + step, first, last)
+
+  if paged:
+    def kv_index(bi, hi_, split, step, lengths_ref, lo_ref, hi_ref, base_ref, write_ref,
+                 table_ref):
+      # The block is one page: its pool index comes from the scalar-prefetched table.
+      return table_ref[bi * table_width + visible_block(bi, split, step, lo_ref, hi_ref)], \
+          hi_, 0, 0
+  else:
+    def kv_index(bi, hi_, split, step, lengths_ref, lo_ref, hi_ref, base_ref, write_ref):
+      return bi, hi_, visible_block(bi, split, step, lo_ref, hi_ref), 0
 
   def per_head(bi, hi_, split, step, *_):
     return bi, hi_, 0, 0
@@ -377,10 +410,17 @@ def decode_attention_tpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *
       softcap=None if softcap is None else float(softcap), scale=scale, n_rep=n_rep,
       head_dim=d, has_offset=logit_offset is not None, rope_pairs=rope_pairs,
       lse_block=lse_block)
+  prefetch = [lengths.astype(jnp.int32), lo, hi, base, write]
+  if paged:
+    # The page table is read by the index maps only; the kernel body never sees it.
+    body = kernel
+    kernel = lambda l, lo_, hi_, base_, write_, table, *refs: body(l, lo_, hi_, base_, write_,
+                                                                    *refs)
+    prefetch.append(page_table.astype(jnp.int32).reshape(-1))
   outs = pl.pallas_call(
       kernel,
       grid_spec=_compat.PrefetchScalarGridSpec(
-          num_scalar_prefetch=5,
+          num_scalar_prefetch=len(prefetch),
           grid=(b, h, num_splits, blocks_per_split),
           in_specs=in_specs,
           out_specs=out_specs,
@@ -389,8 +429,8 @@ def decode_attention_tpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *
       compiler_params=_compat.TPUCompilerParams(
           dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
       interpret=interpret,
-      name=f"decode_attention_k{key_bits}v{value_bits}_g{group_size}",
-  )(lengths.astype(jnp.int32), lo, hi, base, write, *constants, *q_parts, *offsets,
+      name=f"{'paged_' if paged else ''}decode_attention_k{key_bits}v{value_bits}_g{group_size}",
+  )(*prefetch, *constants, *q_parts, *offsets,
     *rope_inputs, k_codes, k_scales, v_codes, v_scales, *stats_inputs)
   lse = None
   if lse_block:
@@ -403,6 +443,7 @@ def decode_attention_tpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *
       (m, l, acc), q_rot, k_codes, k_scales, v_codes, v_scales, lengths, sink_logit=sink_logit,
       sink_value=sink_value, recent_values=recent_values, key_bits=key_bits, value_bits=value_bits,
       group_size=group_size, ring=ring, window=window, scale=scale, softcap=softcap,
-      logit_offset=logit_offset, rope_coef=rope_coef, rope_freq=rope_freq)
+      logit_offset=logit_offset, rope_coef=rope_coef, rope_freq=rope_freq,
+      page_table=page_table)
   out = _common.combine_splits(m, l, acc).reshape(b, shapes.q_heads, d)  # [B, Hq, D]
   return out if lse is None else (out, lse)

@@ -470,3 +470,61 @@ def test_block_logsumexp_refuses_slot_corrections_and_bad_blocks():
   inputs = _make_inputs(case, seed=1)
   with pytest.raises(ValueError, match="block_logsumexp"):
     decode_attention_tpu(**inputs, **_static(case), block_logsumexp=24, interpret=True)
+
+
+# Paged caches (kvjax.paged): the same sequences stored as pages of 32 slots in a shuffled
+# pool, every unused page and every invisible slot NaN-poisoned. The TPU kernel reads pages in
+# place through the scalar-prefetched table, the GPU path gathers them first; both must give
+# the contiguous reference's output within the kernels' bound, corrections included.
+PAGED_CASES = [
+    Case(64, 32, 4, 4, 4, 96, (1, 45, 96), sink=True, sink_value=True, recent=2, rope_pairs=2),
+    Case(128, 64, 8, 8, 4, 96, (0, 33, 70), window=20, softcap=30.0, kv_heads=1, num_splits=2),
+]
+
+
+def _to_pages(inputs, page_size, seed):
+  """(pool arrays [N, H, page, ...], page_table [B, P]) holding inputs' caches."""
+  rng = np.random.default_rng(seed)
+  b, h, s = inputs["k_codes"].shape[:3]
+  p = s // page_size
+  num_pages = b * p + 3                                   # spare pages stay poisoned
+  table = rng.permutation(num_pages)[:b * p].reshape(b, p).astype(np.int32)
+  pool = {}
+  for name in ("k_codes", "k_scales", "v_codes", "v_scales"):
+    a = np.asarray(inputs[name])
+    fill = np.nan if "scales" in name else 0
+    out = np.full((num_pages, h, page_size) + a.shape[3:], fill, a.dtype)
+    for bi in range(b):
+      for j in range(p):
+        out[table[bi, j]] = a[bi, :, j * page_size:(j + 1) * page_size]
+    pool[name] = out
+  return pool, table
+
+
+@pytest.mark.parametrize("target,kernel,rel_tol", KERNELS, ids=[k[0] for k in KERNELS])
+@pytest.mark.parametrize("case", PAGED_CASES, ids=_case_id)
+def test_paged_kernel_matches_contiguous_reference(case, target, kernel, rel_tol):
+  inputs = _make_inputs(case, seed=11 + case.head_dim)
+  reference = np.asarray(decode_attention_reference(**inputs, **_static(case)), np.float64)
+  _, vmax = _oracle(case, inputs)
+  pool, table = _to_pages(inputs, 32, seed=case.capacity)
+  paged_inputs = dict(inputs, **pool)
+  out = decode_attention(**paged_inputs, **_static(case), page_table=table, backend=target,
+                         num_splits=case.num_splits, interpret=True)
+  _assert_rows_close(out, reference, vmax, rel_tol, _rows_with_keys(case, reference.shape[1]))
+
+
+def test_paged_kernel_refuses_bad_pages():
+  case = PAGED_CASES[0]
+  inputs = _make_inputs(case, seed=1)
+  pool, table = _to_pages(inputs, 32, seed=0)
+  with pytest.raises(ValueError, match="page_table"):
+    decode_attention_tpu(**dict(inputs, **pool), **_static(case), page_table=table[0],
+                         interpret=True)
+  pool16, table16 = _to_pages(inputs, 16, seed=0)
+  with pytest.raises(ValueError, match="multiple of 32"):
+    decode_attention_tpu(**dict(inputs, **pool16), **_static(case), page_table=table16,
+                         interpret=True)
+  with pytest.raises(ValueError, match="ring"):
+    decode_attention_tpu(**dict(inputs, **pool), **dict(_static(case), ring=True),
+                         page_table=table, interpret=True)
