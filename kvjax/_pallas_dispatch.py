@@ -48,12 +48,14 @@ def quantize_heads(x, rotation, lam, *, bits, group_size, scale_dtype, feedback=
           scales.reshape(h, b, t, -1).transpose(1, 2, 0, 3))
 
 
-def decode(q, cache, *, scale, softcap, window, pending=None, backend=None):
+def decode(q, cache, *, scale, softcap, window, pending=None, backend=None, page_table=None):
   """Single-token decode over a QuantizedKVCache with the fused kernel. q: [B, 1, Hq, D].
 
   The cache's corrections become the kernel's extra split-K states through their
   `kernel_args` (`kvjax.corrections`); pending: what each correction's write of this token
-  handed over (None when attending over a cache alone). backend: as in `quantize_heads`."""
+  handed over (None when attending over a cache alone). backend: as in `quantize_heads`.
+  page_table: None, or int32 [B, P] when the cache's codes and scales are a page pool
+  [num_pages, H, page_size, ...] (`kvjax.paged`; lengths and corrections per row as usual)."""
   from kvjax import corrections as corrections_lib
   pk = _kernels()
   b, _, hq, d = q.shape
@@ -75,7 +77,8 @@ def decode(q, cache, *, scale, softcap, window, pending=None, backend=None):
   o_rot = pk.decode_attention(
       q_rot, cache.k_codes, cache.k_scales, cache.v_codes, cache.v_scales, cache.lengths,
       key_bits=cfg.key_bits, value_bits=cfg.value_bits, group_size=cfg.group_size,
-      ring=cache.ring, window=window, scale=scale, softcap=softcap, **extra,
+      ring=cache.ring, window=window, scale=scale, softcap=softcap, page_table=page_table,
+      **extra,
       **({} if backend is None else {"backend": backend, "interpret": False}))
   o = jnp.einsum("bhre,hed->bhrd", o_rot.reshape(b, h, r, d), rot_v,
                  precision=jax.lax.Precision.HIGHEST) * lam_v[None, :, None, :]

@@ -22,8 +22,10 @@ pages a sliding-window layer will not read again), and prefixes shared by refere
 the last, partly filled page copied (copy-on-write at the first page two sequences would both
 write).
 
-This module is the reference and CPU path. Fused TPU / GPU kernels that read pages through a
-scalar-prefetched page table are not written yet.
+Decode steps on TPU read pages in place: the fused decode kernel takes the page table as a
+scalar-prefetched operand and DMAs one page per grid step (`PagedBatch`, `append_and_attend`).
+Prefill chunks, the CPU and the GPU read through `view` (a gather of the rows' pages); an
+in-place GPU kernel and a ragged prefill kernel are still to write.
 """
 
 from __future__ import annotations
@@ -274,11 +276,36 @@ def append_and_attend(cache: PagedBatch, q, k, v, *, scale=None, softcap=None, n
   those of a contiguous cache of P * page_size tokens, bit for bit), and the new tokens and
   state stored back into the pages and slots. Returns (out [B, T, Hq, D], new PagedBatch).
 
-  Cost: the view gathers every page of the table (P * page_size tokens per row per layer); a
-  fused kernel that reads pages through the table in place is the accelerator path still to
-  write (module docstring)."""
+  Decode steps over a quantized pool with pages of a multiple of 32 tokens never gather on TPU:
+  impl "auto" lowers for TPU to the fused write kernel, a scatter into the token's page and the
+  decode kernel reading pages in place through the scalar-prefetched table
+  (`kvjax.pallas_kernels.decode_attention(page_table=)`); "pallas" runs that path on any
+  backend (interpret mode on the CPU). Everything else (prefill chunks, dense pools, the CPU
+  and GPU) goes through the view, whose cost is one gather of every page in the table per
+  layer per step."""
   if not isinstance(cache, PagedBatch):
     raise TypeError(f"cache must be a PagedBatch, got {type(cache).__name__}")
+  pool = cache.pool
+  slot_ids, page_table = _check_tables(pool, cache.slot_ids, cache.page_table)
+  fused = (isinstance(pool.slots, QuantizedKVCache) and q.shape[1] == 1
+           and (pool.page_size % 32 == 0 or page_table.shape[1] == 1))
+  if fused and impl == "pallas":
+    return _decode_in_place(cache, q, k, v, scale=scale, softcap=softcap,
+                            num_tokens=num_tokens, backend=None)
+  if fused and impl == "auto":
+    # Chosen when the step is lowered: the TPU kernel reads pages in place; elsewhere the
+    # gathered view (whose own attention still picks the GPU kernel on CUDA).
+    return jax.lax.platform_dependent(
+        tpu=lambda: _decode_in_place(cache, q, k, v, scale=scale, softcap=softcap,
+                                     num_tokens=num_tokens, backend="tpu"),
+        default=lambda: _through_view(cache, q, k, v, scale=scale, softcap=softcap,
+                                      num_tokens=num_tokens, impl=impl))
+  return _through_view(cache, q, k, v, scale=scale, softcap=softcap, num_tokens=num_tokens,
+                       impl=impl)
+
+
+def _through_view(cache: PagedBatch, q, k, v, *, scale, softcap, num_tokens, impl):
+  """append_and_attend over the rows' pages gathered into a contiguous cache."""
   from kvjax import attention
   pool = cache.pool
   slot_ids, page_table = _check_tables(pool, cache.slot_ids, cache.page_table)
@@ -295,6 +322,31 @@ def append_and_attend(cache: PagedBatch, q, k, v, *, scale=None, softcap=None, n
   corrections = new.corrections if isinstance(new, QuantizedKVCache) else ()
   pool = _with_rows(pool, slot_ids, new.lengths, corrections, overflow=new.overflow)
   return out, dataclasses.replace(cache, pool=pool)
+
+
+def _decode_in_place(cache: PagedBatch, q, k, v, *, scale, softcap, num_tokens, backend):
+  """A decode step that never gathers: the token is encoded (the fused write kernel under
+  "pallas" / on TPU) and scattered into its page, then the fused decode kernel reads the
+  pages through the table (`kvjax.pallas_kernels.decode_attention(page_table=)`)."""
+  from kvjax import _pallas_dispatch, attention
+  pool = cache.pool
+  slot_ids, page_table = _check_tables(pool, cache.slot_ids, cache.page_table)
+  capacity = page_table.shape[1] * pool.page_size
+  empty = {n: jnp.zeros((slot_ids.shape[0],) + a.shape[1:2] + (0,) + a.shape[3:], a.dtype)
+           for n, a in pool.pages.items()}
+  rows = _rows(pool, slot_ids, capacity, empty)
+  scale = attention._resolve(q, rows, scale, None, "auto")[0]
+  chunk = cache_lib.encode(rows, k, v, num_tokens=num_tokens,
+                           impl="pallas" if backend is None else "auto")
+  pages = _scatter(pool, page_table, chunk.slots, chunk.slots < capacity, chunk.arrays)
+  new_pool = _with_rows(dataclasses.replace(pool, pages=pages), slot_ids, chunk.new_lengths,
+                        chunk.corrections, overflow=chunk.new_overflow)
+  over_pages = dataclasses.replace(rows, lengths=chunk.new_lengths,
+                                   corrections=chunk.corrections, **pages)
+  out = _pallas_dispatch.decode(q, over_pages, scale=scale, softcap=softcap,
+                                window=cache.window, pending=chunk.pending, backend=backend,
+                                page_table=page_table)
+  return out, dataclasses.replace(cache, pool=new_pool)
 
 
 def _attend_bound(q, cache: PagedBatch, *, scale=None, softcap=None, window=None,

@@ -216,3 +216,61 @@ def test_a_sliding_window_layer_releases_old_pages_and_attends_as_before():
   assert row_error(got, want) <= 1e-5
   alloc.free(2)
   assert all(alloc.refs[p] == 1 for p in alloc.pages["other"])
+
+
+def _model_layer_setup(page_size):
+  """Three sequences (1, 37, 300 tokens) in a pool of `page_size`-token pages (shuffled) and in
+  a contiguous cache; every correction."""
+  kw, _ = FORMATS["int4+corrections"]()
+  width = -(-320 // page_size)
+  contiguous = kvjax.init_cache(3, H, width * page_size, D, **kw)
+  pool = paged.init_paged_cache(3 * width + 2, page_size, 4, H, D, **kw)
+  alloc = paged.PageAllocator(3 * width + 2, page_size)
+  alloc.free_pages = list(np.random.default_rng(1).permutation(3 * width + 2))
+  n = np.array(LENGTHS, np.int32)
+  k, v = kv(10, 3, int(n.max()))
+  contiguous = kvjax.append(contiguous, k, v, num_tokens=jnp.asarray(n), impl="xla")
+  for s in range(3):
+    alloc.extend(s, int(n[s]) + 1)                        # room for the next token
+  table = alloc.table(range(3), width)
+  pool = paged.write(pool, k, v, slot_ids=np.arange(3), page_table=table,
+                     num_tokens=jnp.asarray(n))
+  return contiguous, pool, table
+
+
+def test_paged_batch_decode_step_equals_the_contiguous_step():
+  """What a model layer calls: append_and_attend over a PagedBatch. Through the view (xla) the
+  output and the stored codes equal the contiguous cache's bit for bit; in place (the fused
+  write and decode kernels reading pages through the table, interpret mode) the codes equal
+  the contiguous fused write's and the output is within the kernels' bound."""
+  contiguous, pool, table = _model_layer_setup(32)
+  q = jax.random.normal(jax.random.key(7), (3, 1, HQ, D))
+  k, v = kv(20, 3, 1)
+  bound = paged.PagedBatch(pool, jnp.arange(3, dtype=jnp.int32), jnp.asarray(table))
+  for impl in ("xla", "pallas"):
+    want, new_contiguous = kvjax.append_and_attend(contiguous, q, k, v, impl=impl)
+    got, new_bound = kvjax.append_and_attend(bound, q, k, v, impl=impl)
+    if impl == "xla":
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    else:
+      assert row_error(got, want) <= 1e-4
+    v_ = paged.view(new_bound.pool, np.arange(3), table)
+    assert np.array_equal(np.asarray(v_.lengths), np.array(LENGTHS) + 1)
+    for name in pool.storage:
+      for b, n in enumerate(LENGTHS):
+        np.testing.assert_array_equal(stored(v_, name, b, n + 1),
+                                      stored(new_contiguous, name, b, n + 1))
+
+
+def test_paged_decode_step_exported_for_tpu_holds_the_paged_kernel():
+  """A decode step over pages exported for TPU from this CPU host carries the fused write and
+  the paged decode kernel (chosen when lowered, not from the tracing host's backend)."""
+  _, pool, table = _model_layer_setup(32)
+  bound = paged.PagedBatch(pool, jnp.arange(3, dtype=jnp.int32), jnp.asarray(table))
+  q = jax.random.normal(jax.random.key(7), (3, 1, HQ, D))
+  k, v = kv(20, 3, 1)
+  step = jax.jit(lambda c, q, k, v: kvjax.append_and_attend(c, q, k, v, impl="auto"))
+  text = jax.export.export(step, platforms=["tpu"])(bound, q, k, v).mlir_module()
+  assert "paged_decode_attention_k4v4_g32" in text and "quantize_pack_int4" in text
+  cpu = jax.export.export(step, platforms=["cpu"])(bound, q, k, v).mlir_module()
+  assert "tpu_custom_call" not in cpu
