@@ -42,7 +42,7 @@ def main(argv=None):
   p.add_argument("--requests", type=int, default=32)
   p.add_argument("--context", type=int, default=2048)
   p.add_argument("--repeats", type=int, default=12)
-  p.add_argument("--page-size", type=int, default=16)
+  p.add_argument("--page-size", type=int, default=32)
   p.add_argument("--prefill-chunk", type=int, default=512)
   p.add_argument("--budget-mib", type=float, default=None)
   p.add_argument("--out", default=None)

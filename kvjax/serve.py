@@ -448,7 +448,8 @@ def add_arguments(p) -> None:
   p.add_argument("--host", default="127.0.0.1")
   p.add_argument("--port", type=int, default=8000)
   p.add_argument("--num-pages", type=int, default=2048, help="pages per layer's pool")
-  p.add_argument("--page-size", type=int, default=16)
+  p.add_argument("--page-size", type=int, default=32,
+                 help="tokens per page (a multiple of 32: TPU decode reads pages in place)")
   p.add_argument("--max-slots", type=int, default=16, help="requests decoding at once")
   p.add_argument("--max-seq-len", type=int, default=4096)
   p.add_argument("--prefill-chunk", type=int, default=512)

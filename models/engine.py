@@ -1,6 +1,6 @@
 """Continuous batching over a paged cache: requests join and leave the running batch at any step.
 
-    engine = kvjax.models.Engine(model, num_pages=512, page_size=16, max_slots=8)
+    engine = Engine(model, num_pages=512, page_size=32, max_slots=8)
     rid = engine.add_request(prompt_ids, max_new_tokens=64)
     while engine.has_work():
       for event in engine.step():          # (request id, token, finished, reason)
@@ -26,8 +26,9 @@ JetStream-style orchestrator can drive the engine one call at a time; `step()` i
 Shapes are fixed (decode: [max_slots, 1]; prefill: [1, bucket] for power-of-two buckets up to
 `prefill_chunk`), so a server compiles a handful of programs once.
 
-Every layer reads its pages through `kvjax.paged.PagedBatch` (a contiguous view of
-`max_seq_len` tokens per row, then the contiguous cache's own attention), so a request's codes,
+Every layer reads its pages through `kvjax.paged.PagedBatch`: on the CPU and GPU a contiguous
+view of `max_seq_len` tokens per row and the contiguous cache's own attention; decode steps
+lowered for TPU read the pages in place (fused paged kernel). So on the CPU a request's codes,
 correction state and attention are those `kvjax.generate` computes for it alone with
 `max_len=engine.view_len` and the same `prefill_chunk`: greedy tokens equal, bit for bit, up
 to the float reductions of a larger batch (tests/test_engine.py). Sliding-window layers mask
@@ -191,7 +192,8 @@ class Engine:
 
   Args:
     model: a `CausalLM` (unsharded).
-    num_pages, page_size: the pool of every layer: num_pages pages of page_size tokens.
+    num_pages, page_size: the pool of every layer: num_pages pages of page_size tokens (a
+      multiple of 32 lets TPU decode steps read pages in place, `kvjax.paged`).
     max_slots: requests running at once (the decode batch).
     max_seq_len: longest sequence (prompt + generated) a request may reach; default the
       model's context or the pool's size, whichever is smaller. Every row's view covers
@@ -204,7 +206,7 @@ class Engine:
     eos_token_ids: tokens that end every request (default: the model config's).
   """
 
-  def __init__(self, model: CausalLM, *, num_pages: int, page_size: int = 16,
+  def __init__(self, model: CausalLM, *, num_pages: int, page_size: int = 32,
                max_slots: int = 8, max_seq_len: int | None = None, prefill_chunk: int = 512,
                calibration=None, quant: kvjax.QuantConfig | None = None, cache_dtype=None,
                attention_impl: str = "auto", eos_token_ids: Sequence[int] | None = None):
