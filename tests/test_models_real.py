@@ -5,7 +5,7 @@
   Qwen2.5-Coder-0.5B 29.16) within 1%.
 * Greedy generation from Gemma-3-270M is fluent English, and a batch of three prompts of
   different lengths gives the same 32 tokens per prompt as each prompt alone.
-* Decoding step by step through the int4 cache over 512 positions gives the logits of a
+* Decoding step by step through the int4 cache over 256 positions gives the logits of a
   teacher-forced forward whose keys and values are quantized the same way.
 
 Each model is loaded once per module (about 30 s each); the file takes a few minutes on 2 cores.
@@ -120,9 +120,9 @@ def _cache_leaves(caches):
 
 def test_gemma3_270m_int4_decode_matches_teacher_forced(gemma, eval_text):
   """Int4 decode steps (SRFT, g=32, 4-bit K and V) vs a teacher-forced forward through an int4
-  cache, over 512 positions.
+  cache, over 256 positions.
 
-  The teacher runs the 512 tokens in chunks of 128 through one fresh int4 cache; the chunk path
+  The teacher runs the 256 tokens in chunks of 128 through one fresh int4 cache; the chunk path
   quantizes each chunk's keys and values before attending, so its logits are those of a forward
   with K/V quantized exactly as the cache stores them. Then, for every position t, one decode
   step runs token t on the teacher's cache cut back to t tokens (only `lengths` changes) and its
@@ -140,7 +140,7 @@ def test_gemma3_270m_int4_decode_matches_teacher_forced(gemma, eval_text):
   """
   model, tokenizer = gemma
   quant = kvjax.QuantConfig()
-  n, chunk = 512, 128
+  n, chunk = 256, 128
   ids = jnp.asarray([tokenizer.encode(eval_text[:10_000], add_bos=True)[:n]], jnp.int32)
   graphdef, state = nnx.split(model)
   forward = jax.jit(lambda s, c, t: nnx.merge(graphdef, s)(t, c, attention_impl="xla"))

@@ -218,16 +218,19 @@ def test_a_sliding_window_layer_releases_old_pages_and_attends_as_before():
   assert all(alloc.refs[p] == 1 for p in alloc.pages["other"])
 
 
+STEP_LENGTHS = (1, 37, 100)
+
+
 def _model_layer_setup(page_size):
-  """Three sequences (1, 37, 300 tokens) in a pool of `page_size`-token pages (shuffled) and in
-  a contiguous cache; every correction."""
+  """Three sequences (STEP_LENGTHS tokens) in a pool of `page_size`-token pages (shuffled) and
+  in a contiguous cache; every correction."""
   kw, _ = FORMATS["int4+corrections"]()
-  width = -(-320 // page_size)
+  width = -(-(max(STEP_LENGTHS) + 1) // page_size)
   contiguous = kvjax.init_cache(3, H, width * page_size, D, **kw)
   pool = paged.init_paged_cache(3 * width + 2, page_size, 4, H, D, **kw)
   alloc = paged.PageAllocator(3 * width + 2, page_size)
   alloc.free_pages = list(np.random.default_rng(1).permutation(3 * width + 2))
-  n = np.array(LENGTHS, np.int32)
+  n = np.array(STEP_LENGTHS, np.int32)
   k, v = kv(10, 3, int(n.max()))
   contiguous = kvjax.append(contiguous, k, v, num_tokens=jnp.asarray(n), impl="xla")
   for s in range(3):
@@ -255,9 +258,9 @@ def test_paged_batch_decode_step_equals_the_contiguous_step():
     else:
       assert row_error(got, want) <= 1e-4
     v_ = paged.view(new_bound.pool, np.arange(3), table)
-    assert np.array_equal(np.asarray(v_.lengths), np.array(LENGTHS) + 1)
+    assert np.array_equal(np.asarray(v_.lengths), np.array(STEP_LENGTHS) + 1)
     for name in pool.storage:
-      for b, n in enumerate(LENGTHS):
+      for b, n in enumerate(STEP_LENGTHS):
         np.testing.assert_array_equal(stored(v_, name, b, n + 1),
                                       stored(new_contiguous, name, b, n + 1))
 
