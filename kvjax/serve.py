@@ -44,8 +44,11 @@ class EngineLoop:
   """Runs an `Engine` on a thread of its own for async callers.
 
   `await submit(prompt_ids, **settings)` queues a request and returns (request id, an
-  asyncio.Queue of `kvjax.models.engine.Event`s, ending with the finished one or an exception);
-  `cancel(id)` stops one. Everything that touches the engine happens on the loop's thread.
+  asyncio.Queue of `kvjax.models.engine.Event`s: the request's tokens, ending with the finished
+  one, or an exception if a step failed); `cancel(id)` stops one, after which nothing more
+  arrives on its queue. Everything that touches the engine happens on the loop's thread. A
+  failed step fails the requests it held and starts the engine afresh; the thread never dies
+  of a request's error (`alive` says whether it runs).
   """
 
   def __init__(self, engine, *, max_waiting: int = 256, idle_wait: float = 0.05):
@@ -75,6 +78,10 @@ class EngineLoop:
     string."""
     self._commands.put(("cancel", (request_id, stopped)))
 
+  @property
+  def alive(self) -> bool:
+    return self._thread.is_alive() and not self._stop.is_set()
+
   def close(self, timeout: float = 10.0) -> None:
     self._stop.set()
     self._commands.put(("wake", None))
@@ -93,7 +100,8 @@ class EngineLoop:
     e = self.engine
     if kind == "add":
       prompt, settings, loop, stream, done = arg
-      if len(e.waiting) >= self.max_waiting:
+      # Requests a free slot will take at the next step do not count as queued.
+      if len(e.waiting) - e.slots.count(None) >= self.max_waiting:
         self.counters["requests_rejected"] += 1
         done.set_exception(Overloaded(f"{len(e.waiting)} requests are waiting already; retry"))
         return
@@ -120,10 +128,17 @@ class EngineLoop:
       try:
         kind, arg = self._commands.get(timeout=self._idle_wait) if not e.has_work() else \
             self._commands.get_nowait()
-        self._handle(kind, arg)
-        continue  # drain every command before the next step
       except queue.Empty:
         pass
+      else:
+        try:
+          self._handle(kind, arg)
+        except Exception as err:  # never let the thread die: answer the caller instead
+          done = arg[-1] if kind == "add" else None
+          if done is not None and not done.done():
+            done.set_exception(err)
+          self.counters["engine_errors"] += 1
+        continue  # drain every command before the next step
       if not e.has_work():
         continue
       try:
@@ -131,14 +146,13 @@ class EngineLoop:
       except Exception as err:  # the engine's state is unknown now: fail what it holds
         for rid, (loop, stream) in list(self._streams.items()):
           loop.call_soon_threadsafe(stream.put_nowait, err)
-        for rid in list(e.requests):
-          e.cancel(rid)
-          e.forget(rid)
         self._streams.clear()
         self.counters["engine_errors"] += 1
+        e.reset()   # fresh pools: the failed step's donated buffers may be gone
         continue
-      self._recent.append((time.perf_counter(), len(events)))
-      while len(self._recent) > 4096:
+      now = time.perf_counter()
+      self._recent.append((now, len(events)))
+      while self._recent and now - self._recent[0][0] > 10.0:
         self._recent.popleft()
       for ev in events:
         target = self._streams.get(ev.request_id)
@@ -239,7 +253,7 @@ def create_app(loop: EngineLoop, tokenizer, *, model_name: str):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=1)
-    seed: int | None = Field(default=None, ge=0)
+    seed: int | None = Field(default=None, ge=0, lt=2**32)
     stop: str | list[str] | None = None
     stream: bool = False
     n: int = Field(default=1, ge=1, le=1)
@@ -276,6 +290,10 @@ def create_app(loop: EngineLoop, tokenizer, *, model_name: str):
       return error(400, "stop must be up to 4 non-empty strings", "invalid_request_error",
                    "stop")
     room = engine.max_seq_len - len(prompt_ids)
+    if room < 1:
+      return error(400, f"the prompt has {len(prompt_ids)} tokens; this server holds "
+                   f"{engine.max_seq_len} per request, completion included",
+                   "invalid_request_error", "prompt", "context_length_exceeded")
     max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
     max_tokens = max_tokens or min(16 if kind == "text_completion" else room, room)
     settings = dict(max_new_tokens=max_tokens, temperature=body.temperature,
@@ -287,7 +305,10 @@ def create_app(loop: EngineLoop, tokenizer, *, model_name: str):
     except Overloaded as err:
       return error(503, str(err), "server_overloaded", headers={"Retry-After": "1"})
     except (ValueError, TypeError) as err:
-      return error(400, str(err), "invalid_request_error", "prompt")
+      text = str(err)
+      param = ("prompt" if "prompt" in text or "max_seq_len" in text
+               else "max_tokens" if "max_new_tokens" in text else None)
+      return error(400, text, "invalid_request_error", param)
     created = int(time.time())
     name = ("cmpl-" if kind == "text_completion" else "chatcmpl-") + str(next(ids))
     detok = _Detokenizer(tokenizer, stop)
@@ -305,9 +326,10 @@ def create_app(loop: EngineLoop, tokenizer, *, model_name: str):
           loop.cancel(rid, stopped=True)
           yield piece, "stop"
           return
-        yield piece, ev.reason if ev.finished else None
         if ev.finished:
+          yield piece, "stop" if detok.stopped else ev.reason
           return
+        yield piece, None
 
     def choice(piece, reason, chunk):
       if kind == "text_completion":
@@ -339,8 +361,9 @@ def create_app(loop: EngineLoop, tokenizer, *, model_name: str):
               finished = True
             yield f"data: {json.dumps(data)}\n\n"
           yield "data: [DONE]\n\n"
-        except Exception as err:  # an engine failure mid-stream: say so in the stream
+        except Exception as err:  # a failure mid-stream: say so in the stream
           finished = True
+          loop.cancel(rid)
           yield f"data: {json.dumps({'error': {'message': str(err), 'type': 'server_error'}})}\n\n"
         finally:
           if not finished:
@@ -365,6 +388,7 @@ def create_app(loop: EngineLoop, tokenizer, *, model_name: str):
           break
         text.append(piece)
     except Exception as err:
+      loop.cancel(rid)
       return error(500, str(err), "server_error")
     return {"id": name, "object": obj, "created": created, "model": model_name,
             "choices": [choice("".join(text), reason, False)], "usage": usage()}
@@ -394,15 +418,21 @@ def create_app(loop: EngineLoop, tokenizer, *, model_name: str):
 
   @app.get("/health")
   async def health():
+    if not loop.alive:
+      return JSONResponse({"status": "engine stopped"}, status_code=503)
     return {"status": "ok"}
 
   @app.get("/metrics")
   async def metrics():
     m = loop.metrics()
     lines = []
+    counters = {"tokens_generated", "prefill_tokens", "preemptions", "steps", "decode_steps",
+                "requests_total", "requests_completed", "requests_cancelled",
+                "requests_rejected", "engine_errors"}
     for key, value in sorted(m.items()):
       if isinstance(value, (int, float)):
-        lines.append(f"# TYPE kvjax_{key} gauge\nkvjax_{key} {value}")
+        kind = "counter" if key in counters else "gauge"
+        lines.append(f"# TYPE kvjax_{key} {kind}\nkvjax_{key} {value}")
     lines.append(f"# TYPE kvjax_cache_bytes gauge\nkvjax_cache_bytes {engine.cache_bytes()}")
     return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 

@@ -235,9 +235,10 @@ class Engine:
     self.eos = frozenset(model.config.eos_token_ids if eos_token_ids is None else eos_token_ids)
     self._graphdef, self._state = nnx.split(model)
     self._windows = tuple(sorted(layer_windows(model).items()))
-    self.pools = init_pools(model, num_pages, page_size, max_slots, max_seq_len=max_seq_len,
-                            quant=quant, dtype=cache_dtype,
-                            calibration=calibration if calibration is not False else None)
+    # Calibration tensors for the view's length, as kvjax.generate(max_len=view_len) picks them.
+    self._pool_args = dict(max_seq_len=self.view_len, quant=quant, dtype=cache_dtype,
+                           calibration=calibration if calibration is not False else None)
+    self.pools = init_pools(model, num_pages, page_size, max_slots, **self._pool_args)
     self.allocator = paged.PageAllocator(num_pages, page_size)
     self.requests: dict[int, Request] = {}
     self.waiting: collections.deque[Request] = collections.deque()
@@ -256,8 +257,8 @@ class Engine:
     from kvjax.models.generate import _check_sampling
     vocab = self.model.config.vocab_size
     _check_sampling(temperature, top_k, top_p, seed, vocab)
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-      raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+      raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     ids = np.asarray(prompt)
@@ -285,9 +286,18 @@ class Engine:
       return
     if req in self.waiting:
       self.waiting.remove(req)
-    if req.slot is not None:
-      self.free(request_id)
+    self._release(req)
     req.state, req.finish_reason = DONE, "cancelled"
+
+  def reset(self) -> None:
+    """Drops every request and starts from empty pools (after a failed step, whose donated
+    buffers may be gone)."""
+    self.pools = init_pools(self.model, self.num_pages, self.page_size, self.max_slots,
+                            **self._pool_args)
+    self.allocator = paged.PageAllocator(self.num_pages, self.page_size)
+    self.requests.clear()
+    self.waiting.clear()
+    self.slots = [None] * self.max_slots
 
   def forget(self, request_id: int) -> Request:
     """Drops a finished request's record (a long-running server calls this for each one, so the
@@ -398,13 +408,9 @@ class Engine:
     return events
 
   def free(self, request_id: int) -> None:
-    """Releases the request's slot and pages."""
-    req = self.requests[request_id]
-    if req.slot is None:
-      return
-    self.allocator.free(req.id)
-    self.slots[req.slot] = None
-    req.slot = None
+    """Releases the request's slot and pages (JetStream's free_resource); a request still
+    running is cancelled."""
+    self.cancel(request_id)
 
   def step(self) -> list[Event]:
     """Admit, one prefill chunk, one decode step; returns the tokens produced."""
@@ -438,8 +444,16 @@ class Engine:
         return
     self.allocator.extend(req.id, 1)
 
+  def _release(self, req: Request) -> None:
+    """Gives back the request's slot and pages."""
+    if req.slot is None:
+      return
+    self.allocator.free(req.id)
+    self.slots[req.slot] = None
+    req.slot = None
+
   def _preempt(self, req: Request) -> None:
-    self.free(req.id)
+    self._release(req)
     req.context = req.prompt + req.tokens
     req.cached, req.state = 0, WAITING
     req.preemptions += 1
@@ -454,6 +468,6 @@ class Engine:
     reason = ("stop" if token in self.eos or token in req.stop_token_ids
               else "length" if len(req.tokens) >= req.max_new_tokens else None)
     if reason is not None:
-      self.free(req.id)
+      self._release(req)
       req.state, req.finish_reason = DONE, reason
     return Event(req.id, token, reason is not None, reason)

@@ -109,24 +109,28 @@ def test_free_and_admit_leave_others_unchanged_and_cancel():
   rng = np.random.default_rng(4)
   prompts = [rng.integers(3, 512, n).tolist() for n in (30, 50, 25)]
 
-  def run(cancel_first):
-    engine = Engine(model, num_pages=16, page_size=16, max_slots=2, max_seq_len=128,
-                    prefill_chunk=64, eos_token_ids=(), **kw)
-    a = engine.add_request(prompts[0], max_new_tokens=30)
-    b = engine.add_request(prompts[1], max_new_tokens=20)
-    for _ in range(4):
-      engine.step()
-    if cancel_first:
-      engine.cancel(a)
-      assert engine.requests[a].finish_reason == "cancelled"
-    c = engine.add_request(prompts[2], max_new_tokens=10)
-    out = engine.run()
-    return out[b], out[c], engine
-
-  b1, c1, engine = run(True)
-  assert engine.metrics()["pages_in_use"] == 0
-  assert b1 == alone(model, engine, prompts[1], 20, kw)
-  assert c1 == alone(model, engine, prompts[2], 10, kw)
+  engine = Engine(model, num_pages=16, page_size=16, max_slots=2, max_seq_len=128,
+                  prefill_chunk=64, eos_token_ids=(), **kw)
+  a = engine.add_request(prompts[0], max_new_tokens=30)
+  b = engine.add_request(prompts[1], max_new_tokens=20)
+  for _ in range(4):
+    engine.step()
+  held = set(engine.allocator.pages[a])
+  engine.cancel(a)
+  assert engine.requests[a].finish_reason == "cancelled"
+  assert held <= set(engine.allocator.free_pages)           # its pages are free again
+  c = engine.add_request(prompts[2], max_new_tokens=10)
+  engine.step()
+  assert engine.requests[c].slot == engine.slots.index(engine.requests[c])
+  assert set(engine.allocator.pages[c]) & held               # c took some of a's pages
+  out = engine.run()
+  assert len(out[a]) < 30 and engine.metrics()["pages_in_use"] == 0
+  assert out[b] == alone(model, engine, prompts[1], 20, kw)
+  assert out[c] == alone(model, engine, prompts[2], 10, kw)
+  assert engine.forget(a).finish_reason == "cancelled" and a not in engine.requests
+  waiting = engine.add_request(prompts[0], max_new_tokens=1)
+  with pytest.raises(ValueError, match="cancel it first"):
+    engine.forget(waiting)
 
 
 def test_sampling_is_per_request_and_batch_independent():
@@ -167,7 +171,10 @@ def test_sample_rows_against_masks():
   allowed[0, order[0, :3]] = True
   p1 = np.asarray(jax.nn.softmax(logits[1]))[order[1]]
   allowed[1, order[1, :np.searchsorted(np.cumsum(p1), 0.5) + 1]] = True
-  allowed[2, order[2, :5]] = True
+  # row 2: the top 5 at temperature 0.8, then the nucleus of 0.9 over their renormalised mass
+  top5 = np.asarray(logits[2])[order[2, :5]] / 0.8
+  p5 = np.exp(top5 - top5.max()) / np.exp(top5 - top5.max()).sum()
+  allowed[2, order[2, :np.searchsorted(np.cumsum(p5), 0.9) + 1]] = True
   allowed[3, order[3, 0]] = True
   seen = np.zeros_like(allowed)
   for c in range(200):

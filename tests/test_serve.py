@@ -90,7 +90,8 @@ def wait_idle(s, timeout=30):
   deadline = time.time() + timeout
   while time.time() < deadline:
     m = s["loop"].metrics()
-    if m["pages_in_use"] == 0 and m["waiting"] == 0 and not s["engine"].requests:
+    if (m["pages_in_use"] == 0 and m["waiting"] == 0 and not s["engine"].requests
+        and not s["loop"]._streams):
       return m
     time.sleep(0.05)
   raise AssertionError(f"server did not go idle: {s['loop'].metrics()}")
@@ -144,7 +145,7 @@ def test_errors_and_the_server_keeps_serving(server):
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
     r = c.post("/v1/completions", json={"model": NAME, "prompt": "x", "temperature": -1})
     assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
-    r = c.post("/v1/completions", json={"model": NAME, "prompt": "x" * 300, "max_tokens": 4})
+    r = c.post("/v1/completions", json={"model": NAME, "prompt": "x" * 240, "max_tokens": 30})
     assert r.status_code == 400 and "max_seq_len" in r.json()["error"]["message"]
     r = c.post("/v1/completions", json={"model": "gpt-5", "prompt": "x"})
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
@@ -152,11 +153,16 @@ def test_errors_and_the_server_keeps_serving(server):
     assert r.status_code == 400
     r = c.post("/v1/chat/completions", json={"model": NAME, "messages": []})
     assert r.status_code == 400
+    r = c.post("/v1/completions", json={"model": NAME, "prompt": "x", "seed": 2**40})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "seed"
+    r = c.post("/v1/completions", json={"model": NAME, "prompt": "x" * 260})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
     r = c.post("/v1/completions", json={"model": NAME, "prompt": "hello", "max_tokens": 5,
                                         "temperature": 0})
     assert r.status_code == 200
     assert r.json()["choices"][0]["text"] == alone(server, "hello", 5)[0]
     assert "kvjax_pages_in_use" in c.get("/metrics").text
+    assert c.get("/health").json() == {"status": "ok"}
   wait_idle(server)
 
 
@@ -178,19 +184,37 @@ def test_disconnect_mid_stream_cancels(server):
     assert r.status_code == 200
 
 
-def test_queue_bound_answers_503(server):
-  loop = serve.EngineLoop.__new__(serve.EngineLoop)   # the handler alone, no thread
-  loop.engine, loop.max_waiting = server["engine"], 0
+class _BusyEngine:
+  """An engine stand-in with every slot taken and `queued` requests waiting."""
+
+  def __init__(self, queued):
+    self.waiting, self.slots, self.added = [None] * queued, ["busy"] * 4, 0
+
+  def add_request(self, prompt, **settings):
+    self.added += 1
+    return 1000 + self.added
+
+
+@pytest.mark.parametrize("queued,max_waiting,rejected", [(3, 3, True), (2, 3, False)])
+def test_queue_bound(queued, max_waiting, rejected):
+  """Beyond max_waiting queued requests (free slots do not count) the loop refuses with
+  Overloaded, which the app answers with 503 and Retry-After."""
   import collections
+  import concurrent.futures
+  loop = serve.EngineLoop.__new__(serve.EngineLoop)   # the handler alone, no thread
+  loop.engine, loop.max_waiting = _BusyEngine(queued), max_waiting
   loop.counters, loop._streams = collections.Counter(), {}
 
   async def main():
-    import concurrent.futures
     done = concurrent.futures.Future()
     loop._handle("add", ([3, 4], dict(max_new_tokens=1), asyncio.get_running_loop(),
                          asyncio.Queue(), done))
-    with pytest.raises(serve.Overloaded):
-      done.result()
+    if rejected:
+      with pytest.raises(serve.Overloaded):
+        done.result()
+      assert loop.counters["requests_rejected"] == 1
+    else:
+      assert done.result() == 1001
 
   asyncio.run(main())
 
@@ -198,16 +222,24 @@ def test_queue_bound_answers_503(server):
 def test_openai_client_and_stop_strings(server):
   openai = pytest.importorskip("openai")
   client = openai.OpenAI(base_url=server["url"] + "/v1", api_key="unused")
-  out = client.completions.create(model=NAME, prompt="hello", max_tokens=6, temperature=0)
-  want = alone(server, "hello", 6)[0]
+  # "q": the seeded tiny model's continuation holds printable two-character runs to stop at
+  out = client.completions.create(model=NAME, prompt="q", max_tokens=12, temperature=0)
+  want = alone(server, "q", 12)[0]
   assert out.choices[0].text == want
-  ascii_pairs = [want[i:i + 2] for i in range(1, len(want) - 1) if want[i:i + 2].isascii()]
-  if ascii_pairs:
-    stop = ascii_pairs[0]
-    out = client.completions.create(model=NAME, prompt="hello", max_tokens=6, temperature=0,
-                                    stop=[stop])
-    assert out.choices[0].text == want[:want.find(stop)]
-    assert out.choices[0].finish_reason == "stop"
+  ascii_pairs = [want[i:i + 2] for i in range(1, len(want) - 1)
+                 if want[i:i + 2].isascii() and want[i:i + 2].isprintable()]
+  assert ascii_pairs, repr(want)
+  stop = ascii_pairs[0]
+  out = client.completions.create(model=NAME, prompt="q", max_tokens=12, temperature=0,
+                                  stop=[stop])
+  assert out.choices[0].text == want[:want.find(stop)]
+  assert out.choices[0].finish_reason == "stop"
+  pieces, reasons = [], []
+  for chunk in client.completions.create(model=NAME, prompt="q", max_tokens=12,
+                                         temperature=0, stop=stop, stream=True):
+    pieces.append(chunk.choices[0].text)
+    reasons.append(chunk.choices[0].finish_reason)
+  assert "".join(pieces) == want[:want.find(stop)] and reasons[-1] == "stop"
   pieces = []
   for chunk in client.chat.completions.create(
       model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=5, temperature=0,
