@@ -22,10 +22,10 @@ pages a sliding-window layer will not read again), and prefixes shared by refere
 the last, partly filled page copied (copy-on-write at the first page two sequences would both
 write).
 
-Decode steps on TPU read pages in place: the fused decode kernel takes the page table as a
-scalar-prefetched operand and DMAs one page per grid step (`PagedBatch`, `append_and_attend`).
-Prefill chunks, the CPU and the GPU read through `view` (a gather of the rows' pages); an
-in-place GPU kernel and a ragged prefill kernel are still to write.
+Decode steps on TPU and GPU read pages in place: the fused decode kernels take the page table
+(scalar-prefetched on TPU, one page per grid step; a table row per program on GPU) and load each
+page where it lies (`PagedBatch`, `append_and_attend`). Prefill chunks and the CPU read through
+`view` (a gather of the rows' pages); a ragged paged prefill kernel is still to write.
 """
 
 from __future__ import annotations
@@ -276,32 +276,34 @@ def append_and_attend(cache: PagedBatch, q, k, v, *, scale=None, softcap=None, n
   those of a contiguous cache of P * page_size tokens, bit for bit), and the new tokens and
   state stored back into the pages and slots. Returns (out [B, T, Hq, D], new PagedBatch).
 
-  Decode steps over a quantized pool with pages of a multiple of 32 tokens never gather on TPU:
-  impl "auto" lowers for TPU to the fused write kernel, a scatter into the token's page and the
-  decode kernel reading pages in place through the scalar-prefetched table
-  (`kvjax.pallas_kernels.decode_attention(page_table=)`); "pallas" runs that path on any
-  backend (interpret mode on the CPU). Everything else (prefill chunks, dense pools, the CPU
-  and GPU) goes through the view, whose cost is one gather of every page in the table per
-  layer per step."""
+  Decode steps over a quantized pool never gather on TPU and GPU: impl "auto" lowers there to
+  the fused write kernel, a scatter into the token's page and the decode kernel reading pages
+  in place through the table (`kvjax.pallas_kernels.decode_attention(page_table=)`; pages of
+  a multiple of 32 tokens for TPU, a power of two >= 16 for GPU); "pallas" runs that path on
+  the default backend (interpret mode on the CPU). Everything else (prefill chunks, dense
+  pools, the CPU) goes through the view, whose cost is one gather of every page in the table
+  per layer per step."""
   if not isinstance(cache, PagedBatch):
     raise TypeError(f"cache must be a PagedBatch, got {type(cache).__name__}")
   pool = cache.pool
   slot_ids, page_table = _check_tables(pool, cache.slot_ids, cache.page_table)
-  fused = (isinstance(pool.slots, QuantizedKVCache) and q.shape[1] == 1
-           and (pool.page_size % 32 == 0 or page_table.shape[1] == 1))
-  if fused and impl == "pallas":
-    return _decode_in_place(cache, q, k, v, scale=scale, softcap=softcap,
-                            num_tokens=num_tokens, backend=None)
-  if fused and impl == "auto":
-    # Chosen when the step is lowered: the TPU kernel reads pages in place; elsewhere the
-    # gathered view (whose own attention still picks the GPU kernel on CUDA).
-    return jax.lax.platform_dependent(
-        tpu=lambda: _decode_in_place(cache, q, k, v, scale=scale, softcap=softcap,
-                                     num_tokens=num_tokens, backend="tpu"),
-        default=lambda: _through_view(cache, q, k, v, scale=scale, softcap=softcap,
-                                      num_tokens=num_tokens, impl=impl))
-  return _through_view(cache, q, k, v, scale=scale, softcap=softcap, num_tokens=num_tokens,
-                       impl=impl)
+  decode = isinstance(pool.slots, QuantizedKVCache) and q.shape[1] == 1
+  ps = pool.page_size
+  # The kernels' page constraints: TPU int8 tiles of 32 rows; GPU power-of-two tiles >= 16.
+  fits = {"tpu": ps % 32 == 0 or page_table.shape[1] == 1, "gpu": ps >= 16 and not ps & (ps - 1)}
+  in_place = lambda backend: lambda: _decode_in_place(
+      cache, q, k, v, scale=scale, softcap=softcap, num_tokens=num_tokens, backend=backend)
+  through_view = lambda: _through_view(cache, q, k, v, scale=scale, softcap=softcap,
+                                       num_tokens=num_tokens, impl=impl)
+  from kvjax.pallas_kernels import tuning
+  if decode and impl == "pallas" and fits[tuning.resolve_backend(None)]:
+    return in_place(None)()
+  if decode and impl == "auto" and (fits["tpu"] or fits["gpu"]):
+    # Chosen when the step is lowered: on TPU and CUDA the kernels read pages in place;
+    # elsewhere (the CPU) the gathered view.
+    branches = {p: in_place(b) for p, b in (("tpu", "tpu"), ("cuda", "gpu")) if fits[b]}
+    return jax.lax.platform_dependent(**branches, default=through_view)
+  return through_view()
 
 
 def _through_view(cache: PagedBatch, q, k, v, *, scale, softcap, num_tokens, impl):

@@ -19,7 +19,7 @@ heads is one kernel launch with an extra grid axis.
 
 from __future__ import annotations
 
-from kvjax.pallas_kernels import _common, tuning
+from kvjax.pallas_kernels import tuning
 from kvjax.pallas_kernels._compat import resolve_interpret
 from kvjax.pallas_kernels.decode_attention_gpu import decode_attention_gpu
 from kvjax.pallas_kernels.decode_attention_tpu import decode_attention_tpu
@@ -76,9 +76,10 @@ def decode_attention(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *, ke
     block_s, num_splits: tuning overrides (defaults from `tuning`).
     page_table: None, or int32 [B, P] for a paged cache: k_codes ... v_scales are then a page
       pool [num_pages, H, page_size, ...] (`kvjax.paged`) and slot t of sequence b is in page
-      page_table[b, t // page_size]. The TPU kernel reads pages in place (the table is
-      scalar-prefetched; page_size a multiple of 32); the GPU path gathers the pages into a
-      contiguous view first (an in-place GPU kernel is still to write). Not with ring.
+      page_table[b, t // page_size]. Both kernels read pages in place: the TPU kernel's index
+      map reads the scalar-prefetched table (page_size a multiple of 32), the GPU kernel loads
+      its sequence's table row and each page where it lies (page_size a power of two >= 16).
+      Not with ring.
     block_logsumexp: None, or a block size n (dividing S and block_s): the kernel also returns,
       from the same pass, log sum exp(logit) per query head and block of n slots
       ([B, Hq, S // n], -inf for blocks with no visible slot): each block's share of the
@@ -91,14 +92,7 @@ def decode_attention(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *, ke
   """
   backend = tuning.resolve_backend(backend)
   kernel = decode_attention_gpu if backend == "gpu" else decode_attention_tpu
-  extra = {}
-  if page_table is not None:
-    if backend == "gpu":
-      _common.paged_view_shapes(page_table, k_codes, k_scales, v_codes, v_scales)
-      k_codes, k_scales, v_codes, v_scales = _common.gather_pages(
-          page_table, k_codes, k_scales, v_codes, v_scales)
-    else:
-      extra["page_table"] = page_table
+  extra = {} if page_table is None else {"page_table": page_table}
   return kernel(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, key_bits=key_bits,
                 value_bits=value_bits, group_size=group_size, ring=ring, window=window,
                 scale=scale, softcap=softcap, logit_offset=logit_offset, rope_coef=rope_coef,

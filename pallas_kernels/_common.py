@@ -51,16 +51,6 @@ def paged_view_shapes(page_table, k_codes, k_scales, v_codes, v_scales):
                for a in pages)
 
 
-def gather_pages(page_table, *pages):
-  """The contiguous [B, H, P * page_size, ...] arrays of pages [N, H, page_size, ...]."""
-  b, p = page_table.shape
-  out = []
-  for a in pages:
-    g = jnp.moveaxis(a[page_table], 2, 1)                 # [B, H, P, page, ...]
-    out.append(g.reshape((b, a.shape[1], p * a.shape[2]) + a.shape[3:]))
-  return out
-
-
 def validate_decode_inputs(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *, key_bits,
                            value_bits, group_size, ring, window, softcap) -> DecodeShapes:
   """Checks the cache layout (docs/cache_layout.md) and returns the problem sizes."""

@@ -72,9 +72,10 @@ def code_tiles(head_dim, group_size, bits):
                for start in range(0, half, width))
 
 
-def _load_tile(ref, rows, valid_rows, byte_start, width):
-  """[block_s, width] code bytes widened to int32; rows past S read as 0."""
-  raw = _compat.pltriton.load(ref.at[rows, pl.ds(byte_start, width)],
+def _load_tile(at, rows, valid_rows, byte_start, width):
+  """[block_s, width] code bytes widened to int32; rows past S read as 0. `at(*index)` is the
+  cache ref indexed (one indexer: Triton lowers no chained `.at`)."""
+  raw = _compat.pltriton.load(at(rows, pl.ds(byte_start, width)),
                               mask=valid_rows[:, None], other=0)
   return raw.astype(jnp.int32)
 
@@ -114,11 +115,17 @@ def _decode_kernel(
     v_codes_ref,  # [S, D/2] uint8 | [S, D] int8
     v_scales_ref,  # [S, G]
     lengths_ref, lo_ref, hi_ref, base_ref, write_ref,  # [B] int32 each
-    *refs,  # [offset_ref [R] float32,] [coef_ref [R, 2P], freq_ref [P] float32,]
+    *refs,  # [table_ref [P] int32,] [offset_ref [R] float32,]
+    #        [coef_ref [R, 2P], freq_ref [P] float32,]
     #        acc_out_ref [R, D], m_out_ref [R], l_out_ref [R],
     #        [lse_out_ref [R, split_slots / lse_block]]
     rows_pad, key_tiles, value_tiles, block_s, split_slots, capacity, window, softcap,
-    scale, has_offset, rope_pairs, lse_block):
+    scale, has_offset, rope_pairs, lse_block, paged=False):
+  # Paged: the four cache refs are the KV head's whole pool [num_pages, page, ...] and block i
+  # of the sequence is page table_ref[i] (block_s == page size).
+  table_ref = None
+  if paged:
+    table_ref, refs = refs[0], refs[1:]
   offset_ref = coef_ref = freq_ref = None
   if has_offset:
     offset_ref, refs = refs[0], refs[1:]
@@ -172,17 +179,27 @@ def _decode_kernel(
     m_prev, l_prev, accs = carry
     start = block * block_s
     slots = start + jnp.arange(block_s, dtype=jnp.int32)
-    rows = pl.ds(start, block_s)
     in_cache = slots < capacity
+    if table_ref is None:
+      rows = pl.ds(start, block_s)
+      k_codes, k_scales, v_codes, v_scales = (
+          (lambda *index, ref=ref: ref.at[index])
+          for ref in (k_codes_ref, k_scales_ref, v_codes_ref, v_scales_ref))
+    else:  # the block is one page, read where it lies in the pool
+      page = table_ref[block]
+      rows = pl.ds(0, block_s)
+      k_codes, k_scales, v_codes, v_scales = (
+          (lambda *index, ref=ref: ref.at[(page,) + index])
+          for ref in (k_codes_ref, k_scales_ref, v_codes_ref, v_scales_ref))
     partials = {}  # scale group -> [rows_pad, block_s] unscaled partial dots
     for byte_start, width, nibbles in key_tiles:
-      tile = _load_tile(k_codes_ref, rows, in_cache, byte_start, width)
+      tile = _load_tile(k_codes, rows, in_cache, byte_start, width)
       for nibble, group, channel in nibbles:
         term = _dot_f32_codes(q_segments[channel], _codes(tile, nibble), contract_codes_dim=1)
         partials[group] = term if group not in partials else partials[group] + term
     scores = jnp.zeros((rows_pad, block_s), jnp.float32)
     for group, partial in sorted(partials.items()):
-      group_scale = _compat.pltriton.load(k_scales_ref.at[rows, jnp.int32(group)],
+      group_scale = _compat.pltriton.load(k_scales(rows, jnp.int32(group)),
                                           mask=in_cache, other=0)
       scores += partial * group_scale.astype(jnp.float32)[None, :]
     if offset is not None:
@@ -213,7 +230,7 @@ def _decode_kernel(
       for _, group, _ in nibbles:
         if group in weighted:
           continue
-        group_scale = _compat.pltriton.load(v_scales_ref.at[rows, jnp.int32(group)],
+        group_scale = _compat.pltriton.load(v_scales(rows, jnp.int32(group)),
                                             mask=in_cache, other=0)
         # Invisible slots may hold stale or never-written scales (even NaN).
         weighted[group] = _split_bf16(
@@ -221,7 +238,7 @@ def _decode_kernel(
     new_accs = []
     acc_iter = iter(accs)
     for byte_start, width, nibbles in value_tiles:
-      tile = _load_tile(v_codes_ref, rows, in_cache, byte_start, width)
+      tile = _load_tile(v_codes, rows, in_cache, byte_start, width)
       for nibble, group, _ in nibbles:
         new_accs.append(correction[:, None] * next(acc_iter) + _dot_f32_codes(
             weighted[group], _codes(tile, nibble), contract_codes_dim=0))
@@ -246,7 +263,8 @@ def decode_attention_gpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *
                          value_bits=4, group_size=32, ring=False, window=None, scale=None,
                          softcap=None, logit_offset=None, rope_coef=None, rope_freq=None,
                          sink_logit=None, sink_value=None, recent_values=None, block_s=None, num_splits=None,
-                         num_warps=4, num_stages=2, block_logsumexp=None, interpret=None):
+                         num_warps=4, num_stages=2, block_logsumexp=None, interpret=None,
+                         page_table=None):
   """Decode attention over a quantized cache with the Triton GPU kernel.
 
   Arguments and result as `decode_attention_reference` ([B, Hq, D] float32 in the
@@ -254,8 +272,26 @@ def decode_attention_gpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *
   computed in the same pass). Tuning: `block_s` slots per loop step (a power of two
   >= 16), `num_splits` split-K factor (None: `tuning` heuristics), Triton's
   `num_warps` and `num_stages`. head_dim must be a power of two (Triton tiles).
+
+  Paged caches: with `page_table` int32 [B, P] the codes and scales are a page pool
+  [num_pages, H, page_size, ...] (`kvjax.paged`); each program reads its sequence's table row
+  and loads block i from page table[i] in place (block_s = page_size, a power of two >= 16).
+  Not with `ring` or `block_logsumexp`.
   """
-  shapes = _common.validate_decode_inputs(q_rot, k_codes, k_scales, v_codes, v_scales, lengths,
+  paged = page_table is not None
+  if paged:
+    logical = _common.paged_view_shapes(page_table, k_codes, k_scales, v_codes, v_scales)
+    if ring:
+      raise ValueError("a paged cache is not a ring buffer: pass window= for the mask")
+    if block_logsumexp is not None:
+      raise ValueError("block_logsumexp is not available over a paged cache")
+    page_size = k_codes.shape[2]
+    if block_s not in (None, page_size):
+      raise ValueError(f"over pages block_s is the page size {page_size}, got {block_s}")
+    block_s = page_size
+  else:
+    logical = (k_codes, k_scales, v_codes, v_scales)
+  shapes = _common.validate_decode_inputs(q_rot, *logical, lengths,
                                           key_bits=key_bits, value_bits=value_bits,
                                           group_size=group_size, ring=ring, window=window,
                                           softcap=softcap)
@@ -276,7 +312,8 @@ def decode_attention_gpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *
   if block_s is None:
     block_s = tuning.decode_block_s("gpu", d)
   if block_s < _MIN_DOT_DIM or block_s & (block_s - 1):
-    raise ValueError(f"block_s must be a power of two >= {_MIN_DOT_DIM}, got {block_s}")
+    what = "page_size" if paged else "block_s"
+    raise ValueError(f"{what} must be a power of two >= {_MIN_DOT_DIM}, got {block_s}")
   lse_block = block_logsumexp
   if lse_block is not None:
     _common.validate_block_logsumexp(lse_block, s, sink_logit, sink_value, recent_values,
@@ -299,7 +336,8 @@ def decode_attention_gpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *
       value_tiles=code_tiles(d, group_size, value_bits), block_s=block_s,
       split_slots=split_slots, capacity=s, window=window,
       softcap=None if softcap is None else float(softcap), scale=scale,
-      has_offset=logit_offset is not None, rope_pairs=rope_pairs, lse_block=lse_block)
+      has_offset=logit_offset is not None, rope_pairs=rope_pairs, lse_block=lse_block,
+      paged=paged)
   per_head = lambda bi, hi_, split: (bi, hi_, 0, 0)
   per_split = lambda bi, hi_, split: (bi, hi_, split, 0)
   whole = lambda bi, hi_, split: (0,)
@@ -310,16 +348,22 @@ def decode_attention_gpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *
                                lambda bi, hi_, sp: (bi, hi_, sp, 0, 0))]
     stats_shape = [jax.ShapeDtypeStruct((b, h, num_splits, n_rep, split_slots // lse_block),
                                         jnp.float32)]
+  if paged:  # the KV head's whole pool; the kernel picks pages through its table row
+    num_pages = k_codes.shape[0]
+    pool_head = lambda bi, hi_, split: (0, hi_, 0, 0)
+    cache_specs = [pl.BlockSpec((num_pages, None, block_s, a.shape[-1]), pool_head)
+                   for a in (k_codes, k_scales, v_codes, v_scales)]
+    table_spec = [pl.BlockSpec((None, page_table.shape[1]), lambda bi, hi_, split: (bi, 0))]
+    table_args = [page_table.astype(jnp.int32)]
+  else:
+    cache_specs = [pl.BlockSpec((None, None, s, a.shape[-1]), per_head)
+                   for a in (k_codes, k_scales, v_codes, v_scales)]
+    table_spec, table_args = [], []
   outs = pl.pallas_call(
       kernel,
       grid=(b, h, num_splits),
-      in_specs=[
-          pl.BlockSpec((None, None, n_rep, d), per_head),
-          pl.BlockSpec((None, None, s, k_codes.shape[-1]), per_head),
-          pl.BlockSpec((None, None, s, g), per_head),
-          pl.BlockSpec((None, None, s, v_codes.shape[-1]), per_head),
-          pl.BlockSpec((None, None, s, g), per_head),
-      ] + [pl.BlockSpec((b,), whole)] * 5 +
+      in_specs=[pl.BlockSpec((None, None, n_rep, d), per_head)] + cache_specs +
+      [pl.BlockSpec((b,), whole)] * 5 + table_spec +
       ([pl.BlockSpec((None, None, n_rep), lambda bi, hi_, split: (bi, hi_, 0))]
        if logit_offset is not None else []) +
       ([pl.BlockSpec((None, None, n_rep, 2 * rope_pairs), per_head),
@@ -336,9 +380,9 @@ def decode_attention_gpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *
       ] + stats_shape,
       compiler_params=_compat.TritonCompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
-      name=f"decode_attention_k{key_bits}v{value_bits}_g{group_size}",
+      name=f"{'paged_' if paged else ''}decode_attention_k{key_bits}v{value_bits}_g{group_size}",
   )(q, k_codes, k_scales, v_codes, v_scales, lengths.astype(jnp.int32), lo, hi, base, write,
-    *([] if logit_offset is None else [logit_offset.reshape(b, h, n_rep)]),
+    *table_args, *([] if logit_offset is None else [logit_offset.reshape(b, h, n_rep)]),
     *([] if not rope_pairs else [rope_coef.reshape(b, h, n_rep, 2 * rope_pairs), rope_freq]))
   acc, m, l = outs[:3]
   lse = None
@@ -349,6 +393,7 @@ def decode_attention_gpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *
       (m, l, acc), q_rot, k_codes, k_scales, v_codes, v_scales, lengths, sink_logit=sink_logit,
       sink_value=sink_value, recent_values=recent_values, key_bits=key_bits, value_bits=value_bits,
       group_size=group_size, ring=ring, window=window, scale=scale, softcap=softcap,
-      logit_offset=logit_offset, rope_coef=rope_coef, rope_freq=rope_freq)
+      logit_offset=logit_offset, rope_coef=rope_coef, rope_freq=rope_freq,
+      page_table=page_table)
   out = _common.combine_splits(m, l, acc).reshape(b, shapes.q_heads, d)
   return out if lse is None else (out, lse)

@@ -265,9 +265,10 @@ def test_paged_batch_decode_step_equals_the_contiguous_step():
                                       stored(new_contiguous, name, b, n + 1))
 
 
-def test_paged_decode_step_exported_for_tpu_holds_the_paged_kernel():
-  """A decode step over pages exported for TPU from this CPU host carries the fused write and
-  the paged decode kernel (chosen when lowered, not from the tracing host's backend)."""
+def test_paged_decode_step_exported_for_tpu_and_cuda_holds_the_paged_kernel():
+  """A decode step over pages exported for TPU or CUDA from this CPU host carries the fused
+  write and the paged decode kernel (chosen when lowered, not from the tracing host's
+  backend); exported for the CPU it carries neither."""
   _, pool, table = _model_layer_setup(32)
   bound = paged.PagedBatch(pool, jnp.arange(3, dtype=jnp.int32), jnp.asarray(table))
   q = jax.random.normal(jax.random.key(7), (3, 1, HQ, D))
@@ -275,5 +276,9 @@ def test_paged_decode_step_exported_for_tpu_holds_the_paged_kernel():
   step = jax.jit(lambda c, q, k, v: kvjax.append_and_attend(c, q, k, v, impl="auto"))
   text = jax.export.export(step, platforms=["tpu"])(bound, q, k, v).mlir_module()
   assert "paged_decode_attention_k4v4_g32" in text and "quantize_pack_int4" in text
+  triton = "__gpu$xla.gpu.triton"
+  text = jax.export.export(step, platforms=["cuda"], disabled_checks=[
+      jax.export.DisabledSafetyCheck.custom_call(triton)])(bound, q, k, v).mlir_module()
+  assert "paged_decode_attention_k4v4_g32" in text and triton in text
   cpu = jax.export.export(step, platforms=["cpu"])(bound, q, k, v).mlir_module()
   assert "tpu_custom_call" not in cpu

@@ -473,9 +473,9 @@ def test_block_logsumexp_refuses_slot_corrections_and_bad_blocks():
 
 
 # Paged caches (kvjax.paged): the same sequences stored as pages of 32 slots in a shuffled
-# pool, every unused page and every invisible slot NaN-poisoned. The TPU kernel reads pages in
-# place through the scalar-prefetched table, the GPU path gathers them first; both must give
-# the contiguous reference's output within the kernels' bound, corrections included.
+# pool, every unused page and every invisible slot NaN-poisoned. Both kernels read pages in
+# place through the table (scalar-prefetched on TPU, a table row per program on GPU) and must
+# give the contiguous reference's output within the kernels' bound, corrections included.
 PAGED_CASES = [
     Case(64, 32, 4, 4, 4, 96, (1, 45, 96), sink=True, sink_value=True, recent=2, rope_pairs=2),
     Case(128, 64, 8, 8, 4, 96, (0, 33, 70), window=20, softcap=30.0, kv_heads=1, num_splits=2),
@@ -524,6 +524,10 @@ def test_paged_kernel_refuses_bad_pages():
   pool16, table16 = _to_pages(inputs, 16, seed=0)
   with pytest.raises(ValueError, match="multiple of 32"):
     decode_attention_tpu(**dict(inputs, **pool16), **_static(case), page_table=table16,
+                         interpret=True)
+  pool8, table8 = _to_pages(inputs, 8, seed=0)
+  with pytest.raises(ValueError, match="page_size must be a power of two >= 16"):
+    decode_attention_gpu(**dict(inputs, **pool8), **_static(case), page_table=table8,
                          interpret=True)
   with pytest.raises(ValueError, match="ring"):
     decode_attention_tpu(**dict(inputs, **pool), **dict(_static(case), ring=True),

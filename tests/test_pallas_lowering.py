@@ -204,20 +204,22 @@ def test_a_default_decode_step_exported_for_the_cpu_holds_no_kernel():
   assert "decode_attention" not in text and "quantize_pack" not in text
 
 
-def test_paged_decode_attention_lowers_for_tpu_without_gathering():
-  # Over a page pool the TPU kernel reads pages through the scalar-prefetched table: one
-  # kernel launch, and no contiguous [B, H, P * page, ...] copy of the sequences' codes.
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_paged_decode_attention_lowers_without_gathering(platform):
+  # Over a page pool the kernels read pages through the table (scalar-prefetched on TPU, a
+  # table row per program on GPU): one kernel launch, and no contiguous [B, H, P * page, ...]
+  # copy of the sequences' codes.
   b, h, n_rep, d, g, pages, page, width = 3, 2, 4, 128, 32, 40, 32, 8
   codes = jax.ShapeDtypeStruct((pages, h, page, d // 2), jnp.uint8)
   scales = jax.ShapeDtypeStruct((pages, h, page, d // g), jnp.bfloat16)
   args = (jax.ShapeDtypeStruct((b, h * n_rep, d), jnp.float32), codes, scales, codes, scales,
           jax.ShapeDtypeStruct((b,), jnp.int32), jax.ShapeDtypeStruct((b, width), jnp.int32))
   fn = lambda q, kc, ks, vc, vs, lengths, table: decode_attention(
-      q, kc, ks, vc, vs, lengths, group_size=g, window=100, page_table=table, backend="tpu",
-      interpret=False)
-  text = _export(fn, args, "tpu")
+      q, kc, ks, vc, vs, lengths, group_size=g, window=100, page_table=table,
+      backend=BACKEND[platform], interpret=False)
+  text = _export(fn, args, platform)
   targets = [t for pair in _custom_call_targets(text) for t in pair if t]
-  assert targets == ["tpu_custom_call"], targets
+  assert targets == [CUSTOM_CALL[platform]], targets
   assert "paged_decode_attention_k4v4_g32" in text
   assert f"{b}x{h}x{width * page}x{d // 2}xui8" not in text
   assert f"{b}x{width}x{h}x{page}x{d // 2}xui8" not in text
