@@ -27,12 +27,12 @@ import json
 import pathlib
 import time
 
+import jax
 import jax.numpy as jnp
-import numpy as np
 
 import kvjax
 from kvjax import corpus
-from kvjax.models.engine import Engine
+from kvjax.models.engine import Engine, init_pools
 from kvjax.timing import machine, pairwise
 
 
@@ -87,9 +87,14 @@ def main(argv=None):
           "(compilation included)")
     page_bytes = sum(a.nbytes for part in e.pools.values() for pool in part
                      for a in pool.pages.values())
+    # Slot state: per sequence (lengths, corrections' state) and fixed (rotations, λ, params).
+    slots = [sum(a.nbytes for part in init_pools(model, 1, a.page_size, n, **e._pool_args)
+                 .values() for pool in part for a in jax.tree.leaves(pool.slots))
+             for n in (1, 2)]
+    per_slot = slots[1] - slots[0]
     result["formats"][name] = dict(prefill_s=prefill_s, cache_bytes=e.cache_bytes(),
                                    bytes_per_page=page_bytes // num_pages,
-                                   slot_state_bytes=e.cache_bytes() - page_bytes)
+                                   bytes_per_slot=per_slot, fixed_bytes=slots[0] - per_slot)
 
   timing = pairwise(lambda: engines["bf16"].generate(), lambda: engines["int4"].generate(),
                     repeats=a.repeats)
@@ -101,8 +106,8 @@ def main(argv=None):
   budget = (a.budget_mib * 2**20 if a.budget_mib
             else result["formats"]["bf16"]["cache_bytes"])
   for name, f in result["formats"].items():
-    per_seq = f["bytes_per_page"] * pages_per_seq + f["slot_state_bytes"] / a.requests
-    f["sequences_in_budget"] = int(budget // per_seq)
+    per_seq = f["bytes_per_page"] * pages_per_seq + f["bytes_per_slot"]
+    f["sequences_in_budget"] = int(max(0, budget - f["fixed_bytes"]) // per_seq)
   result["budget_bytes"] = budget
 
   rows = ["| cache | bytes/page (all layers) | decode step (ms, median [IQR]) | tokens/s | "
