@@ -74,8 +74,8 @@ def test_sliding_window_model_equals_generate_alone(cache):
   where generate alone uses ring buffers; prompts cross several windows and chunks."""
   model, kw = gemma(), CACHES[cache]
   rng = np.random.default_rng(2)
-  prompts = [rng.integers(3, 512, n).tolist() for n in (5, 40, 130, 77, 300, 17)]
-  news = [12, 5, 9, 16, 3, 10]
+  prompts = [rng.integers(3, 512, n).tolist() for n in (5, 130, 300, 17)]
+  news = [12, 9, 6, 10]
   engine = Engine(model, num_pages=128, page_size=16, max_slots=4, max_seq_len=320,
                   prefill_chunk=64, **kw)
   ids = [engine.add_request(p, max_new_tokens=m) for p, m in zip(prompts, news)]
