@@ -33,6 +33,25 @@ def _code_dtype(bits):
   return jnp.dtype(jnp.uint8) if bits == 4 else jnp.dtype(jnp.int8)
 
 
+def cache_operands(page_table, k_codes, k_scales, v_codes, v_scales, *, ring, block_s,
+                   block_logsumexp):
+  """(the cache arrays as `validate_decode_inputs` reads them, block_s) for a contiguous cache
+  (page_table None: the arrays and block_s as given) or a page pool (stand-ins of the
+  [B, H, P * page_size, ...] arrays the pages spell, and block_s = page_size; not with ring or
+  block_logsumexp)."""
+  if page_table is None:
+    return (k_codes, k_scales, v_codes, v_scales), block_s
+  logical = paged_view_shapes(page_table, k_codes, k_scales, v_codes, v_scales)
+  if ring:
+    raise ValueError("a paged cache is not a ring buffer: pass window= for the mask")
+  if block_logsumexp is not None:
+    raise ValueError("block_logsumexp is not available over a paged cache")
+  page_size = k_codes.shape[2]
+  if block_s not in (None, page_size):
+    raise ValueError(f"over pages block_s is the page size {page_size}, got {block_s}")
+  return logical, page_size
+
+
 def paged_view_shapes(page_table, k_codes, k_scales, v_codes, v_scales):
   """Checks pages [N, H, page_size, ...] of codes and scales and a page table int [B, P];
   returns stand-ins (shape and dtype) of the contiguous [B, H, P * page_size, ...] arrays the

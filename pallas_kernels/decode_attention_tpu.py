@@ -272,21 +272,14 @@ def decode_attention_tpu(q_rot, k_codes, k_scales, v_codes, v_scales, lengths, *
   every position; a window is a mask) or `block_logsumexp`.
   """
   paged = page_table is not None
+  logical, block_s = _common.cache_operands(page_table, k_codes, k_scales, v_codes, v_scales,
+                                            ring=ring, block_s=block_s,
+                                            block_logsumexp=block_logsumexp)
   if paged:
-    logical = _common.paged_view_shapes(page_table, k_codes, k_scales, v_codes, v_scales)
-    if ring:
-      raise ValueError("a paged cache is not a ring buffer: pass window= for the mask")
-    if block_logsumexp is not None:
-      raise ValueError("block_logsumexp is not available over a paged cache")
-    page_size, table_width = k_codes.shape[2], page_table.shape[1]
-    if block_s not in (None, page_size):
-      raise ValueError(f"over pages block_s is the page size {page_size}, got {block_s}")
-    block_s = page_size
-    if page_size % 32 and table_width > 1:
+    table_width = page_table.shape[1]
+    if block_s % 32 and table_width > 1:
       raise ValueError(f"page_size must be a multiple of 32 (int8 tile height) for the TPU "
-                       f"kernel, got {page_size}")
-  else:
-    logical = (k_codes, k_scales, v_codes, v_scales)
+                       f"kernel, got {block_s}")
   shapes = _common.validate_decode_inputs(q_rot, *logical, lengths,
                                           key_bits=key_bits, value_bits=value_bits,
                                           group_size=group_size, ring=ring, window=window,
