@@ -178,6 +178,13 @@ def write(pool: PagedKVCache, k: jax.Array, v: jax.Array, *, slot_ids, page_tabl
   scales and correction state are those `kvjax.append` gives a contiguous cache, bit for bit.
   Tokens past P * page_size are refused outside jit (ValueError) and dropped under jit."""
   slot_ids, page_table = _check_tables(pool, slot_ids, page_table)
+  return _encode_into_pages(pool, k, v, slot_ids, page_table, num_tokens, impl)[0]
+
+
+def _encode_into_pages(pool, k, v, slot_ids, page_table, num_tokens, impl):
+  """(new pool, the encoded chunk, the rows' state before it as a storage-less contiguous
+  cache): the new tokens encoded as a contiguous cache of the table's length encodes them and
+  scattered into their pages, the slots' lengths and correction state updated."""
   b, p = page_table.shape
   empty = {n: jnp.zeros((b,) + a.shape[1:2] + (0,) + a.shape[3:], a.dtype)
            for n, a in pool.pages.items()}
@@ -185,8 +192,9 @@ def write(pool: PagedKVCache, k: jax.Array, v: jax.Array, *, slot_ids, page_tabl
   chunk = cache_lib.encode(rows, k, v, num_tokens=num_tokens, impl=impl)
   written = chunk.slots < p * pool.page_size              # [B, T]: token lands in the cache
   pages = _scatter(pool, page_table, chunk.slots, written, chunk.arrays)
-  pool = dataclasses.replace(pool, pages=pages)
-  return _with_rows(pool, slot_ids, chunk.new_lengths, chunk.corrections)
+  new = _with_rows(dataclasses.replace(pool, pages=pages), slot_ids, chunk.new_lengths,
+                   chunk.corrections, overflow=chunk.new_overflow)
+  return new, chunk, rows
 
 
 def reset_slot(pool: PagedKVCache, slot: int, *, like: int | None = None) -> PagedKVCache:
@@ -333,18 +341,11 @@ def _decode_in_place(cache: PagedBatch, q, k, v, *, scale, softcap, num_tokens, 
   from kvjax import _pallas_dispatch, attention
   pool = cache.pool
   slot_ids, page_table = _check_tables(pool, cache.slot_ids, cache.page_table)
-  capacity = page_table.shape[1] * pool.page_size
-  empty = {n: jnp.zeros((slot_ids.shape[0],) + a.shape[1:2] + (0,) + a.shape[3:], a.dtype)
-           for n, a in pool.pages.items()}
-  rows = _rows(pool, slot_ids, capacity, empty)
+  new_pool, chunk, rows = _encode_into_pages(pool, k, v, slot_ids, page_table, num_tokens,
+                                             "pallas" if backend is None else "auto")
   scale = attention._resolve(q, rows, scale, None, "auto")[0]
-  chunk = cache_lib.encode(rows, k, v, num_tokens=num_tokens,
-                           impl="pallas" if backend is None else "auto")
-  pages = _scatter(pool, page_table, chunk.slots, chunk.slots < capacity, chunk.arrays)
-  new_pool = _with_rows(dataclasses.replace(pool, pages=pages), slot_ids, chunk.new_lengths,
-                        chunk.corrections, overflow=chunk.new_overflow)
   over_pages = dataclasses.replace(rows, lengths=chunk.new_lengths,
-                                   corrections=chunk.corrections, **pages)
+                                   corrections=chunk.corrections, **new_pool.pages)
   out = _pallas_dispatch.decode(q, over_pages, scale=scale, softcap=softcap,
                                 window=cache.window, pending=chunk.pending, backend=backend,
                                 page_table=page_table)
