@@ -28,7 +28,6 @@ import json
 import queue
 import threading
 import time
-from typing import Any
 
 import numpy as np
 
