@@ -12,12 +12,15 @@ chunk, in float32, when a chunk's queries outnumber D / (R * G)).
 
 impl:
   "auto"      single-token decode over a quantized cache: the Pallas kernel on
-              TPU/GPU, "int8dot" on the CPU; chunks: "dequant" on the CPU, "xla" on
+              TPU/GPU, "native" (else "int8dot") on the CPU; chunks: "dequant" on the CPU, "xla" on
               TPU/GPU;
   "xla"       the quantized-domain jnp path above in float32 (plain attention for
               dense caches), equal to the reference to float32 rounding;
+  "native"    the same math in a C++ CPU kernel (`kvjax.native`): codes dequantized in
+              registers, (sequence, head, block of tokens) tasks on every core, float32
+              throughout: the CPU decode path where a C++ compiler is found;
   "int8dot"   the same math with int8 x int8 -> int32 dot products (two-level int8
-              queries and weights): the CPU decode path;
+              queries and weights): the CPU decode path otherwise;
   "dequant"   chunks (many queries per step): the codes are dequantized once, in the
               rotated domain and in bf16, and the queries q~ meet them in bf16 matmuls
               (float32 accumulation), as a bf16 dense cache would: the CPU chunk path;
@@ -42,7 +45,7 @@ from kvjax import quantizer
 from kvjax.cache import DenseKVCache, QuantizedKVCache
 
 _HI = jax.lax.Precision.HIGHEST
-_IMPLS = ("auto", "xla", "int8dot", "dequant", "reference", "pallas")
+_IMPLS = ("auto", "xla", "native", "int8dot", "dequant", "reference", "pallas")
 
 
 def _check_q(q, c):
@@ -435,6 +438,46 @@ def quantized_attention_int8dot(q, view: QuantView, mask, *, config, scale, soft
   return _ungroup(o, q.dtype)
 
 
+def quantized_attention_native(q, view: QuantView, mask, *, config, scale, softcap=None,
+                               kv_pos=None, q_pos=None):
+  """The CPU decode path: `quantized_attention`'s math in the C++ kernel of `kvjax.native`.
+
+  The queries are rotated here (q~ = R_k (lam_k q), O(D^2) per query), the corrections' logit
+  terms passed as offsets and their corrected slots as positions; the kernel dequantizes each
+  token's codes in registers, runs (pair, block of tokens) tasks on every core and returns the
+  rotated outputs and the corrected slots' weights, which the value terms and the inverse
+  rotation take from there. float32 throughout: it differs from "xla" by summation order only.
+  """
+  from kvjax import native
+  if not native.available():
+    raise RuntimeError("impl='native' needs the CPU kernel, which is not available: "
+                       f"{native.unavailable_reason()}")
+  qg, qr = _rotated_query(q, view, config)
+  b, h, t, r, G, g = qr.shape
+  d, n, x = G * g, view.k_codes.shape[2], b * h
+  offset = _logit_terms(qg, view, config, kv_pos, q_pos)
+  if isinstance(offset, float):
+    offset = jnp.zeros((x, t * r, 1), jnp.float32)
+  else:
+    noff = offset.shape[-1]
+    offset = jnp.broadcast_to(offset, (b, h, t, r, noff)).reshape(x, t * r, noff)
+  terms = _value_terms(qg, view, config, kv_pos, q_pos)
+  if terms is None:
+    slots = jnp.zeros((b, t, 0), jnp.int32)
+  else:  # one-hot [b, t, K, n] -> the position of each slot (-1: none)
+    sel = _all_slots(terms) > 0
+    slots = jnp.where(jnp.any(sel, -1), jnp.argmax(sel, -1), -1).astype(jnp.int32)
+  o_rot, weights = native.quant_attention(
+      qr.reshape(x, t * r, d), view.k_codes.reshape(x, n, -1), view.k_scales.reshape(x, n, G),
+      view.v_codes.reshape(x, n, -1), view.v_scales.reshape(x, n, G), offset,
+      jnp.broadcast_to(mask, (b, t, n)), slots, key_bits=config.key_bits,
+      value_bits=config.value_bits, group_size=g, heads=h, scale=scale, softcap=softcap)
+  o = _unrotate_output(o_rot.reshape(b, h, t, r, d), view)
+  if terms is not None:
+    o = _add_value_terms(o, weights.reshape(b, h, t, r, -1), terms)
+  return _ungroup(o, q.dtype)
+
+
 def quantized_attention_dequant(q, view: QuantView, mask, *, config, scale, softcap=None,
                                 kv_pos=None, q_pos=None):
   """The CPU chunk path: rotated-domain dequantization to bf16, then bf16 matmuls.
@@ -512,15 +555,34 @@ def reference_attention(q, view: QuantView, mask, *, config, scale, softcap=None
 # kernel) reads the cache itself: see `_attend`.
 QUANTIZED_IMPLS = {
     "xla": quantized_attention,
+    "native": quantized_attention_native,
     "int8dot": quantized_attention_int8dot,
     "dequant": quantized_attention_dequant,
     "reference": reference_attention,
 }
 # What impl="auto" runs over a quantized cache: (platform, single-token decode?) -> name.
+# "native" (the C++ CPU kernel) is taken where `kvjax.native` has a kernel for the cache's
+# format and could be built; "int8dot" otherwise (`_cpu_decode_impl`).
 AUTO_IMPL = {
-    ("tpu", True): "pallas", ("gpu", True): "pallas", ("cpu", True): "int8dot",
+    ("tpu", True): "pallas", ("gpu", True): "pallas", ("cpu", True): "native",
     ("tpu", False): "xla", ("gpu", False): "xla", ("cpu", False): "dequant",
 }
+
+
+def _cpu_decode_impl(cache) -> str:
+  """"native" when the C++ kernel has a variant for the cache's format and is available
+  (built on first use), else "int8dot"."""
+  from kvjax import native
+  cfg = cache.config
+  if native.supported(cfg.key_bits, cfg.value_bits, cache.head_dim, cfg.group_size) and \
+      native.available():
+    return "native"
+  return "int8dot"
+
+
+def _auto_name(platform: str, decode: bool, cache) -> str:
+  name = AUTO_IMPL.get((platform, decode), "xla")
+  return _cpu_decode_impl(cache) if name == "native" else name
 
 
 # lax.platform_dependent's lowering platforms -> (AUTO_IMPL's platform, the kernels' backend).
@@ -539,7 +601,7 @@ def _dispatch(impl: str, cache, q_len: int, run):
   if impl != "auto" or not isinstance(cache, QuantizedKVCache):
     return run(choose_impl(impl, cache, q_len), None)
   decode = q_len == 1
-  branches = {lowering: (lambda name=AUTO_IMPL[(platform, decode)], backend=backend:
+  branches = {lowering: (lambda name=_auto_name(platform, decode, cache), backend=backend:
                          run(name, backend))
               for lowering, (platform, backend) in _LOWERING_PLATFORMS.items()}
   return jax.lax.platform_dependent(default=lambda: run("xla", None), **branches)
@@ -553,8 +615,7 @@ def choose_impl(impl: str, cache, q_len: int, platform: str | None = None) -> st
   if not isinstance(cache, QuantizedKVCache):
     return "reference" if impl == "reference" else "xla"
   if impl == "auto":
-    platform = platform or jax.default_backend()
-    return AUTO_IMPL.get((platform, q_len == 1), "xla")
+    return _auto_name(platform or jax.default_backend(), q_len == 1, cache)
   if impl == "pallas" and q_len > 1:
     return "xla"
   return impl

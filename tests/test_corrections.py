@@ -142,7 +142,7 @@ def test_a_new_correction_is_one_module(sink_bias):
       logits[0] += bias[kv] / np.sqrt(d)        # unscaled term, times the logit scale
       p = np.exp(logits - logits.max())
       expected[bi, 0, head] = (p / p.sum()) @ vd[bi, kv, :lengths[bi]]
-  for impl, bound in (("reference", 1e-5), ("xla", 1e-5), ("int8dot", 1e-3), ("dequant", 3e-2),
+  for impl, bound in (("reference", 1e-5), ("xla", 1e-5), ("native", 1e-5), ("int8dot", 1e-3), ("dequant", 3e-2),
                       ("pallas", 1e-4)):
     assert _row_rel_err(kvjax.attend(q, c, impl=impl), expected).max() < bound, impl
   # Not vacuous: without the bias every row moves by more than the float32 paths' bounds, most

@@ -27,7 +27,9 @@ BACKEND = {"tpu": "tpu", "cuda": "gpu"}
 
 
 def _export(fn, args, platform):
-  disabled = [jax.export.DisabledSafetyCheck.custom_call(TRITON_TARGET)]
+  # The CPU decode path's kernel (kvjax.native) is a custom call of this project, too.
+  disabled = [jax.export.DisabledSafetyCheck.custom_call(t)
+              for t in (TRITON_TARGET, "kvjax_quant_attention")]
   exported = jax.export.export(jax.jit(fn), platforms=[platform], disabled_checks=disabled)(*args)
   return exported.mlir_module()
 
@@ -198,10 +200,13 @@ def test_a_default_decode_step_exported_for_an_accelerator_holds_the_kernels(pla
   assert "decode_attention_k4v4_g32" in text and "quantize_pack_int4_g32" in text
 
 
-def test_a_default_decode_step_exported_for_the_cpu_holds_no_kernel():
+def test_a_default_decode_step_exported_for_the_cpu_holds_no_pallas_kernel():
   text, _ = _decode_step_exported("cpu")
   assert not [t for pair in _custom_call_targets(text) for t in pair if t in CUSTOM_CALL.values()]
   assert "decode_attention" not in text and "quantize_pack" not in text
+  from kvjax import native
+  # The CPU's own decode path: the C++ kernel where it could be built, else XLA ops only.
+  assert (native.TARGET in text) == native.available()
 
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])

@@ -86,13 +86,14 @@ def test_chunk_paths_read_the_own_value_exact(ring, extra):
     plain = _oracle(_without_recent(cfg), q, k, v, range(n), window=w,
                     softcap=softcap, d=d, h=h)
     outs = {}
-    for impl in ("reference", "xla", "int8dot", "dequant"):
+    for impl in ("reference", "xla", "native", "int8dot", "dequant"):
       c = kvjax.init_cache(b, h, 64, d, quant=cfg, window=w)
       outs[impl], _ = kvjax.append_and_attend(c, q, k, v, impl=impl, softcap=softcap)
     # reference / xla: the same float32 math (xla in another order); int8dot: two-level int8
     # rounding of queries and weights (test_attention).
     assert _row_rel_err(outs["reference"], expected).max() < 1e-5
     assert _row_rel_err(outs["xla"], expected).max() < 1e-5
+    assert _row_rel_err(outs["native"], expected).max() < 1e-5
     assert _row_rel_err(outs["int8dot"], expected).max() < 1e-3
     # "dequant" rounds q~, codes and weights to bf16 (test_sink's bound: twice what a bf16
     # dense cache loses against float32, measured here on the same inputs).
@@ -112,7 +113,8 @@ def test_chunk_paths_read_the_own_value_exact(ring, extra):
 
 @pytest.mark.parametrize("extra", CONFIGS[:2], ids=CONFIG_IDS[:2])
 @pytest.mark.parametrize("ring", [False, True])
-@pytest.mark.parametrize("impl,bound", [("reference", 1e-5), ("xla", 1e-5), ("int8dot", 1e-3),
+@pytest.mark.parametrize("impl,bound", [("reference", 1e-5), ("xla", 1e-5), ("native", 1e-5),
+                                        ("int8dot", 1e-3),
                                         ("pallas", 1e-4)])
 def test_decode_steps_read_the_own_value_exact(ring, extra, impl, bound):
   """Token 0 from an empty cache (position 0: the sink slot too), a chunk, then decode steps

@@ -80,7 +80,7 @@ def test_cache_with_rotary_offsets_paths_agree_and_beat_no_offset(window):
   plain = kvjax.append(kvjax.init_cache(b, h, 64, d, quant=kvjax.QuantConfig(value_bits=8),
                                         window=window), k, v)
   ref = np.asarray(kvjax.attend(q, rot, impl="reference"))
-  for impl, tol in (("xla", 1e-5), ("int8dot", 2e-3), ("dequant", 3e-2)):
+  for impl, tol in (("xla", 1e-5), ("native", 1e-5), ("int8dot", 2e-3), ("dequant", 3e-2)):
     out = np.asarray(kvjax.attend(q, rot, impl=impl))
     row = np.abs(out - ref).max(-1) / np.abs(ref).max(-1)          # per (batch, query head)
     assert row.max() < tol, (impl, row.max())

@@ -73,7 +73,8 @@ SINK_STATES = [(False, 40), (True, 12), (True, 40)]
 
 @pytest.mark.parametrize("sink", SINKS[::2], ids=SINK_IDS[::2])  # value alone: kernel tests
 @pytest.mark.parametrize("ring,n", SINK_STATES)
-@pytest.mark.parametrize("impl,bound", [("xla", 1e-5), ("int8dot", 1e-3), ("pallas", 1e-4)])
+@pytest.mark.parametrize("impl,bound", [("xla", 1e-5), ("native", 1e-5), ("int8dot", 1e-3),
+                                        ("pallas", 1e-4)])
 def test_decode_paths_match_reference_with_sink(ring, n, impl, bound, sink):
   b, h, d, rep = 2, 2, 64, 4
   cfg = kvjax.QuantConfig(seed=2, corrections=sink)

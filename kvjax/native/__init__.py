@@ -1,0 +1,195 @@
+"""The CPU attention kernel: quantized-domain decode attention over int4/int8 codes, every core.
+
+XLA's CPU backend runs the int8-dot formulation of `kvjax.attention` one (batch, head) block at
+a time, on one core, and its int8 products do not use the CPU's dot-product instructions. This
+package holds one C++ XLA FFI kernel (quant_attention.cc) that dequantizes each cached token's
+codes in registers (never to memory), meets them with the rotated queries, and splits
+(pair, block of tokens) tasks over XLA's own intra-op thread pool with a flash-decoding merge.
+
+It is compiled on first use with the host compiler (`c++`, or `$CXX`) for the host's own
+instruction set (`-march=native`) into the kvjax cache directory, keyed by the source, the
+compiler, the flags, jaxlib's FFI headers and the CPU's flags, and loaded and registered with
+`jax.ffi`. Nothing half-built is ever loaded: the library is written under a temporary name
+and moved into place. Where no compiler works, `available()` is False (with the reason in
+`unavailable_reason()`) and `impl="auto"` keeps the XLA int8-dot path; `KVJAX_NATIVE=0` turns
+the kernel off.
+
+    from kvjax import native
+    native.available()                 # compiles on first call (~10 s), then cached
+    o_rot, w = native.quant_attention(q_rot, k_codes, k_scales, v_codes, v_scales, offset,
+                                      mask, slots, key_bits=4, value_bits=4, group_size=32,
+                                      heads=H, scale=s, softcap=None)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+TARGET = "kvjax_quant_attention"
+_SOURCE = pathlib.Path(__file__).with_name("quant_attention.cc")
+_FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-fopenmp-simd",
+          "-fno-math-errno", "-DNDEBUG")
+# Tokens per task: big enough that a task's work dwarfs claiming it, small enough that one
+# sequence of one KV head still splits over the cores.
+BLOCK = 512
+
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def _compiler() -> str | None:
+  cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+  return cxx
+
+
+def _cpu_signature() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("flags"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  import platform
+  return platform.processor() or platform.machine()
+
+
+def _build(cxx: str) -> pathlib.Path:
+  from kvjax import user_cache
+  include = jax.ffi.include_dir()
+  version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
+  headers = sorted(pathlib.Path(include, "xla", "ffi", "api").glob("*.h"))
+  h = hashlib.sha256()
+  for part in (_SOURCE.read_bytes(), version.encode(), " ".join(_FLAGS).encode(),
+               _cpu_signature().encode(), *(p.read_bytes() for p in headers)):
+    h.update(hashlib.sha256(part).digest())
+  out_dir = user_cache.cache_dir() / "native"
+  out_dir.mkdir(parents=True, exist_ok=True)
+  lib = out_dir / f"quant_attention-{h.hexdigest()[:16]}.so"
+  if lib.exists():
+    return lib
+  fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=out_dir)
+  os.close(fd)
+  try:
+    cmd = [cxx, *_FLAGS, f"-I{include}", str(_SOURCE), "-o", tmp]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode:
+      raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr[-4000:]}")
+    os.replace(tmp, lib)
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+  return lib
+
+
+def _load() -> None:
+  if os.environ.get("KVJAX_NATIVE", "1") == "0":
+    raise RuntimeError("turned off by KVJAX_NATIVE=0")
+  if not sys.platform.startswith("linux") and sys.platform != "darwin":
+    raise RuntimeError(f"not built on {sys.platform}")
+  cxx = _compiler()
+  if cxx is None:
+    raise RuntimeError("no C++ compiler found (set CXX, or install g++ or clang++)")
+  lib = ctypes.CDLL(str(_build(cxx)))
+  jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.KvjaxQuantAttention),
+                              platform="cpu")
+
+
+def available() -> bool:
+  """Whether the kernel is built and registered (builds it on the first call)."""
+  with _lock:
+    if "ok" not in _state:
+      try:
+        _load()
+        _state["ok"], _state["why"] = True, None
+      except Exception as e:  # noqa: BLE001 - any failure means: use the XLA path
+        _state["ok"], _state["why"] = False, f"{type(e).__name__}: {e}"
+    return _state["ok"]
+
+
+def unavailable_reason() -> str | None:
+  """Why `available()` is False (None when it is True or was not asked yet)."""
+  return _state.get("why")
+
+
+def supported(key_bits: int, value_bits: int, head_dim: int, group_size: int) -> bool:
+  """Whether the kernel has a variant for these codes (else kvjax uses its XLA paths)."""
+  return (key_bits in (4, 8) and value_bits in (4, 8) and head_dim in (64, 128, 256)
+          and group_size in (32, 64, 128) and group_size <= head_dim)
+
+
+def lanes(head_dim: int) -> int:
+  """32-bit words per vector the kernel reads codes as: 16 (one AVX-512 register), 8 for D = 64."""
+  return 16 if head_dim % 128 == 0 else 8
+
+
+def to_kernel_order(x, bits: int, lanes: int):
+  """Channels [..., D] into the kernel's order: 4-bit (h, b, v, l) <- channel h D/2 + 4 L v +
+  4 l + b; 8-bit (b, v, l) <- channel 4 L v + 4 l + b (see quant_attention.cc)."""
+  *lead, d = x.shape
+  if bits == 4:
+    w = d // (8 * lanes)
+    y = x.reshape(*lead, 2, w, lanes, 4)
+    return jnp.moveaxis(y, -1, -3).reshape(*lead, d)           # (h, b, w, l)
+  w = d // (4 * lanes)
+  return jnp.moveaxis(x.reshape(*lead, w, lanes, 4), -1, -3).reshape(*lead, d)  # (b, w, l)
+
+
+def from_kernel_order(x, bits: int, lanes: int):
+  """Inverse of `to_kernel_order`."""
+  *lead, d = x.shape
+  if bits == 4:
+    w = d // (8 * lanes)
+    return jnp.moveaxis(x.reshape(*lead, 2, 4, w, lanes), -3, -1).reshape(*lead, d)
+  w = d // (4 * lanes)
+  return jnp.moveaxis(x.reshape(*lead, 4, w, lanes), -3, -1).reshape(*lead, d)
+
+
+def quant_attention(q, k_codes, k_scales, v_codes, v_scales, offset, mask, slots, *,
+                    key_bits: int, value_bits: int, group_size: int, heads: int, scale: float,
+                    softcap: float | None = None, block: int = BLOCK):
+  """Softmax attention of rotated queries over codes, in the rotated domain, on the CPU.
+
+  q: float32 [X, M, D] (X = batch * KV heads pairs, M = Tq * R rows: query token major);
+  k_codes / v_codes: uint8 (4-bit, [X, N, D/2]) or int8 (8-bit, [X, N, D]);
+  k_scales / v_scales: [X, N, D / group_size] (float32 or bfloat16; float16 is widened);
+  offset: float32 [X, M, 1 or N], added to each score before `scale`;
+  mask: bool [B, Tq, N] (B = X / heads), False = not visible;
+  slots: int32 [B, Tq, K], positions whose softmax weight is also returned (-1: none).
+  Returns (out float32 [X, M, D], normalised; slot weights float32 [X, M, K]); a row with no
+  visible key gets zeros. Call `available()` first.
+  """
+  x, m, d = q.shape
+  n = k_codes.shape[1]
+  if not supported(key_bits, value_bits, d, group_size):
+    raise ValueError(f"kvjax.native has no kernel for key_bits={key_bits}, "
+                     f"value_bits={value_bits}, head_dim={d}, group_size={group_size}")
+  ln = lanes(d)
+  if k_scales.dtype not in (jnp.float32, jnp.bfloat16) or k_scales.dtype != v_scales.dtype:
+    k_scales, v_scales = k_scales.astype(jnp.float32), v_scales.astype(jnp.float32)
+  k = slots.shape[-1]
+  if k == 0:  # the kernel wants every buffer non-empty
+    slots = jnp.full(slots.shape[:-1] + (1,), -1, jnp.int32)
+  call = jax.ffi.ffi_call(
+      TARGET, (jax.ShapeDtypeStruct((x, m, d), jnp.float32),
+               jax.ShapeDtypeStruct((x, m, max(k, 1)), jnp.float32)),
+      vmap_method="sequential")
+  out, w = call(to_kernel_order(q.astype(jnp.float32), key_bits, ln), k_codes, k_scales, v_codes, v_scales,
+                jnp.asarray(offset, jnp.float32), mask.astype(jnp.bool_), slots.astype(jnp.int32),
+                key_bits=np.int64(key_bits), value_bits=np.int64(value_bits),
+                group_size=np.int64(group_size), heads=np.int64(heads),
+                scale=np.float32(scale), softcap=np.float32(0.0 if softcap is None else softcap),
+                block=np.int64(block), lanes=np.int64(ln))
+  return from_kernel_order(out, value_bits, ln), w[..., :k]

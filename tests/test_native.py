@@ -1,0 +1,174 @@
+"""The C++ CPU attention kernel (kvjax.native) against the float32 quantized-domain path."""
+
+import os
+import pathlib
+import stat
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kvjax
+from kvjax import native
+
+pytestmark = pytest.mark.skipif(
+    jax.default_backend() != "cpu" or not native.available(),
+    reason=f"the CPU kernel is not available here: {native.unavailable_reason()}")
+
+
+def _rand(seed, *shape):
+  return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def _row_rel_err(a, ref):
+  a, ref = np.asarray(a, np.float64), np.asarray(ref, np.float64)
+  return np.linalg.norm(a - ref, axis=-1) / np.maximum(np.linalg.norm(ref, axis=-1), 1e-30)
+
+
+# float32 throughout, like "xla": the two differ in summation order and in the kernel's exp
+# (a degree-6 polynomial, < 2e-7 relative). Over a few hundred to a few thousand tokens that is
+# ~1e-6 of a row (measured below 5e-7); the int8dot path is 1e-4 away, the int4 cache ~15%.
+BOUND = 1e-5
+
+
+@pytest.mark.parametrize("kb,vb,g,d,rep,tq", [
+    (4, 4, 32, 128, 4, 1), (4, 4, 64, 128, 1, 1), (4, 4, 128, 128, 2, 1),
+    (8, 4, 64, 64, 1, 1), (4, 4, 32, 64, 2, 3), (4, 8, 128, 256, 8, 1),
+    (8, 8, 32, 256, 2, 1), (4, 4, 32, 256, 4, 2)])
+def test_native_equals_the_float32_path(kb, vb, g, d, rep, tq):
+  """Every bit width, head dim and group size the kernel has, ragged lengths (one sequence
+  empty: zeros, not NaN), decode and short chunks (causal within the chunk)."""
+  b, h, n = 3, 2, 700
+  cfg = kvjax.QuantConfig(key_bits=kb, value_bits=vb, group_size=g, seed=3)
+  c = kvjax.init_cache(b, h, 1024, d, quant=cfg, dtype=jnp.bfloat16)
+  c = kvjax.append(c, jnp.asarray(_rand(50, b, n, h, d)), jnp.asarray(_rand(51, b, n, h, d)),
+                   num_tokens=jnp.array([700, 123, 0]))
+  q = jnp.asarray(4 * _rand(52, b, tq, h * rep, d))  # peaked attention, as in real models
+  ref = np.asarray(kvjax.attend(q, c, impl="xla"), np.float64)
+  out = np.asarray(kvjax.attend(q, c, impl="native"))
+  assert out.shape == q.shape and np.isfinite(out).all()
+  assert _row_rel_err(out[:2], ref[:2]).max() < BOUND
+  assert np.all(out[2] == 0)
+  if tq == 1:  # the CPU default for decode
+    np.testing.assert_array_equal(np.asarray(kvjax.attend(q, c)), out)
+
+
+def test_blocks_merge_to_the_same_result():
+  """Tokens split into blocks of 16 (44 blocks per sequence, flash-decoding merge) or taken
+  whole: the same output and slot weights to float32 rounding."""
+  x, m, d, n, g = 4, 4, 128, 700, 32
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.standard_normal((x, m, d)) * 0.3, jnp.float32)
+  kc = jnp.asarray(rng.integers(0, 256, (x, n, d // 2)), jnp.uint8)
+  vc = jnp.asarray(rng.integers(0, 256, (x, n, d // 2)), jnp.uint8)
+  ks = jnp.asarray(rng.random((x, n, d // g)) * 0.1, jnp.bfloat16)
+  vs = jnp.asarray(rng.random((x, n, d // g)) * 0.1, jnp.bfloat16)
+  off = jnp.asarray(rng.standard_normal((x, m, n)), jnp.float32)
+  mask = jnp.asarray(rng.random((2, 1, n)) < 0.8)
+  slots = jnp.asarray([[[0, 5, 699, -1]], [[3, 400, -1, 1]]], jnp.int32)
+  kw = dict(key_bits=4, value_bits=4, group_size=g, heads=2, scale=0.2, softcap=20.0)
+  small = native.quant_attention(q, kc, ks, vc, vs, off, mask, slots, block=16, **kw)
+  whole = native.quant_attention(q, kc, ks, vc, vs, off, mask, slots, block=4096, **kw)
+  for a, b in zip(small, whole):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-6, atol=1e-7)
+  # The slot weights are the softmax weights at those positions; a masked slot has weight 0.
+  w = np.asarray(whole[1])
+  vis = np.asarray(mask)[:, 0]
+  for pair in range(x):
+    for k, pos in enumerate(np.asarray(slots)[pair // 2, 0]):
+      if pos < 0 or not vis[pair // 2, pos]:
+        assert np.all(w[pair, :, k] == 0)
+      else:
+        assert np.all(w[pair, :, k] > 0)
+
+
+def test_slot_weights_are_the_softmax_weights():
+  """Against a numpy softmax over the dequantized codes (float64)."""
+  x, m, d, n, g = 2, 3, 64, 90, 32
+  rng = np.random.default_rng(1)
+  q = rng.standard_normal((x, m, d)).astype(np.float32)
+  kc = rng.integers(0, 256, (x, n, d // 2)).astype(np.uint8)
+  vc = rng.integers(0, 256, (x, n, d // 2)).astype(np.uint8)
+  ks = (rng.random((x, n, d // g)) * 0.1).astype(np.float32)
+  vs = (rng.random((x, n, d // g)) * 0.1).astype(np.float32)
+  off = rng.standard_normal((x, m, 1)).astype(np.float32)
+  mask = np.ones((1, 1, n), bool)
+  mask[0, 0, 80:] = False
+  slots = np.array([[[2, 85, 40]]], np.int32)
+  out, w = native.quant_attention(*(jnp.asarray(a) for a in (q, kc, ks, vc, vs, off, mask,
+                                                             slots)),
+                                  key_bits=4, value_bits=4, group_size=g, heads=2, scale=0.125)
+
+  def levels(codes):
+    lo, hi = codes & 15, codes >> 4
+    c = np.concatenate([lo, hi], -1).astype(np.int64)
+    return 2 * np.where(c >= 8, c - 16, c) + 1
+
+  kf = levels(kc) * np.repeat(ks, g, -1)
+  vf = levels(vc) * np.repeat(vs, g, -1)
+  s = (np.einsum("xmd,xnd->xmn", q.astype(np.float64), kf) + off) * 0.125
+  s = np.where(mask[0, 0], s, -np.inf)
+  p = np.exp(s - s.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  assert _row_rel_err(out, np.einsum("xmn,xnd->xmd", p, vf)).max() < BOUND
+  np.testing.assert_allclose(np.asarray(w), np.stack([p[..., 2], np.zeros_like(p[..., 2]),
+                                                      p[..., 40]], -1), rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("bits,d", [(4, 64), (4, 128), (4, 256), (8, 64), (8, 128)])
+def test_channel_order_is_a_permutation_and_its_inverse(bits, d):
+  x = jnp.arange(3 * d, dtype=jnp.float32).reshape(3, d)
+  ln = native.lanes(d)
+  y = native.to_kernel_order(x, bits, ln)
+  assert sorted(np.asarray(y[0]).tolist()) == list(range(d))
+  np.testing.assert_array_equal(np.asarray(native.from_kernel_order(y, bits, ln)), np.asarray(x))
+  # The kernel's first vector: byte position 0 of the first L words -> channels 0, 4, 8, ...
+  np.testing.assert_array_equal(np.asarray(y[0, :ln]), 4 * np.arange(ln))
+
+
+def test_unsupported_shapes_fall_back_to_int8dot():
+  from kvjax import attention as attn
+  odd = kvjax.init_cache(1, 2, 64, 96, quant=kvjax.QuantConfig(group_size=32))
+  assert not native.supported(4, 4, 96, 32)
+  assert attn.choose_impl("auto", odd, 1, "cpu") == "int8dot"
+  c = kvjax.init_cache(1, 2, 64, 128, quant=kvjax.QuantConfig(group_size=32))
+  assert attn.choose_impl("auto", c, 1, "cpu") == "native"
+  with pytest.raises(ValueError, match="head_dim=96"):
+    native.quant_attention(jnp.zeros((2, 1, 96)), jnp.zeros((2, 4, 48), jnp.uint8),
+                           jnp.ones((2, 4, 3)), jnp.zeros((2, 4, 48), jnp.uint8),
+                           jnp.ones((2, 4, 3)), jnp.zeros((2, 1, 1)), jnp.ones((1, 1, 4), bool),
+                           jnp.zeros((1, 1, 0), jnp.int32), key_bits=4, value_bits=4,
+                           group_size=32, heads=2, scale=1.0)
+
+
+def test_a_failed_build_leaves_nothing_and_is_reported(tmp_path, monkeypatch):
+  """A compiler that fails: RuntimeError with its output, no library and no temporary left."""
+  bad = tmp_path / "badcxx"
+  bad.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo bad 1.0 && exit 0\n"
+                 "echo 'error: no such thing' >&2\nexit 1\n")
+  bad.chmod(bad.stat().st_mode | stat.S_IEXEC)
+  monkeypatch.setenv("KVJAX_CACHE_DIR", str(tmp_path / "cache"))
+  with pytest.raises(RuntimeError, match="no such thing"):
+    native._build(str(bad))
+  assert list((tmp_path / "cache" / "native").iterdir()) == []
+
+
+def test_the_library_is_cached_by_source_compiler_and_cpu(tmp_path, monkeypatch):
+  monkeypatch.setenv("KVJAX_CACHE_DIR", str(tmp_path))
+  cxx = native._compiler()
+  first = native._build(cxx)
+  mtime = first.stat().st_mtime_ns
+  assert native._build(cxx) == first and first.stat().st_mtime_ns == mtime  # reused
+  assert [p.name for p in (tmp_path / "native").iterdir()] == [first.name]
+
+
+def test_cpu_export_holds_the_native_kernel():
+  """A decode step exported for the CPU carries the kernel's custom call (so a process that
+  runs it must import kvjax and have the kernel; `jax.export` needs the check disabled)."""
+  c = kvjax.init_cache(1, 2, 64, 128, quant=kvjax.QuantConfig())
+  q = jnp.ones((1, 1, 4, 128), jnp.float32)
+  step = jax.jit(lambda q, c: kvjax.attend(q, c))
+  text = jax.export.export(step, platforms=["cpu"], disabled_checks=[
+      jax.export.DisabledSafetyCheck.custom_call(native.TARGET)])(q, c).mlir_module()
+  assert native.TARGET in text
