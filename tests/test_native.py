@@ -172,3 +172,40 @@ def test_cpu_export_holds_the_native_kernel():
   text = jax.export.export(step, platforms=["cpu"], disabled_checks=[
       jax.export.DisabledSafetyCheck.custom_call(native.TARGET)])(q, c).mlir_module()
   assert native.TARGET in text
+
+
+_OTHER_ISA = """
+import numpy as np, jax.numpy as jnp, kvjax
+from kvjax import native
+assert native.available(), native.unavailable_reason()
+rng = np.random.default_rng(0)
+worst = 0.0
+for kb, vb, g, d in [(4, 4, 32, 64), (4, 4, 32, 128), (8, 4, 64, 256), (4, 8, 128, 128)]:
+  cfg = kvjax.QuantConfig(key_bits=kb, value_bits=vb, group_size=g)
+  c = kvjax.init_cache(2, 2, 256, d, quant=cfg)
+  c = kvjax.append(c, jnp.asarray(rng.standard_normal((2, 200, 2, d)), jnp.float32),
+                   jnp.asarray(rng.standard_normal((2, 200, 2, d)), jnp.float32),
+                   num_tokens=jnp.array([200, 57]))
+  q = jnp.asarray(4 * rng.standard_normal((2, 1, 8, d)), jnp.float32)
+  ref = np.asarray(kvjax.attend(q, c, impl="xla"), np.float64)
+  out = np.asarray(kvjax.attend(q, c, impl="native"), np.float64)
+  err = np.linalg.norm(out - ref, axis=-1) / np.linalg.norm(ref, axis=-1)
+  worst = max(worst, float(err.max()))
+print("WORST", worst)
+"""
+
+
+@pytest.mark.skipif(not os.uname().machine in ("x86_64", "AMD64"), reason="x86 instruction sets")
+@pytest.mark.parametrize("arch", ["x86-64-v3", "x86-64-v2"])  # AVX2 + FMA; SSE4.2 only
+def test_the_kernel_built_for_an_older_instruction_set(arch, tmp_path):
+  """The vector code lowers to whatever the target has: built without AVX-512 (the path CPUs
+  without it take), its outputs are the float32 path's just the same."""
+  import subprocess
+  import sys
+  env = dict(os.environ, KVJAX_NATIVE_ARCH=arch, KVJAX_CACHE_DIR=str(tmp_path),
+             JAX_PLATFORMS="cpu")
+  res = subprocess.run([sys.executable, "-c", _OTHER_ISA], env=env, capture_output=True,
+                       text=True, timeout=600)
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert float(res.stdout.split("WORST")[1]) < BOUND
+  assert [p.suffix for p in (tmp_path / "native").iterdir()] == [".so"]

@@ -7,7 +7,7 @@ codes in registers (never to memory), meets them with the rotated queries, and s
 (pair, block of tokens) tasks over XLA's own intra-op thread pool with a flash-decoding merge.
 
 It is compiled on first use with the host compiler (`c++`, or `$CXX`) for the host's own
-instruction set (`-march=native`) into the kvjax cache directory, keyed by the source, the
+instruction set (`-march=native`; `$KVJAX_NATIVE_ARCH` names another) into the kvjax cache directory, keyed by the source, the
 compiler, the flags, jaxlib's FFI headers and the CPU's flags, and loaded and registered with
 `jax.ffi`. Nothing half-built is ever loaded: the library is written under a temporary name
 and moved into place. Where no compiler works, `available()` is False (with the reason in
@@ -39,8 +39,13 @@ import numpy as np
 
 TARGET = "kvjax_quant_attention"
 _SOURCE = pathlib.Path(__file__).with_name("quant_attention.cc")
-_FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-fopenmp-simd",
-          "-fno-math-errno", "-DNDEBUG")
+_FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp-simd", "-fno-math-errno", "-DNDEBUG")
+
+
+def _arch_flag() -> str:
+  """-march=native, or `$KVJAX_NATIVE_ARCH` (e.g. x86-64-v3: AVX2 without AVX-512) to build for
+  an older instruction set than the host's (tests/test_native.py checks that path)."""
+  return f"-march={os.environ.get('KVJAX_NATIVE_ARCH') or 'native'}"
 # Tokens per task: big enough that a task's work dwarfs claiming it, small enough that one
 # sequence of one KV head still splits over the cores.
 BLOCK = 512
@@ -72,7 +77,8 @@ def _build(cxx: str) -> pathlib.Path:
   version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
   headers = sorted(pathlib.Path(include, "xla", "ffi", "api").glob("*.h"))
   h = hashlib.sha256()
-  for part in (_SOURCE.read_bytes(), version.encode(), " ".join(_FLAGS).encode(),
+  flags = (*_FLAGS, _arch_flag())
+  for part in (_SOURCE.read_bytes(), version.encode(), " ".join(flags).encode(),
                _cpu_signature().encode(), *(p.read_bytes() for p in headers)):
     h.update(hashlib.sha256(part).digest())
   out_dir = user_cache.cache_dir() / "native"
@@ -83,7 +89,7 @@ def _build(cxx: str) -> pathlib.Path:
   fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=out_dir)
   os.close(fd)
   try:
-    cmd = [cxx, *_FLAGS, f"-I{include}", str(_SOURCE), "-o", tmp]
+    cmd = [cxx, *flags, f"-I{include}", str(_SOURCE), "-o", tmp]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode:
       raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr[-4000:]}")

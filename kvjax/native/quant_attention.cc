@@ -158,15 +158,15 @@ inline Vec<8>::f sum_lanes(const Vec<8>::f* a) {
 
 // The scales of one vector's lanes: channels c0 + 4 l + b (l < L) span 4 L channels from c0, a
 // multiple of 4 L, so at most two groups (4 L = 64 > group size 32), split at lane 8.
-template <int L>
-inline typename Vec<L>::f lane_scales(const float* s, int64_t c0, int64_t gs) {
-  typedef typename Vec<L>::f vf;
-  const float s0 = s[c0 / gs];
-  if (4 * L <= gs) return vf{} + s0;
-  const float s1 = s[(c0 + 32) / gs];
-  vf v;
-  for (int l = 0; l < L; ++l) v[l] = l < 8 ? s0 : s1;
-  return v;
+inline Vec<8>::f lane_scales(const float* s, int64_t c0, int64_t gs, Vec<8>::f*) {
+  return Vec<8>::f{} + s[c0 / gs];  // 4 L = 32 channels: one group
+}
+inline Vec<16>::f lane_scales(const float* s, int64_t c0, int64_t gs, Vec<16>::f*) {
+  typedef Vec<16>::f vf;
+  const vf s0 = vf{} + s[c0 / gs];
+  if (gs >= 64) return s0;
+  const vf s1 = vf{} + s[(c0 + 32) / gs];
+  return __builtin_shufflevector(s0, s1, 0, 1, 2, 3, 4, 5, 6, 7, 24, 25, 26, 27, 28, 29, 30, 31);
 }
 
 // One token's codes as vectors in the kernel's channel order, level times its group's scale:
@@ -183,7 +183,8 @@ inline void dequant_token(const uint8_t* __restrict codes, const float* s,
     constexpr int W = kD / (8 * L);
     for (int v = 0; v < W; ++v) {
       const vu w = load<vu>(codes + 16 * L * v / 4);
-      const vf slo = lane_scales<L>(s, 4 * L * v, kGS), shi = lane_scales<L>(s, kD / 2 + 4 * L * v, kGS);
+      const vf slo = lane_scales(s, 4 * L * v, kGS, (vf*)nullptr);
+      const vf shi = lane_scales(s, kD / 2 + 4 * L * v, kGS, (vf*)nullptr);
       const vf slo2 = slo + slo, shi2 = shi + shi;
       for (int b = 0; b < 4; ++b) {
         const vi lo = (vi)(((w >> (8 * b)) & 15) ^ 8) - 8;
@@ -196,7 +197,7 @@ inline void dequant_token(const uint8_t* __restrict codes, const float* s,
     constexpr int W = kD / (4 * L);
     for (int v = 0; v < W; ++v) {
       const vi w = load<vi>(codes + 16 * L * v / 4);
-      const vf sc = lane_scales<L>(s, 4 * L * v, kGS);
+      const vf sc = lane_scales(s, 4 * L * v, kGS, (vf*)nullptr);
       for (int b = 0; b < 4; ++b) {
         const vi x = (w << (24 - 8 * b)) >> 24;  // arithmetic: sign-extends byte b
         y[b * W + v] = __builtin_convertvector(x, vf) * sc;
@@ -261,7 +262,7 @@ void run_task(const Problem& p, int64_t task, float* __restrict part_mx, float* 
       for (int64_t i = 0; i < nb; ++i) {
         const float v = vis[i] ? (sr[i] + o0) * scale : kNegInf;
         sr[i] = v;
-        mx = std::max(mx, v);
+        mx = v > mx ? v : mx;
       }
     } else {
       const float* offn = off + n0;
@@ -269,7 +270,7 @@ void run_task(const Problem& p, int64_t task, float* __restrict part_mx, float* 
       for (int64_t i = 0; i < nb; ++i) {
         const float v = vis[i] ? (sr[i] + offn[i]) * scale : kNegInf;
         sr[i] = v;
-        mx = std::max(mx, v);
+        mx = v > mx ? v : mx;
       }
     }
     if (cap > 0.f) {
