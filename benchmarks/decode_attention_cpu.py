@@ -5,9 +5,9 @@
     taskset -c 0 python benchmarks/decode_attention_cpu.py ...      # one core
 
 For each context length: one decode step (one query token per sequence) over a full cache,
-jitted (bf16: native bf16 products with float32 accumulation; int4: the default CPU path
-"int8dot", and the float32 "xla" path for reference). Each variant is timed against bf16 alone,
-interleaved A B A B (`kvjax.timing`): the median per-pair ratio with its interquartile
+jitted (bf16: native bf16 products with float32 accumulation; int4 / K8V4: the default CPU
+path, the C++ kernel of kvjax.native, and the XLA "int8dot" path it replaced). Each variant is
+timed against bf16 alone, interleaved A B A B (`kvjax.timing`): the median per-pair ratio with its interquartile
 range, each side's median and IQR, and the machine (CPU flags, cores) are printed and saved as
 JSON and a plot. Absolute times depend on the machine; the ratio is the result.
 """
@@ -84,11 +84,14 @@ def main(argv=None):
   p.add_argument("--repeats", type=int, default=30, help="pairs per variant (>= 4)")
   p.add_argument("--out", default="results/attention_cpu")
   a = p.parse_args(argv)
-  # name -> (cache config, attend impl). "auto" on the CPU is the int8-dot fast path.
+  # name -> (cache config, attend impl). "auto" on the CPU is the C++ kernel (kvjax.native)
+  # where it builds; "int8dot" is the XLA path it replaced (and the fallback).
   impls = {"int4-g32": (kvjax.QuantConfig(group_size=32), "auto"),
            "int4-g128": (kvjax.QuantConfig(group_size=128), "auto"),
            "K8V4-g32": (kvjax.QuantConfig(key_bits=8, group_size=32), "auto"),
-           "int4-g32-xla": (kvjax.QuantConfig(group_size=32), "xla")}
+           "int4-g32-int8dot": (kvjax.QuantConfig(group_size=32), "int8dot")}
+  from kvjax import native
+  print(f"kvjax.native available: {native.available()} {native.unavailable_reason() or ''}")
   print(f"backend={jax.default_backend()} B={a.batch} kv_heads={a.kv_heads} rep={a.rep} "
         f"head_dim={a.head_dim}; {machine()}")
   rows = run(a.contexts, batch=a.batch, kv_heads=a.kv_heads, rep=a.rep, head_dim=a.head_dim,

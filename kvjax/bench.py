@@ -11,6 +11,11 @@ ratio, cache bytes and the process's peak memory are printed and saved as JSON
 and a PNG plot. Times are this machine's; the ratio is the result. A calibrated
 format ("int4", "K8V4") is timed in the config calibration gives it (rotary key
 offsets read, both feedback roundings and the sink key written every step).
+
+The model runs in bfloat16 weights by default (what a user runs; `dtype="float32"` as an
+option). Each step is also set against this machine's roofline: the bytes a decode step must
+read (every weight once, plus each layer's cache as sized to the context) over the read
+bandwidth the benchmark measures itself (`kvjax.timing.read_bandwidth`).
 """
 
 from __future__ import annotations
@@ -56,9 +61,18 @@ def fill_caches(caches, length: int, key):
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def run(model_name: str = "gemma3-270m", *, contexts=(256, 1024, 4096, 8192), repeats: int = 10,
-        caches=None, out_dir: str = "results/bench", calibration: str | None = None,
-        log=print) -> dict:
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+
+
+def weight_bytes(model) -> int:
+  """Bytes of every parameter (a tied embedding counted once): what one decode step reads."""
+  from flax import nnx
+  return int(sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
+
+
+def run(model_name: str = "gemma3-270m", *, contexts=(1024, 4096, 16384, 32768),
+        repeats: int = 10, caches=None, out_dir: str = "results/bench",
+        calibration: str | None = None, dtype: str = "bfloat16", log=print) -> dict:
   """Times one decode step per cache and context. The int4 cache is built from `calibration`
   (an artifact directory; default the model's own, "auto"), as users get it; other calibrated
   caches run in the config calibration gives them (their tensors' values do not change the
@@ -66,6 +80,8 @@ def run(model_name: str = "gemma3-270m", *, contexts=(256, 1024, 4096, 8192), re
   from kvjax.models import load
 
   check_out_dir(out_dir)
+  if dtype not in DTYPES:
+    raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
   contexts = check_positive_ints(list(contexts), "--contexts")
   check_positive_ints(repeats, "--repeats", minimum=4)  # quartiles of the pairs
   specs = [parse_spec(s) for s in (caches or ["bf16", "int4"])]
@@ -77,7 +93,7 @@ def run(model_name: str = "gemma3-270m", *, contexts=(256, 1024, 4096, 8192), re
   if calibration is not None:
     specs = [dataclasses.replace(s, calibration=str(calibration)) if s.name == "int4" else s
              for s in specs]
-  model, tokenizer = load(model_name)
+  model, tokenizer = load(model_name, dtype=DTYPES[dtype])
   specs = [s.resolve_layers(model.config) for s in specs]
   model = with_layers_for(model, specs)
   cals = calibrations_for(model, [s for s in specs if s.calibration is not None],
@@ -92,8 +108,13 @@ def run(model_name: str = "gemma3-270m", *, contexts=(256, 1024, 4096, 8192), re
     text_ids = tokenizer.encode(corpus.eval_text(), add_bos=model.config.add_bos)
     if len(text_ids) < max(contexts):
       raise ValueError(f"the text holds {len(text_ids)} tokens, fewer than the longest context")
-  log(f"{model_name}: decode step time per token (caches allocated for each context + "
-      f"{repeats + 2} tokens), backend {jax.default_backend()}, {repeats} interleaved repeats")
+  bw = timing.read_bandwidth()
+  wbytes = weight_bytes(model)
+  roofline_ms = lambda cache_bytes: 1e3 * (wbytes + cache_bytes) / bw["bytes_per_s"]
+  log(f"{model_name}: decode step time per token ({dtype} weights, {wbytes / 2**20:.0f} MiB; "
+      f"caches allocated for each context + {repeats + 2} tokens), backend "
+      f"{jax.default_backend()}, {repeats} interleaved repeats; read bandwidth "
+      f"{bw['bytes_per_s'] / 1e9:.1f} GB/s (sum over {bw['nbytes'] / 2**30:.1f} GiB)")
   rows = []
   token = jnp.asarray([[2]], jnp.int32)
   warmup = 2
@@ -134,7 +155,10 @@ def run(model_name: str = "gemma3-270m", *, contexts=(256, 1024, 4096, 8192), re
                    "median_ms": r["variant_ms"], "iqr_ms": r["variant_iqr_ms"],
                    "base_ms": r["base_ms"], "base_iqr_ms": r["base_iqr_ms"],
                    "ratio_vs_bf16": r["ratio"], "ratio_iqr": r["ratio_iqr"], "cache_bytes": nb,
-                   "base_bytes": nb_base, "compression_vs_bf16": nb_base / nb})
+                   "base_bytes": nb_base, "compression_vs_bf16": nb_base / nb,
+                   "roofline_ms": roofline_ms(nb), "base_roofline_ms": roofline_ms(nb_base),
+                   "vs_roofline": r["variant_ms"] / roofline_ms(nb),
+                   "base_vs_roofline": r["base_ms"] / roofline_ms(nb_base)})
       if before is not None:
         rows[-1]["certified"] = _ladder_during(before, certified_lib.stats_summary(state[s.name]),
                                                steps=warmup + repeats, config=s.certified,
@@ -143,10 +167,13 @@ def run(model_name: str = "gemma3-270m", *, contexts=(256, 1024, 4096, 8192), re
             f"{rows[-1]['certified']['host_bytes_per_step'] / 2**10:.1f} KiB from the host per step")
       log(f"{ctx:>6} {s.name:<8} {r['variant_ms']:9.2f} ms/token against {base_name} "
           f"{r['base_ms']:9.2f}: ratio {r['ratio']:5.2f} (IQR {r['ratio_iqr'][0]:.2f}-"
-          f"{r['ratio_iqr'][1]:.2f}); cache {nb / 2**20:8.2f} MiB ({nb_base / nb:.2f}x smaller)")
+          f"{r['ratio_iqr'][1]:.2f}); cache {nb / 2**20:8.2f} MiB ({nb_base / nb:.2f}x smaller); "
+          f"roofline {roofline_ms(nb):.2f} / {roofline_ms(nb_base):.2f} ms -> "
+          f"{rows[-1]['vs_roofline']:.2f}x / {rows[-1]['base_vs_roofline']:.2f}x of it")
     del state
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-  doc = {"meta": {"model": model_name, "repeats": repeats, "warmup": warmup,
+  doc = {"meta": {"model": model_name, "repeats": repeats, "warmup": warmup, "dtype": dtype,
+                  "weight_bytes": wbytes, "read_bandwidth": bw,
                   "peak_process_bytes": peak, "machine": timing.machine(),
                   "method": "each cache against the bf16 one, interleaved pairs "
                             "(kvjax.timing.pairwise): median per-pair ratio and its IQR",

@@ -27,7 +27,7 @@ def _calibrate(a):
 def _bench(a):
   from kvjax import bench
   bench.run(a.model, contexts=a.contexts, repeats=a.repeats, out_dir=a.out,
-            caches=a.caches or None, calibration=a.calibration)
+            caches=a.caches or None, calibration=a.calibration, dtype=a.dtype)
 
 
 def _passkey(a):
@@ -87,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
 
   b = sub.add_parser("bench", help="whole-model decode time per token, int4 vs bf16 cache")
   b.add_argument("--model", default="gemma3-270m")
-  b.add_argument("--contexts", type=int, nargs="+", default=[256, 1024, 4096, 8192])
+  b.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 32768])
+  b.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                 help="the model's weights (default bfloat16, what a user runs)")
   b.add_argument("--caches", nargs="+", default=None)
   b.add_argument("--repeats", type=int, default=10)
   b.add_argument("--out", default="results/bench")

@@ -82,3 +82,22 @@ def pairwise(base: Callable, variant: Callable, *, repeats: int = 30, warmup: in
           "base_ms": 1e3 * qa[1], "base_iqr_ms": [1e3 * qa[0], 1e3 * qa[2]],
           "variant_ms": 1e3 * qb[1], "variant_iqr_ms": [1e3 * qb[0], 1e3 * qb[2]],
           "ratio": qr[1], "ratio_iqr": [qr[0], qr[2]]}
+
+
+def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 9) -> dict:
+  """This machine's memory read bandwidth as XLA sees it: a jitted float32 sum over `nbytes`
+  (default 1 GiB, far beyond any cache), the median of `repeats` timed calls after one warm-up.
+  Returns {"bytes_per_s", "nbytes", "median_ms", "iqr_ms"} (the roofline's denominator)."""
+  if repeats < 4:
+    raise ValueError(f"repeats must be >= 4 for quartiles, got {repeats}")
+  import jax
+  import jax.numpy as jnp
+  x = jnp.ones((nbytes // 4,), jnp.float32)
+  f = jax.jit(jnp.sum)
+  time_once(lambda: f(x))
+  ts = [time_once(lambda: f(x)) for _ in range(repeats)]
+  lo, med, hi = _quartiles(ts)
+  del x
+  return {"bytes_per_s": (nbytes // 4 * 4) / med, "nbytes": nbytes // 4 * 4,
+          "median_ms": 1e3 * med, "iqr_ms": [1e3 * lo, 1e3 * hi]}
+

@@ -58,3 +58,22 @@ def test_bench_times_each_cache_against_bf16(monkeypatch, tmp_path):
     assert r["compression_vs_bf16"] > 1
   assert "avx512_vnni" in doc["meta"]["machine"]["flags"]
   assert (tmp_path / "bench" / "bench.json").exists() and (tmp_path / "bench" / "bench.png").exists()
+  # Weights in bfloat16 by default; each step set against the measured-bandwidth roofline.
+  meta = doc["meta"]
+  assert meta["dtype"] == "bfloat16" and meta["read_bandwidth"]["bytes_per_s"] > 1e8
+  assert meta["weight_bytes"] == bench.weight_bytes(model)
+  for r in rows:
+    assert r["roofline_ms"] < r["base_roofline_ms"]  # the int4 cache reads fewer bytes
+    expect = 1e3 * (meta["weight_bytes"] + r["cache_bytes"]) / meta["read_bandwidth"]["bytes_per_s"]
+    assert abs(r["roofline_ms"] - expect) < 1e-9 * expect
+    assert r["vs_roofline"] == r["median_ms"] / r["roofline_ms"]
+  with pytest.raises(ValueError, match="--dtype"):
+    bench.run("tiny", contexts=[16], repeats=4, dtype="float16", out_dir=str(tmp_path / "b2"))
+
+
+def test_read_bandwidth_reports_bytes_per_second():
+  bw = timing.read_bandwidth(nbytes=64 << 20, repeats=4)
+  assert bw["nbytes"] == 64 << 20 and bw["bytes_per_s"] > 0
+  assert bw["iqr_ms"][0] <= bw["median_ms"] <= bw["iqr_ms"][1]
+  with pytest.raises(ValueError, match="repeats"):
+    timing.read_bandwidth(repeats=2)
