@@ -38,7 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 
 TARGET = "kvjax_quant_attention"
-_SOURCE = pathlib.Path(__file__).with_name("quant_attention.cc")
+_HERE = pathlib.Path(__file__).parent
+_SOURCES = (_HERE / "quant_attention.cc",)
+_HEADERS = (_HERE / "simd.h",)
 _FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp-simd", "-fno-math-errno", "-DNDEBUG")
 
 
@@ -78,7 +80,8 @@ def _build(cxx: str) -> pathlib.Path:
   headers = sorted(pathlib.Path(include, "xla", "ffi", "api").glob("*.h"))
   h = hashlib.sha256()
   flags = (*_FLAGS, _arch_flag())
-  for part in (_SOURCE.read_bytes(), version.encode(), " ".join(flags).encode(),
+  for part in (*(p.read_bytes() for p in _SOURCES + _HEADERS), version.encode(),
+               " ".join(flags).encode(),
                _cpu_signature().encode(), *(p.read_bytes() for p in headers)):
     h.update(hashlib.sha256(part).digest())
   out_dir = user_cache.cache_dir() / "native"
@@ -89,7 +92,7 @@ def _build(cxx: str) -> pathlib.Path:
   fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=out_dir)
   os.close(fd)
   try:
-    cmd = [cxx, *flags, f"-I{include}", str(_SOURCE), "-o", tmp]
+    cmd = [cxx, *flags, f"-I{include}", f"-I{_HERE}", *map(str, _SOURCES), "-o", tmp]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode:
       raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr[-4000:]}")

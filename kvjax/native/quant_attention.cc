@@ -34,10 +34,17 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "simd.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
+
+using kvjax_native::load;
+using kvjax_native::parallel_for;
+using kvjax_native::store;
+using kvjax_native::sum_lanes;
+using kvjax_native::Vec;
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -97,63 +104,6 @@ inline void load_scales(const Problem& p, const void* base, int64_t index, float
     const uint16_t* src = static_cast<const uint16_t*>(base) + index * p.groups;
     for (int64_t g = 0; g < p.groups; ++g) s[g] = bf16_to_f32(src[g]);
   }
-}
-
-// Portable SIMD: GCC / Clang vector extensions, lowered to AVX-512, AVX2 or NEON as the host
-// has them (-march=native).
-template <int L>
-struct Vec {
-  typedef float f __attribute__((vector_size(4 * L)));
-  typedef int32_t i __attribute__((vector_size(4 * L)));
-  typedef uint32_t u __attribute__((vector_size(4 * L)));
-};
-
-template <class V>
-inline V load(const void* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-template <class V>
-inline void store(float* p, V v) {
-  std::memcpy(p, &v, sizeof(v));
-}
-
-// L vectors in, one out: lane i = the sum of a[i]'s lanes (a transpose-and-add tree, instead of L
-// horizontal sums).
-inline Vec<16>::f sum_lanes(const Vec<16>::f* a) {
-  Vec<16>::f c[8], d[4], f[2];
-  for (int k = 0; k < 8; ++k)
-    c[k] = __builtin_shufflevector(a[2 * k], a[2 * k + 1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10,
-                                   26, 12, 28, 14, 30) +
-           __builtin_shufflevector(a[2 * k], a[2 * k + 1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11,
-                                   27, 13, 29, 15, 31);
-  for (int k = 0; k < 4; ++k)
-    d[k] = __builtin_shufflevector(c[2 * k], c[2 * k + 1], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24,
-                                   25, 12, 13, 28, 29) +
-           __builtin_shufflevector(c[2 * k], c[2 * k + 1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11,
-                                   26, 27, 14, 15, 30, 31);
-  for (int k = 0; k < 2; ++k)
-    f[k] = __builtin_shufflevector(d[2 * k], d[2 * k + 1], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10,
-                                   11, 24, 25, 26, 27) +
-           __builtin_shufflevector(d[2 * k], d[2 * k + 1], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13,
-                                   14, 15, 28, 29, 30, 31);
-  return __builtin_shufflevector(f[0], f[1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22,
-                                 23) +
-         __builtin_shufflevector(f[0], f[1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29,
-                                 30, 31);
-}
-
-inline Vec<8>::f sum_lanes(const Vec<8>::f* a) {
-  Vec<8>::f c[4], d[2];
-  for (int k = 0; k < 4; ++k)
-    c[k] = __builtin_shufflevector(a[2 * k], a[2 * k + 1], 0, 8, 2, 10, 4, 12, 6, 14) +
-           __builtin_shufflevector(a[2 * k], a[2 * k + 1], 1, 9, 3, 11, 5, 13, 7, 15);
-  for (int k = 0; k < 2; ++k)
-    d[k] = __builtin_shufflevector(c[2 * k], c[2 * k + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
-           __builtin_shufflevector(c[2 * k], c[2 * k + 1], 2, 3, 10, 11, 6, 7, 14, 15);
-  return __builtin_shufflevector(d[0], d[1], 0, 1, 2, 3, 8, 9, 10, 11) +
-         __builtin_shufflevector(d[0], d[1], 4, 5, 6, 7, 12, 13, 14, 15);
 }
 
 // The scales of one vector's lanes: channels c0 + 4 l + b (l < L) span 4 L channels from c0, a
@@ -340,29 +290,13 @@ TaskFn pick(int key_bits, int value_bits, int64_t lanes, int64_t d, int64_t gs) 
   return pick_dims<8, 8>(lanes, d, gs);
 }
 
-// Shared by the caller and the helpers; helpers hold it alive after the call returns.
-struct Work {
-  Problem p;
-  TaskFn fn;
-  int64_t num_tasks;
+// Per-task results of the blocks, merged afterwards.
+struct Partials {
   std::vector<float> mx, sum, o, slot_scores;  // per task: [m], [m], [m, D]; [x, m, K]
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-
-  void drain() {
-    for (;;) {
-      const int64_t task = next.fetch_add(1, std::memory_order_relaxed);
-      if (task >= num_tasks) return;
-      fn(p, task, mx.data() + task * p.m, sum.data() + task * p.m, o.data() + task * p.m * p.d,
-         slot_scores.data());
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
 };
 
 // Flash-decoding merge of the blocks of each (pair, row); zeros for a row with no visible key.
-void merge(const Work& w) {
-  const Problem& p = w.p;
+void merge(const Problem& p, const Partials& w) {
   const int64_t d = p.d, m = p.m;
   for (int64_t pair = 0; pair < p.x; ++pair) {
     for (int64_t row = 0; row < m; ++row) {
@@ -450,22 +384,21 @@ ffi::Error QuantAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi
   p.num_blocks = std::max<int64_t>(1, (p.n + p.block - 1) / p.block);
   if (p.x == 0 || p.m == 0) return ffi::Error::Success();
 
-  auto work = std::make_shared<Work>();
-  work->p = p;
-  work->fn = pick(p.key_bits, p.value_bits, lanes, p.d, p.group);
-  if (work->fn == nullptr)
+  const TaskFn fn = pick(p.key_bits, p.value_bits, lanes, p.d, p.group);
+  if (fn == nullptr)
     return ffi::Error::InvalidArgument("kvjax_quant_attention: no kernel for this head dim, group "
                                        "size and lane count");
-  work->num_tasks = p.x * p.num_blocks;
-  work->mx.resize(work->num_tasks * p.m);
-  work->sum.resize(work->num_tasks * p.m);
-  work->o.resize(work->num_tasks * p.m * p.d);
-  work->slot_scores.assign(p.x * p.m * p.k_slots, kNegInf);
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), work->num_tasks - 1);
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->drain(); });
-  work->drain();
-  while (work->done.load(std::memory_order_acquire) < work->num_tasks) std::this_thread::yield();
-  merge(*work);
+  const int64_t num_tasks = p.x * p.num_blocks;
+  Partials parts;
+  parts.mx.resize(num_tasks * p.m);
+  parts.sum.resize(num_tasks * p.m);
+  parts.o.resize(num_tasks * p.m * p.d);
+  parts.slot_scores.assign(p.x * p.m * p.k_slots, kNegInf);
+  parallel_for(pool, num_tasks, [&](int64_t task) {
+    fn(p, task, parts.mx.data() + task * p.m, parts.sum.data() + task * p.m,
+       parts.o.data() + task * p.m * p.d, parts.slot_scores.data());
+  });
+  merge(p, parts);
   return ffi::Error::Success();
 }
 
