@@ -209,3 +209,30 @@ def test_the_kernel_built_for_an_older_instruction_set(arch, tmp_path):
   assert res.returncode == 0, res.stderr[-3000:]
   assert float(res.stdout.split("WORST")[1]) < BOUND
   assert [p.suffix for p in (tmp_path / "native").iterdir()] == [".so"]
+
+
+def test_invisible_slots_never_reach_the_output():
+  """Slots no query sees (past the end, outside a window) may hold anything, NaN included: the
+  output is the same as with clean slots, bit for bit, and finite."""
+  x, m, d, n, g = 4, 4, 128, 600, 32
+  rng = np.random.default_rng(3)
+  q = jnp.asarray(rng.standard_normal((x, m, d)) * 0.3, jnp.float32)
+  kc = jnp.asarray(rng.integers(0, 256, (x, n, d // 2)), jnp.uint8)
+  vc = jnp.asarray(rng.integers(0, 256, (x, n, d // 2)), jnp.uint8)
+  ks = rng.random((x, n, d // g)).astype(np.float32) * 0.1
+  vs = rng.random((x, n, d // g)).astype(np.float32) * 0.1
+  mask = np.zeros((2, 1, n), bool)
+  mask[0, 0, 100:230] = True     # a window in the middle (partial tiles at both ends)
+  mask[1, 0, :37] = True         # a short sequence in a long allocation
+  off = jnp.zeros((x, m, 1), jnp.float32)
+  slots = jnp.asarray([[[120, 5]], [[0, 300]]], jnp.int32)
+  kw = dict(key_bits=4, value_bits=4, group_size=g, heads=2, scale=0.2)
+  clean = native.quant_attention(q, kc, jnp.asarray(ks), vc, jnp.asarray(vs), off,
+                                 jnp.asarray(mask), slots, **kw)
+  hidden = np.repeat(~mask[:, 0], 2, axis=0)            # [x, n]: invisible to every row
+  ks[hidden], vs[hidden] = np.nan, np.inf
+  dirty = native.quant_attention(q, kc, jnp.asarray(ks), vc, jnp.asarray(vs), off,
+                                 jnp.asarray(mask), slots, **kw)
+  for a, b in zip(clean, dirty):
+    assert np.isfinite(np.asarray(b)).all()
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

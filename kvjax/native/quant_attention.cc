@@ -176,10 +176,21 @@ void run_task(const Problem& p, int64_t task, float* __restrict part_mx, float* 
   const float* __restrict q = p.q + pair * m * kD;
   vf y[kTile * C];
   float s[16];
+  // Which tiles any query row of this pair sees: the others are neither read nor computed (a
+  // cache allocated far beyond its contents costs what its contents cost, and slots past the
+  // end, which may hold anything, never reach a sum).
+  const int64_t num_tiles = (nb + kTile - 1) / kTile;
+  thread_local std::vector<char> tile_seen;
+  tile_seen.assign(num_tiles, 0);
+  for (int64_t ti = 0; ti < p.t; ++ti) {
+    const bool* vis = p.mask + (b * p.t + ti) * p.n + n0;
+    for (int64_t i = 0; i < nb; ++i) tile_seen[i / kTile] |= vis[i];
+  }
   // Scores: a tile of L tokens is dequantized once, then each row's L dot products end in one
   // sum_lanes.
   for (int64_t i0 = 0; i0 < nb; i0 += kTile) {
     const int64_t tb = std::min<int64_t>(kTile, nb - i0);
+    if (!tile_seen[i0 / kTile]) continue;  // masked below, whatever the scores buffer holds
     for (int64_t i = 0; i < tb; ++i) {
       load_scales(p, p.ks, sfirst + i0 + i, s);
       dequant_token<L, kKeyBits, kD, kGS>(kc + (i0 + i) * kbytes, s, y + i * C);
@@ -251,6 +262,7 @@ void run_task(const Problem& p, int64_t task, float* __restrict part_mx, float* 
     for (int k = 0; k < C; ++k) store(part_o + row * kD + L * k, vf{});
   for (int64_t i0 = 0; i0 < nb; i0 += kTile) {
     const int64_t tb = std::min<int64_t>(kTile, nb - i0);
+    if (!tile_seen[i0 / kTile]) continue;
     for (int64_t i = 0; i < tb; ++i) {
       load_scales(p, p.vs, sfirst + i0 + i, s);
       dequant_token<L, kValueBits, kD, kGS>(vc + (i0 + i) * vbytes, s, y + i * C);
@@ -262,6 +274,7 @@ void run_task(const Problem& p, int64_t task, float* __restrict part_mx, float* 
       vf acc[C];
       for (int k = 0; k < C; ++k) acc[k] = load<vf>(o + L * k);
       for (int64_t i = 0; i < tb; ++i) {
+        if (w[i] == 0.f) continue;  // masked (or underflowed): its values, whatever they are, add nothing
         const vf wi = vf{} + w[i];
         for (int k = 0; k < C; ++k) acc[k] += wi * y[i * C + k];
       }
