@@ -155,12 +155,22 @@ def test_a_failed_build_leaves_nothing_and_is_reported(tmp_path, monkeypatch):
 
 
 def test_the_library_is_cached_by_source_compiler_and_cpu(tmp_path, monkeypatch):
-  monkeypatch.setenv("KVJAX_CACHE_DIR", str(tmp_path))
-  cxx = native._compiler()
-  first = native._build(cxx)
-  mtime = first.stat().st_mtime_ns
-  assert native._build(cxx) == first and first.stat().st_mtime_ns == mtime  # reused
-  assert [p.name for p in (tmp_path / "native").iterdir()] == [first.name]
+  """Built once per key (a stand-in compiler counts its runs), reused after, rebuilt for
+  another instruction set; nothing but finished libraries in the directory."""
+  cxx = tmp_path / "fakecxx"
+  runs = tmp_path / "runs"
+  cxx.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo fake 1.0 && exit 0\n"
+                 f"echo run >> {runs}\n"
+                 "while [ $# -gt 1 ]; do shift; done; echo lib > \"$1\"\n")
+  cxx.chmod(cxx.stat().st_mode | stat.S_IEXEC)
+  monkeypatch.setenv("KVJAX_CACHE_DIR", str(tmp_path / "cache"))
+  first = native._build(str(cxx))
+  assert native._build(str(cxx)) == first and runs.read_text().count("run") == 1  # reused
+  monkeypatch.setenv("KVJAX_NATIVE_ARCH", "x86-64-v3")
+  other = native._build(str(cxx))
+  assert other != first and runs.read_text().count("run") == 2
+  assert sorted(p.name for p in (tmp_path / "cache" / "native").iterdir()) == \
+      sorted([first.name, other.name])
 
 
 def test_cpu_export_holds_the_native_kernel():
