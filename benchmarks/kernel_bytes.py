@@ -24,8 +24,8 @@ Roofline time = bytes / HBM bandwidth (TPU v5e 819 GB/s, H100 SXM 3.35 TB/s):
 a lower bound that ignores launch latency, which dominates at short contexts.
 
 Measured CPU ratio: the same layer shapes and contexts, one decode step on this
-machine's CPU (`kvjax.attend`, the default "int8dot" path for the quantized
-formats, the bf16 dense cache as the baseline), timed interleaved in one process
+machine's CPU (`kvjax.attend`, the default CPU path for the quantized formats:
+the C++ kernel of kvjax.native where it builds; the bf16 dense cache as the baseline), timed interleaved in one process
 by benchmarks/decode_attention_cpu.py's `run`; median time / bf16 median time.
 
 Usage: python benchmarks/kernel_bytes.py [--out results/kernel_bytes] [--no-cpu]

@@ -347,10 +347,10 @@ def _token_stats(ref, logits, targets, valid):
 
 def _make_caches(model, spec: CacheSpec, max_len: int, calibrations=None, *, batch: int = 1):
   """The caches of `spec` for `batch` sequences of up to `max_len` tokens. (Quality is measured
-  with the exact quantized-domain XLA path, `Runner(model, attention_impl="xla")`: the CPU
-  decode default "int8dot" adds ~2e-4 per attention row, and through 4-bit codes even that
-  re-rolls the rounding of later layers' K/V, which reads as +-2% PPL noise over a few dozen
-  tokens.)"""
+  with the exact quantized-domain XLA path, `Runner(model, attention_impl="xla")`, one order of
+  summation for every cache: the "int8dot" path adds ~2e-4 per attention row, and through 4-bit
+  codes even that re-rolls the rounding of later layers' K/V, which reads as +-2% PPL noise over
+  a few dozen tokens; the CPU default, "native", differs from "xla" by summation order only.)"""
   if spec.quant is None:
     return model.init_cache(batch, max_len, dtype=jnp.bfloat16)
   if spec.certified is not None:

@@ -76,8 +76,8 @@ def test_int4_decode_matches_teacher_forced_chunk():
   quantized the same way (append_and_attend quantizes the chunk before attending)."""
   cfg = ModelConfig.gemma3_tiny()
   model = Gemma3ForCausalLM(cfg, rngs=nnx.Rngs(5))
-  # The exact quantized-domain attention on both paths (the default CPU decode path, "int8dot",
-  # rounds attention weights to bfloat16 by design); storage is the default SRFT / g=32 / 4-bit.
+  # The exact quantized-domain attention on both paths, in one summation order ("int8dot" rounds
+  # queries and weights to two int8 levels by design); storage is the default SRFT / g=32 / 4-bit.
   quant = kvjax.QuantConfig()
   tokens = jnp.asarray(_prompts(cfg.vocab_size, (40,), seed=3))
   chunk_logits, _ = model(tokens, model.init_cache(1, 48, quant=quant), attention_impl="xla")
