@@ -110,7 +110,7 @@ def run(model_name: str = "gemma3-270m", *, contexts=(1024, 4096, 16384, 32768),
       raise ValueError(f"the text holds {len(text_ids)} tokens, fewer than the longest context")
   bw = timing.read_bandwidth()
   wbytes = weight_bytes(model)
-  roofline_ms = lambda cache_bytes: 1e3 * (wbytes + cache_bytes) / bw["bytes_per_s"]
+  roofline_ms = lambda nbytes: 1e3 * (wbytes + nbytes) / bw["bytes_per_s"]
   log(f"{model_name}: decode step time per token ({dtype} weights, {wbytes / 2**20:.0f} MiB; "
       f"caches allocated for each context + {repeats + 2} tokens), backend "
       f"{jax.default_backend()}, {repeats} interleaved repeats; read bandwidth "

@@ -25,8 +25,8 @@ from typing import Callable
 FLAGS = ("amx_tile", "amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx512f", "avx2")
 
 
-def machine() -> dict:
-  """What a CPU timing depends on: model name, cores, thread settings, the flags above."""
+def _cpuinfo() -> tuple[set, str]:
+  """(the first CPU's flags, its model name) from /proc/cpuinfo; empty where there is none."""
   flags, model = set(), platform.processor()
   try:
     with open("/proc/cpuinfo") as f:
@@ -37,6 +37,17 @@ def machine() -> dict:
           model = line.split(":", 1)[1].strip()
   except OSError:
     pass
+  return flags, model
+
+
+def cpu_flags() -> set:
+  """Every flag of the CPU (`/proc/cpuinfo`); empty where the system does not say."""
+  return _cpuinfo()[0]
+
+
+def machine() -> dict:
+  """What a CPU timing depends on: model name, cores, thread settings, the flags above."""
+  flags, model = _cpuinfo()
   import jax
   return {"cpu": model, "cores": os.cpu_count(),
           "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,

@@ -48,6 +48,8 @@ def _arch_flag() -> str:
   """-march=native, or `$KVJAX_NATIVE_ARCH` (e.g. x86-64-v3: AVX2 without AVX-512) to build for
   an older instruction set than the host's (tests/test_native.py checks that path)."""
   return f"-march={os.environ.get('KVJAX_NATIVE_ARCH') or 'native'}"
+
+
 # Tokens per task: big enough that a task's work dwarfs claiming it, small enough that one
 # sequence of one KV head still splits over the cores.
 BLOCK = 512
@@ -57,18 +59,15 @@ _state: dict = {}
 
 
 def _compiler() -> str | None:
-  cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
-  return cxx
+  return (os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+          or shutil.which("clang++"))
 
 
 def _cpu_signature() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("flags"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
+  from kvjax import timing
+  flags = timing.cpu_flags()
+  if flags:
+    return " ".join(sorted(flags))
   import platform
   return platform.processor() or platform.machine()
 

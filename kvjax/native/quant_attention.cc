@@ -15,22 +15,18 @@
 // smallest heads) and a code is taken out of all L words at once with shifts and masks, so one
 // vector holds channels 4 l + b (l < L) of one token for a byte position b: the kernel works on
 // channels in that order. kvjax.native permutes the queries into it and the outputs back
-// (`channel_order`), O(D) per query row, so the per-token work is shifts, converts and FMAs.
+// (`to_kernel_order`, `from_kernel_order`), O(D) per query row, so the per-token work is shifts,
+// converts and FMAs.
 //
 // Work is split into (pair, block of tokens) tasks with a flash-decoding merge (each block's max,
-// sum and unnormalised output), so one sequence of one KV head still uses every core. The tasks
-// run on XLA's intra-op thread pool: the calling thread and the scheduled helpers claim tasks
-// from one atomic counter, and the caller waits only for tasks already claimed (never for a
-// helper that has not started, so it cannot deadlock).
+// sum and unnormalised output), so one sequence of one KV head still uses every core; the tasks
+// run on XLA's intra-op thread pool (`parallel_for`, simd.h).
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <memory>
-#include <thread>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -164,7 +160,7 @@ void run_task(const Problem& p, int64_t task, float* __restrict part_mx, float* 
   constexpr int kTile = L;    // tokens per tile: one sum_lanes per row
   const int64_t pair = task / p.num_blocks, blk = task % p.num_blocks;
   const int64_t n0 = blk * p.block, n1 = std::min(p.n, n0 + p.block), nb = n1 - n0;
-  const int64_t m = p.m, b = pair / p.heads, groups = kD / kGS;
+  const int64_t m = p.m, b = pair / p.heads;
   const int64_t stride = nb + kTile;  // a row of scores, with room for the last tile
   thread_local std::vector<float> scores_buf;
   scores_buf.resize(m * stride);
@@ -209,7 +205,6 @@ void run_task(const Problem& p, int64_t task, float* __restrict part_mx, float* 
       store(scores + row * stride + i0, sum_lanes(acc));
     }
   }
-  (void)groups;
   const float scale = p.scale, cap = p.softcap;
   for (int64_t row = 0; row < m; ++row) {
     const int64_t ti = row / p.r;
