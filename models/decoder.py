@@ -24,7 +24,8 @@ from flax import nnx
 
 import kvjax
 from kvjax.models.config import LOCAL, ModelConfig
-from kvjax.models.layers import DecoderLayer, Linear, RMSNorm, rope_inverse_frequencies
+from kvjax.models.layers import (DecoderLayer, LayerView, Linear, RMSNorm, project,
+                                 rope_inverse_frequencies)
 
 Caches = dict[str, tuple[Any, ...]]
 
@@ -110,17 +111,27 @@ def _stacked_layers(cfg: ModelConfig, layer_type: str, lead: tuple[int, ...], *,
 
 
 def _scan_run(run: DecoderLayer, caches, x: jax.Array, positions: jax.Array, num_tokens,
-              impl: str = "auto", layout=None):
-  """Applies the stacked layers of one run in order; caches have the same leading axis."""
-  graphdef, state = nnx.split(run)
+              impl: str = "auto", layout=None, group=None):
+  """Applies the stacked layers of one run in order; caches have the same leading axis.
 
-  def body(h, layer_and_cache):
-    layer_state, cache = layer_and_cache
-    h, cache = nnx.merge(graphdef, layer_state)(h, cache, positions, num_tokens, impl=impl,
-                                                layout=layout)
+  The run's parameters are not scanned over: the loop steps a layer index and each layer sees
+  its parameters as views into the stacks (`LayerView`), so a product that can read a weight
+  where it lies (the native CPU one) never copies a layer's slice out of its stack. group: the
+  index of the group this run belongs to (a traced int), or None for a tail run ([n, ...]
+  stacks)."""
+  graphdef, state = nnx.split(run)
+  n = jax.tree.leaves(caches)[0].shape[0]
+
+  def body(h, slot_and_cache):
+    slot, cache = slot_and_cache
+    index = slot if group is None else group * n + slot
+    lead = 1 if group is None else 2
+    views = jax.tree.map(lambda a: LayerView(a, index, lead), state)
+    h, cache = nnx.merge(graphdef, views)(h, cache, positions, num_tokens, impl=impl,
+                                          layout=layout)
     return h, cache
 
-  return jax.lax.scan(body, x, (state, caches))
+  return jax.lax.scan(body, x, (jnp.arange(n, dtype=jnp.int32), caches))
 
 
 class CausalLM(nnx.Module):
@@ -339,18 +350,19 @@ class CausalLM(nnx.Module):
     new_group_caches: tuple = ()
     if len(self.group_runs):
       runs = tuple(self.group_runs)
-      graphdefs, states = zip(*(nnx.split(r) for r in runs))
+      num_groups = jax.tree.leaves(caches["groups"])[0].shape[0]
 
       def group_body(h, group_xs):
-        run_states, run_caches = group_xs
+        group, run_caches = group_xs
         out = []
-        for graphdef, state, cache in zip(graphdefs, run_states, run_caches):
-          h, cache = _scan_run(nnx.merge(graphdef, state), cache, h, positions, num_tokens,
-                               attention_impl, self.layout)
+        for run, cache in zip(runs, run_caches):
+          h, cache = _scan_run(run, cache, h, positions, num_tokens, attention_impl,
+                               self.layout, group=group)
           out.append(cache)
         return h, tuple(out)
 
-      x, new_group_caches = jax.lax.scan(group_body, x, (tuple(states), caches["groups"]))
+      x, new_group_caches = jax.lax.scan(
+          group_body, x, (jnp.arange(num_groups, dtype=jnp.int32), caches["groups"]))
     new_tail_caches = []
     for run, cache in zip(self.tail_runs, caches["tail"]):
       x, cache = _scan_run(run, cache, x, positions, num_tokens, attention_impl, self.layout)
@@ -362,9 +374,9 @@ class CausalLM(nnx.Module):
       x = jnp.take_along_axis(x, logits_at.astype(jnp.int32)[:, None, None], axis=1)
     x = self.final_norm(x)
     if self.lm_head is None:
-      logits = jnp.dot(x, embedding.T)
+      logits = project(x, embedding, transposed=True, native=self.layout is None)
     else:
-      logits = self.lm_head(x)
+      logits = self.lm_head(x, native=self.layout is None)
     logits = logits.astype(jnp.float32)
     if cfg.final_logit_softcap is not None:
       cap = jnp.float32(cfg.final_logit_softcap)

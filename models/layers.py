@@ -19,6 +19,76 @@ import kvjax
 from kvjax.models.config import GLOBAL, LOCAL, ModelConfig, RopeScaling
 
 
+class LayerView:
+  """One layer's parameter inside a stack of layers: `stack[index]`, not sliced out yet.
+
+  A scanned model keeps each run's parameters stacked [groups, run_length, ...] (or
+  [run_length, ...]); the scan hands each layer views (index: the layer's flat position over
+  the `lead` stack axes, traced). `view[...]` is the slice, what XLA's paths multiply by;
+  `project` hands the whole stack and the index to the native CPU product instead, which reads
+  the layer's weight where it lies (XLA's CPU backend would copy every slice out of its stack,
+  every step)."""
+
+  __slots__ = ("stack", "index", "lead")
+
+  def __init__(self, stack: jax.Array, index: jax.Array, lead: int):
+    self.stack, self.index, self.lead = stack, index, lead
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(self.stack.shape[self.lead:])
+
+  @property
+  def dtype(self):
+    return self.stack.dtype
+
+  def flat_stack(self) -> jax.Array:
+    """The stack with its lead axes merged into one: [S, *shape] (a reshape, no copy)."""
+    return self.stack.reshape((-1,) + self.shape)
+
+  def __getitem__(self, key):
+    return jax.lax.dynamic_index_in_dim(self.flat_stack(), self.index, keepdims=False)[key]
+
+
+def project(x: jax.Array, weight, *, transposed: bool = False, native: bool = True) -> jax.Array:
+  """x @ weight ([in, out]), or x @ weight.T for a `transposed` [out, in] one (a tied embedding
+  as the LM head); weight an array or a `LayerView`. Returns jnp.dot's dtype.
+
+  On the CPU, for a bfloat16 weight and at most `kvjax.native.LINEAR_MAX_ROWS` rows (decode),
+  with `native` (False for models split over a mesh: GSPMD cannot split a custom call) and the
+  kernel available, the product is `kvjax.native.linear`, which reads the weight once where it
+  lies; XLA's CPU backend would first write a float32 copy of it. Chosen when the step is
+  lowered (`lax.platform_dependent`), so TPU and GPU steps are unchanged."""
+  w_shape, w_dtype = weight.shape, weight.dtype
+  in_f, out_f = (w_shape[1], w_shape[0]) if transposed else w_shape
+  rows = math.prod(x.shape[:-1])
+  out_dtype = jnp.result_type(x.dtype, w_dtype)
+
+  def xla():
+    w = weight[...]
+    return jnp.dot(x, w.T if transposed else w)
+
+  layout = "nk" if transposed else "kn"
+  if not native or not _native_linear(rows, in_f, out_f, w_dtype, layout):
+    return xla()
+  from kvjax import native as native_lib
+
+  def cpu():
+    if isinstance(weight, LayerView):
+      y = native_lib.linear(x, weight.flat_stack(), layout=layout, index=weight.index)
+    else:
+      y = native_lib.linear(x, weight, layout=layout)
+    return y.astype(out_dtype)
+
+  return jax.lax.platform_dependent(cpu=cpu, default=xla)
+
+
+def _native_linear(rows: int, in_f: int, out_f: int, dtype, layout: str) -> bool:
+  from kvjax import native as native_lib
+  return (native_lib.linear_supported(rows, in_f, out_f, dtype, layout=layout)
+          and native_lib.available())
+
+
 class Linear(nnx.Module):
   """y = x @ kernel (+ bias); kernel [in, out] stored in the parameter dtype."""
 
@@ -28,8 +98,9 @@ class Linear(nnx.Module):
         (std * jax.random.normal(rngs.params(), (in_features, out_features))).astype(dtype))
     self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if use_bias else None
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    y = jnp.dot(x, self.kernel[...])
+  def __call__(self, x: jax.Array, *, native: bool = True) -> jax.Array:
+    """native: whether the CPU may take the native product (`project`)."""
+    y = project(x, self.kernel.get_value(), native=native)
     if self.bias is not None:
       y = y + self.bias[...]
     return y
@@ -106,13 +177,14 @@ class GatedMLP(nnx.Module):
     self.down_proj = Linear(f, e, use_bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
     self.activation = cfg.activation
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    gate = self.gate_proj(x)
+  def __call__(self, x: jax.Array, *, native: bool = True) -> jax.Array:
+    """native: as in `Linear`."""
+    gate = self.gate_proj(x, native=native)
     if self.activation == "gelu_tanh":
       gate = jax.nn.gelu(gate, approximate=True)
     else:
       gate = jax.nn.silu(gate)
-    return self.down_proj(gate * self.up_proj(x))
+    return self.down_proj(gate * self.up_proj(x, native=native), native=native)
 
 
 class Attention(nnx.Module):
@@ -151,9 +223,10 @@ class Attention(nnx.Module):
     then runs per device on its own heads and batch rows (`Layout.append_and_attend`).
     """
     b, t, _ = x.shape
-    q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
-    k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-    v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    native = layout is None  # a custom call cannot be split over a mesh
+    q = self.q_proj(x, native=native).reshape(b, t, self.num_heads, self.head_dim)
+    k = self.k_proj(x, native=native).reshape(b, t, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(x, native=native).reshape(b, t, self.num_kv_heads, self.head_dim)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     inv_freq = rope_inverse_frequencies(self.head_dim, self.rope_base, self.rope_scaling)
@@ -162,7 +235,8 @@ class Attention(nnx.Module):
     attend = kvjax.append_and_attend if layout is None else layout.append_and_attend
     out, cache = attend(cache, q, k, v, scale=self.scale, softcap=self.softcap,
                         num_tokens=num_tokens, impl=impl)
-    return self.o_proj(out.astype(x.dtype).reshape(b, t, self.num_heads * self.head_dim)), cache
+    return self.o_proj(out.astype(x.dtype).reshape(b, t, self.num_heads * self.head_dim),
+                       native=native), cache
 
 
 class DecoderLayer(nnx.Module):
@@ -190,7 +264,7 @@ class DecoderLayer(nnx.Module):
     if self.post_attention_norm is not None:
       h = self.post_attention_norm(h)
     x = x + h
-    h = self.mlp(self.pre_mlp_norm(x))
+    h = self.mlp(self.pre_mlp_norm(x), native=layout is None)
     if self.post_mlp_norm is not None:
       h = self.post_mlp_norm(h)
     return x + h, cache

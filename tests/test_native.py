@@ -246,3 +246,129 @@ def test_invisible_slots_never_reach_the_output():
   for a, b in zip(clean, dirty):
     assert np.isfinite(np.asarray(b)).all()
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# --- the bfloat16 matrix product (linear.cc) ----------------------------------------------------
+
+def _linear_bound(x, w_kn):
+  """|y - x W| <= gamma_K sum_k |x_k| |W_kn| per output, gamma_K = K u / (1 - K u), u = 2^-24:
+  float32 sums of exact products (a bfloat16 weight times a float32 input is exact in float64,
+  rounded once in float32) in any order (Higham, Accuracy and Stability, eq. 3.5)."""
+  k = x.shape[-1]
+  u = 2.0 ** -24
+  gamma = (k + 1) * u / (1 - (k + 1) * u)  # + 1: the product's own rounding
+  return gamma * (np.abs(x) @ np.abs(w_kn))
+
+
+@pytest.mark.parametrize("m,k,n,layout,stack", [
+    (1, 640, 1024, "kn", None),    # one column block, rows in 16 blocks
+    (3, 2048, 640, "kn", None),    # a width no power of two
+    (16, 1002, 96, "kn", None),    # the most rows; K not a multiple of 4 (single-row tail)
+    (2, 640, 2080, "kn", None),    # three column blocks, the last one partial
+    (1, 640, 4099, "nk", None),    # the LM head's layout; a partial last tile of 16 rows
+    (5, 96, 300, "nk", (2, 3)),    # a stack, read at one index
+    (7, 640, 1024, "kn", (3, 2)),
+])
+def test_linear_against_float64(m, k, n, layout, stack):
+  rng = np.random.default_rng(m * 1000 + k)
+  x = rng.standard_normal((m, k)).astype(np.float32)
+  shape = (k, n) if layout == "kn" else (n, k)
+  lead = stack or ()
+  w = jnp.asarray(rng.standard_normal(lead + shape), jnp.bfloat16)
+  index = None if stack is None else int(rng.integers(0, np.prod(stack)))
+  flat = w if stack is None else w.reshape((-1,) + shape)
+  y = np.asarray(jax.jit(lambda x, w: native.linear(x, w, layout=layout, index=index))(
+      jnp.asarray(x), flat))
+  one = np.asarray((flat if stack is None else flat[index]).astype(jnp.float32), np.float64)
+  w_kn = one if layout == "kn" else one.T
+  ref = x.astype(np.float64) @ w_kn
+  assert y.shape == (m, n) and y.dtype == np.float32
+  err = np.abs(y - ref)
+  assert (err <= _linear_bound(x.astype(np.float64), w_kn)).all(), err.max()
+  assert err.max() > 0 or m * k < 100  # float32 sums: not the float64 product by accident
+
+
+def test_linear_bad_input():
+  w = jnp.ones((64, 96), jnp.bfloat16)
+  with pytest.raises(ValueError, match="layout"):
+    native.linear(jnp.ones((1, 64)), w, layout="nm")
+  with pytest.raises(ValueError, match="bfloat16"):
+    native.linear(jnp.ones((1, 64)), w.astype(jnp.float32))
+  with pytest.raises(ValueError, match="features"):
+    native.linear(jnp.ones((1, 63)), w)
+  with pytest.raises(ValueError, match="multiple of 32"):
+    native.linear(jnp.ones((1, 64)), jnp.ones((64, 90), jnp.bfloat16))
+  with pytest.raises(ValueError, match="index"):
+    native.linear(jnp.ones((1, 64)), jnp.ones((2, 64, 96), jnp.bfloat16))
+  assert not native.linear_supported(native.LINEAR_MAX_ROWS + 1, 64, 96, jnp.bfloat16)
+  assert not native.linear_supported(1, 64, 96, jnp.float32)
+
+
+def test_a_scanned_layer_reads_its_weight_in_place():
+  """`LayerView` + `project` inside a scan over (group, slot): each step's product is its own
+  layer's weight times x (float32 inputs, so the output is not rounded to bfloat16), within the
+  float32 bound of the float64 product, and equal to XLA's slice-then-dot to that bound."""
+  from kvjax.models.layers import LayerView, project
+  groups, slots, k, n = 2, 3, 160, 96
+  rng = np.random.default_rng(7)
+  stack = jnp.asarray(rng.standard_normal((groups, slots, k, n)), jnp.bfloat16)
+  x = jnp.asarray(rng.standard_normal((groups, slots, 2, 1, k)), jnp.float32)
+
+  def run(use_native):
+    def group_body(_, g):
+      def slot_body(_, j):
+        view = LayerView(stack, g * slots + j, 2)
+        return None, project(x[g, j], view, native=use_native)
+      return None, jax.lax.scan(slot_body, None, jnp.arange(slots))[1]
+    return np.asarray(jax.jit(lambda: jax.lax.scan(group_body, None, jnp.arange(groups))[1])())
+
+  got, xla = run(True), run(False)
+  text = jax.jit(lambda: project(x[0, 0], LayerView(stack, jnp.int32(1), 2))).lower().as_text()
+  assert native.LINEAR_TARGET in text
+  w = np.asarray(stack.astype(jnp.float32), np.float64)
+  xs = np.asarray(x, np.float64)
+  for g in range(groups):
+    for j in range(slots):
+      ref = xs[g, j] @ w[g, j]
+      bound = _linear_bound(xs[g, j], w[g, j])
+      assert (np.abs(got[g, j] - ref) <= bound).all() and (np.abs(xla[g, j] - ref) <= bound).all()
+
+
+def test_a_bfloat16_decode_step_takes_the_native_product(monkeypatch):
+  """A bfloat16 model's decode step multiplies by its weights with the native product (every
+  projection and the tied LM head); a prefill chunk and a float32 model keep XLA's dot. The
+  logits agree with the XLA path's to bfloat16 rounding (a layer read at the wrong stack index
+  would not)."""
+  from kvjax.models import Gemma3ForCausalLM, ModelConfig
+  from kvjax.models import layers
+  from flax import nnx
+  types = tuple("global" if l % 6 == 5 else "local" for l in range(13))
+  cfg = ModelConfig.gemma3_tiny().replace(num_layers=13, layer_types=types)
+  model = Gemma3ForCausalLM(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(5))
+  tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 24)), jnp.int32)
+
+  def decode(m, steps=4):
+    run = jax.jit(lambda t, c: m(t, c))
+    logits, caches = run(tokens, m.init_cache(2, 64))
+    out = []
+    for _ in range(steps):
+      logits, caches = run(jnp.argmax(logits[:, -1:], -1).astype(jnp.int32), caches)
+      out.append(np.asarray(logits[:, -1], np.float64))
+    return np.stack(out)
+
+  step_text = jax.jit(lambda t, c: model(t, c)).lower(tokens[:, :1], model.init_cache(2, 64)).as_text()
+  chunk_text = jax.jit(lambda t, c: model(t, c)).lower(tokens, model.init_cache(2, 64)).as_text()
+  # The decode step: 7 projections in each of the 3 scanned layer bodies (local, global, tail),
+  # and the LM head.
+  assert step_text.count(native.LINEAR_TARGET) == 7 * 3 + 1
+  assert native.LINEAR_TARGET not in chunk_text
+  f32 = Gemma3ForCausalLM(cfg, dtype=jnp.float32, rngs=nnx.Rngs(5))
+  f32_text = jax.jit(lambda t, c: f32(t, c)).lower(tokens[:, :1], f32.init_cache(2, 64)).as_text()
+  assert native.LINEAR_TARGET not in f32_text
+
+  got = decode(model)
+  monkeypatch.setattr(layers, "_native_linear", lambda *a: False)
+  ref = decode(model)
+  scale = np.abs(ref).max()
+  # Measured 2.4e-4 of a 59 logit; a layer read from a wrong stack index: 27.
+  assert np.abs(got - ref).max() < 0.01 * scale, (np.abs(got - ref).max(), scale)

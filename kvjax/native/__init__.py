@@ -38,8 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 
 TARGET = "kvjax_quant_attention"
+LINEAR_TARGET = "kvjax_bf16_linear"
 _HERE = pathlib.Path(__file__).parent
-_SOURCES = (_HERE / "quant_attention.cc",)
+_SOURCES = (_HERE / "quant_attention.cc", _HERE / "linear.cc")
 _HEADERS = (_HERE / "simd.h",)
 _FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp-simd", "-fno-math-errno", "-DNDEBUG")
 
@@ -85,7 +86,7 @@ def _build(cxx: str) -> pathlib.Path:
     h.update(hashlib.sha256(part).digest())
   out_dir = user_cache.cache_dir() / "native"
   out_dir.mkdir(parents=True, exist_ok=True)
-  lib = out_dir / f"quant_attention-{h.hexdigest()[:16]}.so"
+  lib = out_dir / f"kvjax_native-{h.hexdigest()[:16]}.so"
   if lib.exists():
     return lib
   fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=out_dir)
@@ -112,6 +113,8 @@ def _load() -> None:
     raise RuntimeError("no C++ compiler found (set CXX, or install g++ or clang++)")
   lib = ctypes.CDLL(str(_build(cxx)))
   jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.KvjaxQuantAttention),
+                              platform="cpu")
+  jax.ffi.register_ffi_target(LINEAR_TARGET, jax.ffi.pycapsule(lib.KvjaxBf16Linear),
                               platform="cpu")
 
 
@@ -201,3 +204,46 @@ def quant_attention(q, k_codes, k_scales, v_codes, v_scales, offset, mask, slots
                 scale=np.float32(scale), softcap=np.float32(0.0 if softcap is None else softcap),
                 block=np.int64(block), lanes=np.int64(ln))
   return from_kernel_order(out, value_bits, ln), w[..., :k]
+
+
+# Rows (tokens) up to which `linear` is the faster product: each weight is read once and meets
+# every row in registers, so the cost is the weight bytes until the multiply-adds catch up.
+LINEAR_MAX_ROWS = 16
+
+
+def linear_supported(rows: int, in_features: int, out_features: int, dtype, *,
+                     layout: str = "kn") -> bool:
+  """Whether `linear` takes a product of `rows` vectors with a [in, out] ("kn") or [out, in]
+  ("nk") weight of `dtype`: bfloat16 weights, at most `LINEAR_MAX_ROWS` rows, and the weight's
+  contiguous axis (out for "kn", in for "nk") a multiple of 32."""
+  contiguous = out_features if layout == "kn" else in_features
+  return (jnp.dtype(dtype) == jnp.bfloat16 and 0 < rows <= LINEAR_MAX_ROWS
+          and contiguous % 32 == 0 and layout in ("kn", "nk"))
+
+
+def linear(x, w, *, layout: str = "kn", index=None):
+  """x @ W for bfloat16 weights on the CPU, reading each weight once (linear.cc).
+
+  x: [..., K] (any float dtype; computed in float32); w: bfloat16 [K, N] (layout "kn", a Linear
+  kernel) or [N, K] ("nk", an embedding used as the LM head), or a stack [S..., K, N] of them
+  with `index` (int, flat over the stack axes) choosing one: a scanned model's layer weight is
+  read in place, never sliced out. Returns float32 [..., N]. Call `available()` first.
+  """
+  if layout not in ("kn", "nk"):
+    raise ValueError(f"layout must be 'kn' or 'nk', got {layout!r}")
+  if w.dtype != jnp.bfloat16 or w.ndim < 2:
+    raise ValueError(f"w must be a bfloat16 matrix or stack of matrices, got {w.dtype} {w.shape}")
+  k, n = w.shape[-2:] if layout == "kn" else w.shape[-2:][::-1]
+  if x.shape[-1] != k:
+    raise ValueError(f"x has {x.shape[-1]} features, the weight takes {k}")
+  if (n if layout == "kn" else k) % 32:
+    raise ValueError(f"the weight's contiguous axis must be a multiple of 32, got {w.shape}")
+  if (index is None) != (w.ndim == 2):
+    raise ValueError("give index exactly when w is a stack of matrices")
+  lead = x.shape[:-1]
+  x2 = x.reshape(-1, k).astype(jnp.float32)
+  idx = jnp.zeros((), jnp.int32) if index is None else jnp.asarray(index, jnp.int32).reshape(())
+  call = jax.ffi.ffi_call(LINEAR_TARGET, jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32),
+                          vmap_method="sequential")
+  y = call(x2, w, idx, layout=np.int64(0 if layout == "kn" else 1))
+  return y.reshape(*lead, n)
