@@ -201,6 +201,16 @@ for kb, vb, g, d in [(4, 4, 32, 64), (4, 4, 32, 128), (8, 4, 64, 256), (4, 8, 12
   out = np.asarray(kvjax.attend(q, c, impl="native"), np.float64)
   err = np.linalg.norm(out - ref, axis=-1) / np.linalg.norm(ref, axis=-1)
   worst = max(worst, float(err.max()))
+# The bfloat16 product, both layouts, against float64 (relative to sum |x| |w| per output).
+for layout, shape in (("kn", (300, 2080)), ("nk", (4099, 640))):
+  x = rng.standard_normal((3, 300 if layout == "kn" else 640)).astype(np.float32)
+  w = jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+  wf = np.asarray(w.astype(jnp.float32), np.float64)
+  wf = wf if layout == "kn" else wf.T
+  y = np.asarray(native.linear(jnp.asarray(x), w, layout=layout), np.float64)
+  rel = np.abs(y - x @ wf) / (np.abs(x) @ np.abs(wf))
+  print("LINEAR", float(rel.max()))
+  assert rel.max() < 1e-5
 print("WORST", worst)
 """
 
@@ -218,6 +228,7 @@ def test_the_kernel_built_for_an_older_instruction_set(arch, tmp_path):
                        text=True, timeout=600)
   assert res.returncode == 0, res.stderr[-3000:]
   assert float(res.stdout.split("WORST")[1]) < BOUND
+  assert res.stdout.count("LINEAR") == 2
   assert [p.suffix for p in (tmp_path / "native").iterdir()] == [".so"]
 
 

@@ -182,3 +182,15 @@ def test_feedback_matrix_is_the_ldl_feedback_of_the_rotated_query_moment():
   hm += 0.01 * np.mean(np.diag(hm)) * np.eye(d)
   u = np.linalg.cholesky(np.linalg.inv(hm)).T
   np.testing.assert_allclose(f, np.triu(u / np.diag(u)[:, None], 1), rtol=1e-3, atol=1e-5)
+
+
+def test_cos_sin_is_within_its_stated_error():
+  """`rotary.cos_sin` against float64 at the angles decode steps evaluate (float32 position times
+  frequency), positions -1 .. 131,071, frequencies over Gemma's and Llama's ranges."""
+  pos = np.concatenate([np.arange(-1, 4096), np.random.default_rng(0).integers(0, 1 << 17, 20000)])
+  freq = np.concatenate([1e4 ** (-np.arange(64) / 64), 1e6 ** (-np.arange(64) / 64), [1.0, 3.1]])
+  a = jnp.asarray(pos, jnp.float32)[:, None] * jnp.asarray(freq, jnp.float32)
+  cos, sin = jax.jit(rotary.cos_sin)(a)
+  ad = np.asarray(a, np.float64)
+  assert np.abs(np.asarray(cos, np.float64) - np.cos(ad)).max() < 1.2e-7
+  assert np.abs(np.asarray(sin, np.float64) - np.sin(ad)).max() < 1.2e-7
