@@ -120,13 +120,14 @@ def _scan_run(run: DecoderLayer, caches, x: jax.Array, positions: jax.Array, num
   index of the group this run belongs to (a traced int), or None for a tail run ([n, ...]
   stacks)."""
   graphdef, state = nnx.split(run)
-  n = jax.tree.leaves(caches)[0].shape[0]
+  n = jax.tree.leaves(state)[0].shape[0 if group is None else 1]
+  if jax.tree.leaves(caches)[0].shape[0] != n:
+    raise ValueError(f"caches hold {jax.tree.leaves(caches)[0].shape[0]} layers for a run of {n}")
 
   def body(h, slot_and_cache):
     slot, cache = slot_and_cache
-    index = slot if group is None else group * n + slot
-    lead = 1 if group is None else 2
-    views = jax.tree.map(lambda a: LayerView(a, index, lead), state)
+    indices = (slot,) if group is None else (group, slot)
+    views = jax.tree.map(lambda a: LayerView(a, indices), state)
     h, cache = nnx.merge(graphdef, views)(h, cache, positions, num_tokens, impl=impl,
                                           layout=layout)
     return h, cache
@@ -350,7 +351,10 @@ class CausalLM(nnx.Module):
     new_group_caches: tuple = ()
     if len(self.group_runs):
       runs = tuple(self.group_runs)
-      num_groups = jax.tree.leaves(caches["groups"])[0].shape[0]
+      num_groups = jax.tree.leaves(nnx.state(runs[0]))[0].shape[0]
+      if jax.tree.leaves(caches["groups"])[0].shape[0] != num_groups:
+        raise ValueError(f"caches hold {jax.tree.leaves(caches['groups'])[0].shape[0]} layer "
+                         f"groups for a model of {num_groups}")
 
       def group_body(h, group_xs):
         group, run_caches = group_xs

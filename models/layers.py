@@ -20,34 +20,40 @@ from kvjax.models.config import GLOBAL, LOCAL, ModelConfig, RopeScaling
 
 
 class LayerView:
-  """One layer's parameter inside a stack of layers: `stack[index]`, not sliced out yet.
+  """One layer's parameter inside a stack of layers: `stack[indices]`, not sliced out yet.
 
   A scanned model keeps each run's parameters stacked [groups, run_length, ...] (or
-  [run_length, ...]); the scan hands each layer views (index: the layer's flat position over
-  the `lead` stack axes, traced). `view[...]` is the slice, what XLA's paths multiply by;
-  `project` hands the whole stack and the index to the native CPU product instead, which reads
-  the layer's weight where it lies (XLA's CPU backend would copy every slice out of its stack,
-  every step)."""
+  [run_length, ...]); the scan hands each layer views with its (traced) position on the stack
+  axes, (group, slot) or (slot,). `view[...]` is the slice, what XLA's paths multiply by;
+  `project` hands the whole stack and the layer's flat index to the native CPU product instead,
+  which reads the layer's weight where it lies (XLA's CPU backend would copy every slice out of
+  its stack, every step)."""
 
-  __slots__ = ("stack", "index", "lead")
+  __slots__ = ("stack", "indices")
 
-  def __init__(self, stack: jax.Array, index: jax.Array, lead: int):
-    self.stack, self.index, self.lead = stack, index, lead
+  def __init__(self, stack: jax.Array, indices: tuple):
+    self.stack, self.indices = stack, tuple(indices)
 
   @property
   def shape(self) -> tuple[int, ...]:
-    return tuple(self.stack.shape[self.lead:])
+    return tuple(self.stack.shape[len(self.indices):])
 
   @property
   def dtype(self):
     return self.stack.dtype
 
-  def flat_stack(self) -> jax.Array:
-    """The stack with its lead axes merged into one: [S, *shape] (a reshape, no copy)."""
-    return self.stack.reshape((-1,) + self.shape)
+  def flat(self) -> tuple[jax.Array, jax.Array]:
+    """(the stack with its stack axes merged into one [S, *shape], the layer's index on it)."""
+    index = jnp.int32(0)
+    for axis, i in enumerate(self.indices):
+      index = index * self.stack.shape[axis] + i
+    return self.stack.reshape((-1,) + self.shape), index
 
   def __getitem__(self, key):
-    return jax.lax.dynamic_index_in_dim(self.flat_stack(), self.index, keepdims=False)[key]
+    a = self.stack
+    for i in self.indices:  # one dynamic slice, as scanning over the stack took
+      a = jax.lax.dynamic_index_in_dim(a, i, keepdims=False)
+    return a[key]
 
 
 def project(x: jax.Array, weight, *, transposed: bool = False, native: bool = True) -> jax.Array:
@@ -75,7 +81,8 @@ def project(x: jax.Array, weight, *, transposed: bool = False, native: bool = Tr
 
   def cpu():
     if isinstance(weight, LayerView):
-      y = native_lib.linear(x, weight.flat_stack(), layout=layout, index=weight.index)
+      stack, index = weight.flat()
+      y = native_lib.linear(x, stack, layout=layout, index=index)
     else:
       y = native_lib.linear(x, weight, layout=layout)
     return y.astype(out_dtype)
@@ -84,8 +91,10 @@ def project(x: jax.Array, weight, *, transposed: bool = False, native: bool = Tr
 
 
 def _native_linear(rows: int, in_f: int, out_f: int, dtype, layout: str) -> bool:
+  # Only where the CPU is the backend (a TPU or GPU host never builds the library for it).
   from kvjax import native as native_lib
-  return (native_lib.linear_supported(rows, in_f, out_f, dtype, layout=layout)
+  return (jax.default_backend() == "cpu"
+          and native_lib.linear_supported(rows, in_f, out_f, dtype, layout=layout)
           and native_lib.available())
 
 

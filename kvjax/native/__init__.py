@@ -1,24 +1,32 @@
-"""The CPU attention kernel: quantized-domain decode attention over int4/int8 codes, every core.
+"""The CPU kernels: quantized-domain decode attention over int4/int8 codes, and products with
+bfloat16 weights, every core.
 
 XLA's CPU backend runs the int8-dot formulation of `kvjax.attention` one (batch, head) block at
-a time, on one core, and its int8 products do not use the CPU's dot-product instructions. This
-package holds one C++ XLA FFI kernel (quant_attention.cc) that dequantizes each cached token's
-codes in registers (never to memory), meets them with the rotated queries, and splits
-(pair, block of tokens) tasks over XLA's own intra-op thread pool with a flash-decoding merge.
+a time, on one core, and its int8 products do not use the CPU's dot-product instructions; and it
+has no bfloat16 dot: it writes a float32 copy of every bfloat16 weight before each product. This
+package holds two C++ XLA FFI kernels:
 
-It is compiled on first use with the host compiler (`c++`, or `$CXX`) for the host's own
-instruction set (`-march=native`; `$KVJAX_NATIVE_ARCH` names another) into the kvjax cache directory, keyed by the source, the
-compiler, the flags, jaxlib's FFI headers and the CPU's flags, and loaded and registered with
-`jax.ffi`. Nothing half-built is ever loaded: the library is written under a temporary name
-and moved into place. Where no compiler works, `available()` is False (with the reason in
-`unavailable_reason()`) and `impl="auto"` keeps the XLA int8-dot path; `KVJAX_NATIVE=0` turns
-the kernel off.
+  * quant_attention.cc (`quant_attention`): dequantizes each cached token's codes in registers
+    (never to memory), meets them with the rotated queries, and splits (pair, block of tokens)
+    tasks over XLA's own intra-op thread pool with a flash-decoding merge;
+  * linear.cc (`linear`): x @ W for a few rows x and a bfloat16 W, reading each weight once
+    where it lies (a scanned model's layer weight inside its stack, by index), float32 sums.
+
+They are compiled on first use with the host compiler (`c++`, or `$CXX`) for the host's own
+instruction set (`-march=native`; `$KVJAX_NATIVE_ARCH` names another) into one library in the
+kvjax cache directory, keyed by the sources, the compiler, the flags, jaxlib's FFI headers and
+the CPU's flags, and loaded and registered with `jax.ffi`. Nothing half-built is ever loaded:
+the library is written under a temporary name and moved into place. Where no compiler works,
+`available()` is False (with the reason in `unavailable_reason()`) and kvjax keeps its XLA paths
+(`impl="auto"` the int8-dot attention, the models XLA's dot); `KVJAX_NATIVE=0` turns both
+kernels off.
 
     from kvjax import native
-    native.available()                 # compiles on first call (~10 s), then cached
+    native.available()                 # compiles on first call (~20 s), then cached
     o_rot, w = native.quant_attention(q_rot, k_codes, k_scales, v_codes, v_scales, offset,
                                       mask, slots, key_bits=4, value_bits=4, group_size=32,
                                       heads=H, scale=s, softcap=None)
+    y = native.linear(x, w_bf16)       # x [..., K] @ w [K, N] -> float32 [..., N]
 """
 
 from __future__ import annotations
@@ -225,14 +233,16 @@ def linear(x, w, *, layout: str = "kn", index=None):
   """x @ W for bfloat16 weights on the CPU, reading each weight once (linear.cc).
 
   x: [..., K] (any float dtype; computed in float32); w: bfloat16 [K, N] (layout "kn", a Linear
-  kernel) or [N, K] ("nk", an embedding used as the LM head), or a stack [S..., K, N] of them
-  with `index` (int, flat over the stack axes) choosing one: a scanned model's layer weight is
-  read in place, never sliced out. Returns float32 [..., N]. Call `available()` first.
+  kernel) or [N, K] ("nk", an embedding used as the LM head), or a stack [S, K, N] / [S, N, K]
+  of them with `index` (an int, traced or not) choosing one: a scanned model's layer weight is
+  read in place, never sliced out. Returns float32 [..., N]. Differentiable: derivatives (jvp
+  and grad) are XLA's products. Call `available()` first.
   """
   if layout not in ("kn", "nk"):
     raise ValueError(f"layout must be 'kn' or 'nk', got {layout!r}")
-  if w.dtype != jnp.bfloat16 or w.ndim < 2:
-    raise ValueError(f"w must be a bfloat16 matrix or stack of matrices, got {w.dtype} {w.shape}")
+  if w.dtype != jnp.bfloat16 or w.ndim not in (2, 3):
+    raise ValueError(f"w must be a bfloat16 matrix or a stack [S, ...] of matrices, got "
+                     f"{w.dtype} {w.shape}")
   k, n = w.shape[-2:] if layout == "kn" else w.shape[-2:][::-1]
   if x.shape[-1] != k:
     raise ValueError(f"x has {x.shape[-1]} features, the weight takes {k}")
@@ -243,7 +253,30 @@ def linear(x, w, *, layout: str = "kn", index=None):
   lead = x.shape[:-1]
   x2 = x.reshape(-1, k).astype(jnp.float32)
   idx = jnp.zeros((), jnp.int32) if index is None else jnp.asarray(index, jnp.int32).reshape(())
+  return _linear(x2, w, idx, 0 if layout == "kn" else 1).reshape(*lead, n)
+
+
+def _linear_call(x2, w, idx, layout_code):
+  n = w.shape[-1] if layout_code == 0 else w.shape[-2]
   call = jax.ffi.ffi_call(LINEAR_TARGET, jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32),
                           vmap_method="sequential")
-  y = call(x2, w, idx, layout=np.int64(0 if layout == "kn" else 1))
-  return y.reshape(*lead, n)
+  return call(x2, w, idx, layout=np.int64(layout_code))
+
+
+_linear = jax.custom_jvp(_linear_call, nondiff_argnums=(3,))
+
+
+@_linear.defjvp
+def _linear_jvp(layout_code, primals, tangents):
+  # Tangents through XLA's products (transposable, so reverse mode works too).
+  x2, w, idx = primals
+  dx, dw, _ = tangents
+
+  def matrix(a):
+    a = a if a.ndim == 2 else jax.lax.dynamic_index_in_dim(a, idx, keepdims=False)
+    a = a.astype(jnp.float32)
+    return a if layout_code == 0 else a.T
+
+  hi = jax.lax.Precision.HIGHEST
+  dy = jnp.dot(dx, matrix(w), precision=hi) + jnp.dot(x2, matrix(dw), precision=hi)
+  return _linear_call(x2, w, idx, layout_code), dy

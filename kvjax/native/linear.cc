@@ -26,12 +26,16 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
 #include "simd.h"
 
 namespace ffi = xla::ffi;
+
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
+              "the even bfloat16 value of a 32-bit word is its low half on little-endian hosts");
 
 namespace {
 
@@ -125,12 +129,13 @@ void kn(ffi::ThreadPool& pool, const float* x, const uint16_t* w, float* y, int6
         int64_t n) {
   const KnPlan p = kn_plan(k, n);
   const int64_t blk = std::min(n, kColBlock);
-  std::vector<float> parts(p.col_blocks * p.row_blocks * m * blk);
+  // Every task zeroes its own part first.
+  std::unique_ptr<float[]> parts(new float[p.col_blocks * p.row_blocks * m * blk]);
   parallel_for(pool, p.col_blocks * p.row_blocks, [&](int64_t task) {
     const int64_t cb = task / p.row_blocks, rb = task % p.row_blocks;
     const int64_t c0 = cb * kColBlock, nb = std::min(kColBlock, n - c0);
     const int64_t k0 = rb * p.rows_per_block, k1 = std::min(k, k0 + p.rows_per_block);
-    kn_task(x, w, m, k, n, k0, k1, c0, nb, blk, parts.data() + task * m * blk);
+    kn_task(x, w, m, k, n, k0, k1, c0, nb, blk, parts.get() + task * m * blk);
   });
   // Sum the row blocks in order and undo the even / odd split: one task per column block.
   parallel_for(pool, p.col_blocks, [&](int64_t cb) {
@@ -139,7 +144,7 @@ void kn(ffi::ThreadPool& pool, const float* x, const uint16_t* w, float* y, int6
       for (int64_t c = 0; c < nb / kChunk; ++c) {
         vf e = vf{}, o = vf{};
         for (int64_t rb = 0; rb < p.row_blocks; ++rb) {
-          const float* src = parts.data() + ((cb * p.row_blocks + rb) * m + i) * blk + c * kChunk;
+          const float* src = parts.get() + ((cb * p.row_blocks + rb) * m + i) * blk + c * kChunk;
           e += load<vf>(src);
           o += load<vf>(src + 16);
         }
