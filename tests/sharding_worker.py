@@ -32,7 +32,7 @@ from kvjax.cache import QuantizedKVCache  # noqa: E402
 from kvjax.models import ModelConfig, model_class, calibrated, sharding  # noqa: E402
 from kvjax.models.generate import generate_tokens  # noqa: E402
 
-STEPS = 32
+STEPS = 16
 MESHES = ((1, 8), (2, 4), (4, 2))
 
 

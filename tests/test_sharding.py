@@ -4,12 +4,12 @@ Each case runs in a fresh subprocess (tests/sharding_worker.py), because XLA fix
 count when the backend starts. Three tiny random models cover the head layouts of the real ones:
 8 KV heads (split over the model axis), 1 KV head like Gemma-3-270M (stored once per device that
 reads it, then attention replicated when 8 devices split 4 query heads), and 14 query heads over
-2 KV heads like Qwen2.5-0.5B (split at 2, replicated at 4 and 8). Greedy tokens for 32 steps
+2 KV heads like Qwen2.5-0.5B (split at 2, replicated at 4 and 8). Greedy tokens for 16 steps
 must equal the unsharded model's exactly, for the dense bfloat16 cache and for a calibrated int4
 cache (calibrated on random ids: the corrections' arrays exist and are split with the heads).
 
 On these small float32 models exact equality holds: the partial sums of the tensor-parallel
-matmuls move logits by ~1e-6, far from any argmax tie over 32 steps. (Real models with an int4
+matmuls move logits by ~1e-6, far from any argmax tie over 16 steps. (Real models with an int4
 cache are chaotic under such ulp-level changes; benchmarks/sharded_generate.py measures them
 against a noise floor instead, docs/sharding.md.)
 """
